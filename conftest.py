@@ -1,0 +1,47 @@
+"""The one conftest: device parametrization and skips, with reasons from the library itself.
+
+A test that takes a ``device`` argument runs once per device ("cpu", "cuda"); the CUDA run is
+marked ``cuda`` and skipped with ``autoglm_rt.cuda_available(return_reason=True)``'s reason where
+no device is usable, so a CPU-only machine runs everything that can run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import autoglm_rt
+
+
+def _cuda_status() -> tuple[bool, str | None]:
+    ok, reason = autoglm_rt.cuda_available(return_reason=True)
+    if ok:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, f"autoglm_rt sees a GPU but this torch ({torch.__version__}) has no CUDA"
+    return ok, reason
+
+
+CUDA_OK, CUDA_REASON = _cuda_status()
+
+
+def available_devices() -> list[str]:
+    """Devices this machine can run tests on, CPU first."""
+    return ["cpu", "cuda"] if CUDA_OK else ["cpu"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "device",
+            [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)],
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CUDA_OK:
+        return
+    skip = pytest.mark.skip(reason=f"CUDA unavailable: {CUDA_REASON}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

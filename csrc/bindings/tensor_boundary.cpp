@@ -1,0 +1,174 @@
+#include "bindings/tensor_boundary.h"
+
+#include <cstring>
+
+#include "autoglm_rt/error.h"
+#include "bindings/dlpack_abi.h"
+
+namespace py = pybind11;
+
+namespace agrt::bindings {
+namespace {
+
+constexpr const char* kVersionedName = "dltensor_versioned";
+constexpr const char* kLegacyName = "dltensor";
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__qualname__")); }
+
+std::optional<DType> to_dtype(const dlpack::DLDataType& t) {
+  if (t.lanes != 1) return std::nullopt;
+  if (t.code == dlpack::kDLFloat && t.bits == 32) return DType::kFloat32;
+  if (t.code == dlpack::kDLFloat && t.bits == 16) return DType::kFloat16;
+  if (t.code == dlpack::kDLBfloat && t.bits == 16) return DType::kBFloat16;
+  if (t.code == dlpack::kDLInt && t.bits == 32) return DType::kInt32;
+  if (t.code == dlpack::kDLInt && t.bits == 64) return DType::kInt64;
+  return std::nullopt;
+}
+
+std::string describe_dtype(const dlpack::DLDataType& t) {
+  static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  std::string s = t.code < 7 ? codes[t.code] : "code" + std::to_string(t.code);
+  s += std::to_string(t.bits);
+  if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+  return s;
+}
+
+// "BufferError: message", without the traceback pybind11 appends to what().
+std::string error_text(const py::error_already_set& e) {
+  return std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
+}
+
+// Calls obj.__dlpack__ asking for a versioned capsule (read-only flag) and falls back to the
+// legacy protocol for producers that do not know max_version.
+py::object export_capsule(py::handle obj, const std::string& arg, py::object stream_arg) {
+  try {
+    return obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
+                                  py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) {
+      throw ValueError(arg + ": the producer refused to export it through DLPack: " + error_text(e));
+    }
+  }
+  try {
+    return obj.attr("__dlpack__")(py::arg("stream") = stream_arg);
+  } catch (py::error_already_set& e) {
+    throw ValueError(arg + ": the producer refused to export it through DLPack: " + error_text(e));
+  }
+}
+
+}  // namespace
+
+std::string DTypeSet::describe() const {
+  std::vector<std::string> names;
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kInt32, DType::kInt64}) {
+    if (contains(t)) names.emplace_back(dtype_name(t));
+  }
+  std::string s;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) s += (i + 1 == names.size()) ? " or " : ", ";
+    s += names[i];
+  }
+  return s;
+}
+
+std::optional<std::uintptr_t> parse_stream(py::handle stream) {
+  if (stream.is_none()) return std::nullopt;
+  if (py::isinstance<py::int_>(stream)) return stream.cast<std::uintptr_t>();
+  for (const char* attr : {"cuda_stream", "ptr"}) {
+    if (py::hasattr(stream, attr)) return stream.attr(attr).cast<std::uintptr_t>();
+  }
+  throw TypeError("stream: expected None, an int (cudaStream_t) or an object with .cuda_stream, got " +
+                  type_name(stream));
+}
+
+BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access access, DTypeSet allowed,
+                             std::optional<std::uintptr_t> stream) {
+  if (!py::hasattr(obj, "__dlpack__") || !py::hasattr(obj, "__dlpack_device__")) {
+    throw TypeError(arg + ": expected a tensor or array that supports DLPack (torch.Tensor, "
+                          "numpy.ndarray, cupy.ndarray), got " + type_name(obj));
+  }
+  const auto dev = obj.attr("__dlpack_device__")().cast<std::pair<int, int>>();
+  py::object stream_arg = py::none();
+  if (dev.first == dlpack::kDLCUDA) {
+    // DLPack reserves 0; legacy default stream is 1.
+    const std::uintptr_t s = stream.value_or(0);
+    stream_arg = py::int_(s == 0 ? std::uintptr_t{1} : s);
+  } else if (dev.first != dlpack::kDLCPU) {
+    throw TypeError(arg + ": expected a CPU or CUDA tensor, got DLPack device type " +
+                    std::to_string(dev.first));
+  }
+
+  BorrowedTensor out;
+  out.keepalive = export_capsule(obj, arg, stream_arg);
+  PyObject* cap = out.keepalive.ptr();
+  const dlpack::DLTensor* t = nullptr;
+  bool read_only = false;
+  if (PyCapsule_IsValid(cap, kVersionedName)) {
+    auto* m = static_cast<dlpack::DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, kVersionedName));
+    t = &m->dl_tensor;
+    read_only = (m->flags & dlpack::kFlagReadOnly) != 0;
+  } else if (PyCapsule_IsValid(cap, kLegacyName)) {
+    t = &static_cast<dlpack::DLManagedTensor*>(PyCapsule_GetPointer(cap, kLegacyName))->dl_tensor;
+  } else {
+    throw TypeError(arg + ": __dlpack__ returned something that is not a DLPack capsule");
+  }
+
+  const auto dtype = to_dtype(t->dtype);
+  if (!dtype || !allowed.contains(*dtype)) {
+    throw TypeError(arg + ": expected dtype " + allowed.describe() + ", got " +
+                    (dtype ? std::string(dtype_name(*dtype)) : describe_dtype(t->dtype)));
+  }
+  std::int64_t numel = 1;
+  out.shape.assign(t->shape, t->shape + t->ndim);
+  for (auto s : out.shape) numel *= s;
+  if (t->strides != nullptr && numel > 1) {
+    std::int64_t expected = 1;
+    for (int d = t->ndim - 1; d >= 0; --d) {
+      if (t->shape[d] != 1 && t->strides[d] != expected) {
+        throw TypeError(arg + ": expected a contiguous tensor (row-major, no gaps); call "
+                              ".contiguous() or numpy.ascontiguousarray() first");
+      }
+      expected *= t->shape[d];
+    }
+  }
+  if (access == Access::kWrite && read_only) {
+    throw ValueError(arg + ": is read-only but this operation writes to it; pass a writable copy");
+  }
+
+  TensorView& v = out.view;
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.dtype = *dtype;
+  v.numel = numel;
+  v.read_only = read_only;
+  if (t->device.device_type == dlpack::kDLCUDA) {
+    v.device = Device{DeviceType::kCUDA, t->device.device_id};
+    v.stream = stream.value_or(0);
+  }
+  return out;
+}
+
+std::vector<BorrowedTensor> borrow_tensor_list(py::handle seq, const std::string& arg, Access access,
+                                               DTypeSet allowed, std::optional<std::uintptr_t> stream) {
+  if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq) || py::hasattr(seq, "__dlpack__")) {
+    throw TypeError(arg + ": expected a list or tuple of tensors, got " + type_name(seq));
+  }
+  auto items = py::reinterpret_borrow<py::sequence>(seq);
+  std::vector<BorrowedTensor> out;
+  out.reserve(items.size());
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string name = arg + "[" + std::to_string(i) + "]";
+    out.push_back(borrow_tensor(items[i], name, access, allowed, stream));
+    if (i > 0) require_same_device(out[0], arg + "[0]", out.back(), name);
+  }
+  return out;
+}
+
+void require_same_device(const BorrowedTensor& a, const std::string& a_name, const BorrowedTensor& b,
+                         const std::string& b_name) {
+  if (a.view.device != b.view.device) {
+    throw ValueError(b_name + ": expected a tensor on " + a.view.device.str() + " like " + a_name +
+                     ", got one on " + b.view.device.str());
+  }
+}
+
+}  // namespace agrt::bindings

@@ -1,0 +1,69 @@
+// The one place where Python objects become TensorViews. Anything that implements the DLPack
+// protocol (__dlpack__ / __dlpack_device__: torch, numpy, cupy, jax) is accepted; the view
+// borrows the producer's memory and stays valid while the BorrowedTensor lives.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "autoglm_rt/tensor_view.h"
+
+namespace agrt::bindings {
+
+enum class Access { kRead, kWrite };
+
+/// A set of accepted dtypes, as a bitmask over DType.
+class DTypeSet {
+ public:
+  constexpr DTypeSet(std::initializer_list<DType> types) {
+    for (DType t : types) bits_ |= 1u << static_cast<unsigned>(t);
+  }
+  constexpr DTypeSet with(DType t) const {
+    DTypeSet s = *this;
+    s.bits_ |= 1u << static_cast<unsigned>(t);
+    return s;
+  }
+  constexpr bool contains(DType t) const { return (bits_ >> static_cast<unsigned>(t)) & 1u; }
+  std::string describe() const;  // "float32, float16 or bfloat16"
+
+ private:
+  unsigned bits_ = 0;
+};
+
+inline constexpr DTypeSet kFloatingTypes{DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+inline constexpr DTypeSet kIndexTypes{DType::kInt32, DType::kInt64};
+
+struct BorrowedTensor {
+  TensorView view;
+  std::vector<std::int64_t> shape;
+  pybind11::object keepalive;  // the DLPack capsule; its destructor returns the export
+};
+
+/// Borrows `obj` as a contiguous tensor. `arg` names the argument in error messages.
+/// `stream`: the CUDA stream the caller will use (cudaStream_t as an integer; 0 = legacy
+/// default); the producer is asked to make the data ready on it. Ignored for CPU data.
+/// Throws agrt::TypeError (no DLPack, unsupported dtype or device, non-contiguous) or
+/// agrt::ValueError (read-only where `access` is kWrite, or the producer refused the export).
+BorrowedTensor borrow_tensor(pybind11::handle obj, const std::string& arg, Access access,
+                             DTypeSet allowed = kFloatingTypes,
+                             std::optional<std::uintptr_t> stream = std::nullopt);
+
+/// Borrows every element of a sequence; all must be on one device (ValueError otherwise,
+/// naming the first one that differs). Elements are named arg[i].
+std::vector<BorrowedTensor> borrow_tensor_list(pybind11::handle seq, const std::string& arg,
+                                               Access access, DTypeSet allowed = kFloatingTypes,
+                                               std::optional<std::uintptr_t> stream = std::nullopt);
+
+/// Throws agrt::ValueError unless `b` is on the same device as `a`.
+void require_same_device(const BorrowedTensor& a, const std::string& a_name, const BorrowedTensor& b,
+                         const std::string& b_name);
+
+/// Parses a Python stream argument: None, an int, or an object with .cuda_stream / .ptr.
+std::optional<std::uintptr_t> parse_stream(pybind11::handle stream);
+
+}  // namespace agrt::bindings

@@ -1,0 +1,26 @@
+// What this build of the native core contains and what the machine offers it at run time.
+#pragma once
+
+#include <string>
+
+namespace agrt {
+
+struct BuildInfo {
+  std::string version;
+  bool cuda_compiled = false;
+  std::string cuda_runtime_version;   // "13.0" or "" when not compiled
+  std::string cuda_archs;             // "80-real,90-real,90-virtual" or ""
+  int cuda_device_count = 0;
+  std::string cuda_unavailable_reason;  // "" when at least one device is usable
+  int cpu_threads = 1;
+  std::string compiler;
+  std::string cpu_simd;               // best vector ISA the CPU kernels dispatch to
+};
+
+/// Safe on machines without a driver or a GPU: the CUDA fields then say why.
+BuildInfo build_info();
+
+/// True when the CPU supports AVX2 and FMA (checked once at run time).
+bool cpu_has_avx2() noexcept;
+
+}  // namespace agrt
