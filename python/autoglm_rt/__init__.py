@@ -11,6 +11,22 @@ from autoglm_rt.units import format_size, parse_size
 
 __version__: str = build_info()["version"]
 
+# Submodules load on first use (``autoglm_rt.memory``, ``autoglm_rt.ddp``...), so importing the
+# package stays cheap and does not import torch.
+_SUBMODULES = {"memory", "ops", "stats", "ddp", "policy", "monitor", "runtime", "benchmarking", "units"}
+_LAZY_ATTRS = {"Runtime": "runtime"}
+
+
+def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"autoglm_rt.{name}")
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(f"autoglm_rt.{_LAZY_ATTRS[name]}"), name)
+    raise AttributeError(f"module 'autoglm_rt' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "build_info",
