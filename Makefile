@@ -17,7 +17,7 @@ $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS)
+	$(PIP) install -q $(foreach d,$(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS),"$(d)")
 	touch $@
 
 # Editable install; the CMake build directory is kept under build/ so rebuilds are incremental.
