@@ -75,16 +75,16 @@ def _pool_fields() -> dict[str, FieldSpec]:
         "num_free_blocks": FieldSpec("pool_free_blocks", g, "Cached free blocks."),
         "num_live_blocks": FieldSpec("pool_live_blocks", g, "Blocks in use."),
     }
-    for key, what in (
-        ("num_allocs", "allocs"),
-        ("num_frees", "frees"),
-        ("num_cache_hits", "cache_hits"),
-        ("num_upstream_allocs", "upstream_allocs"),
-        ("num_upstream_frees", "upstream_frees"),
-        ("num_ooms", "ooms"),
-        ("num_trims", "trims"),
+    for key, what, doc in (
+        ("num_allocs", "allocs", "Allocations served"),
+        ("num_frees", "frees", "Blocks freed"),
+        ("num_cache_hits", "cache_hits", "Allocations served from cached blocks"),
+        ("num_upstream_allocs", "upstream_allocs", "Segments obtained from the upstream"),
+        ("num_upstream_frees", "upstream_frees", "Segments returned to the upstream"),
+        ("num_ooms", "ooms", "Allocations refused (limit or upstream out of memory)"),
+        ("num_trims", "trims", "Trims of the cache (limit lowered or explicit)"),
     ):
-        fields[key] = FieldSpec(f"pool_{what}_total", "counter", f"Pool {what.replace('_', ' ')} since it was made.")
+        fields[key] = FieldSpec(f"pool_{what}_total", "counter", f"{doc} since the pool was created.")
     return fields
 
 

@@ -84,7 +84,8 @@ class LoadClassifier:
     """Stateful level with hysteresis and a dwell: a new level is taken only after ``dwell``
     consecutive updates proposed it (``dwell=1``: at once). Feed it smoothed values (EWMA).
 
-    Non-finite inputs leave the level unchanged. The level starts LOW.
+    The first finite observation sets the level straight from the table (there is nothing to
+    hold against yet); before it the level is LOW. Non-finite inputs leave the level unchanged.
     """
 
     def __init__(self, thresholds: LoadThresholds | None = None, *, dwell: int = 2) -> None:
@@ -98,12 +99,19 @@ class LoadClassifier:
         self._pending: LoadLevel | None = None
         self._pending_count = 0
         self.transitions = 0
+        self._seen = False
 
     def update(self, cpu_ratio: float, load_per_core: float) -> LoadLevel:
         """Folds one observation in and returns the (possibly unchanged) level."""
         if not (math.isfinite(cpu_ratio) and math.isfinite(load_per_core)):
             return self.level
         th = self.thresholds
+        if not self._seen:
+            self._seen = True
+            self._cpu_level = _raw_level(cpu_ratio, th.cpu_medium, th.cpu_high)
+            self._load_level = _raw_level(load_per_core, th.load_medium, th.load_high)
+            self.level = max(self._cpu_level, self._load_level)
+            return self.level
         cpu = _step(self._cpu_level, cpu_ratio, th.cpu_medium, th.cpu_high, th.cpu_margin)
         load = _step(self._load_level, load_per_core, th.load_medium, th.load_high, th.load_margin)
         proposed = max(cpu, load)
