@@ -34,8 +34,9 @@ class LoadLevel(enum.IntEnum):
 class LoadThresholds:
     """Boundaries of the table and the hysteresis margins.
 
-    A dimension moves up as soon as its value reaches the next boundary, and moves down only once
-    the value is below the boundary minus the margin.
+    A dimension moves up as soon as its value crosses the next boundary, and moves down only once
+    the value has gone past the boundary by the margin (HIGH is left at ``<= high - margin``,
+    MEDIUM at ``< medium - margin``).
     """
 
     cpu_medium: float = 0.60
@@ -65,11 +66,16 @@ def _raw_level(value: float, medium: float, high: float) -> LoadLevel:
 
 
 def _step(current: LoadLevel, value: float, medium: float, high: float, margin: float) -> LoadLevel:
-    """One dimension with hysteresis: up at the boundary, down only below boundary - margin."""
+    """One dimension with hysteresis: up at the boundary; HIGH is left only at
+    ``value <= high - margin`` and MEDIUM only at ``value < medium - margin``."""
     up = _raw_level(value, medium, high)
     if up >= current:
         return up
-    return max(_raw_level(value + margin, medium, high), LoadLevel.LOW)
+    if current == LoadLevel.HIGH and value > high - margin:
+        return LoadLevel.HIGH
+    if current >= LoadLevel.MEDIUM and value >= medium - margin:
+        return LoadLevel.MEDIUM
+    return LoadLevel.LOW
 
 
 def classify(cpu_ratio: float, load_per_core: float, thresholds: LoadThresholds | None = None) -> LoadLevel:
