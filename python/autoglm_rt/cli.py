@@ -91,7 +91,7 @@ def _monitor(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        sampler.stop()
+        sampler.close()
         if server is not None:
             server.close()
     return 0

@@ -217,11 +217,16 @@ class Sampler:
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        """Stops the thread (waits up to ``timeout`` s) and releases NVML. Safe to call twice."""
+        """Stops the thread (waits up to ``timeout`` s); it may be started again. Safe to call
+        twice."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def close(self) -> None:
+        """Stops the thread and releases NVML (no GPU series afterwards)."""
+        self.stop()
         close = getattr(self.gpu_probe, "close", None)
         if close is not None:
             close()
@@ -234,7 +239,7 @@ class Sampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
 
 __all__ = ["DEFAULT_HALFLIFE", "DEFAULT_PERIOD", "DEFAULT_WINDOW", "Sampler", "Snapshot"]
