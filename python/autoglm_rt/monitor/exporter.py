@@ -247,13 +247,14 @@ class MetricsExporter:
             log.warning("autoglm_rt.monitor: %s source: %s (logged once)", kind, problem)
 
     def _collect(self) -> Iterator[Metric]:
+        sources = list(self._collect_sources())  # first, so this scrape's errors are counted in it
         yield from self._collect_monitor()
         if self.host_metrics and self.sampler is not None:
             snap = self.sampler.latest()
             if snap is not None:
                 yield from self._collect_host(snap)
                 yield from self._collect_gpus(snap.gpus, snap.ewma)
-        yield from self._collect_sources()
+        yield from sources
 
     def _collect_monitor(self) -> Iterator[Metric]:
         samples = CounterMetricFamily(PREFIX + "monitor_samples", "Samples the sampler has taken.", labels=["rank"])
