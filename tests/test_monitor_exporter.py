@@ -229,8 +229,10 @@ def test_broken_sources_are_counted_not_fatal(caplog: pytest.LogCaptureFixture) 
     assert value(s, "autoglm_rt_energy_co2e_grams_total", rank="0") == 1.0
     assert "autoglm_rt_training_phase" not in names(s)
     assert "autoglm_rt_energy_cpu_joules_total" not in names(s)  # a counter must be >= 0
-    errors = {k: value(s, "autoglm_rt_monitor_source_errors_total", rank="0", source=k) for k in
-              ("pool", "stats", "compression", "policy", "energy")}
+    errors = {
+        k: value(s, "autoglm_rt_monitor_source_errors_total", rank="0", source=k)
+        for k in ("pool", "stats", "compression", "policy", "energy")
+    }
     assert errors == {"pool": 3, "stats": 3, "compression": 3, "policy": 3, "energy": 6}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == len(set(warnings)) == 6  # each problem logged once

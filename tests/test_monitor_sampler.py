@@ -104,7 +104,11 @@ def test_gpu_series_from_fake_nvml_with_unsupported_energy_counter() -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND), pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED), OSError("x")],
+    [
+        pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND),
+        pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED),
+        OSError("x"),
+    ],
 )
 def test_no_nvml_means_no_gpu_series_and_one_log_line(error: Exception, caplog: pytest.LogCaptureFixture) -> None:
     ps = FakePsutil()

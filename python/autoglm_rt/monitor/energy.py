@@ -223,8 +223,10 @@ class EnergyMeter:
         self.gpu_probe = gpu_probe
         self.rapl = rapl if rapl is not None else RaplReader()
         if psutil_module is None:
-            import psutil as psutil_module
-        self._ps = psutil_module
+            import psutil
+
+            psutil_module = psutil
+        self._ps: Any = psutil_module
         self._cores = int(self._ps.cpu_count(logical=True) or os.cpu_count() or 1)
         self._clock = clock
         self._lock = threading.Lock()

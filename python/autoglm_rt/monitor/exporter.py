@@ -128,6 +128,7 @@ SOURCE_FIELDS: dict[str, dict[str, FieldSpec]] = {
 }
 
 Source = Callable[[], Mapping[str, Any]]
+_Family = GaugeMetricFamily | CounterMetricFamily
 
 
 @dataclass
@@ -295,19 +296,21 @@ class MetricsExporter:
                 gauge("host_cpu_utilization_ratio", "System-wide CPU utilization over the last period.", h.cpu_ratio),
                 gauge("host_cpus", "Logical CPUs.", h.cpu_count),
                 gauge("host_memory_total_bytes", "Physical memory.", h.memory_total_bytes),
-                gauge("host_memory_used_bytes", "Memory not available to new work (total - available).", h.memory_used_bytes),
-                gauge("host_memory_used_ratio", "host_memory_used_bytes / host_memory_total_bytes.", h.memory_used_ratio),
+                gauge(
+                    "host_memory_used_bytes",
+                    "Memory not available to new work (total - available).",
+                    h.memory_used_bytes,
+                ),
+                gauge(
+                    "host_memory_used_ratio", "host_memory_used_bytes / host_memory_total_bytes.", h.memory_used_ratio
+                ),
                 gauge("host_load1", "1-minute load average.", h.load1),
                 gauge("host_load_per_core", "1-minute load average / logical CPUs.", h.load_per_core),
             ]
         fams += [
-            gauge(
-                "host_cpu_utilization_ewma_ratio", "EWMA of host_cpu_utilization_ratio.", snap.ewma.get("cpu_ratio")
-            ),
+            gauge("host_cpu_utilization_ewma_ratio", "EWMA of host_cpu_utilization_ratio.", snap.ewma.get("cpu_ratio")),
             gauge("host_load_per_core_ewma", "EWMA of host_load_per_core.", snap.ewma.get("load_per_core")),
-            gauge(
-                "host_memory_used_ewma_ratio", "EWMA of host_memory_used_ratio.", snap.ewma.get("memory_used_ratio")
-            ),
+            gauge("host_memory_used_ewma_ratio", "EWMA of host_memory_used_ratio.", snap.ewma.get("memory_used_ratio")),
             gauge("load_level", "Load level with hysteresis: 0 low, 1 medium, 2 high.", int(snap.level)),
         ]
         yield from (f for f in fams if f is not None)
@@ -367,7 +370,7 @@ class MetricsExporter:
     def _collect_sources(self) -> Iterator[Metric]:
         with self._lock:
             sources = list(self._sources)
-        families: dict[str, Metric] = {}
+        families: dict[str, _Family] = {}
         for src in sources:
             try:
                 data = src.fn()
@@ -400,7 +403,7 @@ class MetricsExporter:
 
     @staticmethod
     def _add_field(
-        families: dict[str, Metric], spec: FieldSpec, names: list[str], values: list[str], key: str, raw: Any
+        families: dict[str, _Family], spec: FieldSpec, names: list[str], values: list[str], key: str, raw: Any
     ) -> None:
         full = PREFIX + spec.metric
         if spec.kind == "phase":
@@ -412,9 +415,7 @@ class MetricsExporter:
             for p in PHASES:
                 fam.add_metric([*values, p], float(p == raw))
             return
-        if isinstance(raw, bool):
-            number = float(raw)
-        elif isinstance(raw, (int, float)):
+        if isinstance(raw, (bool, int, float)):
             number = float(raw)
         else:
             raise TypeError(f"field {key!r}: expected a number, got {type(raw).__name__}")
@@ -422,16 +423,12 @@ class MetricsExporter:
             number = float(bool(number))
         if key == "limit_bytes" and number >= _NO_LIMIT:
             return
-        if spec.kind == "counter":
-            if not (math.isfinite(number) and number >= 0):
-                raise ValueError(f"field {key!r}: a counter must be finite and >= 0, got {raw!r}")
-            fam = families.get(full)
-            if fam is None:
-                fam = families[full] = CounterMetricFamily(full, spec.help, labels=names)
-        else:
-            fam = families.get(full)
-            if fam is None:
-                fam = families[full] = GaugeMetricFamily(full, spec.help, labels=names)
+        if spec.kind == "counter" and not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"field {key!r}: a counter must be finite and >= 0, got {raw!r}")
+        fam = families.get(full)
+        if fam is None:
+            cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+            fam = families[full] = cls(full, spec.help, labels=names)
         fam.add_metric(values, number)
 
 

@@ -51,8 +51,10 @@ class HostProbe:
 
     def __init__(self, psutil_module: ModuleType | Any | None = None) -> None:
         if psutil_module is None:
-            import psutil as psutil_module
-        self._ps = psutil_module
+            import psutil
+
+            psutil_module = psutil
+        self._ps: Any = psutil_module
         self._cpu_count = int(self._ps.cpu_count(logical=True) or os.cpu_count() or 1)
         self._ps.cpu_percent(interval=None)
 

@@ -163,9 +163,7 @@ class Sampler:
                 s.window.add(value, t)
             ewma = {k: s.ewma.value for k, s in self._series.items() if s.ewma.value is not None}
             window = {k: st for k, s in self._series.items() if (st := s.window.stats()) is not None}
-            level = self.classifier.update(
-                ewma.get("cpu_ratio", float("nan")), ewma.get("load_per_core", float("nan"))
-            )
+            level = self.classifier.update(ewma.get("cpu_ratio", float("nan")), ewma.get("load_per_core", float("nan")))
             cost = time.thread_time() - cpu0
             self.total_sample_seconds += cost
             snap = Snapshot(

@@ -72,6 +72,8 @@ def as_dict(snap: Snapshot) -> dict[str, Any]:
         "level": snap.level.name.lower(),
         "series": dict(snap.series),
         "ewma": dict(snap.ewma),
-        "window": {k: {"count": w.count, "mean": w.mean, "min": w.minimum, "max": w.maximum} for k, w in snap.window.items()},
+        "window": {
+            k: {"count": w.count, "mean": w.mean, "min": w.minimum, "max": w.maximum} for k, w in snap.window.items()
+        },
         "gpus": [{"index": g.info.index, "uuid": g.info.uuid, "name": g.info.name} for g in snap.gpus],
     }
