@@ -10,7 +10,7 @@ import psutil
 import pynvml
 import pytest
 
-from autoglm_rt.monitor import HostProbe, LoadLevel, NvmlProbe, Sampler
+from autoglm_rt.monitor import HostProbe, LoadLevel, NvmlProbe, Sampler, strategy_metrics
 from tests.monitor_reference import FakeGpu, FakeNvml, FakePsutil, ManualClock, ewma_reference, level_reference
 
 
@@ -181,3 +181,26 @@ def test_thread_with_real_psutil() -> None:
     time.sleep(0.2)
     assert s.samples == n  # stopped means stopped
     assert s.total_sample_seconds > 0
+
+
+def test_strategy_metrics_names_the_smoothed_figures() -> None:
+    ps = FakePsutil(cores=4)
+    ps.cpu_percent_values = [40.0, 80.0]
+    ps.load = (3.0, 0.0, 0.0)
+    gpus = [FakeGpu("GPU-a", util=30, mem_used=40 * 2**30), FakeGpu("GPU-b", util=90, mem_used=8 * 2**30)]
+    s, clock = _sampler(ps, FakeNvml(gpus), halflife=2.0)
+    clock.advance(2.0)
+    s.sample_once()
+    gpus[1].util = 10
+    clock.advance(2.0)
+    m = strategy_metrics(s.sample_once())
+    assert m["cpu_usage"] == pytest.approx(0.5 * 0.4 + 0.5 * 0.8)  # one half-life between samples
+    assert m["load_1min"] == 3.0
+    assert m["gpu_utilization"] == pytest.approx(0.5 * 0.9 + 0.5 * 0.1)  # GPU b's EWMA is the highest
+    assert m["gpu_memory_usage"] == m["memory_usage"] == 0.5
+    assert m["host_memory_usage"] == 0.25
+    host_only, hclock = _sampler(FakePsutil(), None)
+    host_only.host_probe._ps.cpu_percent_values = [10.0]  # type: ignore[attr-defined]
+    hclock.advance(2.0)
+    h = strategy_metrics(host_only.sample_once())
+    assert "gpu_utilization" not in h and h["memory_usage"] == h["host_memory_usage"]

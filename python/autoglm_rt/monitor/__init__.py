@@ -1,7 +1,8 @@
 """What operators look at: a sampler of the host and GPUs with smoothing and a load level,
 Prometheus metrics, and energy.
 
-- :class:`Sampler` (``sampler``): psutil + NVML every ``period`` s, EWMA, sliding window, level.
+- :class:`Sampler` (``sampler``): psutil + NVML every ``period`` s, EWMA, sliding window, level;
+  :func:`strategy_metrics` names its smoothed figures as the policy's strategy triggers do.
 - :class:`LoadClassifier`, :class:`LoadLevel` (``load``): low / medium / high with hysteresis.
 - :class:`Ewma`, :class:`SlidingWindow` (``smoothing``).
 - :class:`MetricsExporter`, :func:`start_metrics_server` (``exporter``): the Prometheus endpoint.
@@ -23,7 +24,7 @@ from autoglm_rt.monitor.exporter import (
 )
 from autoglm_rt.monitor.load import LoadClassifier, LoadLevel, LoadThresholds, classify
 from autoglm_rt.monitor.probes import GpuInfo, GpuReading, HostProbe, HostReading, NvmlProbe
-from autoglm_rt.monitor.sampler import Sampler, Snapshot
+from autoglm_rt.monitor.sampler import Sampler, Snapshot, strategy_metrics
 from autoglm_rt.monitor.smoothing import Ewma, SlidingWindow, WindowStats
 
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "WindowStats",
     "classify",
     "start_metrics_server",
+    "strategy_metrics",
 ]

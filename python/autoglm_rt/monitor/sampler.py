@@ -65,6 +65,32 @@ def _series(host: HostReading | None, gpus: tuple[GpuReading, ...]) -> dict[str,
     return out
 
 
+def strategy_metrics(snap: Snapshot) -> dict[str, float]:
+    """The smoothed figures under the names the policy layer's strategy triggers use:
+    ``cpu_usage`` (EWMA, 0..1), ``load_1min`` (raw 1-minute load average), ``gpu_utilization``
+    (highest GPU EWMA, 0..1; absent without GPUs), ``gpu_memory_usage`` (highest GPU memory ratio
+    EWMA), ``host_memory_usage`` (EWMA) and ``memory_usage`` (the GPU figure where there are GPUs,
+    else the host's; a runtime with a memory pool may override it with the pool's own ratio).
+    A figure with no value yet is absent."""
+    out: dict[str, float] = {}
+    if "cpu_ratio" in snap.ewma:
+        out["cpu_usage"] = snap.ewma["cpu_ratio"]
+    if snap.host is not None:
+        out["load_1min"] = snap.host.load1
+    if "memory_used_ratio" in snap.ewma:
+        out["host_memory_usage"] = snap.ewma["memory_used_ratio"]
+    util = [v for k, v in snap.ewma.items() if k.startswith("gpu") and k.endswith("_utilization_ratio")]
+    mem = [v for k, v in snap.ewma.items() if k.startswith("gpu") and k.endswith("_memory_used_ratio")]
+    if util:
+        out["gpu_utilization"] = max(util)
+    if mem:
+        out["gpu_memory_usage"] = max(mem)
+    memory = out.get("gpu_memory_usage", out.get("host_memory_usage"))
+    if memory is not None:
+        out["memory_usage"] = memory
+    return out
+
+
 @dataclass
 class _Series:
     ewma: Ewma
@@ -240,4 +266,4 @@ class Sampler:
         self.close()
 
 
-__all__ = ["DEFAULT_HALFLIFE", "DEFAULT_PERIOD", "DEFAULT_WINDOW", "Sampler", "Snapshot"]
+__all__ = ["DEFAULT_HALFLIFE", "DEFAULT_PERIOD", "DEFAULT_WINDOW", "Sampler", "Snapshot", "strategy_metrics"]
