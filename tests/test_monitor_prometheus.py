@@ -166,6 +166,18 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, exporter_server: A
         le1 = prom.query('autoglm_rt_step_duration_seconds_bucket{le="1.28"}')
         assert float(le1[0]["value"][1]) == 3
 
+        # an OOM counted by the pool fires the (for-less) OOM alert end to end
+        pool["num_ooms"] = 1
+        deadline = time.monotonic() + 30
+        while True:
+            alerts = _get(f"{prom.base}/api/v1/alerts")["data"]["alerts"]
+            oom = [a for a in alerts if a["labels"]["alertname"] == "AutoglmRtPoolOutOfMemory"]
+            if oom and oom[0]["state"] == "firing":
+                break
+            assert time.monotonic() < deadline, f"OOM alert did not fire; alerts: {alerts}"
+            time.sleep(0.25)
+        assert oom[0]["labels"]["rank"] == "3" and oom[0]["labels"]["severity"] == "critical"
+
         targets = _get(f"{prom.base}/api/v1/targets")["data"]["activeTargets"]
         assert [t["health"] for t in targets] == ["up"]
         groups = _get(f"{prom.base}/api/v1/rules")["data"]["groups"]

@@ -239,12 +239,16 @@ class MetricsExporter:
         return generate_latest(self.registry)
 
     # -- collection --------------------------------------------------------------------------
+    def _first_time(self, kind: str, problem: str) -> bool:
+        with self._lock:
+            first = (kind, problem) not in self._warned
+            self._warned.add((kind, problem))
+        return first
+
     def _error(self, kind: str, problem: str) -> None:
         with self._lock:
             self._source_errors[kind] = self._source_errors.get(kind, 0) + 1
-            first = (kind, problem) not in self._warned
-            self._warned.add((kind, problem))
-        if first:
+        if self._first_time(kind, problem):
             log.warning("autoglm_rt.monitor: %s source: %s (logged once)", kind, problem)
 
     def _collect(self) -> Iterator[Metric]:
@@ -385,8 +389,7 @@ class MetricsExporter:
             for key, raw in data.items():
                 spec = fields.get(key)
                 if spec is None:
-                    if (src.kind, f"unknown field {key}") not in self._warned:
-                        self._warned.add((src.kind, f"unknown field {key}"))
+                    if self._first_time(src.kind, f"unknown field {key}"):
                         log.info("autoglm_rt.monitor: %s source: field %r is not exported", src.kind, key)
                     continue
                 if raw is None:

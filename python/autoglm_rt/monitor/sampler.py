@@ -223,7 +223,10 @@ class Sampler:
     def _run(self) -> None:
         next_at = self._clock()
         while not self._stop.is_set():
-            self.sample_once()
+            try:
+                self.sample_once()
+            except Exception:  # keep sampling; the next period may succeed
+                log.exception("autoglm_rt.monitor: sampling failed")
             next_at += self.period
             delay = next_at - self._clock()
             if delay < 0:  # fell behind (suspended, overloaded): restart the schedule from now
