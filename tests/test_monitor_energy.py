@@ -151,3 +151,25 @@ def test_real_machine_meter_runs() -> None:
     r = meter.read()
     assert r.seconds >= 0 and r.cpu_joules is not None and r.cpu_joules >= 0
     assert r.cpu_source == "rapl" or r.cpu_source.startswith("estimate")
+
+
+def test_attached_meter_integrates_power_at_each_sample(tmp_path: Path) -> None:
+    from autoglm_rt.monitor import HostProbe, Sampler
+
+    gpus = [FakeGpu("GPU-old", energy_mj=None, power_mw=200_000)]
+    probe = NvmlProbe(FakeNvml(gpus))
+    clock = ManualClock()
+    ps = FakePsutil()
+    ps.cpu_percent_values = [10.0] * 10
+    sampler = Sampler(2.0, host_probe=HostProbe(ps), gpu_probe=probe, clock=clock)
+    meter = EnergyMeter(gpu_probe=probe, rapl=RaplReader(tmp_path), psutil_module=ps, clock=clock).start()
+    meter.attach(sampler)
+    for watts in (200, 400, 400, 0):  # samples 2 s apart
+        clock.advance(2.0)
+        gpus[0].power_mw = watts * 1000
+        sampler.sample_once()
+    r = meter.read()
+    # trapezoid over (0 s, 200 W) (2, 200) (4, 400) (6, 400) (8, 0)
+    assert r.gpu_sources == {0: "nvml_power_integral"}
+    assert r.gpu_joules[0] == pytest.approx(2 * 200 + 2 * 300 + 2 * 400 + 2 * 200)
+    sampler.close()
