@@ -28,7 +28,9 @@ install: $(VENV)/.deps-stamp
 demo: install
 	$(VENV)/bin/autoglm-rt info
 
+# Tests start a real Prometheus server on 127.0.0.1; its Debian package is installed when missing.
 pytest: install
+	bash deploy/install_prometheus.sh
 	$(PY) -m pytest -q --benchmark-disable
 
 # C++ unit tests (CUDA sources compiled for one architecture only: they cannot run here anyway).
