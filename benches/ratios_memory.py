@@ -43,9 +43,10 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             baseline_label="posix_memalign/free",
             rounds=rounds,
         )
+        # Best of 5: the uncontended cost on a shared machine (the ratio above is the fair comparison).
         cmp.extra = {
-            "pool_ns_per_pair": _C.memory_loop_ns(size, n, "pool"),
-            "upstream_ns_per_pair": _C.memory_loop_ns(size, n, "upstream"),
+            "pool_ns_per_pair_best_of_5": min(_C.memory_loop_ns(size, n, "pool") for _ in range(5)),
+            "upstream_ns_per_pair_best_of_5": min(_C.memory_loop_ns(size, n, "upstream") for _ in range(5)),
         }
         out.append(cmp)
 
@@ -86,8 +87,8 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             rounds=rounds,
         )
         cmp.extra = {
-            "pool_ns_per_op": ours["ns_per_op"],
-            "direct_ns_per_op": _C.memory_replay_direct_ns(str(path), repeat),
+            "pool_ns_per_op_best_of_5": min(memory.replay(path, repeat=repeat)["ns_per_op"] for _ in range(5)),
+            "direct_ns_per_op_best_of_5": min(_C.memory_replay_direct_ns(str(path), repeat) for _ in range(5)),
             "peak_requested_bytes": ours["peak_requested_bytes"],
             "pool_peak_reserved_bytes": ours["peak_reserved_bytes"],
             "pool_reserved_to_requested": ours["reserved_to_requested"],
