@@ -138,7 +138,7 @@ class CachingPool:
         """Returns a block. ``stream``, if given, must be the one it was allocated on. A pointer
         this pool did not hand out, or a double free, raises ValueError and changes nothing."""
         ptr = _check_int(ptr, "ptr")
-        if ptr <= 0:
+        if not 0 < ptr < 2**64:
             raise ValueError(f"ptr: {ptr} was not allocated by this pool")
         if stream is not None:
             stream = _check_int(stream, "stream")

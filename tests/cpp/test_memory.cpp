@@ -318,7 +318,13 @@ TEST(trace_records_dumps_reads_and_replays) {
 // normal build; fewer under sanitizers (AGRT_STRESS_OPS overrides).
 TEST(randomized_stress_four_threads_three_streams) {
 #if defined(__SANITIZE_ADDRESS__)
-  std::size_t total_ops = 100000;
+  std::size_t total_ops = 250000;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  std::size_t total_ops = 250000;
+#else
+  std::size_t total_ops = 1000000;
+#endif
 #else
   std::size_t total_ops = 1000000;
 #endif
