@@ -190,6 +190,18 @@ def test_torch_backend_explains_why_it_cannot_install_here() -> None:
         memory.torch_pool(-1)
 
 
+def test_install_refuses_cudnn_benchmark_with_an_explanation() -> None:
+    import torch
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with pytest.raises(ValueError, match=r"cudnn\.benchmark.*cacheInfo"):
+            memory.install_torch_allocator()
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_explain_torch_error() -> None:
     assert "cudnn.benchmark" in (memory.explain_torch_error(RuntimeError("... cacheInfo ...")) or "")
     assert "torch_pool" in (memory.explain_torch_error(RuntimeError("getDeviceStats not implemented")) or "")

@@ -298,8 +298,15 @@ def install_torch_allocator(limit: int | str | None = None) -> None:
     ValueError when that is on."""
     global _installed
     limit_bytes = _limit_bytes(limit)
-    _require_cuda_build()
     import torch
+
+    if torch.backends.cudnn.benchmark:
+        raise ValueError(
+            "install_torch_allocator: torch.backends.cudnn.benchmark is on, and with a pluggable "
+            "allocator torch raises in cacheInfo when cuDNN benchmarks; set it to False (autoglm_rt's "
+            "pool makes the workspace allocations cheap anyway)"
+        )
+    _require_cuda_build()
 
     if not torch.cuda.is_available():
         raise RuntimeError(f"this torch ({torch.__version__}) cannot use CUDA here; nothing to install")
@@ -310,12 +317,6 @@ def install_torch_allocator(limit: int | str | None = None) -> None:
         raise RuntimeError(
             "install_torch_allocator: torch has already initialised CUDA (a CUDA tensor or call came "
             "first); torch can switch allocators only before that. Call it at the start of the program."
-        )
-    if torch.backends.cudnn.benchmark:
-        raise ValueError(
-            "install_torch_allocator: torch.backends.cudnn.benchmark is on, and with a pluggable "
-            "allocator torch raises in cacheInfo when cuDNN benchmarks; set it to False (autoglm_rt's "
-            "pool makes the workspace allocations cheap anyway)"
         )
     malloc_name, free_name = _C.torch_allocator_symbols()
     allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, malloc_name, free_name)
