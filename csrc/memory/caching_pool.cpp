@@ -524,6 +524,10 @@ CachingPool::CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options
   AGRT_EXPECTS(upstream != nullptr, ValueError, "CachingPool: upstream is null");
   AGRT_EXPECTS(is_pow2(options.round_bytes) && options.round_bytes >= 256, ValueError,
                "CachingPool: round_bytes must be a power of two >= 256, got ", options.round_bytes);
+  // Measured on the traces in benches/: 256 KiB suits growable arenas, torch's 1 MiB suits
+  // fixed 2 MiB / 20 MiB segments (benches/RESULTS.md).
+  if (options.small_size == 0)
+    options.small_size = (options.expandable && upstream && upstream->supports_expansion()) ? 256 * 1024 : 1024 * 1024;
   AGRT_EXPECTS(options.small_size >= options.round_bytes, ValueError,
                "CachingPool: small_size must be >= round_bytes (", options.round_bytes, "), got ", options.small_size);
   AGRT_EXPECTS(options.small_segment >= options.small_size && options.small_segment % options.round_bytes == 0,

@@ -45,7 +45,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
     p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
     p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
-    p.add_argument("--small-size", default="256Ki", help="largest request of the small arena (default 256Ki)")
+    p.add_argument(
+        "--small-size", default=None, help="largest request of the small class (default 256Ki, 1Mi with --segments)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

@@ -53,7 +53,7 @@ _MAX_REQUEST = 1 << 48
 _DEFAULTS: dict[str, Any] = {
     "expandable": True,
     "round_bytes": 256,
-    "small_size": 256 * 1024,
+    "small_size": None,
     "small_segment": 2 * 2**20,
     "large_segment": 20 * 2**20,
     "arena_reserve": 64 * 2**30,
@@ -68,13 +68,20 @@ def _pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unknown pool option(s) {unknown}; expected some of {sorted(_DEFAULTS)}")
     out = dict(_DEFAULTS)
     for key, value in options.items():
-        if key == "expandable":
+        if key == "small_size" and value is None:
+            out[key] = None
+        elif key == "expandable":
             if not isinstance(value, bool):
                 raise TypeError(f"expandable: expected a bool, got {type(value).__name__}")
             out[key] = value
         else:
             out[key] = parse_size(value, name=key)
     return out
+
+
+def _native_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Options as the native constructor takes them (small_size 0 = the pool's own default)."""
+    return {**opts, "small_size": opts["small_size"] or 0}
 
 
 def _limit_bytes(limit: int | str | None) -> int | None:
@@ -97,13 +104,14 @@ class CachingPool:
     """A caching allocator on ``device`` ("cpu", "cuda" or "cuda:N") with an optional hard
     ``limit`` (bytes or a string like "12Gi"). Options: ``expandable`` (grow one arena per size
     class in place; default True where the device supports it), ``round_bytes`` (block alignment,
-    default 256), ``small_size`` (requests up to this share the small arena, default 256 KiB),
+    default 256), ``small_size`` (requests up to this share the small arena; default 256 KiB with arenas,
+    1 MiB with segments),
     ``small_segment``/``large_segment`` (segment sizes without expansion), ``arena_reserve``
     (address space per arena), ``granularity`` (host arena growth step, default 64 KiB)."""
 
     def __init__(self, device: str = "cpu", limit: int | str | None = None, **options: Any) -> None:
         opts = _pool_options(options)
-        self._native = _C.CachingPool(_parse_device(device), _limit_bytes(limit), **opts)
+        self._native = _C.CachingPool(_parse_device(device), _limit_bytes(limit), **_native_options(opts))
 
     @classmethod
     def _wrap(cls, native: Any) -> CachingPool:
@@ -210,7 +218,7 @@ def replay(path: str | os.PathLike[str], repeat: int = 1, **pool_options: Any) -
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"path: no trace file at {p}")
-    return dict(_C.memory_replay(str(p), repeat, **_pool_options(pool_options)))
+    return dict(_C.memory_replay(str(p), repeat, **_native_options(_pool_options(pool_options))))
 
 
 def read_trace(path: str | os.PathLike[str]) -> list[tuple[str, int, int, int]]:

@@ -187,7 +187,7 @@ TEST(lowering_the_limit_trims_at_once_and_never_touches_live_blocks) {
     }
     const std::size_t cached = pool.stats().largest_free_block_bytes;
     CHECK_THROWS(OutOfMemoryError, pool.allocate(cached + 2 * MiB));
-    if (cached >= MiB) pool.deallocate(pool.allocate(MiB));  // cached memory is still usable
+    if (cached >= 2 * MiB) pool.deallocate(pool.allocate(2 * MiB));  // cached memory is still usable
     CHECK(pool.stats().reserved_bytes == s.reserved_bytes);
     for (void* p : keep) pool.deallocate(p);
     pool.set_limit(kNoLimit);

@@ -1,7 +1,8 @@
 // CachingPool: a device-agnostic caching allocator over an Upstream.
 //
-// Sizes are rounded up to `round_bytes`; requests up to `small_size` and larger ones live in
-// separate arenas (small blocks never pin large ones). Free blocks are kept per (class, stream)
+// Sizes are rounded up to `round_bytes`; requests up to `small_size` (default: 256 KiB with
+// arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
+// (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
 // allocation and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
@@ -44,7 +45,7 @@ inline constexpr std::size_t kMaxRequest = std::size_t{1} << 48;
 struct PoolOptions {
   std::size_t limit = kNoLimit;
   std::size_t round_bytes = 256;             // power of two, >= 256 (block alignment)
-  std::size_t small_size = 256 * 1024;       // requests up to this use the small class
+  std::size_t small_size = 0;                // requests up to this use the small class; 0: auto
   std::size_t small_segment = 2 * 1024 * 1024;   // segment size of the small class (segment mode)
   std::size_t large_segment = 20 * 1024 * 1024;  // minimum large segment below 10 MiB (segment mode)
   std::size_t arena_reserve = std::size_t{64} << 30;  // address space reserved per arena
