@@ -2,7 +2,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <time.h>
+
 #include <chrono>
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -81,12 +84,26 @@ py::dict stats_dict(const PoolStats& s) {
   return d;
 }
 
-// Seconds-free timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"),
-// the host upstream's segments directly ("upstream": posix_memalign/free) or its arena mapping
+// The calling thread's CPU time: unlike wall time it does not count the time a loaded machine
+// keeps the thread descheduled.
+struct ThreadCpuClock {
+  using duration = std::chrono::nanoseconds;
+  using rep = duration::rep;
+  using period = duration::period;
+  using time_point = std::chrono::time_point<ThreadCpuClock>;
+  static time_point now() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return time_point(duration(std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec));
+  }
+};
+
+// Timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"), the host
+// upstream's segments directly ("upstream": posix_memalign/free) or its arena mapping
 // ("upstream-map": mprotect/remap of whole granules). Returns ns per pair.
-double loop_ns(std::size_t nbytes, std::size_t iters, const std::string& target) {
+template <typename clock>
+double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& target) {
   AGRT_EXPECTS(nbytes > 0 && iters > 0, agrt::ValueError, "loop_ns: nbytes and iters must be > 0");
-  using clock = std::chrono::steady_clock;
   if (target == "pool") {
     CachingPool pool(make_host_upstream(), PoolOptions{});
     pool.deallocate(pool.allocate(nbytes, 0), 0);
@@ -122,6 +139,11 @@ double loop_ns(std::size_t nbytes, std::size_t iters, const std::string& target)
     return ns;
   }
   throw agrt::ValueError("loop_ns: target must be 'pool', 'upstream' or 'upstream-map', got '" + target + "'");
+}
+
+double loop_ns(std::size_t nbytes, std::size_t iters, const std::string& target, bool cpu_time) {
+  return cpu_time ? loop_ns_with<ThreadCpuClock>(nbytes, iters, target)
+                  : loop_ns_with<std::chrono::steady_clock>(nbytes, iters, target);
 }
 
 }  // namespace
@@ -217,8 +239,9 @@ AGRT_BINDINGS(memory) {
       "ns per operation replaying a trace with posix_memalign/free directly (the pool's baseline).");
 
   m.def("memory_loop_ns", &loop_ns, py::arg("nbytes"), py::arg("iters"), py::arg("target"),
-        py::call_guard<py::gil_scoped_release>(),
-        "ns per alloc+free pair in a C++ loop: 'pool', 'upstream' (posix_memalign/free) or 'upstream-map'.");
+        py::arg("cpu_time") = false, py::call_guard<py::gil_scoped_release>(),
+        "ns per alloc+free pair in a C++ loop: 'pool', 'upstream' (posix_memalign/free) or 'upstream-map'; "
+        "cpu_time: the thread's CPU time instead of wall time.");
 
 #ifdef AGRT_WITH_CUDA
   m.def("torch_pool", &torch_device_pool, py::arg("device"), "The pool behind torch's pluggable allocator.");
