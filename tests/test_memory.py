@@ -345,3 +345,25 @@ def test_cuda_pool_refused_with_the_library_reason_where_unavailable() -> None:
     with pytest.raises(RuntimeError) as info:
         CachingPool("cuda:0")
     assert "CUDA" in str(info.value)
+
+
+@pytest.mark.cuda
+def test_cuda_pool_streams_limit_and_trim() -> None:
+    import torch
+
+    pool = CachingPool("cuda:0", limit="256Mi")
+    assert pool.upstream in ("cuda-vmm", "cuda-malloc")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    p = pool.allocate(4 * MiB, stream=s1.cuda_stream)
+    pool.deallocate(p, stream=s1.cuda_stream)
+    assert pool.allocate(4 * MiB, stream=s1.cuda_stream) == p  # same stream: at once
+    pool.deallocate(p, stream=s1.cuda_stream)
+    torch.cuda.synchronize()
+    q = pool.allocate(4 * MiB, stream=s2.cuda_stream)  # other stream: only once its event is done
+    pool.check()
+    with pytest.raises(OutOfMemoryError, match="limit"):
+        pool.allocate(300 * MiB)
+    pool.deallocate(q, stream=s2.cuda_stream)
+    assert pool.trim() > 0
+    assert pool.stats()["reserved_bytes"] == 0
+    pool.check()
