@@ -236,3 +236,28 @@ def test_torch_allocator_under_a_training_step() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_torch_entry_points_are_exported_and_contain_errors() -> None:
+    """The symbols CUDAPluggableAllocator loads exist in _C with C linkage; without a usable
+    device an allocation returns NULL (torch then raises) instead of throwing across C."""
+    import ctypes
+
+    from autoglm_rt._native import _C
+
+    if not autoglm_rt.build_info()["cuda_compiled"]:
+        pytest.skip("built without CUDA: the torch entry points are not compiled")
+    ok, _ = autoglm_rt.cuda_available(return_reason=True)
+    if ok:
+        pytest.skip("a CUDA device is usable here; the GPU test covers real allocations")
+    lib = ctypes.CDLL(_C.__file__)
+    malloc = lib.agrt_torch_malloc
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    free = lib.agrt_torch_free
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    assert malloc(1024, 0, None) is None
+    assert malloc(0, 0, None) is None
+    free(None, 0, 0, None)  # a no-op, as torch expects
+    assert tuple(_C.torch_allocator_symbols()) == ("agrt_torch_malloc", "agrt_torch_free")
