@@ -1,0 +1,124 @@
+"""Records allocation traces from real CPU training loops into benches/traces/ (format of
+DESIGN.md: op,id,bytes,stream), the way ../shared/traces/cnn_train.csv was made: torch.profiler's
+memory events over a few training steps after one warm-up step.
+
+    PYTHONPATH=python python benches/record_cpu_traces.py
+
+Models: a transformer encoder with variable sequence lengths, an LSTM language model and an MLP
+with variable batch sizes. Allocations made before recording and still live have no row.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+OUT = Path(__file__).resolve().parent / "traces"
+
+
+def transformer_step() -> Callable[[int], None]:
+    layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=8, dim_feedforward=1024, batch_first=True)
+    net = torch.nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    opt = torch.optim.AdamW(net.parameters())
+
+    def step(i: int) -> None:
+        x = torch.randn(16, (48, 96, 64, 128)[i % 4], 256)  # variable sequence length
+        loss = net(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def lstm_step() -> Callable[[int], None]:
+    emb = torch.nn.Embedding(5000, 256)
+    lstm = torch.nn.LSTM(256, 512, num_layers=2, batch_first=True)
+    head = torch.nn.Linear(512, 5000)
+    params = [*emb.parameters(), *lstm.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params)
+
+    def step(i: int) -> None:
+        tokens = torch.randint(0, 5000, (8, (32, 48, 40)[i % 3] + 1))
+        out, _ = lstm(emb(tokens[:, :-1]))
+        loss = torch.nn.functional.cross_entropy(head(out).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def mlp_step() -> Callable[[int], None]:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(784, 2048),
+        torch.nn.GELU(),
+        torch.nn.Linear(2048, 2048),
+        torch.nn.GELU(),
+        torch.nn.Linear(2048, 10),
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step(i: int) -> None:
+        x = torch.randn((64, 256, 128)[i % 3], 784)  # variable batch size
+        y = torch.randint(0, 10, (x.shape[0],))
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def record(step: Callable[[int], None], steps: int = 3) -> list[tuple[str, int, int, int]]:
+    step(0)  # warm-up: optimizer state, caches
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for i in range(1, steps + 1):
+            step(i)
+    events: list[tuple[int, int, int]] = []
+
+    def walk(node) -> None:  # type: ignore[no-untyped-def]
+        if node.typed[0] == _EventType.Allocation:
+            f = node.typed[1]
+            events.append((node.start_time_ns, f.ptr, f.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    rows: list[tuple[str, int, int, int]] = []
+    live: dict[int, tuple[int, int]] = {}
+    next_id = 0
+    for _, ptr, size in events:
+        if size > 0:
+            live[ptr] = (next_id, size)
+            rows.append(("alloc", next_id, size, 0))
+            next_id += 1
+        elif size < 0 and ptr in live:
+            ident, nbytes = live.pop(ptr)
+            rows.append(("free", ident, nbytes, 0))
+    return rows
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    OUT.mkdir(exist_ok=True)
+    for name, make in (("transformer_train", transformer_step), ("lstm_train", lstm_step), ("mlp_train", mlp_step)):
+        rows = record(make())
+        path = OUT / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["op", "id", "bytes", "stream"])
+            w.writerows(rows)
+        print(f"{path}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()
