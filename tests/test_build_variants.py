@@ -33,7 +33,10 @@ def test_cuda_off_wheel_builds_and_imports(tmp_path: Path) -> None:
         zf.extractall(site)
     assert any(n.startswith("autoglm_rt/_C") for n in names)
     assert "autoglm_rt/_C.pyi" in names and "autoglm_rt/py.typed" in names
-    code = f"import sys; sys.path.insert(0, {str(site)!r}); import autoglm_rt, json; print(json.dumps(autoglm_rt.build_info()))"
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); "
+        "import autoglm_rt, json; print(json.dumps(autoglm_rt.build_info()))"
+    )
     out = subprocess.run([sys.executable, "-S", "-c", code], check=True, capture_output=True, text=True)
     info = json.loads(out.stdout)
     assert info["cuda_compiled"] is False and info["cuda_archs"] == [] and info["cuda_device_count"] == 0
