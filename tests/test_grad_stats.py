@@ -271,3 +271,35 @@ def test_to_float64_reference_is_exact_for_half_types() -> None:
     # The reference widens exactly: the largest float16 and bfloat16 survive the round trip.
     assert to_float64(torch.tensor([65504.0], dtype=torch.float16))[0] == 65504.0
     assert stats_of(np.array([1.0, np.nan]))["nonfinite"] == 1
+
+
+# --- every CPU code path ----------------------------------------------------------------------
+
+_SIMD_CHECK = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from tests.test_grad_stats import check, randn
+tensors = [randn(n, dt, seed=n, loc=1.5) for n in (0, 1, 63, 64, 65, 127, 128, 129, 65_537, 200_003)
+           for dt in (torch.float32, torch.float16, torch.bfloat16)]
+tensors[9][3] = float("nan")  # n=64, float32
+tensors.append(torch.tensor([3e38, 1e-30, -2.0] * 100))
+check(tensors)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("simd", ["scalar", "avx2", "avx512"])
+def test_every_simd_path_matches_reference(simd: str) -> None:
+    # AUTOGLM_RT_GRAD_STATS_SIMD caps the vector ISA (read once per process), so each path runs in
+    # a fresh interpreter; on a CPU without the ISA the best available path runs instead.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "AUTOGLM_RT_GRAD_STATS_SIMD": simd}
+    res = subprocess.run([sys.executable, "-c", _SIMD_CHECK.format(root=root)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
