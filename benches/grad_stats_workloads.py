@@ -17,8 +17,9 @@ def gpt_shapes(d_model: int = 768, layers: int = 12, vocab: int = 50257, context
     return shapes
 
 
-def gradient_list(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  seed: int = 0) -> list[torch.Tensor]:
+def gradient_list(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+) -> list[torch.Tensor]:
     """Gradient-like tensors (small, centred, a few outliers) of the given shapes."""
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -11,9 +11,9 @@ tensors (1..256 elements). --quick shrinks both.
 from __future__ import annotations
 
 import torch
-from grad_stats_workloads import foreach_norm, gpt_shapes, gradient_list, tiny_tensors, torch_loop
 
 from autoglm_rt import benchmarking, ops
+from grad_stats_workloads import foreach_norm, gpt_shapes, gradient_list, tiny_tensors, torch_loop
 
 
 def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]

@@ -55,17 +55,18 @@ __device__ __forceinline__ float load_elem(const void* p, std::int64_t i, unsign
 }
 
 struct ThreadAcc {
-  double count = 0, nonfinite = 0, sum = 0, sumsq = 0, s2 = 0;
+  int count = 0, nonfinite = 0;  // at most kChunkElems / kThreads each
+  double sum = 0, sumsq = 0, s2 = 0;
   float maxabs = 0;
 
   __device__ __forceinline__ void add(float xf, double shift) {
     if (!isfinite(xf)) {
-      nonfinite += 1;
+      ++nonfinite;
       return;
     }
     const double x = xf;
     const double d = x - shift;
-    count += 1;
+    ++count;
     sum += x;
     sumsq = fma(x, x, sumsq);
     s2 = fma(d, d, s2);
@@ -175,8 +176,9 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(const __grid_constant
     for (std::int64_t i = begin + threadIdx.x; i < end; i += kThreads) acc.add(load_elem(p, i, dtype), shift);
   }
 
-  Moments m = moments_from_shifted(acc.count, acc.nonfinite, acc.sum, acc.sumsq, acc.maxabs, shift,
-                                   acc.sum - acc.count * shift, acc.s2);
+  const double count = acc.count;
+  Moments m = moments_from_shifted(count, acc.nonfinite, acc.sum, acc.sumsq, acc.maxabs, shift, acc.sum - count * shift,
+                                   acc.s2);
   m = block_reduce(m);
   if (threadIdx.x == 0) partials[block] = m;
 }

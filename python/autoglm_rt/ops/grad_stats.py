@@ -147,8 +147,9 @@ def grad_stats(tensors: Iterable[Any], *, stream: Any = None) -> GradStats:
     """Statistics of every tensor in ``tensors`` (float32, float16 or bfloat16, contiguous, all on
     one device; torch tensors or numpy arrays on the CPU, torch tensors on CUDA) in one native call.
 
-    CUDA: runs on ``stream`` (default: torch's current stream of the tensors' device) and returns
-    without synchronizing; the results are device tensors ordered on that stream.
+    CUDA: runs on ``stream`` (default: torch's current stream of the tensors' device; the caller
+    orders any other stream after the gradients' producer) and returns without synchronizing; the
+    results are device tensors ordered on that stream.
     Raises TypeError for a wrong dtype, a non-contiguous tensor or something that is not a tensor,
     ValueError for tensors on different devices.
     """
@@ -164,10 +165,24 @@ def grad_stats(tensors: Iterable[Any], *, stream: Any = None) -> GradStats:
         raise TypeError(f"tensors[0]: expected a CPU or CUDA tensor, got DLPack device type {int(device[0])}")
     torch = _torch()
     dev = torch.device("cuda", int(device[1]))
-    if stream is None:
-        stream = torch.cuda.current_stream(dev).cuda_stream
-    table = torch.empty((rows, fields), dtype=torch.float64, device=dev)
-    ws_bytes = int(_C.grad_stats_workspace_bytes(items))
-    workspace = torch.empty(max(1, (ws_bytes + 7) // 8), dtype=torch.int64, device=dev)
-    _C.grad_stats(items, table.view(torch.int64), workspace, stream)
+    run_on = _cuda_stream(torch, dev, stream)
+    # Allocated on the stream the kernels use, so torch's caching allocator does not hand the
+    # memory to other work before they finish.
+    with torch.cuda.stream(run_on):
+        table = torch.empty((rows, fields), dtype=torch.float64, device=dev)
+        ws_bytes = int(_C.grad_stats_workspace_bytes(items))
+        workspace = torch.empty(max(1, (ws_bytes + 7) // 8), dtype=torch.int64, device=dev)
+        _C.grad_stats(items, table.view(torch.int64), workspace, run_on.cuda_stream)
     return GradStats(table)
+
+
+def _cuda_stream(torch: Any, dev: Any, stream: Any) -> Any:
+    """A torch stream object for ``stream``: None (current stream), a torch.cuda.Stream, or a raw
+    cudaStream_t as an int."""
+    if stream is None:
+        return torch.cuda.current_stream(dev)
+    if isinstance(stream, torch.cuda.Stream):
+        return stream
+    if isinstance(stream, int):
+        return torch.cuda.ExternalStream(stream, device=dev)
+    raise TypeError(f"stream: expected None, a torch.cuda.Stream or an int (cudaStream_t), got {type(stream).__name__}")
