@@ -35,6 +35,9 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
         return lambda: ops.grad_stats(tensors)
 
     common = {"rounds": rounds, "sync": sync, "read_gbps": read_gbps}
+    single_thread = []
+    if device == "cpu":
+        single_thread = _single_thread_comparisons(gpt, gpt_bf16, gpt_bytes, gpt_bf16_bytes, rounds)
     label = f"{len(gpt)} tensors, {sum(t.numel() for t in gpt) / 1e6:.0f}M fp32"
     return [
         benchmarking.compare(
@@ -87,4 +90,30 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             bytes_read=large_bytes,
             **common,
         ),
+        *single_thread,
     ]
+
+
+def _single_thread_comparisons(gpt, gpt_bf16, gpt_bytes, gpt_bf16_bytes, rounds):  # type: ignore[no-untyped-def]
+    """The same GPT cases with one thread on each side: per-core efficiency, free of how quickly
+    either thread pool gets its threads scheduled on a loaded machine."""
+    import autoglm_rt
+
+    before = (torch.get_num_threads(), autoglm_rt.num_threads())
+    torch.set_num_threads(1)
+    autoglm_rt.set_num_threads(1)
+    try:
+        return [
+            benchmarking.compare(
+                f"GPT grads {name}, 1 thread each, vs _foreach_norm",
+                lambda ts=ts: ops.grad_stats(ts),
+                lambda ts=ts: foreach_norm(ts),
+                baseline_label="torch._foreach_norm (1 thread)",
+                bytes_read=nbytes,
+                rounds=rounds,
+            )
+            for name, ts, nbytes in (("fp32", gpt, gpt_bytes), ("bf16", gpt_bf16, gpt_bf16_bytes))
+        ]
+    finally:
+        torch.set_num_threads(before[0])
+        autoglm_rt.set_num_threads(before[1])
