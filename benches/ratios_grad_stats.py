@@ -2,7 +2,8 @@
 
 - the per-tensor torch loop (var_mean, vector_norm, abs().amax(), isfinite, sum): same statistics;
 - torch._foreach_norm (what clip_grad_norm_ uses): one statistic, the fastest torch has;
-- the machine's read bandwidth (ctx.bandwidth["read_gbps"]) for the large-tensor figure.
+- the read-bandwidth probe (``_C.read_checksum``) over the same tensors, alternating with
+  grad_stats: its ratio is the fraction of read bandwidth grad_stats reaches.
 
 Workloads: the gradient shapes of GPT-2 small (124M parameters, 148 tensors) and 10,000 tiny
 tensors (1..256 elements). --quick shrinks both.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from autoglm_rt import benchmarking, ops
+from autoglm_rt._native import _C
 from grad_stats_workloads import foreach_norm, gpt_shapes, gradient_list, tiny_tensors, torch_loop
 
 
@@ -35,8 +37,26 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
         return lambda: ops.grad_stats(tensors)
 
     common = {"rounds": rounds, "sync": sync, "read_gbps": read_gbps}
-    single_thread = []
+    single_thread: list[benchmarking.Comparison] = []
+    probe: list[benchmarking.Comparison] = []
     if device == "cpu":
+        # The read probe on the same tensors, alternating with grad_stats: the ratio is the
+        # fraction of the machine's read bandwidth, measured side by side (robust to load changes
+        # between the bandwidth probe at the start of the run and this case).
+        probe = [
+            benchmarking.compare(
+                f"{name} vs read probe",
+                stats(ts),
+                lambda ts=ts: [_C.read_checksum(t) for t in ts],
+                baseline_label="read_checksum (read bandwidth)",
+                bytes_read=nbytes,
+                **common,
+            )
+            for name, ts, nbytes in (
+                (f"2 large fp32 tensors ({large_bytes / 2**20:.0f} MiB)", large, large_bytes),
+                ("GPT grads fp32", gpt, gpt_bytes),
+            )
+        ]
         single_thread = _single_thread_comparisons(gpt, gpt_bf16, gpt_bytes, gpt_bf16_bytes, rounds)
     label = f"{len(gpt)} tensors, {sum(t.numel() for t in gpt) / 1e6:.0f}M fp32"
     return [
@@ -90,6 +110,7 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             bytes_read=large_bytes,
             **common,
         ),
+        *probe,
         *single_thread,
     ]
 
