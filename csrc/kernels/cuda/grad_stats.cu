@@ -271,9 +271,10 @@ void grad_stats_cuda(const std::vector<TensorView>& tensors, const TensorView& o
   std::int64_t max_chunks = 0;
   const auto batches = plan_batches(tensors, &max_chunks);
   const std::size_t need = static_cast<std::size_t>(std::max<std::int64_t>(max_chunks, 1)) * sizeof(Moments);
-  if (!tensors.empty()) {
-    AGRT_EXPECTS(workspace.data != nullptr && workspace.device == out.device, ValueError,
-                 "grad_stats: workspace: expected a buffer on ", out.device.str(), " (see grad_stats_workspace_bytes)");
+  const bool own_workspace = workspace.data == nullptr;
+  if (!own_workspace) {
+    AGRT_EXPECTS(workspace.device == out.device, ValueError, "grad_stats: workspace: expected a buffer on ",
+                 out.device.str(), ", got one on ", workspace.device.str());
     AGRT_EXPECTS(workspace.nbytes() >= need, ValueError, "grad_stats: workspace: expected at least ", need,
                  " bytes, got ", workspace.nbytes());
     AGRT_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data) % alignof(Moments) == 0, ValueError,
@@ -282,7 +283,13 @@ void grad_stats_cuda(const std::vector<TensorView>& tensors, const TensorView& o
   DeviceGuard guard(out.device.index);
   const auto stream = reinterpret_cast<cudaStream_t>(tensors.empty() ? out.stream : tensors[0].stream);
   auto* rows = static_cast<double*>(out.data);
-  auto* partials = static_cast<Moments*>(workspace.data);
+  Moments* partials = static_cast<Moments*>(workspace.data);
+  if (own_workspace && !tensors.empty()) {
+    // Stream-ordered allocation: no host synchronization, freed on the stream after the kernels.
+    void* p = nullptr;
+    check(cudaMallocAsync(&p, need, stream), "cudaMallocAsync (workspace)");
+    partials = static_cast<Moments*>(p);
+  }
   Batch batch;
   for (const auto& [first, last] : batches) {
     batch.ntensors = static_cast<int>(last - first);
@@ -301,7 +308,9 @@ void grad_stats_cuda(const std::vector<TensorView>& tensors, const TensorView& o
     finalize_kernel<<<batch.ntensors, kThreads, 0, stream>>>(batch, partials, rows);
   }
   total_kernel<<<1, kThreads, 0, stream>>>(rows, static_cast<int>(tensors.size()));
-  check(cudaGetLastError(), "kernel launch");
+  const cudaError_t launched = cudaGetLastError();
+  if (own_workspace && partials != nullptr) check(cudaFreeAsync(partials, stream), "cudaFreeAsync (workspace)");
+  check(launched, "kernel launch");
 }
 
 }  // namespace agrt::kernels::detail

@@ -167,12 +167,11 @@ def grad_stats(tensors: Iterable[Any], *, stream: Any = None) -> GradStats:
     dev = torch.device("cuda", int(device[1]))
     run_on = _cuda_stream(torch, dev, stream)
     # Allocated on the stream the kernels use, so torch's caching allocator does not hand the
-    # memory to other work before they finish.
+    # memory to other work before they finish. The kernels' scratch is stream-ordered
+    # (cudaMallocAsync) inside the native call, so the tensors are borrowed only once.
     with torch.cuda.stream(run_on):
         table = torch.empty((rows, fields), dtype=torch.float64, device=dev)
-        ws_bytes = int(_C.grad_stats_workspace_bytes(items))
-        workspace = torch.empty(max(1, (ws_bytes + 7) // 8), dtype=torch.int64, device=dev)
-        _C.grad_stats(items, table.view(torch.int64), workspace, run_on.cuda_stream)
+        _C.grad_stats(items, table.view(torch.int64), None, run_on.cuda_stream)
     return GradStats(table)
 
 

@@ -36,8 +36,9 @@ std::size_t grad_stats_workspace_bytes(const std::vector<TensorView>& tensors);
 /// `tensors`: float32, float16 or bfloat16, all on one device, any sizes including 0.
 /// `out`: on the same device, int64 dtype used as raw 8-byte words (the core's TensorView has no
 /// float64), exactly (tensors.size() + 1) * kGradStatsFields elements, writable.
-/// `workspace`: for CUDA tensors, at least grad_stats_workspace_bytes(tensors) bytes on the same
-/// device (any dtype); ignored on the CPU.
+/// `workspace`: for CUDA tensors, either empty (data == nullptr: the kernel takes its scratch with
+/// cudaMallocAsync/cudaFreeAsync on the stream, no host synchronization) or at least
+/// grad_stats_workspace_bytes(tensors) bytes on the same device (any dtype); ignored on the CPU.
 ///
 /// Guarantees: accumulation in float64 in a fixed order that depends only on the tensor sizes, so
 /// results are bit-identical for any thread count (and, on CUDA, from run to run: no float
