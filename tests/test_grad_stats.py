@@ -310,3 +310,40 @@ def test_every_simd_path_matches_reference(simd: str) -> None:
         [sys.executable, "-c", _SIMD_CHECK.format(root=root)], env=env, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# --- property test ----------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_float32_arrays = hnp.arrays(
+    np.float32,
+    st.integers(0, 300),
+    elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_float32_arrays, min_size=1, max_size=4))
+def test_property_any_float32_values(arrays: list[np.ndarray]) -> None:
+    stats = ops.grad_stats(arrays)
+    per, _ = reference(arrays)
+    for i, ref in enumerate(per):
+        got = {name: float(getattr(stats, name)[i]) for name in FIELDS}
+        count = ref["numel"] - ref["nonfinite"]
+        assert got["numel"] == ref["numel"] and got["nonfinite"] == ref["nonfinite"]
+        assert abs(got["sum"] - ref["sum"]) <= RTOL * ref["sum_abs"] + 1e-300
+        assert abs(got["sumsq"] - ref["sumsq"]) <= RTOL * ref["sumsq"] + 1e-300
+        assert got["maxabs"] == ref["maxabs"]
+        if count == 0:
+            assert math.isnan(got["mean"]) and math.isnan(got["var"])
+            continue
+        mean_abs = ref["sum_abs"] / count
+        assert abs(got["mean"] - ref["mean"]) <= RTOL * mean_abs + 1e-300
+        # A variance far below the inputs' float32 resolution (e.g. a constant tensor) is only
+        # meaningful down to that resolution: (2^-24 * mean|x|)^2.
+        resolution = (2.0**-24 * mean_abs) ** 2
+        assert abs(got["var"] - ref["var"]) <= RTOL * ref["var"] + resolution + 1e-300, (got["var"], ref["var"])
