@@ -10,6 +10,13 @@ unbiased estimates of both terms:
 
 Each estimate is noisy, so :class:`NoiseScale` keeps a separate bias-corrected exponential moving
 average of each and reports their ratio, the simple noise scale B_simple = tr(Sigma) / |G|^2.
+
+In DDP, after backward and before the gradients are averaged (or from the comm hook)::
+
+    local = rt.ops.grad_stats(grads).total.sumsq          # |G_b|^2 of this rank's b samples
+    # ... all-reduce local (mean over ranks) and compute the averaged gradients' sumsq ...
+    noise.update(mean_local, b, global_sumsq, b * world_size)
+    noise.b_simple, noise.gain(2.0), noise.updates
 """
 
 from __future__ import annotations
