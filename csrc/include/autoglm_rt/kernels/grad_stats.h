@@ -41,7 +41,8 @@ std::size_t grad_stats_workspace_bytes(const std::vector<TensorView>& tensors);
 /// grad_stats_workspace_bytes(tensors) bytes on the same device (any dtype); ignored on the CPU.
 ///
 /// Guarantees: relative error below 1e-6 against a float64 reference (sum and mean relative to
-/// sum |x|; sumsq, maxabs and var relative to themselves), on any number of elements: the CPU adds
+/// sum |x|; sumsq, maxabs and var relative to themselves, var at least to (2^-24 * mean |x|)^2,
+/// the inputs' own resolution), on any number of elements: the CPU adds
 /// at most 8 terms per float32 lane before widening to float64 (otherwise float64 throughout), and
 /// merges in a fixed order that depends only on the tensor sizes, so results are bit-identical
 /// for any thread count (and, on CUDA, from run to run: no float
