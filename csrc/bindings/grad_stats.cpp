@@ -76,28 +76,37 @@ bool view_of_torch_tensor(py::handle obj, const std::string& name, std::optional
     throw agrt::TypeError(name + ": expected dtype " + agrt::bindings::kFloatingTypes.describe() + ", got " +
                           torch_dtype_name(dtype));
   }
-  if (!get(obj, s_layout).is(tt->strided)) {
+  // Sparse and other non-strided layouts raise from is_contiguous(); asking for the layout only
+  // then saves a call per tensor in the common case.
+  PyObject* contiguous = PyObject_CallMethodNoArgs(obj.ptr(), s_is_contiguous.ptr());
+  if (contiguous == nullptr) {
+    PyErr_Clear();
     throw agrt::TypeError(name + ": expected a dense (strided) tensor, got layout " +
                           std::string(py::str(get(obj, s_layout))));
   }
-  if (!PyObject_IsTrue(call(obj, s_is_contiguous).ptr())) {
+  const bool is_contiguous = PyObject_IsTrue(py::reinterpret_steal<py::object>(contiguous).ptr());
+  if (!is_contiguous) {
     throw agrt::TypeError(name + ": expected a contiguous tensor (row-major, no gaps); call .contiguous() first");
   }
+  auto wrong_device = [&] {
+    return agrt::TypeError(name + ": expected a CPU or CUDA tensor, got one on " +
+                           std::string(py::str(get(obj, s_device))));
+  };
   const long index = PyLong_AsLong(call(obj, s_get_device).ptr());
-  const bool ok_device = index < 0 ? PyObject_IsTrue(get(obj, s_is_cpu).ptr()) : PyObject_IsTrue(get(obj, s_is_cuda).ptr());
-  if (!ok_device) {
-    throw agrt::TypeError(name + ": expected a CPU or CUDA tensor, got one on " + std::string(py::str(get(obj, s_device))));
-  }
   if (index < 0) {
     v.device = agrt::Device{};
     v.stream = 0;
   } else {
+    if (!PyObject_IsTrue(get(obj, s_is_cuda).ptr())) throw wrong_device();
     v.device = agrt::Device{agrt::DeviceType::kCUDA, static_cast<int>(index)};
     v.stream = stream.value_or(0);
   }
   v.data = PyLong_AsVoidPtr(call(obj, s_data_ptr).ptr());
   v.numel = PyLong_AsLongLong(call(obj, s_numel).ptr());
   if (PyErr_Occurred()) throw py::error_already_set();
+  // get_device() is -1 for the CPU but also for devices without an index (meta): those have no
+  // data pointer, and only then is it worth asking.
+  if (index < 0 && v.data == nullptr && v.numel > 0 && !PyObject_IsTrue(get(obj, s_is_cpu).ptr())) throw wrong_device();
   v.read_only = false;
   return true;
 }
