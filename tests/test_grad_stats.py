@@ -224,6 +224,8 @@ def test_not_a_list_of_tensors_is_rejected() -> None:
         ops.grad_stats([torch.zeros(3), None])
     with pytest.raises(TypeError, match=r"tensors\[0\].*dense"):
         ops.grad_stats([torch.zeros(3).to_sparse()])
+    with pytest.raises(TypeError, match=r"tensors\[0\].*dense"):
+        ops.grad_stats([torch.zeros(3).to_mkldnn()])
 
 
 def test_mixed_devices_are_rejected() -> None:

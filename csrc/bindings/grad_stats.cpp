@@ -76,16 +76,12 @@ bool view_of_torch_tensor(py::handle obj, const std::string& name, std::optional
     throw agrt::TypeError(name + ": expected dtype " + agrt::bindings::kFloatingTypes.describe() + ", got " +
                           torch_dtype_name(dtype));
   }
-  // Sparse and other non-strided layouts raise from is_contiguous(); asking for the layout only
-  // then saves a call per tensor in the common case.
-  PyObject* contiguous = PyObject_CallMethodNoArgs(obj.ptr(), s_is_contiguous.ptr());
-  if (contiguous == nullptr) {
-    PyErr_Clear();
+  // Non-strided layouts (sparse, mkldnn) answer is_contiguous() in every way, or raise.
+  if (!get(obj, s_layout).is(tt->strided)) {
     throw agrt::TypeError(name + ": expected a dense (strided) tensor, got layout " +
                           std::string(py::str(get(obj, s_layout))));
   }
-  const bool is_contiguous = PyObject_IsTrue(py::reinterpret_steal<py::object>(contiguous).ptr());
-  if (!is_contiguous) {
+  if (!PyObject_IsTrue(call(obj, s_is_contiguous).ptr())) {
     throw agrt::TypeError(name + ": expected a contiguous tensor (row-major, no gaps); call .contiguous() first");
   }
   auto wrong_device = [&] {

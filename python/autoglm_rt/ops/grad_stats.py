@@ -145,6 +145,20 @@ def _as_list(tensors: Iterable[Any]) -> list[Any]:
         raise TypeError(f"tensors: expected a list or tuple of tensors, got {type(tensors).__name__}") from None
 
 
+def _device_of(obj: Any) -> tuple[int, int] | None:
+    """(DLPack device type, index) of a tensor, or None when it does not say (the native call
+    then rejects it with a precise message). torch tensors answer from attributes: cheaper than
+    ``__dlpack_device__``, which also raises for layouts the kernel rejects anyway."""
+    if getattr(obj, "is_cuda", None) is True:
+        return (_DLPACK_CUDA, int(obj.get_device()))
+    if getattr(obj, "is_cuda", None) is False:
+        return (_DLPACK_CPU, 0)
+    if hasattr(obj, "__dlpack_device__"):
+        dev = obj.__dlpack_device__()
+        return (int(dev[0]), int(dev[1]))
+    return None
+
+
 def grad_stats(tensors: Iterable[Any], *, stream: Any = None) -> GradStats:
     """Statistics of every tensor in ``tensors`` (float32, float16 or bfloat16, contiguous, all on
     one device; torch tensors or numpy arrays on the CPU, torch tensors on CUDA) in one native call.
@@ -158,7 +172,7 @@ def grad_stats(tensors: Iterable[Any], *, stream: Any = None) -> GradStats:
     items = _as_list(tensors)
     rows = len(items) + 1
     fields = _C.grad_stats_fields()
-    device = items[0].__dlpack_device__() if items and hasattr(items[0], "__dlpack_device__") else None
+    device = _device_of(items[0]) if items else None
     if device is None or int(device[0]) == _DLPACK_CPU:
         table = np.empty((rows, fields), dtype=np.float64)
         _C.grad_stats(items, table.view(np.int64))
