@@ -143,6 +143,11 @@ def test_bandwidth_probes_read_and_copy_real_memory() -> None:
     dst = np.zeros_like(src)
     _C.parallel_copy(dst, src)
     np.testing.assert_array_equal(dst, src)
+    assert _C.read_checksum(src) == int(src.view(np.uint64).sum(dtype=np.uint64))  # wraps mod 2**64
+    odd = np.arange(1001, dtype=np.float16)  # 2002 bytes: 250 words and 2 trailing bytes
+    raw = odd.view(np.uint8)
+    expected = int(raw[:2000].view(np.uint64).sum(dtype=np.uint64)) + int(raw[2000:].sum())
+    assert _C.read_checksum(odd) == expected % 2**64
     assert _C.read_checksum(src) == _C.read_checksum(dst)
     dst[12345] += 1
     assert _C.read_checksum(src) != _C.read_checksum(dst)

@@ -17,6 +17,18 @@ bool cpu_has_avx2() noexcept {
 #endif
 }
 
+bool cpu_has_avx512() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 BuildInfo build_info() {
   BuildInfo info;
   info.version = AGRT_VERSION;
@@ -26,7 +38,7 @@ BuildInfo build_info() {
 #elif defined(__GNUC__)
   info.compiler = "gcc " __VERSION__;
 #endif
-  info.cpu_simd = cpu_has_avx2() ? "avx2" : "baseline";
+  info.cpu_simd = cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "baseline";
 #ifdef AGRT_WITH_CUDA
   detail::fill_cuda_info(info);
 #else

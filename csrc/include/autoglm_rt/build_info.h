@@ -14,7 +14,7 @@ struct BuildInfo {
   std::string cuda_unavailable_reason;  // "" when at least one device is usable
   int cpu_threads = 1;
   std::string compiler;
-  std::string cpu_simd;               // best vector ISA the CPU kernels dispatch to
+  std::string cpu_simd;               // best vector ISA of this CPU: avx512, avx2 or baseline
 };
 
 /// Safe on machines without a driver or a GPU: the CUDA fields then say why.
@@ -22,5 +22,8 @@ BuildInfo build_info();
 
 /// True when the CPU supports AVX2 and FMA (checked once at run time).
 bool cpu_has_avx2() noexcept;
+
+/// True when the CPU supports AVX-512 F and BW (checked once at run time).
+bool cpu_has_avx512() noexcept;
 
 }  // namespace agrt

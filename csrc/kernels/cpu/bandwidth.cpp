@@ -3,13 +3,62 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "autoglm_rt/build_info.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/parallel.h"
 
 namespace agrt::kernels {
 namespace {
 constexpr std::int64_t kGrainBytes = 1 << 20;
+
+// Sums 8-byte words [b, e) in four independent lanes so the loop is bound by loads.
+std::uint64_t sum_words_scalar(const unsigned char* bytes, std::int64_t b, std::int64_t e) {
+  std::uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  std::int64_t i = b;
+  for (; i + 4 <= e; i += 4) {
+    std::uint64_t w[4];
+    std::memcpy(w, bytes + i * 8, sizeof w);
+    a0 += w[0]; a1 += w[1]; a2 += w[2]; a3 += w[3];
+  }
+  for (; i < e; ++i) {
+    std::uint64_t w;
+    std::memcpy(&w, bytes + i * 8, sizeof w);
+    a0 += w;
+  }
+  return a0 + a1 + a2 + a3;
 }
+
+#if defined(__x86_64__)
+// The same sum with 32-byte loads, four vector accumulators (128 bytes per iteration).
+__attribute__((target("avx2"))) std::uint64_t sum_words_avx2(const unsigned char* bytes, std::int64_t b,
+                                                             std::int64_t e) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  std::int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    const auto* p = reinterpret_cast<const __m256i*>(bytes + i * 8);
+    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(p));
+    a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(p + 1));
+    a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(p + 2));
+    a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(p + 3));
+  }
+  alignas(32) std::uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_scalar(bytes, i, e);
+}
+#endif
+
+std::uint64_t sum_words(const unsigned char* bytes, std::int64_t b, std::int64_t e) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2()) return sum_words_avx2(bytes, b, e);
+#endif
+  return sum_words_scalar(bytes, b, e);
+}
+}  // namespace
 
 std::uint64_t read_checksum(const TensorView& src) {
   AGRT_EXPECTS(src.device.type == DeviceType::kCPU, ValueError, "read_checksum: expected a CPU buffer");
@@ -19,20 +68,7 @@ std::uint64_t read_checksum(const TensorView& src) {
   const std::int64_t chunk = parallel_chunk_size(0, words, kGrainBytes / 8);
   std::vector<std::uint64_t> partial(static_cast<std::size_t>(words / chunk + 1), 0);
   parallel_for(0, words, kGrainBytes / 8, [&](std::int64_t b, std::int64_t e) {
-    // Four independent lanes so the loop is limited by loads, not by the add chain.
-    std::uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    std::int64_t i = b;
-    for (; i + 4 <= e; i += 4) {
-      std::uint64_t w[4];
-      std::memcpy(w, bytes + i * 8, sizeof w);
-      a0 += w[0]; a1 ^= w[1]; a2 += w[2]; a3 ^= w[3];
-    }
-    for (; i < e; ++i) {
-      std::uint64_t w;
-      std::memcpy(&w, bytes + i * 8, sizeof w);
-      a0 += w;
-    }
-    partial[static_cast<std::size_t>(b / chunk)] = a0 + a1 + a2 + a3;
+    partial[static_cast<std::size_t>(b / chunk)] = sum_words(bytes, b, e);
   });
   std::uint64_t sum = 0;
   for (auto p : partial) sum += p;

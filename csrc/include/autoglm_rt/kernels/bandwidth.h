@@ -7,8 +7,9 @@
 
 namespace agrt::kernels {
 
-/// Reads every byte of `src` (CPU) on all threads and returns a checksum (so the read cannot be
-/// optimised away). Bytes past the last whole 8-byte word are included.
+/// Reads every byte of `src` (CPU) on all threads, with the widest loads the CPU offers, and
+/// returns the sum of its 8-byte words (mod 2^64) plus its trailing bytes, so the read cannot be
+/// optimised away and the result is checkable.
 std::uint64_t read_checksum(const TensorView& src);
 
 /// Copies src into dst (CPU, same byte size) on all threads.
