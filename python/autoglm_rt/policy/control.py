@@ -6,9 +6,10 @@ The textbook parallel form with the three refinements that make it usable on a n
   return the previous output unchanged, so the gains mean the same whatever the caller's rate;
 - *derivative on measurement*: the D term acts on ``-d(measurement)/dt``, not on the error, so a
   change of the setpoint causes no derivative kick;
-- *anti-windup*: the integral term is stored already multiplied by ``ki`` and clamped to the
-  output limits, so a long saturation does not wind it up and the output leaves the limit as soon
-  as the error changes sign. Changing ``ki`` while running causes no bump for the same reason.
+- *anti-windup* by conditional integration: while the output is saturated, errors that would push
+  it further into saturation are not integrated, and the integral (stored already multiplied by
+  ``ki``, so changing ``ki`` causes no bump) is clamped to the output limits. After a long
+  saturation the output leaves the limit as soon as the error says so, without a wound-up overshoot.
 """
 
 from __future__ import annotations
@@ -88,18 +89,30 @@ class PID:
             dt = t - self._last_time
             if dt < 0:
                 raise ValueError(f"now: time went backwards ({t} < {self._last_time})")
-            if self._last_output is not None and (dt == 0 or (self.sample_time is not None and dt < self.sample_time)):
+            if self._last_output is not None and (
+                dt == 0 or (self.sample_time is not None and dt < self.sample_time * (1 - 1e-9))
+            ):
                 return self._last_output
         else:
             dt = self.sample_time or 0.0
 
         error = self.setpoint - measurement
         proportional = self.kp * error
-        self._integral = self._clamp(self._integral + self.ki * error * dt)
         derivative = 0.0
         if self._last_measurement is not None and dt > 0:
             derivative = -self.kd * (measurement - self._last_measurement) / dt
-        output = self._clamp(proportional + self._integral + derivative)
+        # Conditional integration: while the output is saturated, integrate only errors that
+        # pull it back inside the limits, so the integral holds what the plant needs, not the
+        # whole history of the saturation.
+        integral = self._clamp(self._integral + self.ki * error * dt)
+        unclamped = proportional + integral + derivative
+        if (
+            self._clamp(unclamped) != unclamped
+            and (integral - self._integral) * (unclamped - self._clamp(unclamped)) > 0
+        ):
+            integral = self._clamp(self._integral)
+        self._integral = integral
+        output = self._clamp(proportional + integral + derivative)
 
         self.terms = (proportional, self._integral, derivative)
         self._last_time = t
