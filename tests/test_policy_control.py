@@ -9,8 +9,17 @@ import pytest
 from autoglm_rt.policy import PID
 
 
-def simulate(pid: PID, *, gain: float, tau: float, dt: float, steps: int, y0: float = 0.0,
-             u_limits: tuple[float, float] = (-math.inf, math.inf), disturbance=lambda t: 0.0):  # type: ignore[no-untyped-def]
+def simulate(
+    pid: PID,
+    *,
+    gain: float,
+    tau: float,
+    dt: float,
+    steps: int,
+    y0: float = 0.0,
+    u_limits: tuple[float, float] = (-math.inf, math.inf),
+    disturbance=lambda t: 0.0,
+):  # type: ignore[no-untyped-def]
     """First-order plant ``tau * dy/dt = gain * u + d(t) - y`` integrated exactly over each dt."""
     y, ys, us = y0, [], []
     a = math.exp(-dt / tau)
@@ -48,13 +57,15 @@ def test_derivative_acts_on_measurement_so_a_setpoint_step_has_no_kick() -> None
         pid.update(0.5, now=0.1 * k)
     pid.setpoint = 1.0
     out = pid.update(0.5, now=0.5)
-    p, i, d = pid.terms
+    d = pid.terms[2]
     assert d == 0.0 and out == pytest.approx(0.5)  # kp * (1.0 - 0.5); an error-derivative would add 5.0
     out = pid.update(0.6, now=0.6)
     assert pid.terms[2] == pytest.approx(-10.0 * 0.1 / 0.1)
 
 
-def naive_pid_step(state: dict[str, float], kp: float, ki: float, sp: float, y: float, dt: float, lo: float, hi: float) -> float:
+def naive_pid_step(
+    state: dict[str, float], kp: float, ki: float, sp: float, y: float, dt: float, lo: float, hi: float
+) -> float:
     """Textbook PI without anti-windup: the integral grows while the output is saturated."""
     e = sp - y
     state["i"] += e * dt
