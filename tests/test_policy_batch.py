@@ -5,6 +5,7 @@ LR rules against references."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def test_shrink_keeps_the_effective_batch_and_chunks_tile_it() -> None:
         sizes.append(c.micro_batch)
         bounds = c.chunks()
         assert bounds[0][0] == 0 and bounds[-1][1] == 100
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        assert all(a[1] == b[0] for a, b in pairwise(bounds))
         assert len(bounds) == c.accumulation == math.ceil(100 / c.micro_batch)
     assert sizes == [20, 10, 5]
 
@@ -109,12 +110,12 @@ def train(
         xs, ys = x[step * n : (step + 1) * n], y[step * n : (step + 1) * n]
         acc = [torch.zeros_like(p) for p in params]
 
-        def process(start: int, stop: int) -> None:
+        def process(start: int, stop: int, xs=xs, ys=ys, acc=acc, offset=step * n) -> None:  # type: ignore[no-untyped-def]
             loss = nn.functional.mse_loss(model(xs[start:stop]), ys[start:stop]) * ((stop - start) / n)
             grads = torch.autograd.grad(loss, params)  # raises before touching acc on OOM
             for a, g in zip(acc, grads, strict=True):
                 a.add_(g)
-            seen.extend(range(step * n + start, step * n + stop))
+            seen.extend(range(offset + start, offset + stop))
 
         run_step(n, process, controller)
         for p, a in zip(params, acc, strict=True):

@@ -123,7 +123,8 @@ class BatchController:
             _positive_int("max_effective_batch", max_effective_batch)
             if max_effective_batch < effective_batch:
                 raise ValueError(
-                    f"max_effective_batch: expected at least effective_batch ({effective_batch}), got {max_effective_batch}"
+                    f"max_effective_batch: expected at least effective_batch ({effective_batch}), "
+                    f"got {max_effective_batch}"
                 )
         if lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule: expected one of {', '.join(LR_RULES)}, got {lr_rule!r}")
