@@ -1,0 +1,322 @@
+// CPU grad_stats: tensors are cut into items of at most kItemElems elements; consecutive items are
+// grouped into tasks of similar cost and spread over the thread pool. Each item's moments land in
+// its own slot and are merged per tensor in item order, so the result depends only on the sizes.
+#include "autoglm_rt/kernels/grad_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "autoglm_rt/build_info.h"
+#include "autoglm_rt/detail/half.h"
+#include "autoglm_rt/error.h"
+#include "autoglm_rt/parallel.h"
+#include "kernels/grad_stats_cuda.h"
+#include "kernels/grad_stats_moments.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define AGRT_GRAD_STATS_X86 1
+#endif
+
+namespace agrt::kernels {
+namespace {
+
+using detail::Moments;
+
+// 256 KiB of float32 per item: large enough that per-item overhead vanishes, small enough that a
+// 1e9-element tensor still spreads over every thread and the float64 lane sums stay short.
+constexpr std::int64_t kItemElems = std::int64_t{1} << 16;
+// A task is a run of items worth about this many elements, counting kItemOverhead per item so
+// that thousands of tiny tensors are grouped instead of costing one scheduling step each.
+constexpr std::int64_t kTaskCost = std::int64_t{1} << 16;
+constexpr std::int64_t kItemOverhead = 64;
+
+struct Item {
+  std::size_t tensor;
+  std::int64_t begin;
+  std::int64_t end;
+};
+
+template <DType D>
+inline float load1(const void* base, std::int64_t i) noexcept {
+  if constexpr (D == DType::kFloat32) {
+    return static_cast<const float*>(base)[i];
+  } else if constexpr (D == DType::kFloat16) {
+    return agrt::detail::fp16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+  } else {
+    return agrt::detail::bf16_to_float(static_cast<const std::uint16_t*>(base)[i]);
+  }
+}
+
+// The shift for M2: the first finite element of the item (0 if none), a value inside the data.
+template <DType D>
+double first_finite(const void* base, std::int64_t b, std::int64_t e) noexcept {
+  for (std::int64_t i = b; i < e; ++i) {
+    const float x = load1<D>(base, i);
+    if (std::isfinite(x)) return x;
+  }
+  return 0.0;
+}
+
+// Scalar accumulators; also used for the vector path's tails and its rare blocks with non-finite
+// values, so every element goes through the same float64 formulas.
+struct ScalarAcc {
+  double sum = 0, sumsq = 0, s2 = 0, maxabs = 0;
+  std::int64_t count = 0, nonfinite = 0;
+
+  void add(float xf, double shift) noexcept {
+    if (!std::isfinite(xf)) {
+      ++nonfinite;
+      return;
+    }
+    const double x = xf;
+    const double d = x - shift;
+    ++count;
+    sum += x;
+    sumsq += x * x;
+    s2 += d * d;
+    maxabs = std::max(maxabs, std::fabs(x));
+  }
+};
+
+Moments finish(const ScalarAcc& a, double shift) noexcept {
+  const double count = static_cast<double>(a.count);
+  // sum(x - shift) from the exact-enough float64 sum; see grad_stats_moments.h for the bound.
+  const double s1 = a.sum - count * shift;
+  return detail::moments_from_shifted(count, static_cast<double>(a.nonfinite), a.sum, a.sumsq, a.maxabs, shift,
+                                      s1, a.s2);
+}
+
+template <DType D>
+Moments scan_scalar(const void* base, std::int64_t b, std::int64_t e) noexcept {
+  const double shift = first_finite<D>(base, b, e);
+  ScalarAcc a;
+  for (std::int64_t i = b; i < e; ++i) a.add(load1<D>(base, i), shift);
+  return finish(a, shift);
+}
+
+#ifdef AGRT_GRAD_STATS_X86
+#define AGRT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <DType D>
+AGRT_AVX2 inline __m256 load8(const void* base, std::int64_t i) noexcept {
+  if constexpr (D == DType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(base) + i));
+    if constexpr (D == DType::kFloat16) {
+      return _mm256_cvtph_ps(h);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+AGRT_AVX2 inline double hsum(__m256d v) noexcept {
+  alignas(32) double t[4];
+  _mm256_store_pd(t, v);
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// Blocks of kBlock elements: inside a block, sum, sum of squares and the shifted sum of squares
+// accumulate in float32 lanes (two interleaved sets, so each lane adds only 8 terms: error at most
+// 8 * 2^-24 of the block's absolute sum, below the 1e-6 budget even in the worst case), then widen
+// into float64 lanes. A block holding a NaN or Inf (rare) is redone by the scalar accumulator, so
+// the fast path needs no masking: it only ORs the non-finite test into a flag per block.
+constexpr std::int64_t kBlock = 128;
+
+template <DType D>
+AGRT_AVX2 Moments scan_avx2(const void* base, std::int64_t b, std::int64_t e) noexcept {
+  const double shift = first_finite<D>(base, b, e);
+  const __m256 kf = _mm256_set1_ps(static_cast<float>(shift));  // exact: shift is an element
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
+  __m256d sq_lo = _mm256_setzero_pd(), sq_hi = _mm256_setzero_pd();
+  __m256d s2_lo = _mm256_setzero_pd(), s2_hi = _mm256_setzero_pd();
+  __m256 maxv = _mm256_setzero_ps();
+  std::int64_t fast = 0;  // elements taken by the vector path
+  ScalarAcc slow;
+  std::int64_t i = b;
+  for (; i + kBlock <= e; i += kBlock) {
+    __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+    __m256 qa = _mm256_setzero_ps(), qb = _mm256_setzero_ps();
+    __m256 da = _mm256_setzero_ps(), db = _mm256_setzero_ps();
+    __m256 ma = _mm256_setzero_ps(), mb = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();
+    for (std::int64_t j = i; j < i + kBlock; j += 16) {
+      const __m256 x = load8<D>(base, j);
+      const __m256 y = load8<D>(base, j + 8);
+      const __m256 ax = _mm256_and_ps(x, absmask);
+      const __m256 ay = _mm256_and_ps(y, absmask);
+      // ax >= Inf or unordered (NaN): a non-finite lane.
+      bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(ax, inf, _CMP_NLT_UQ), _mm256_cmp_ps(ay, inf, _CMP_NLT_UQ)));
+      ma = _mm256_max_ps(ma, ax);
+      mb = _mm256_max_ps(mb, ay);
+      sa = _mm256_add_ps(sa, x);
+      sb = _mm256_add_ps(sb, y);
+      qa = _mm256_fmadd_ps(x, x, qa);
+      qb = _mm256_fmadd_ps(y, y, qb);
+      const __m256 dx = _mm256_sub_ps(x, kf);
+      const __m256 dy = _mm256_sub_ps(y, kf);
+      da = _mm256_fmadd_ps(dx, dx, da);
+      db = _mm256_fmadd_ps(dy, dy, db);
+    }
+    if (__builtin_expect(_mm256_movemask_ps(bad) != 0, 0)) {
+      for (std::int64_t j = i; j < i + kBlock; ++j) slow.add(load1<D>(base, j), shift);
+      continue;
+    }
+    fast += kBlock;
+    maxv = _mm256_max_ps(maxv, _mm256_max_ps(ma, mb));
+    const __m256d sa_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(sa)), sa_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(sa, 1));
+    const __m256d sb_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(sb)), sb_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(sb, 1));
+    sum_lo = _mm256_add_pd(sum_lo, _mm256_add_pd(sa_lo, sb_lo));
+    sum_hi = _mm256_add_pd(sum_hi, _mm256_add_pd(sa_hi, sb_hi));
+    const __m256d qa_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(qa)), qa_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(qa, 1));
+    const __m256d qb_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(qb)), qb_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(qb, 1));
+    sq_lo = _mm256_add_pd(sq_lo, _mm256_add_pd(qa_lo, qb_lo));
+    sq_hi = _mm256_add_pd(sq_hi, _mm256_add_pd(qa_hi, qb_hi));
+    const __m256d da_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(da)), da_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(da, 1));
+    const __m256d db_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(db)), db_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(db, 1));
+    s2_lo = _mm256_add_pd(s2_lo, _mm256_add_pd(da_lo, db_lo));
+    s2_hi = _mm256_add_pd(s2_hi, _mm256_add_pd(da_hi, db_hi));
+  }
+  for (; i < e; ++i) slow.add(load1<D>(base, i), shift);
+
+  alignas(32) float m[8];
+  _mm256_store_ps(m, maxv);
+  ScalarAcc a;
+  a.count = fast + slow.count;
+  a.nonfinite = slow.nonfinite;
+  a.sum = hsum(_mm256_add_pd(sum_lo, sum_hi)) + slow.sum;
+  a.sumsq = hsum(_mm256_add_pd(sq_lo, sq_hi)) + slow.sumsq;
+  a.s2 = hsum(_mm256_add_pd(s2_lo, s2_hi)) + slow.s2;
+  a.maxabs = slow.maxabs;
+  for (float v : m) a.maxabs = std::max(a.maxabs, static_cast<double>(v));
+  return finish(a, shift);
+}
+#undef AGRT_AVX2
+#endif  // AGRT_GRAD_STATS_X86
+
+bool use_avx2() noexcept {
+#ifdef AGRT_GRAD_STATS_X86
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+Moments scan(const TensorView& t, std::int64_t b, std::int64_t e) {
+  const bool vec = use_avx2();
+  switch (t.dtype) {
+#ifdef AGRT_GRAD_STATS_X86
+    case DType::kFloat32: return vec ? scan_avx2<DType::kFloat32>(t.data, b, e) : scan_scalar<DType::kFloat32>(t.data, b, e);
+    case DType::kFloat16: return vec ? scan_avx2<DType::kFloat16>(t.data, b, e) : scan_scalar<DType::kFloat16>(t.data, b, e);
+    case DType::kBFloat16: return vec ? scan_avx2<DType::kBFloat16>(t.data, b, e) : scan_scalar<DType::kBFloat16>(t.data, b, e);
+#else
+    case DType::kFloat32: return scan_scalar<DType::kFloat32>(t.data, b, e);
+    case DType::kFloat16: return scan_scalar<DType::kFloat16>(t.data, b, e);
+    case DType::kBFloat16: return scan_scalar<DType::kBFloat16>(t.data, b, e);
+#endif
+    default: break;
+  }
+  AGRT_FAIL(RuntimeError, "grad_stats: unexpected dtype ", dtype_name(t.dtype));
+}
+
+void check_inputs(const std::vector<TensorView>& tensors, const TensorView& out) {
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const TensorView& t = tensors[i];
+    AGRT_EXPECTS(is_floating(t.dtype), TypeError, "grad_stats: tensors[", i,
+                 "]: expected dtype float32, float16 or bfloat16, got ", dtype_name(t.dtype));
+    AGRT_EXPECTS(t.numel >= 0, ValueError, "grad_stats: tensors[", i, "]: negative element count ", t.numel);
+    AGRT_EXPECTS(t.numel == 0 || t.data != nullptr, ValueError, "grad_stats: tensors[", i,
+                 "]: null data with ", t.numel, " elements");
+    AGRT_EXPECTS(t.device == tensors[0].device, ValueError, "grad_stats: tensors[", i, "]: expected a tensor on ",
+                 tensors[0].device.str(), " like tensors[0], got one on ", t.device.str());
+  }
+  const std::int64_t rows = static_cast<std::int64_t>(tensors.size()) + 1;
+  AGRT_EXPECTS(out.dtype == DType::kInt64, TypeError,
+               "grad_stats: out: expected an int64 buffer (raw float64 words), got ", dtype_name(out.dtype));
+  AGRT_EXPECTS(out.numel == rows * kGradStatsFields, ValueError, "grad_stats: out: expected ",
+               rows * kGradStatsFields, " elements ((len(tensors) + 1) * ", kGradStatsFields, "), got ", out.numel);
+  AGRT_EXPECTS(!out.read_only, ValueError, "grad_stats: out: is read-only");
+  AGRT_EXPECTS(tensors.empty() || out.device == tensors[0].device, ValueError, "grad_stats: out: expected a buffer on ",
+               tensors.empty() ? out.device.str() : tensors[0].device.str(), ", got one on ", out.device.str());
+}
+
+void grad_stats_cpu(const std::vector<TensorView>& tensors, double* rows) {
+  std::vector<Item> items;
+  std::vector<std::size_t> first_item(tensors.size() + 1, 0);
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    first_item[t] = items.size();
+    for (std::int64_t b = 0; b < tensors[t].numel; b += kItemElems) {
+      items.push_back({t, b, std::min(tensors[t].numel, b + kItemElems)});
+    }
+  }
+  first_item[tensors.size()] = items.size();
+
+  // Tasks: runs of consecutive items; boundaries depend only on the sizes.
+  std::vector<std::size_t> task_begin{0};
+  std::int64_t cost = 0;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    cost += items[i].end - items[i].begin + kItemOverhead;
+    if (cost >= kTaskCost && i + 1 < items.size()) {
+      task_begin.push_back(i + 1);
+      cost = 0;
+    }
+  }
+  task_begin.push_back(items.size());
+  const auto ntasks = static_cast<std::int64_t>(task_begin.size() - 1);
+
+  std::vector<Moments> partial(items.size());
+  parallel_for(0, ntasks, 1, [&](std::int64_t tb, std::int64_t te) {
+    for (std::int64_t task = tb; task < te; ++task) {
+      for (std::size_t i = task_begin[static_cast<std::size_t>(task)]; i < task_begin[static_cast<std::size_t>(task) + 1];
+           ++i) {
+        partial[i] = scan(tensors[items[i].tensor], items[i].begin, items[i].end);
+      }
+    }
+  });
+
+  Moments total;
+  double total_numel = 0;
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    Moments m;
+    for (std::size_t i = first_item[t]; i < first_item[t + 1]; ++i) detail::merge_into(m, partial[i]);
+    const auto numel = static_cast<double>(tensors[t].numel);
+    detail::write_row(rows + t * kGradStatsFields, numel, m);
+    detail::merge_into(total, m);
+    total_numel += numel;
+  }
+  detail::write_row(rows + tensors.size() * kGradStatsFields, total_numel, total);
+}
+
+}  // namespace
+
+std::size_t grad_stats_workspace_bytes(const std::vector<TensorView>& tensors) {
+  if (tensors.empty() || tensors[0].device.type == DeviceType::kCPU) return 0;
+#ifdef AGRT_WITH_CUDA
+  return detail::grad_stats_cuda_workspace_bytes(tensors);
+#else
+  AGRT_EXPECTS(false, ValueError, "grad_stats: tensors are on ", tensors[0].device.str(),
+            " but this build of autoglm_rt has no CUDA support");
+#endif
+}
+
+void grad_stats(const std::vector<TensorView>& tensors, const TensorView& out, const TensorView& workspace) {
+  check_inputs(tensors, out);
+  if (out.device.type == DeviceType::kCPU) {
+    grad_stats_cpu(tensors, static_cast<double*>(out.data));
+    return;
+  }
+#ifdef AGRT_WITH_CUDA
+  detail::grad_stats_cuda(tensors, out, workspace);
+#else
+  AGRT_EXPECTS(false, ValueError, "grad_stats: tensors are on ", out.device.str(),
+            " but this build of autoglm_rt has no CUDA support");
+#endif
+}
+
+}  // namespace agrt::kernels

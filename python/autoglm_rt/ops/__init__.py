@@ -1,0 +1,7 @@
+"""Fused native operations on lists of tensors (gradient statistics, ...)."""
+
+from __future__ import annotations
+
+from autoglm_rt.ops.grad_stats import GradStats, GradStatsTotal, grad_stats
+
+__all__ = ["GradStats", "GradStatsTotal", "grad_stats"]
