@@ -40,6 +40,41 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace CSV (op,id,bytes,stream)")
+    p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
+    p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
+    p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
+    p.add_argument("--small-size", default="256Ki", help="largest request of the small arena (default 256Ki)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("replay", _replay_args)
+def _replay(args: argparse.Namespace) -> int:
+    """Replays an allocation trace through a fresh caching pool and reports its footprint."""
+    from autoglm_rt.memory import replay
+    from autoglm_rt.units import format_size
+
+    result = replay(
+        args.trace,
+        repeat=args.repeat,
+        expandable=not args.segments,
+        granularity=args.granularity,
+        small_size=args.small_size,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    print(f"trace                             {args.trace} ({result['ops']} ops over {args.repeat} passes)")
+    print(f"peak requested                    {format_size(result['peak_requested_bytes'])}")
+    print(f"peak reserved                     {format_size(result['peak_reserved_bytes'])}")
+    print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
+    print(f"upstream allocations              {result['upstream_allocs']}")
+    print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
+    print(f"ns per operation                  {result['ns_per_op']:.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,147 @@
+"""PyTorch's default CUDA caching-allocator block policy, as a small simulator (the baseline of the
+pool's replay figures). Written to be obviously correct, not fast. The rules
+(c10/cuda/CUDACachingAllocator.cpp, default settings):
+
+- sizes round up to a multiple of 512 B (at least 512 B);
+- requests up to 1 MiB use the small pool, larger ones the large pool;
+- a new segment is 2 MiB for the small pool, 20 MiB for requests below 10 MiB, otherwise the
+  request rounded up to 2 MiB;
+- best fit: the free block of the pool with the smallest (size, address) that fits;
+- split when the remainder is >= 512 B (small pool) or > 1 MiB (large pool);
+- a freed block merges with free neighbours of its segment; segments are never released.
+
+One stream only (the traces here use stream 0).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+KiB = 1024
+MiB = 1024 * KiB
+SMALL_SIZE = 1 * MiB
+SMALL_BUFFER = 2 * MiB
+LARGE_BUFFER = 20 * MiB
+MIN_LARGE_ALLOC = 10 * MiB
+ROUND_LARGE = 2 * MiB
+MIN_BLOCK = 512
+
+
+def round_size(n: int) -> int:
+    return MIN_BLOCK if n < MIN_BLOCK else -(-n // MIN_BLOCK) * MIN_BLOCK
+
+
+def segment_size(n: int) -> int:
+    if n <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if n < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-n // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass
+class _Block:
+    addr: int
+    size: int
+    small: bool
+    free: bool = True
+    prev: _Block | None = None
+    next: _Block | None = None
+
+
+@dataclass
+class TorchPolicySim:
+    """Replays alloc/free calls and tracks reserved (sum of segments) and requested bytes."""
+
+    free_lists: dict[bool, list[tuple[int, int]]] = field(default_factory=lambda: {True: [], False: []})
+    blocks: dict[int, _Block] = field(default_factory=dict)
+    reserved: int = 0
+    requested: int = 0
+    peak_reserved: int = 0
+    peak_requested: int = 0
+    segments: int = 0
+    _next_addr: int = 0
+
+    def allocate(self, nbytes: int) -> int:
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        free = self.free_lists[small]
+        i = bisect.bisect_left(free, (size, -1))
+        if i < len(free):
+            _, addr = free.pop(i)
+            block = self.blocks[addr]
+        else:
+            seg = segment_size(size)
+            addr = self._next_addr
+            self._next_addr += seg + (1 << 40)  # segments never touch each other
+            block = _Block(addr, seg, small)
+            self.blocks[addr] = block
+            self.reserved += seg
+            self.segments += 1
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        remaining = block.size - size
+        if (small and remaining >= MIN_BLOCK) or (not small and remaining > SMALL_SIZE):
+            rest = _Block(block.addr + size, remaining, small, True, block, block.next)
+            if block.next:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self.blocks[rest.addr] = rest
+            bisect.insort(free, (rest.size, rest.addr))
+        block.free = False
+        self.requested += nbytes
+        self.peak_requested = max(self.peak_requested, self.requested)
+        return block.addr
+
+    def deallocate(self, addr: int, nbytes: int) -> None:
+        block = self.blocks[addr]
+        free = self.free_lists[block.small]
+        block.free = True
+        self.requested -= nbytes
+        nxt = block.next
+        if nxt is not None and nxt.free:
+            free.remove((nxt.size, nxt.addr))
+            del self.blocks[nxt.addr]
+            block.size += nxt.size
+            block.next = nxt.next
+            if nxt.next:
+                nxt.next.prev = block
+        prv = block.prev
+        if prv is not None and prv.free:
+            free.remove((prv.size, prv.addr))
+            del self.blocks[block.addr]
+            prv.size += block.size
+            prv.next = block.next
+            if block.next:
+                block.next.prev = prv
+            block = prv
+        bisect.insort(free, (block.size, block.addr))
+
+
+def replay(rows: Iterable[tuple[str, int, int, int]], repeat: int = 1) -> dict[str, float | int]:
+    """Replays (op, id, bytes, stream) rows ``repeat`` times, freeing what is live after each pass;
+    returns peak reserved/requested, their ratio and the segments (upstream calls) per pass."""
+    rows = list(rows)
+    sim = TorchPolicySim()
+    per_pass = []
+    for _ in range(repeat):
+        live: dict[int, tuple[int, int]] = {}
+        before = sim.segments
+        for op, ident, nbytes, _stream in rows:
+            if op == "alloc":
+                live[ident] = (sim.allocate(nbytes), nbytes)
+            else:
+                addr, n = live.pop(ident)
+                sim.deallocate(addr, n)
+        for addr, n in live.values():
+            sim.deallocate(addr, n)
+        per_pass.append(sim.segments - before)
+    return {
+        "peak_reserved_bytes": sim.peak_reserved,
+        "peak_requested_bytes": sim.peak_requested,
+        "reserved_to_requested": sim.peak_reserved / sim.peak_requested if sim.peak_requested else 0.0,
+        "upstream_allocs": sim.segments,
+        "upstream_allocs_after_first_pass": sum(per_pass[1:]),
+    }

@@ -1,0 +1,136 @@
+// CachingPool: a device-agnostic caching allocator over an Upstream.
+//
+// Sizes are rounded up to `round_bytes`; requests up to `small_size` and larger ones live in
+// separate arenas (small blocks never pin large ones). Free blocks are kept per (class, stream)
+// in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
+// allocation and coalesced with free neighbours of the same stream on free. With an expandable
+// upstream each class grows one arena in place (its free tail is extended, never stranded);
+// otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
+// `large_segment` below 10 MiB, else rounded to 2 MiB).
+//
+// Streams: a block freed on stream s is reusable on s at once (stream order). Another stream
+// takes it only once an event recorded on s has completed; the event is recorded lazily, when
+// another stream first wants the block, so alloc/free never touch the driver on the hot path.
+//
+// Limit: reserved bytes never grow above limit(). set_limit() below the reserved bytes releases
+// cached free memory at once until reserved <= limit where possible; live blocks are never freed
+// or moved, growth is refused until usage falls.
+//
+// Thread safety: every member function may be called from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "autoglm_rt/memory/upstream.h"
+
+namespace agrt::memory {
+
+/// An allocation that would take the pool above its limit (after trimming) or that the upstream
+/// refused. what() carries requested bytes, limit, allocated, reserved and the largest free block.
+class OutOfMemoryError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline constexpr std::size_t kNoLimit = ~std::size_t{0};
+/// Requests above this are refused as absurd (ValueError), whatever the limit.
+inline constexpr std::size_t kMaxRequest = std::size_t{1} << 48;
+
+struct PoolOptions {
+  std::size_t limit = kNoLimit;
+  std::size_t round_bytes = 256;             // power of two, >= 256 (block alignment)
+  std::size_t small_size = 256 * 1024;       // requests up to this use the small class
+  std::size_t small_segment = 2 * 1024 * 1024;   // segment size of the small class (segment mode)
+  std::size_t large_segment = 20 * 1024 * 1024;  // minimum large segment below 10 MiB (segment mode)
+  std::size_t arena_reserve = std::size_t{64} << 30;  // address space reserved per arena
+  bool expandable = true;                    // use the upstream's expansion when it has one
+};
+
+struct PoolStats {
+  std::size_t allocated_bytes = 0, reserved_bytes = 0, requested_bytes = 0;
+  std::size_t peak_allocated_bytes = 0, peak_reserved_bytes = 0, peak_requested_bytes = 0;
+  std::size_t limit_bytes = kNoLimit;
+  std::uint64_t num_allocs = 0, num_frees = 0, num_cache_hits = 0;
+  std::uint64_t num_upstream_allocs = 0, num_upstream_frees = 0, num_ooms = 0, num_trims = 0;
+  std::size_t largest_free_block_bytes = 0;
+  double fragmentation_ratio = 0.0;  // 1 - largest free block / cached free bytes; 0 when none
+  std::size_t num_segments = 0, num_free_blocks = 0, num_live_blocks = 0;
+};
+
+struct TraceRecord {
+  bool is_alloc;
+  std::uint64_t id;
+  std::size_t bytes;
+  std::uintptr_t stream;
+};
+
+class CachingPool {
+ public:
+  /// Throws agrt::ValueError for inconsistent options.
+  CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options = {});
+  /// Returns all memory to the upstream, live blocks included.
+  ~CachingPool();
+  CachingPool(const CachingPool&) = delete;
+  CachingPool& operator=(const CachingPool&) = delete;
+
+  /// A block of at least `nbytes` (aligned to round_bytes) usable on `stream`.
+  /// Throws agrt::ValueError for 0 or > kMaxRequest bytes, OutOfMemoryError when the limit or
+  /// the upstream refuses; the pool is unchanged on error.
+  void* allocate(std::size_t nbytes, std::uintptr_t stream = 0);
+  /// Returns a block. Throws agrt::ValueError (pool unchanged) for a pointer this pool did not
+  /// hand out, a double free, or a stream other than the one it was allocated on.
+  void deallocate(void* ptr, std::uintptr_t stream);
+  /// Same, using the block's own stream.
+  void deallocate(void* ptr);
+
+  /// Sets the hard limit (kNoLimit: none) and trims at once to meet it where possible.
+  void set_limit(std::size_t bytes);
+  std::size_t limit() const;
+  /// Releases cached free memory to the upstream (waiting for pending stream events); returns
+  /// the bytes released.
+  std::size_t trim();
+
+  PoolStats stats() const;
+  void reset_peak_stats();
+  /// Verifies every internal invariant; throws agrt::RuntimeError describing the first violation.
+  void check() const;
+
+  /// Bytes of the block at ptr (rounded size); throws ValueError for an unknown pointer.
+  std::size_t block_size(const void* ptr) const;
+
+  void record_trace(bool on);
+  /// Trace since recording started, in the order of the calls.
+  std::vector<TraceRecord> trace() const;
+  /// Writes the trace as CSV (op,id,bytes,stream); throws agrt::RuntimeError if it cannot.
+  void dump_trace(const std::string& path) const;
+
+  const Upstream& upstream() const;
+  const PoolOptions& options() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// Reads a trace CSV (header op,id,bytes,stream). Throws agrt::ValueError naming the line.
+std::vector<TraceRecord> read_trace(const std::string& path);
+
+struct ReplayResult {
+  std::size_t peak_reserved_bytes = 0, peak_requested_bytes = 0;
+  double reserved_to_requested = 0.0;
+  std::uint64_t upstream_allocs = 0, upstream_allocs_after_first_pass = 0;
+  double ns_per_op = 0.0;
+  std::uint64_t ops = 0;
+};
+
+/// Replays `trace` `repeat` times through a fresh pool over `upstream`; allocations still live at
+/// the end of a pass are freed before the next. Timing covers the pool calls only.
+ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
+                    PoolOptions options);
+
+}  // namespace agrt::memory

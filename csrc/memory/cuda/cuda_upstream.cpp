@@ -1,0 +1,236 @@
+// CUDA upstreams: cudaMalloc segments, or arenas on the driver's virtual memory management
+// (cuMemAddressReserve / cuMemCreate / cuMemMap), reached through
+// cudaGetDriverEntryPointByVersion so that the module never links libcuda and still imports
+// where no driver exists. Events (cudaEventDisableTiming) guard cross-stream reuse.
+#include <cuda.h>  // driver types and prototypes only; the functions come from the entry-point query
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "autoglm_rt/error.h"
+#include "autoglm_rt/memory/upstream.h"
+
+namespace agrt::memory {
+namespace {
+
+std::string cuda_error(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+#define AGRT_CUDA_CHECK(expr)                                                          \
+  do {                                                                                 \
+    const cudaError_t agrt_err = (expr);                                               \
+    if (agrt_err != cudaSuccess) AGRT_FAIL(RuntimeError, #expr, " failed: ", cuda_error(agrt_err)); \
+  } while (0)
+
+struct DriverApi {
+  decltype(&::cuMemCreate) mem_create = nullptr;
+  decltype(&::cuMemRelease) mem_release = nullptr;
+  decltype(&::cuMemAddressReserve) address_reserve = nullptr;
+  decltype(&::cuMemAddressFree) address_free = nullptr;
+  decltype(&::cuMemMap) mem_map = nullptr;
+  decltype(&::cuMemUnmap) mem_unmap = nullptr;
+  decltype(&::cuMemSetAccess) set_access = nullptr;
+  decltype(&::cuMemGetAllocationGranularity) granularity = nullptr;
+  decltype(&::cuDeviceGet) device_get = nullptr;
+  decltype(&::cuDeviceGetAttribute) device_attribute = nullptr;
+  std::string missing;  // "" when every entry point was found
+};
+
+template <typename Fn>
+void load_entry(const char* name, Fn& fn, std::string& missing) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult status{};
+  const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &status);
+  if (e != cudaSuccess || status != cudaDriverEntryPointSuccess || !p) {
+    cudaGetLastError();
+    missing += missing.empty() ? name : std::string(", ") + name;
+    return;
+  }
+  fn = reinterpret_cast<Fn>(p);
+}
+
+const DriverApi& driver() {
+  static const DriverApi api = [] {
+    DriverApi a;
+    load_entry("cuMemCreate", a.mem_create, a.missing);
+    load_entry("cuMemRelease", a.mem_release, a.missing);
+    load_entry("cuMemAddressReserve", a.address_reserve, a.missing);
+    load_entry("cuMemAddressFree", a.address_free, a.missing);
+    load_entry("cuMemMap", a.mem_map, a.missing);
+    load_entry("cuMemUnmap", a.mem_unmap, a.missing);
+    load_entry("cuMemSetAccess", a.set_access, a.missing);
+    load_entry("cuMemGetAllocationGranularity", a.granularity, a.missing);
+    load_entry("cuDeviceGet", a.device_get, a.missing);
+    load_entry("cuDeviceGetAttribute", a.device_attribute, a.missing);
+    return a;
+  }();
+  return api;
+}
+
+// Makes `device` current for the scope and restores the caller's device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    if (prev_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = prev_;
+    cudaGetDevice(&now);
+    if (now != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+};
+
+class CudaUpstream final : public Upstream {
+ public:
+  CudaUpstream(int device, bool want_vmm) : device_(device) {
+    if (!want_vmm) return;
+    const DriverApi& api = driver();
+    if (!api.missing.empty()) return;  // an old driver: fall back to cudaMalloc segments
+    {
+      DeviceGuard guard(device);  // initialises the primary context the driver calls need
+      cudaFree(nullptr);
+    }
+    CUdevice dev = 0;
+    int supported = 0;
+    if (api.device_get(&dev, device) != CUDA_SUCCESS ||
+        api.device_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) != CUDA_SUCCESS ||
+        !supported)
+      return;
+    prop_.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop_.location.id = device;
+    std::size_t g = 0;
+    if (api.granularity(&g, &prop_, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS || g == 0) return;
+    granularity_ = g;
+    vmm_ = true;
+  }
+
+  std::string device() const override { return "cuda:" + std::to_string(device_); }
+  std::string name() const override { return vmm_ ? "cuda-vmm" : "cuda-malloc"; }
+
+  void* allocate(std::size_t bytes) override {
+    DeviceGuard guard(device_);
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    AGRT_CUDA_CHECK(e);
+    return p;
+  }
+  void deallocate(void* ptr, std::size_t) noexcept override {
+    DeviceGuard guard(device_);
+    cudaFree(ptr);
+  }
+
+  bool supports_expansion() const override { return vmm_; }
+  std::size_t granularity() const override { return vmm_ ? granularity_ : 0; }
+
+  void* reserve(std::size_t bytes) override {
+    CUdeviceptr p = 0;
+    if (driver().address_reserve(&p, bytes, granularity_, 0, 0) != CUDA_SUCCESS) return nullptr;
+    return reinterpret_cast<void*>(p);
+  }
+  void release(void* base, std::size_t bytes) noexcept override {
+    driver().address_free(reinterpret_cast<CUdeviceptr>(base), bytes);
+  }
+
+  // One physical handle per granule, so any granule-aligned tail can be unmapped later.
+  bool map(void* addr, std::size_t bytes) override {
+    const DriverApi& api = driver();
+    const auto base = reinterpret_cast<CUdeviceptr>(addr);
+    std::size_t done = 0;
+    for (; done < bytes; done += granularity_) {
+      CUmemGenericAllocationHandle h{};
+      const CUresult r = api.mem_create(&h, granularity_, &prop_, 0);
+      if (r == CUDA_ERROR_OUT_OF_MEMORY) break;
+      if (r != CUDA_SUCCESS) {
+        unmap(addr, done);
+        AGRT_FAIL(RuntimeError, "cuMemCreate failed with CUresult ", static_cast<int>(r));
+      }
+      if (api.mem_map(base + done, granularity_, 0, h, 0) != CUDA_SUCCESS) {
+        api.mem_release(h);
+        unmap(addr, done);
+        AGRT_FAIL(RuntimeError, "cuMemMap failed");
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      handles_[base + done] = h;
+    }
+    if (done < bytes) {
+      unmap(addr, done);
+      return false;
+    }
+    CUmemAccessDesc access{};
+    access.location = prop_.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    if (api.set_access(base, bytes, &access, 1) != CUDA_SUCCESS) {
+      unmap(addr, bytes);
+      AGRT_FAIL(RuntimeError, "cuMemSetAccess failed");
+    }
+    return true;
+  }
+  void unmap(void* addr, std::size_t bytes) noexcept override {
+    const DriverApi& api = driver();
+    const auto base = reinterpret_cast<CUdeviceptr>(addr);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (std::size_t off = 0; off < bytes; off += granularity_) {
+      auto it = handles_.find(base + off);
+      if (it == handles_.end()) continue;
+      api.mem_unmap(base + off, granularity_);
+      api.mem_release(it->second);
+      handles_.erase(it);
+    }
+  }
+
+  bool has_events() const override { return true; }
+  EventHandle record_event(std::uintptr_t stream) override {
+    DeviceGuard guard(device_);
+    cudaEvent_t ev = nullptr;
+    AGRT_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    AGRT_CUDA_CHECK(cudaEventRecord(ev, reinterpret_cast<cudaStream_t>(stream)));
+    return ev;
+  }
+  bool event_done(EventHandle ev) override {
+    const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(ev));
+    if (e == cudaSuccess) return true;
+    if (e == cudaErrorNotReady) {
+      cudaGetLastError();
+      return false;
+    }
+    AGRT_CUDA_CHECK(e);
+    return false;
+  }
+  void event_wait(EventHandle ev) override { AGRT_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(ev))); }
+  void event_destroy(EventHandle ev) noexcept override { cudaEventDestroy(static_cast<cudaEvent_t>(ev)); }
+
+ private:
+  int device_;
+  bool vmm_ = false;
+  std::size_t granularity_ = 0;
+  CUmemAllocationProp prop_{};
+  std::mutex mu_;
+  std::unordered_map<CUdeviceptr, CUmemGenericAllocationHandle> handles_;
+};
+
+}  // namespace
+
+std::shared_ptr<Upstream> make_cuda_upstream(int device, bool expandable) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw RuntimeError("cuda:" + std::to_string(device) + ": the CUDA runtime reports no usable device (" +
+                       cuda_error(e) + ")");
+  }
+  AGRT_EXPECTS(device >= 0 && device < count, ValueError, "device: cuda:", device, " does not exist (", count,
+               " CUDA device(s) visible)");
+  return std::make_shared<CudaUpstream>(device, expandable);
+}
+
+}  // namespace agrt::memory

@@ -1,0 +1,125 @@
+// Trace files and their replay through a fresh pool, in one C++ loop.
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+
+#include "autoglm_rt/error.h"
+#include "autoglm_rt/memory/caching_pool.h"
+
+namespace agrt::memory {
+
+std::vector<TraceRecord> read_trace(const std::string& path) {
+  std::ifstream in(path);
+  AGRT_EXPECTS(in.good(), ValueError, "read_trace: cannot open '", path, "'");
+  std::string line;
+  AGRT_EXPECTS(static_cast<bool>(std::getline(in, line)), ValueError, "read_trace: '", path, "' is empty");
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  AGRT_EXPECTS(line == "op,id,bytes,stream", ValueError, "read_trace: ", path,
+               ": expected the header 'op,id,bytes,stream', got '", line, "'");
+  std::vector<TraceRecord> out;
+  std::size_t lineno = 1;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    std::istringstream ls(line);
+    std::string op, id, bytes, stream;
+    const bool ok = std::getline(ls, op, ',') && std::getline(ls, id, ',') && std::getline(ls, bytes, ',') &&
+                    std::getline(ls, stream) && (op == "alloc" || op == "free");
+    TraceRecord r{op == "alloc", 0, 0, 0};
+    bool parsed = ok;
+    if (ok) {
+      try {
+        std::size_t pos = 0;
+        r.id = std::stoull(id, &pos);
+        parsed = parsed && pos == id.size();
+        r.bytes = std::stoull(bytes, &pos);
+        parsed = parsed && pos == bytes.size();
+        r.stream = std::stoull(stream, &pos);
+        parsed = parsed && pos == stream.size();
+      } catch (const std::exception&) {
+        parsed = false;
+      }
+    }
+    AGRT_EXPECTS(parsed, ValueError, "read_trace: ", path, ":", lineno,
+                 ": expected 'alloc|free,<id>,<bytes>,<stream>' with non-negative integers, got '", line, "'");
+    out.push_back(r);
+  }
+  return out;
+}
+
+ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
+                    PoolOptions options) {
+  AGRT_EXPECTS(repeat >= 1, ValueError, "replay: repeat must be >= 1, got ", repeat);
+  // Ids become dense slots before timing, so the loop measures the pool and not a hash map.
+  struct Op {
+    bool is_alloc;
+    std::uint32_t slot;
+    std::size_t bytes;
+    std::uintptr_t stream;
+  };
+  std::vector<Op> ops;
+  ops.reserve(trace.size());
+  std::unordered_map<std::uint64_t, std::uint32_t> slot_of;
+  std::vector<bool> slot_live;
+  std::size_t index = 0;
+  for (const TraceRecord& r : trace) {
+    ++index;
+    if (r.is_alloc) {
+      AGRT_EXPECTS(r.bytes > 0, ValueError, "replay: record ", index, " allocates 0 bytes");
+      auto [it, fresh] = slot_of.emplace(r.id, static_cast<std::uint32_t>(slot_live.size()));
+      if (fresh) slot_live.push_back(false);
+      AGRT_EXPECTS(!slot_live[it->second], ValueError, "replay: record ", index, " allocates id ", r.id,
+                   " which is still live");
+      slot_live[it->second] = true;
+      ops.push_back({true, it->second, r.bytes, r.stream});
+    } else {
+      auto it = slot_of.find(r.id);
+      AGRT_EXPECTS(it != slot_of.end() && slot_live[it->second], ValueError, "replay: record ", index, " frees id ",
+                   r.id, " which is not live");
+      slot_live[it->second] = false;
+      ops.push_back({false, it->second, r.bytes, r.stream});
+    }
+  }
+
+  CachingPool pool(std::move(upstream), options);
+  std::vector<void*> ptrs(slot_live.size(), nullptr);
+  std::vector<std::uintptr_t> streams(slot_live.size(), 0);
+  ReplayResult res;
+  double total_ns = 0;
+  for (int pass = 0; pass < repeat; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const Op& op : ops) {
+      if (op.is_alloc) {
+        ptrs[op.slot] = pool.allocate(op.bytes, op.stream);
+        streams[op.slot] = op.stream;
+      } else {
+        pool.deallocate(ptrs[op.slot], streams[op.slot]);
+        ptrs[op.slot] = nullptr;
+      }
+    }
+    std::uint64_t n = ops.size();
+    for (std::size_t s = 0; s < ptrs.size(); ++s) {
+      if (ptrs[s]) {
+        pool.deallocate(ptrs[s], streams[s]);
+        ptrs[s] = nullptr;
+        ++n;
+      }
+    }
+    total_ns += std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+    res.ops += n;
+    if (pass == 0) res.upstream_allocs_after_first_pass = pool.stats().num_upstream_allocs;
+  }
+  const PoolStats st = pool.stats();
+  res.peak_reserved_bytes = st.peak_reserved_bytes;
+  res.peak_requested_bytes = st.peak_requested_bytes;
+  res.reserved_to_requested =
+      st.peak_requested_bytes ? double(st.peak_reserved_bytes) / double(st.peak_requested_bytes) : 0.0;
+  res.upstream_allocs = st.num_upstream_allocs;
+  res.upstream_allocs_after_first_pass = st.num_upstream_allocs - res.upstream_allocs_after_first_pass;
+  res.ns_per_op = res.ops ? total_ns / double(res.ops) : 0.0;
+  return res;
+}
+
+}  // namespace agrt::memory

@@ -1,0 +1,411 @@
+// CachingPool over host and limiting upstreams: policy, limits, errors, streams, traces, and a
+// randomized multi-threaded stress that fills and verifies every allocation.
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "agrt_test.h"
+#include "autoglm_rt/error.h"
+#include "autoglm_rt/memory/caching_pool.h"
+
+using namespace agrt;
+using namespace agrt::memory;
+
+namespace {
+
+constexpr std::size_t KiB = 1024, MiB = 1024 * 1024;
+
+std::shared_ptr<LimitingUpstream> limiting(std::size_t capacity, bool expandable = true, bool events = false) {
+  return std::make_shared<LimitingUpstream>(make_host_upstream(expandable, 64 * KiB), capacity, events);
+}
+
+PoolOptions small_arenas() {
+  PoolOptions o;
+  o.arena_reserve = 256 * MiB;
+  return o;
+}
+
+bool throws_oom_with_details(CachingPool& pool, std::size_t n) {
+  try {
+    pool.allocate(n);
+  } catch (const OutOfMemoryError& e) {
+    const std::string msg = e.what();
+    return msg.find("requested " + std::to_string(n)) != std::string::npos && msg.find("limit") != std::string::npos &&
+           msg.find("allocated") != std::string::npos && msg.find("reserved") != std::string::npos &&
+           msg.find("largest free block") != std::string::npos;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(allocations_are_aligned_distinct_and_cached) {
+  for (bool expandable : {true, false}) {
+    auto up = limiting(1ull << 34, expandable);
+    {
+      CachingPool pool(up, small_arenas());
+      std::vector<void*> ps;
+      for (std::size_t n : {1, 255, 256, 257, 4096, 300 * 1024, 3 * 1024 * 1024}) {
+        void* p = pool.allocate(n);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % 256 == 0);
+        CHECK(pool.block_size(p) >= n && pool.block_size(p) % 256 == 0);
+        std::memset(p, 0xAB, n);
+        ps.push_back(p);
+      }
+      pool.check();
+      const auto before = pool.stats();
+      CHECK(before.num_allocs == 7 && before.allocated_bytes <= before.reserved_bytes);
+      for (void* p : ps) pool.deallocate(p);
+      pool.check();
+      // Everything again: all from the cache, no upstream call.
+      for (std::size_t n : {1, 255, 256, 257, 4096, 300 * 1024, 3 * 1024 * 1024}) ps.push_back(pool.allocate(n));
+      const auto after = pool.stats();
+      CHECK(after.num_upstream_allocs == before.num_upstream_allocs);
+      CHECK(after.num_cache_hits >= 7);
+      for (std::size_t i = 7; i < ps.size(); ++i) pool.deallocate(ps[i]);
+      pool.check();
+      CHECK(pool.stats().allocated_bytes == 0 && pool.stats().requested_bytes == 0);
+    }
+    CHECK(up->outstanding() == 0);  // the destructor returned everything
+  }
+}
+
+TEST(best_fit_split_and_coalesce) {
+  CachingPool pool(limiting(1ull << 34, false), small_arenas());
+  // Three neighbours carved from one segment; freeing all of them leaves one free block.
+  void* a = pool.allocate(1024);
+  void* b = pool.allocate(1024);
+  void* c = pool.allocate(1024);
+  CHECK(static_cast<char*>(b) == static_cast<char*>(a) + 1024);
+  CHECK(static_cast<char*>(c) == static_cast<char*>(b) + 1024);
+  pool.deallocate(b);
+  pool.check();
+  CHECK(pool.stats().num_free_blocks == 2);  // the hole and the segment's tail
+  // Best fit: a 1 KiB request takes the 1 KiB hole, not the large tail.
+  void* d = pool.allocate(1000);
+  CHECK(d == b);
+  pool.deallocate(a);
+  pool.deallocate(d);
+  pool.deallocate(c);
+  pool.check();
+  const auto s = pool.stats();
+  CHECK(s.num_free_blocks == 1 && s.num_segments == 1);
+  CHECK(s.largest_free_block_bytes == s.reserved_bytes);
+  CHECK(s.fragmentation_ratio == 0.0);
+}
+
+TEST(fragmentation_ratio_and_largest_free_block) {
+  CachingPool pool(limiting(1ull << 34, false), small_arenas());
+  std::vector<void*> ps;
+  for (int i = 0; i < 8; ++i) ps.push_back(pool.allocate(4096));
+  for (int i = 0; i < 8; i += 2) pool.deallocate(ps[i]);  // four 4 KiB holes
+  const auto s = pool.stats();
+  const std::size_t cached = s.reserved_bytes - s.allocated_bytes;
+  CHECK(s.largest_free_block_bytes == s.reserved_bytes - 8 * 4096);  // the tail
+  CHECK(std::abs(s.fragmentation_ratio - (1.0 - double(s.largest_free_block_bytes) / double(cached))) < 1e-12);
+  CHECK(s.fragmentation_ratio > 0.0);
+  for (int i = 1; i < 8; i += 2) pool.deallocate(ps[i]);
+}
+
+TEST(expandable_arena_grows_in_place_without_stranding) {
+  auto up = limiting(1ull << 34, true);
+  CachingPool pool(up, small_arenas());
+  void* a = pool.allocate(1 * MiB);
+  void* b = pool.allocate(1 * MiB);
+  CHECK(static_cast<char*>(b) == static_cast<char*>(a) + MiB);  // one contiguous large arena
+  pool.deallocate(b);
+  // A 3 MiB request extends the free tail (1 MiB) by 2 MiB instead of mapping 3 MiB elsewhere.
+  void* c = pool.allocate(3 * MiB);
+  CHECK(c == b);
+  CHECK(pool.stats().reserved_bytes == 4 * MiB);
+  CHECK(pool.stats().num_segments == 1);
+  pool.deallocate(a);
+  pool.deallocate(c);
+  CHECK(pool.trim() == 4 * MiB);
+  CHECK(up->outstanding() == 0 && pool.stats().reserved_bytes == 0);
+  pool.check();
+}
+
+TEST(limit_refuses_growth_with_a_detailed_error_and_leaves_pool_intact) {
+  for (bool expandable : {true, false}) {
+    PoolOptions o = small_arenas();
+    o.limit = 4 * MiB;
+    CachingPool pool(limiting(1ull << 34, expandable), o);
+    void* a = pool.allocate(3 * MiB);
+    const auto before = pool.stats();
+    CHECK(throws_oom_with_details(pool, 2 * MiB));
+    CHECK(throws_oom_with_details(pool, 5 * MiB));  // larger than the limit itself
+    const auto after = pool.stats();
+    CHECK(after.num_ooms == before.num_ooms + 2);
+    CHECK(after.allocated_bytes == before.allocated_bytes && after.reserved_bytes == before.reserved_bytes);
+    CHECK(after.reserved_bytes <= 4 * MiB);
+    pool.check();
+    std::memset(a, 1, 3 * MiB);
+    pool.deallocate(a);
+    void* b = pool.allocate(4 * MiB);  // fits once the 3 MiB block is back (cached or trimmed)
+    pool.deallocate(b);
+    pool.check();
+  }
+}
+
+TEST(lowering_the_limit_trims_at_once_and_never_touches_live_blocks) {
+  for (bool expandable : {true, false}) {
+    auto up = limiting(1ull << 34, expandable);
+    CachingPool pool(up, small_arenas());
+    std::vector<void*> keep, drop;
+    for (int i = 0; i < 4; ++i) keep.push_back(pool.allocate(2 * MiB));
+    for (int i = 0; i < 8; ++i) drop.push_back(pool.allocate(2 * MiB));
+    for (void* p : keep) std::memset(p, 0x5A, 2 * MiB);
+    for (void* p : drop) pool.deallocate(p);
+    const std::size_t reserved = pool.stats().reserved_bytes;
+    CHECK(reserved >= 24 * MiB);
+    pool.set_limit(10 * MiB);
+    const auto s = pool.stats();
+    CHECK(s.limit_bytes == 10 * MiB);
+    CHECK(s.allocated_bytes == 8 * MiB);
+    // Arena: the free tail goes back at once. Segments: the 20 MiB segment holding the live
+    // blocks cannot go, the fully free one did.
+    CHECK(s.reserved_bytes <= (expandable ? 10 * MiB : 20 * MiB));
+    CHECK(s.reserved_bytes < reserved);
+    CHECK(s.num_trims >= 1);
+    CHECK(up->outstanding() == s.reserved_bytes);
+    // A limit below live usage frees nothing live and refuses growth until usage falls.
+    pool.set_limit(1 * MiB);
+    CHECK(pool.stats().allocated_bytes == 8 * MiB);
+    for (void* p : keep) {
+      const auto* c = static_cast<const unsigned char*>(p);
+      bool intact = true;
+      for (std::size_t i = 0; i < 2 * MiB; i += 4096) intact = intact && c[i] == 0x5A;
+      CHECK(intact);
+    }
+    const std::size_t cached = pool.stats().largest_free_block_bytes;
+    CHECK_THROWS(OutOfMemoryError, pool.allocate(cached + 2 * MiB));
+    if (cached >= MiB) pool.deallocate(pool.allocate(MiB));  // cached memory is still usable
+    CHECK(pool.stats().reserved_bytes == s.reserved_bytes);
+    for (void* p : keep) pool.deallocate(p);
+    pool.set_limit(kNoLimit);
+    void* p = pool.allocate(4 * MiB);
+    pool.deallocate(p);
+    pool.check();
+  }
+}
+
+TEST(upstream_refusal_trims_and_retries_then_raises) {
+  for (bool expandable : {true, false}) {
+    auto up = limiting(8 * MiB, expandable);
+    CachingPool pool(up, small_arenas());
+    void* a = pool.allocate(6 * MiB);
+    pool.deallocate(a);
+    // The upstream has 8 MiB: a 7 MiB request only fits if the pool gives its cache back first.
+    void* b = pool.allocate(7 * MiB);
+    CHECK(b != nullptr);
+    pool.deallocate(b);
+    pool.check();
+    up->fail_next(4);
+    pool.trim();
+    const auto before = pool.stats();
+    CHECK_THROWS(OutOfMemoryError, pool.allocate(1 * MiB));
+    const auto after = pool.stats();
+    CHECK(after.num_ooms == before.num_ooms + 1 && after.allocated_bytes == 0);
+    pool.check();
+    up->fail_next(0);
+    pool.deallocate(pool.allocate(1 * MiB));
+    pool.check();
+  }
+}
+
+TEST(bad_input_raises_and_leaves_pool_intact) {
+  CachingPool pool(limiting(1ull << 34), small_arenas());
+  void* a = pool.allocate(1000);
+  CHECK_THROWS(ValueError, pool.allocate(0));
+  CHECK_THROWS(ValueError, pool.allocate(kMaxRequest + 1));
+  CHECK_THROWS(ValueError, pool.allocate(~std::size_t{0}));
+  int local = 0;
+  CHECK_THROWS(ValueError, pool.deallocate(&local));
+  CHECK_THROWS(ValueError, pool.deallocate(static_cast<char*>(a) + 8));  // interior pointer
+  CHECK_THROWS(ValueError, pool.deallocate(a, 7));                       // wrong stream
+  pool.check();
+  CHECK(pool.stats().num_live_blocks == 1);
+  pool.deallocate(a);
+  CHECK_THROWS(ValueError, pool.deallocate(a));  // double free
+  pool.check();
+  CHECK(pool.stats().num_frees == 1);
+  PoolOptions bad;
+  bad.round_bytes = 100;
+  CHECK_THROWS(ValueError, CachingPool(make_host_upstream(), bad));
+  bad = PoolOptions();
+  bad.small_size = 128;
+  CHECK_THROWS(ValueError, CachingPool(make_host_upstream(), bad));
+  CHECK_THROWS(ValueError, CachingPool(nullptr));
+}
+
+TEST(cross_stream_reuse_waits_for_the_event) {
+  for (bool expandable : {true, false}) {
+    auto up = limiting(1ull << 34, expandable, /*manual_events=*/true);
+    {
+      CachingPool pool(up, small_arenas());
+      void* a = pool.allocate(64 * KiB, /*stream=*/1);
+      pool.deallocate(a, 1);
+      void* same = pool.allocate(64 * KiB, 1);  // same stream: reused at once (stream order)
+      CHECK(same == a);
+      pool.deallocate(same, 1);
+      void* other = pool.allocate(64 * KiB, 2);  // stream 2: the event on stream 1 is not done yet
+      CHECK(other != a);
+      CHECK(up->live_events() >= 1);
+      pool.deallocate(other, 2);
+      pool.check();
+      up->complete_events();
+      void* again = pool.allocate(64 * KiB, 3);  // now stream 1's block may move
+      bool took_completed = (again == a) || (again != other);
+      CHECK(took_completed);
+      pool.deallocate(again, 3);
+      pool.check();
+    }
+    CHECK(up->live_events() == 0);
+    CHECK(up->outstanding() == 0);
+  }
+}
+
+TEST(trace_records_dumps_reads_and_replays) {
+  CachingPool pool(limiting(1ull << 34), small_arenas());
+  pool.record_trace(true);
+  void* a = pool.allocate(100, 0);
+  void* b = pool.allocate(5000, 2);
+  pool.deallocate(a, 0);
+  void* c = pool.allocate(1 << 20, 0);
+  pool.deallocate(b, 2);
+  pool.record_trace(false);
+  pool.deallocate(c, 0);
+  const auto t = pool.trace();
+  CHECK(t.size() == 5);
+  CHECK(t[0].is_alloc && t[0].bytes == 100 && t[1].stream == 2 && !t[2].is_alloc && t[2].id == t[0].id);
+  const std::string path = "test_memory_trace.csv";
+  pool.dump_trace(path);
+  const auto back = read_trace(path);
+  CHECK(back.size() == t.size());
+  for (std::size_t i = 0; i < back.size() && i < t.size(); ++i)
+    CHECK(back[i].is_alloc == t[i].is_alloc && back[i].id == t[i].id && back[i].bytes == t[i].bytes &&
+          back[i].stream == t[i].stream);
+  const ReplayResult r = replay(back, 3, make_host_upstream(), small_arenas());
+  CHECK(r.peak_requested_bytes == 100 + 5000 + (1 << 20) - 100 || r.peak_requested_bytes == 5000 + (1 << 20));
+  CHECK(r.upstream_allocs_after_first_pass == 0);
+  CHECK(r.ops == 3 * 6);  // five records plus the still-live c freed at the end of each pass
+  CHECK(r.reserved_to_requested >= 1.0);
+  std::remove(path.c_str());
+  {
+    std::ofstream bad("test_memory_bad.csv");
+    bad << "op,id,bytes,stream\nalloc,1,10,0\nfree,2,10,0\n";
+  }
+  CHECK_THROWS(ValueError, replay(read_trace("test_memory_bad.csv"), 1, make_host_upstream(), small_arenas()));
+  {
+    std::ofstream bad("test_memory_bad.csv");
+    bad << "op,id,bytes,stream\nalloc,1,x,0\n";
+  }
+  CHECK_THROWS(ValueError, read_trace("test_memory_bad.csv"));
+  std::remove("test_memory_bad.csv");
+  CHECK_THROWS(ValueError, read_trace("/nonexistent/trace.csv"));
+}
+
+// Randomized stress: 4 threads over 3 streams; alloc, free, set_limit, trim; every allocation is
+// filled with a pattern and verified on free; check() runs throughout. 1,000,000 operations in a
+// normal build; fewer under sanitizers (AGRT_STRESS_OPS overrides).
+TEST(randomized_stress_four_threads_three_streams) {
+#if defined(__SANITIZE_ADDRESS__)
+  std::size_t total_ops = 100000;
+#else
+  std::size_t total_ops = 1000000;
+#endif
+  if (const char* env = std::getenv("AGRT_STRESS_OPS")) total_ops = std::strtoull(env, nullptr, 10);
+  for (bool expandable : {true, false}) {
+    auto up = limiting(1ull << 34, expandable, /*manual_events=*/true);
+    CachingPool pool(up, small_arenas());
+    std::atomic<std::size_t> corrupt{0}, ooms{0}, check_failures{0}, done_ops{0};
+    const int threads = 4;
+    auto worker = [&](int tid) {
+      std::mt19937_64 rng(1234 + tid + (expandable ? 100 : 0));
+      struct Live {
+        std::uint64_t* p;
+        std::size_t n;
+        std::uintptr_t stream;
+        std::uint64_t tag;
+      };
+      std::vector<Live> live;
+      std::uint64_t next_tag = std::uint64_t(tid) << 56;
+      auto verify_and_free = [&](std::size_t i) {
+        Live l = live[i];
+        const std::size_t words = l.n / 8;
+        for (std::size_t w = 0; w < words; ++w)
+          if (l.p[w] != (l.tag ^ w)) {
+            ++corrupt;
+            break;
+          }
+        pool.deallocate(l.p, l.stream);
+        live[i] = live.back();
+        live.pop_back();
+      };
+      const std::size_t my_ops = total_ops / threads;
+      for (std::size_t op = 0; op < my_ops; ++op) {
+        const unsigned roll = rng() % 1000;
+        if (roll < 2) {
+          const std::size_t lim = (rng() % 4 == 0) ? kNoLimit : (8 + rng() % 56) * MiB;
+          pool.set_limit(lim);
+        } else if (roll < 3) {
+          pool.trim();
+        } else if (roll < 4) {
+          up->complete_events();
+        } else if (roll < 5 && tid == 0) {
+          try {
+            pool.check();
+          } catch (const std::exception& e) {
+            std::fprintf(stderr, "  %s\n", e.what());
+            ++check_failures;
+          }
+        } else if (roll < 520 && live.size() < 96) {
+          // Log-uniform sizes 8 B .. 32 KiB, and rarely 256 KiB .. 2 MiB.
+          std::size_t n = (rng() % 500 == 0) ? (256 * KiB + rng() % (1792 * KiB)) : (std::size_t{8} << (rng() % 13));
+          n = (n + rng() % n) & ~std::size_t{7};
+          if (n == 0) n = 8;
+          const std::uintptr_t stream = rng() % 3;
+          try {
+            auto* p = static_cast<std::uint64_t*>(pool.allocate(n, stream));
+            const std::uint64_t tag = next_tag++ * 0x9E3779B97F4A7C15ull;
+            for (std::size_t w = 0; w < n / 8; ++w) p[w] = tag ^ w;
+            live.push_back({p, n, stream, tag});
+          } catch (const OutOfMemoryError&) {
+            ++ooms;
+          }
+        } else if (!live.empty()) {
+          verify_and_free(rng() % live.size());
+        }
+        ++done_ops;
+      }
+      while (!live.empty()) verify_and_free(live.size() - 1);
+    };
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) ts.emplace_back(worker, t);
+    for (auto& t : ts) t.join();
+    pool.check();
+    const auto s = pool.stats();
+    std::printf("  stress(%s): %zu ops, %zu ooms, %llu upstream allocs, peak reserved %zu\n",
+                expandable ? "arena" : "segments", done_ops.load(), ooms.load(),
+                static_cast<unsigned long long>(s.num_upstream_allocs), s.peak_reserved_bytes);
+    CHECK(done_ops.load() == total_ops / threads * threads);
+    CHECK(corrupt.load() == 0);
+    CHECK(check_failures.load() == 0);
+    CHECK(s.allocated_bytes == 0 && s.requested_bytes == 0 && s.num_live_blocks == 0);
+    CHECK(s.num_allocs == s.num_frees);
+    pool.set_limit(kNoLimit);
+    pool.trim();
+    CHECK(pool.stats().reserved_bytes == 0);
+    CHECK(up->outstanding() == 0);
+  }
+}
+
+AGRT_TEST_MAIN()
