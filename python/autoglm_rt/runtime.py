@@ -100,7 +100,7 @@ class Runtime:
         min_micro_batch: int = 1,
         capacity: int | str | None = None,
         memory_limits: Mapping[str, float | int | str] | None = None,
-        threads_by_phase: Mapping[str, int] | None | bool = None,
+        threads_by_phase: Mapping[str, int] | bool | None = None,
         phase_detector: PhaseDetector | None = None,
         goodput: bool = False,
         max_effective_batch: int | None = None,
@@ -125,9 +125,7 @@ class Runtime:
             raise ValueError("model: has no parameters that require gradients")
         self.device = self.params[0].device
         self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.strategy = (
-            strategy if isinstance(strategy, Strategy) or strategy is None else Strategy.from_yaml(strategy)
-        )
+        self.strategy = strategy if isinstance(strategy, Strategy) or strategy is None else Strategy.from_yaml(strategy)
         self.phase_detector = phase_detector if phase_detector is not None else PhaseDetector()
         self.memory_policy: MemoryPolicy | None = None
         if pool is not None:
@@ -273,7 +271,9 @@ class Runtime:
         self._fb_seconds += self.clock() - t0
         return total
 
-    def _forward_backward_exact(self, batch: Batch, n: int, loss_fn: LossFn, controller: BatchController) -> torch.Tensor:
+    def _forward_backward_exact(
+        self, batch: Batch, n: int, loss_fn: LossFn, controller: BatchController
+    ) -> torch.Tensor:
         params = self.params
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         want_norms = n > controller.micro_batch or bool(self._micro_sqnorms)
@@ -490,7 +490,9 @@ def _batch_size(batch: Batch) -> int:
     elif isinstance(batch, Mapping) and batch:
         sizes = {_batch_size(b) for b in batch.values()}
     else:
-        raise TypeError(f"batch: expected a tensor or a non-empty tuple/list/dict of tensors, got {type(batch).__name__}")
+        raise TypeError(
+            f"batch: expected a tensor or a non-empty tuple/list/dict of tensors, got {type(batch).__name__}"
+        )
     if len(sizes) != 1:
         raise ValueError(f"batch: its parts disagree on the number of samples: {sorted(sizes)}")
     return sizes.pop()
