@@ -137,7 +137,7 @@ class Runtime:
             elif isinstance(threads_by_phase, Mapping):
                 kwargs["threads"] = threads_by_phase
             self.memory_policy = MemoryPolicy(pool, **kwargs)
-        self._controller_args = {
+        self._controller_args: dict[str, Any] = {
             "micro_batch": micro_batch,
             "min_micro_batch": min_micro_batch,
             "goodput": goodput,
