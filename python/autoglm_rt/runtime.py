@@ -51,7 +51,9 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one :meth:`Runtime.step` saw and did."""
+    """What one :meth:`Runtime.step` saw and did. ``step_seconds``: wall time from the end of the
+    previous ``step()`` to the start of this one (None for the first). ``overhead_seconds``: the
+    time ``step()`` itself took, without the optimizer's own step."""
 
     step: int
     loss: float | None
@@ -347,11 +349,13 @@ class Runtime:
         noise_scale = self._update_noise(sumsq)
 
         skipped = nonfinite > 0
+        t_opt = self.clock()
         if skipped:
             self.skipped_steps += 1
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        optimizer_seconds = self.clock() - t_opt
 
         batch = self._samples_this_step or controller.effective_batch
         state = self.phase_detector.update(
@@ -389,7 +393,7 @@ class Runtime:
             step=self.step_count,
             loss=self._last_loss,
             step_seconds=step_seconds,
-            overhead_seconds=t_end - t_start,
+            overhead_seconds=t_end - t_start - optimizer_seconds,
             grad_norm=math.sqrt(sumsq) if math.isfinite(sumsq) else math.inf,
             nonfinite=nonfinite,
             skipped=skipped,

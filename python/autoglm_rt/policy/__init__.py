@@ -14,7 +14,12 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from autoglm_rt.policy.actuators import ActionResult, Actuators, RecordingScheduler
+from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, run_step, statistical_efficiency
 from autoglm_rt.policy.control import PID
+from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
+from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
+from autoglm_rt.policy.simulate import read_metrics_csv, simulate
 from autoglm_rt.policy.strategy import Action, ConfigError, Rule, Strategy
 
 
@@ -27,4 +32,26 @@ def bundled_strategy(name: str) -> Path:
     return path
 
 
-__all__ = ["PID", "Action", "ConfigError", "Rule", "Strategy", "bundled_strategy"]
+__all__ = [
+    "PID",
+    "Action",
+    "ActionResult",
+    "Actuators",
+    "BatchController",
+    "BatchPlan",
+    "ConfigError",
+    "MemoryDecision",
+    "MemoryPolicy",
+    "PhaseDetector",
+    "PhaseEvent",
+    "PhaseState",
+    "RecordingScheduler",
+    "Rule",
+    "Strategy",
+    "bundled_strategy",
+    "lr_factor",
+    "read_metrics_csv",
+    "run_step",
+    "simulate",
+    "statistical_efficiency",
+]
