@@ -41,6 +41,63 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
+def compare_one(
+    data: list[tuple[torch.Tensor, torch.Tensor]], batch: int, micro: int, rounds: int, min_time: float
+) -> benchmarking.Comparison:
+    plain_model, rt_model = make_cnn(), make_cnn()
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
+    accumulation = batch // micro
+
+    def plain_loop() -> None:
+        for x, y in data:
+            for i in range(accumulation):
+                sl = slice(i * micro, (i + 1) * micro)
+                (loss_fn(plain_model, (x[sl], y[sl])) / accumulation).backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+
+    rt = Runtime(
+        rt_model,
+        torch.optim.AdamW(rt_model.parameters(), lr=1e-3),
+        strategy=Strategy.from_yaml(bundled_strategy("phase_aware")),
+        micro_batch=micro,
+        precision_by_phase={},
+        phase_detector=PhaseDetector(),
+        metrics_source=lambda: {"gpu_utilization": 0.5, "cpu_usage": 0.5, "load_1min": 1.0},
+    )
+    overheads: list[float] = []
+    step_times: list[float] = []
+
+    def runtime_loop() -> None:
+        for _, b in rt.batches(data):
+            rt.forward_backward(b, loss_fn)
+            r = rt.step()
+            overheads.append(r.overhead_seconds)
+            if r.step_seconds:
+                step_times.append(r.step_seconds)
+
+    cmp = benchmarking.compare(
+        f"Runtime step vs plain loop, micro {micro} x {accumulation}",
+        runtime_loop,
+        plain_loop,
+        case_label="Runtime",
+        baseline_label="plain torch loop",
+        rounds=rounds,
+        min_time=min_time,
+    )
+    steps = len(data)
+    cmp.case_seconds /= steps
+    cmp.baseline_seconds /= steps
+    cmp.extra = {
+        "step_overhead_seconds_median": statistics.median(overheads),
+        "step_seconds_median": statistics.median(step_times),
+        "overhead_fraction_of_step": statistics.median(overheads) / statistics.median(step_times),
+        "noise_scale_last": rt.policy_metrics()["noise_scale"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    return cmp
+
+
 def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
     batch, steps = 32, 3
     g = torch.Generator().manual_seed(0)
@@ -49,56 +106,4 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
     ]
     rounds = 3 if ctx.quick else 7
     min_time = 0.2 if ctx.quick else 1.0
-    out = []
-    for micro in (32, 8):
-        plain_model, rt_model = make_cnn(), make_cnn()
-        plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
-        accumulation = batch // micro
-
-        def plain_loop() -> None:
-            for x, y in data:
-                for i in range(accumulation):
-                    sl = slice(i * micro, (i + 1) * micro)
-                    (loss_fn(plain_model, (x[sl], y[sl])) / accumulation).backward()
-                plain_opt.step()
-                plain_opt.zero_grad(set_to_none=True)
-
-        rt = Runtime(
-            rt_model,
-            torch.optim.AdamW(rt_model.parameters(), lr=1e-3),
-            strategy=Strategy.from_yaml(bundled_strategy("phase_aware")),
-            micro_batch=micro,
-            precision_by_phase={},
-            phase_detector=PhaseDetector(),
-            metrics_source=lambda: {"gpu_utilization": 0.5, "cpu_usage": 0.5, "load_1min": 1.0},
-        )
-        overheads: list[float] = []
-        step_times: list[float] = []
-
-        def runtime_loop() -> None:
-            for _, b in rt.batches(data):
-                rt.forward_backward(b, loss_fn)
-                r = rt.step()
-                overheads.append(r.overhead_seconds)
-                if r.step_seconds:
-                    step_times.append(r.step_seconds)
-
-        cmp = benchmarking.compare(
-            f"Runtime step vs plain loop, micro {micro} x {accumulation}",
-            runtime_loop,
-            plain_loop,
-            case_label="Runtime",
-            baseline_label="plain torch loop",
-            rounds=rounds,
-            min_time=min_time,
-        )
-        cmp.case_seconds /= steps
-        cmp.baseline_seconds /= steps
-        cmp.extra = {
-            "step_overhead_seconds_median": statistics.median(overheads),
-            "step_seconds_median": statistics.median(step_times),
-            "overhead_fraction_of_step": statistics.median(overheads) / statistics.median(step_times),
-            "torch_threads": torch.get_num_threads(),
-        }
-        out.append(cmp)
-    return out
+    return [compare_one(data, batch, micro, rounds, min_time) for micro in (32, 8)]
