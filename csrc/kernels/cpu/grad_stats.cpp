@@ -62,7 +62,7 @@ double first_finite(const void* base, std::int64_t b, std::int64_t e) noexcept {
 // Scalar accumulators; also used for the vector path's tails and its rare blocks with non-finite
 // values, so every element goes through the same float64 formulas.
 struct ScalarAcc {
-  double sum = 0, sumsq = 0, s2 = 0, maxabs = 0;
+  double sum = 0, sumsq = 0, s1 = 0, s2 = 0, maxabs = 0;
   std::int64_t count = 0, nonfinite = 0;
 
   void add(float xf, double shift) noexcept {
@@ -75,17 +75,15 @@ struct ScalarAcc {
     ++count;
     sum += x;
     sumsq += x * x;
+    s1 += d;
     s2 += d * d;
     maxabs = std::max(maxabs, std::fabs(x));
   }
 };
 
 Moments finish(const ScalarAcc& a, double shift) noexcept {
-  const double count = static_cast<double>(a.count);
-  // sum(x - shift) from the exact-enough float64 sum; see grad_stats_moments.h for the bound.
-  const double s1 = a.sum - count * shift;
-  return detail::moments_from_shifted(count, static_cast<double>(a.nonfinite), a.sum, a.sumsq, a.maxabs, shift,
-                                      s1, a.s2);
+  return detail::moments_from_shifted(static_cast<double>(a.count), static_cast<double>(a.nonfinite), a.sum, a.sumsq,
+                                      a.maxabs, shift, a.s1, a.s2);
 }
 
 template <DType D>
@@ -119,68 +117,65 @@ AGRT_AVX2 inline double hsum(__m256d v) noexcept {
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
-// Blocks of kBlock elements: inside a block, sum, sum of squares and the shifted sum of squares
-// accumulate in float32 lanes (two interleaved sets, so each lane adds only 8 terms: error at most
-// 8 * 2^-24 of the block's absolute sum, below the 1e-6 budget even in the worst case), then widen
-// into float64 lanes. A block holding a NaN or Inf (rare) is redone by the scalar accumulator, so
-// the fast path needs no masking: it only ORs the non-finite test into a flag per block.
-constexpr std::int64_t kBlock = 128;
+// Blocks of kBlock elements: inside a block, sum, sum of squares and the shifted sum and sum of
+// squares (x - shift is exact in float32 when x is within a factor 2 of shift) accumulate in
+// float32 lanes, 8 terms per lane (error at most 8 * 2^-24 of the lane's absolute sum, below the
+// 1e-6 budget even in the worst case), then widen into float64 lanes. float32 squares are exact
+// enough only inside a range, so a block where a lane's largest |x| lies outside
+// [kLaneMin, kLaneMax] (and is not 0), or that holds a NaN or Inf (its float32 sum of squares is
+// then not finite), is redone by the scalar float64 accumulator. That is rare, and keeps the fast
+// path free of masking: the checks run once per block.
+constexpr std::int64_t kBlock = 64;
+constexpr float kLaneMax = 5e17f;   // |x - shift| <= 1e18: 8 squares stay far below FLT_MAX
+constexpr float kLaneMin = 1e-15f;  // squares >= 1e-30: float32 underflow error negligible
 
 template <DType D>
 AGRT_AVX2 Moments scan_avx2(const void* base, std::int64_t b, std::int64_t e) noexcept {
   const double shift = first_finite<D>(base, b, e);
+  // (x - shift)^2 must stay in range too; an item with a huge element goes the scalar way.
+  if (!(std::fabs(shift) <= static_cast<double>(kLaneMax))) return scan_scalar<D>(base, b, e);
   const __m256 kf = _mm256_set1_ps(static_cast<float>(shift));  // exact: shift is an element
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 inf = _mm256_set1_ps(INFINITY);
   __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
   __m256d sq_lo = _mm256_setzero_pd(), sq_hi = _mm256_setzero_pd();
+  __m256d s1_lo = _mm256_setzero_pd(), s1_hi = _mm256_setzero_pd();
   __m256d s2_lo = _mm256_setzero_pd(), s2_hi = _mm256_setzero_pd();
   __m256 maxv = _mm256_setzero_ps();
   std::int64_t fast = 0;  // elements taken by the vector path
   ScalarAcc slow;
   std::int64_t i = b;
   for (; i + kBlock <= e; i += kBlock) {
-    __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
-    __m256 qa = _mm256_setzero_ps(), qb = _mm256_setzero_ps();
-    __m256 da = _mm256_setzero_ps(), db = _mm256_setzero_ps();
-    __m256 ma = _mm256_setzero_ps(), mb = _mm256_setzero_ps();
-    __m256 bad = _mm256_setzero_ps();
-    for (std::int64_t j = i; j < i + kBlock; j += 16) {
+    __m256 s = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+    __m256 c = _mm256_setzero_ps(), d2 = _mm256_setzero_ps();
+    __m256 m = _mm256_setzero_ps();
+    for (std::int64_t j = i; j < i + kBlock; j += 8) {
       const __m256 x = load8<D>(base, j);
-      const __m256 y = load8<D>(base, j + 8);
-      const __m256 ax = _mm256_and_ps(x, absmask);
-      const __m256 ay = _mm256_and_ps(y, absmask);
-      // ax >= Inf or unordered (NaN): a non-finite lane.
-      bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(ax, inf, _CMP_NLT_UQ), _mm256_cmp_ps(ay, inf, _CMP_NLT_UQ)));
-      ma = _mm256_max_ps(ma, ax);
-      mb = _mm256_max_ps(mb, ay);
-      sa = _mm256_add_ps(sa, x);
-      sb = _mm256_add_ps(sb, y);
-      qa = _mm256_fmadd_ps(x, x, qa);
-      qb = _mm256_fmadd_ps(y, y, qb);
+      m = _mm256_max_ps(m, _mm256_and_ps(x, absmask));
+      s = _mm256_add_ps(s, x);
+      q = _mm256_fmadd_ps(x, x, q);
       const __m256 dx = _mm256_sub_ps(x, kf);
-      const __m256 dy = _mm256_sub_ps(y, kf);
-      da = _mm256_fmadd_ps(dx, dx, da);
-      db = _mm256_fmadd_ps(dy, dy, db);
+      c = _mm256_add_ps(c, dx);
+      d2 = _mm256_fmadd_ps(dx, dx, d2);
     }
+    // q >= Inf or NaN: a non-finite element (ranges below rule out overflow).
+    __m256 bad = _mm256_cmp_ps(q, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, _mm256_set1_ps(kLaneMax), _CMP_NLE_UQ));
+    bad = _mm256_or_ps(bad, _mm256_and_ps(_mm256_cmp_ps(m, _mm256_set1_ps(kLaneMin), _CMP_LT_OQ),
+                                          _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_GT_OQ)));
     if (__builtin_expect(_mm256_movemask_ps(bad) != 0, 0)) {
       for (std::int64_t j = i; j < i + kBlock; ++j) slow.add(load1<D>(base, j), shift);
       continue;
     }
     fast += kBlock;
-    maxv = _mm256_max_ps(maxv, _mm256_max_ps(ma, mb));
-    const __m256d sa_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(sa)), sa_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(sa, 1));
-    const __m256d sb_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(sb)), sb_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(sb, 1));
-    sum_lo = _mm256_add_pd(sum_lo, _mm256_add_pd(sa_lo, sb_lo));
-    sum_hi = _mm256_add_pd(sum_hi, _mm256_add_pd(sa_hi, sb_hi));
-    const __m256d qa_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(qa)), qa_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(qa, 1));
-    const __m256d qb_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(qb)), qb_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(qb, 1));
-    sq_lo = _mm256_add_pd(sq_lo, _mm256_add_pd(qa_lo, qb_lo));
-    sq_hi = _mm256_add_pd(sq_hi, _mm256_add_pd(qa_hi, qb_hi));
-    const __m256d da_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(da)), da_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(da, 1));
-    const __m256d db_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(db)), db_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(db, 1));
-    s2_lo = _mm256_add_pd(s2_lo, _mm256_add_pd(da_lo, db_lo));
-    s2_hi = _mm256_add_pd(s2_hi, _mm256_add_pd(da_hi, db_hi));
+    maxv = _mm256_max_ps(maxv, m);
+    sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(s)));
+    sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1)));
+    sq_lo = _mm256_add_pd(sq_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+    sq_hi = _mm256_add_pd(sq_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+    s1_lo = _mm256_add_pd(s1_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(c)));
+    s1_hi = _mm256_add_pd(s1_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)));
+    s2_lo = _mm256_add_pd(s2_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(d2)));
+    s2_hi = _mm256_add_pd(s2_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(d2, 1)));
   }
   for (; i < e; ++i) slow.add(load1<D>(base, i), shift);
 
@@ -191,6 +186,7 @@ AGRT_AVX2 Moments scan_avx2(const void* base, std::int64_t b, std::int64_t e) no
   a.nonfinite = slow.nonfinite;
   a.sum = hsum(_mm256_add_pd(sum_lo, sum_hi)) + slow.sum;
   a.sumsq = hsum(_mm256_add_pd(sq_lo, sq_hi)) + slow.sumsq;
+  a.s1 = hsum(_mm256_add_pd(s1_lo, s1_hi)) + slow.s1;
   a.s2 = hsum(_mm256_add_pd(s2_lo, s2_hi)) + slow.s2;
   a.maxabs = slow.maxabs;
   for (float v : m) a.maxabs = std::max(a.maxabs, static_cast<double>(v));
