@@ -206,6 +206,16 @@ AGRT_BINDINGS(memory) {
       py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
       "Replays a trace CSV through a fresh host pool in a C++ loop.");
 
+  m.def(
+      "memory_replay_direct_ns",
+      [](const std::string& path, int repeat) {
+        py::gil_scoped_release nogil;
+        auto up = make_host_upstream(false);
+        return replay_direct_ns_per_op(read_trace(path), repeat, *up);
+      },
+      py::arg("path"), py::arg("repeat"),
+      "ns per operation replaying a trace with posix_memalign/free directly (the pool's baseline).");
+
   m.def("memory_loop_ns", &loop_ns, py::arg("nbytes"), py::arg("iters"), py::arg("target"),
         py::call_guard<py::gil_scoped_release>(),
         "ns per alloc+free pair in a C++ loop: 'pool', 'upstream' (posix_memalign/free) or 'upstream-map'.");

@@ -1,5 +1,6 @@
 // Trace files and their replay through a fresh pool, in one C++ loop.
 #include <chrono>
+#include <utility>
 #include <fstream>
 #include <sstream>
 #include <unordered_map>
@@ -49,16 +50,18 @@ std::vector<TraceRecord> read_trace(const std::string& path) {
   return out;
 }
 
-ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
-                    PoolOptions options) {
-  AGRT_EXPECTS(repeat >= 1, ValueError, "replay: repeat must be >= 1, got ", repeat);
-  // Ids become dense slots before timing, so the loop measures the pool and not a hash map.
-  struct Op {
-    bool is_alloc;
-    std::uint32_t slot;
-    std::size_t bytes;
-    std::uintptr_t stream;
-  };
+namespace {
+
+struct Op {
+  bool is_alloc;
+  std::uint32_t slot;
+  std::size_t bytes;
+  std::uintptr_t stream;
+};
+
+// Ids become dense slots before timing, so the loop measures the allocator and not a hash map.
+// Returns the ops and the number of slots; throws ValueError for inconsistent traces.
+std::pair<std::vector<Op>, std::size_t> compile(const std::vector<TraceRecord>& trace) {
   std::vector<Op> ops;
   ops.reserve(trace.size());
   std::unordered_map<std::uint64_t, std::uint32_t> slot_of;
@@ -82,10 +85,48 @@ ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shar
       ops.push_back({false, it->second, r.bytes, r.stream});
     }
   }
+  return {std::move(ops), slot_live.size()};
+}
 
+}  // namespace
+
+double replay_direct_ns_per_op(const std::vector<TraceRecord>& trace, int repeat, Upstream& upstream) {
+  AGRT_EXPECTS(repeat >= 1, ValueError, "replay: repeat must be >= 1, got ", repeat);
+  const auto [ops, slots] = compile(trace);
+  std::vector<void*> ptrs(slots, nullptr);
+  std::vector<std::size_t> sizes(slots, 0);
+  std::uint64_t n = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int pass = 0; pass < repeat; ++pass) {
+    for (const Op& op : ops) {
+      if (op.is_alloc) {
+        ptrs[op.slot] = upstream.allocate(op.bytes);
+        AGRT_EXPECTS(ptrs[op.slot] != nullptr, RuntimeError, "replay: the upstream is out of memory");
+        sizes[op.slot] = op.bytes;
+      } else {
+        upstream.deallocate(ptrs[op.slot], sizes[op.slot]);
+        ptrs[op.slot] = nullptr;
+      }
+    }
+    n += ops.size();
+    for (std::size_t s = 0; s < slots; ++s)
+      if (ptrs[s]) {
+        upstream.deallocate(ptrs[s], sizes[s]);
+        ptrs[s] = nullptr;
+        ++n;
+      }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  return ns / double(n ? n : 1);
+}
+
+ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
+                    PoolOptions options) {
+  AGRT_EXPECTS(repeat >= 1, ValueError, "replay: repeat must be >= 1, got ", repeat);
+  const auto [ops, slots] = compile(trace);
   CachingPool pool(std::move(upstream), options);
-  std::vector<void*> ptrs(slot_live.size(), nullptr);
-  std::vector<std::uintptr_t> streams(slot_live.size(), 0);
+  std::vector<void*> ptrs(slots, nullptr);
+  std::vector<std::uintptr_t> streams(slots, 0);
   ReplayResult res;
   double total_ns = 0;
   for (int pass = 0; pass < repeat; ++pass) {

@@ -184,7 +184,7 @@ class CachingPool:
 
     def trace(self) -> list[tuple[str, int, int, int]]:
         """The recorded trace as (op, id, bytes, stream) rows."""
-        return [tuple(row) for row in self._native.trace()]
+        return [(str(op), int(i), int(b), int(s)) for op, i, b, s in self._native.trace()]
 
     def dump_trace(self, path: str | os.PathLike[str]) -> Path:
         """Writes the recorded trace as CSV (``op,id,bytes,stream``) and returns the path."""
@@ -363,7 +363,7 @@ def cupy_allocator(device: int = 0, limit: int | str | None = None) -> Callable[
     """An allocator for ``cupy.cuda.set_allocator`` backed by a CachingPool on ``device``. The
     returned function carries the pool as ``.pool``. Needs cupy (``pip install autoglm-rt[cupy]``)."""
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
     except ImportError as exc:
         raise ImportError("cupy_allocator needs cupy (pip install cupy-cuda12x)") from exc
     pool = CachingPool(f"cuda:{device}", limit)

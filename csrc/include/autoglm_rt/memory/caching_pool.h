@@ -133,4 +133,8 @@ struct ReplayResult {
 ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
                     PoolOptions options);
 
+/// The baseline of replay(): the same trace calling upstream->allocate/deallocate directly for
+/// every request (no pool). Returns ns per operation.
+double replay_direct_ns_per_op(const std::vector<TraceRecord>& trace, int repeat, Upstream& upstream);
+
 }  // namespace agrt::memory

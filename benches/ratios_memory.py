@@ -1,0 +1,111 @@
+"""The caching pool against what a user would otherwise use, side by side in one process:
+
+- cached alloc+free pairs in a C++ loop vs. calling the host upstream directly (posix_memalign/free);
+- the Python-level alloc+free cost vs. torch.empty on the CPU (torch's own caching-free allocator);
+- replay of each trace in benches/traces/ and ../shared/traces/ vs. posix_memalign/free per request,
+  with the footprint (peak reserved / peak requested, upstream calls after the first pass) of this
+  pool and of PyTorch's default block policy (benches/torch_policy_sim.py) in `extra`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from autoglm_rt import benchmarking, memory
+from autoglm_rt._native import _C
+
+HERE = Path(__file__).resolve().parent
+TRACE_DIRS = [HERE / "traces", HERE.parent.parent / "shared" / "traces"]
+
+
+def traces() -> list[Path]:
+    found: dict[str, Path] = {}
+    for d in TRACE_DIRS:
+        for p in sorted(d.glob("*.csv")) if d.is_dir() else []:
+            found.setdefault(p.name, p)
+    return list(found.values())
+
+
+def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(HERE))
+    import torch_policy_sim
+
+    rounds = 3 if ctx.quick else 7
+    iters = 20_000 if ctx.quick else 200_000
+    out: list[benchmarking.Comparison] = []
+    for size, label in ((4096, "4 KiB"), (2**20, "1 MiB"), (16 * 2**20, "16 MiB")):
+        n = iters if size <= 2**20 else iters // 20
+        cmp = benchmarking.compare(
+            f"cached alloc+free pair {label} (C++ loop)",
+            lambda size=size, n=n: _C.memory_loop_ns(size, n, "pool"),
+            lambda size=size, n=n: _C.memory_loop_ns(size, n, "upstream"),
+            baseline_label="posix_memalign/free",
+            rounds=rounds,
+        )
+        cmp.extra = {
+            "pool_ns_per_pair": _C.memory_loop_ns(size, n, "pool"),
+            "upstream_ns_per_pair": _C.memory_loop_ns(size, n, "upstream"),
+        }
+        out.append(cmp)
+
+    import torch
+
+    pool = memory.CachingPool()
+
+    def pool_pair() -> None:
+        pool.deallocate(pool.allocate(65536))
+
+    def torch_pair() -> None:
+        t = torch.empty(65536, dtype=torch.uint8)
+        del t
+
+    def batch(fn) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(1000):
+            fn()
+
+    out.append(
+        benchmarking.compare(
+            "Python alloc+free 64 KiB x1000",
+            lambda: batch(pool_pair),
+            lambda: batch(torch_pair),
+            baseline_label="torch.empty (cpu)",
+            rounds=rounds,
+        )
+    )
+
+    repeat = 10 if ctx.quick else 50  # enough passes that the loop, not CSV parsing, dominates
+    for path in traces():
+        ours = memory.replay(path, repeat=repeat)
+        torch_like = torch_policy_sim.replay(memory.read_trace(path), repeat=3)
+        cmp = benchmarking.compare(
+            f"replay {path.name} x{repeat}",
+            lambda path=path: memory.replay(path, repeat=repeat),
+            lambda path=path: _C.memory_replay_direct_ns(str(path), repeat),
+            baseline_label="posix_memalign/free",
+            rounds=rounds,
+        )
+        cmp.extra = {
+            "pool_ns_per_op": ours["ns_per_op"],
+            "direct_ns_per_op": _C.memory_replay_direct_ns(str(path), repeat),
+            "peak_requested_bytes": ours["peak_requested_bytes"],
+            "pool_peak_reserved_bytes": ours["peak_reserved_bytes"],
+            "pool_reserved_to_requested": ours["reserved_to_requested"],
+            "pool_upstream_allocs": ours["upstream_allocs"],
+            "pool_upstream_allocs_after_first_pass": ours["upstream_allocs_after_first_pass"],
+            "pool_segments_reserved_to_requested": memory.replay(path, repeat=3, expandable=False)[
+                "reserved_to_requested"
+            ],
+            "pool_2mib_granule_reserved_to_requested": memory.replay(path, repeat=3, granularity="2Mi")[
+                "reserved_to_requested"
+            ],
+            "torch_policy_peak_reserved_bytes": torch_like["peak_reserved_bytes"],
+            "torch_policy_reserved_to_requested": torch_like["reserved_to_requested"],
+            "torch_policy_upstream_allocs_after_first_pass": torch_like["upstream_allocs_after_first_pass"],
+        }
+        assert cmp.extra["peak_requested_bytes"] == torch_like["peak_requested_bytes"]
+        out.append(cmp)
+    for c in out:
+        for k, v in c.extra.items():
+            print(f"  {c.name}: {k} = {v:.4g}" if isinstance(v, float) else f"  {c.name}: {k} = {v}")
+    return out
