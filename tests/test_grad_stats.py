@@ -56,8 +56,10 @@ def randn(n: int, dtype: torch.dtype = torch.float32, seed: int = 0, loc: float 
 def test_random_shapes_match_reference(dtype: torch.dtype) -> None:
     rng = np.random.default_rng(1)
     shapes = [tuple(int(s) for s in rng.integers(1, 70, size=rng.integers(1, 4))) for _ in range(40)]
-    tensors = [randn(int(np.prod(s)), dtype, seed=i, loc=float(rng.normal()), scale=float(rng.uniform(0.1, 3))).reshape(s)
-               for i, s in enumerate(shapes)]
+    tensors = [
+        randn(int(np.prod(s)), dtype, seed=i, loc=float(rng.normal()), scale=float(rng.uniform(0.1, 3))).reshape(s)
+        for i, s in enumerate(shapes)
+    ]
     stats = check(tensors)
     assert stats.numel.dtype == np.int64 and stats.nonfinite.dtype == np.int64
     assert stats.sum.dtype == np.float64 and isinstance(stats.total.numel, int)
@@ -101,8 +103,9 @@ def test_ten_thousand_tiny_tensors() -> None:
     for name in ("numel", "nonfinite"):
         np.testing.assert_array_equal(getattr(stats, name), [r[name] for r in per])
     for name in ("sum", "mean"):
-        scale = np.array([r["sum_abs"] / max(1, r["numel"] - r["nonfinite"]) if name == "mean" else r["sum_abs"]
-                          for r in per])
+        scale = np.array(
+            [r["sum_abs"] / max(1, r["numel"] - r["nonfinite"]) if name == "mean" else r["sum_abs"] for r in per]
+        )
         ref = np.array([r[name] for r in per])
         got = getattr(stats, name)
         finite = ~np.isnan(ref)
@@ -240,8 +243,11 @@ def test_generators_and_tuples_are_accepted() -> None:
 
 
 def test_device_results_match_reference(device: str) -> None:
-    tensors = [randn(n, dtype, seed=n).to(device) for n in (0, 1, 1000, 65_537, 300_001)
-               for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    tensors = [
+        randn(n, dtype, seed=n).to(device)
+        for n in (0, 1, 1000, 65_537, 300_001)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ]
     tensors[6][7] = float("nan")  # n=1000, float32
     stats = ops.grad_stats(tensors)
     assert stats.on_device == (device == "cuda")

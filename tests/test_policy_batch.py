@@ -247,3 +247,15 @@ def test_bad_arguments(kwargs: dict[str, object], exc: type[Exception], words: s
     c = BatchController(8)
     with pytest.raises(ValueError, match="seconds"):
         c.observe_step_time(math.nan)
+
+
+def test_adascale_rule_agrees_with_the_noise_scale_estimators_gain() -> None:
+    from autoglm_rt.stats import NoiseScale
+
+    noise = NoiseScale(beta=0.0, base_batch=32)
+    # micro-batches of 8 with mean squared norm 5.0; their average (32 samples) has 2.0
+    noise.update(5.0, 8, 2.0, 32)
+    b = noise.b_simple
+    assert b is not None
+    for scale in (1.0, 2.0, 8.0, 64.0):
+        assert lr_factor("adascale", 32 * scale, 32, b) == pytest.approx(noise.gain(scale), rel=1e-12)
