@@ -4,7 +4,6 @@ precision, strategy actions with real effects, metrics."""
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import pytest
