@@ -298,3 +298,24 @@ def test_bad_input() -> None:
         rt.step()
     with pytest.raises(ValueError, match="precision"):
         rt.set_precision("int8")
+
+
+class FakeCommState:
+    """Stands in for ddp.TopKState.norms() on 4 ranks with known per-rank and averaged norms."""
+
+    def norms(self) -> dict[str, float]:
+        return {"local_sq_norm": 5.0, "mean_local_sq_norm": 5.0, "global_sq_norm": 2.0, "world_size": 4.0}
+
+
+def test_noise_scale_comes_from_the_comm_state_on_several_ranks() -> None:
+    from autoglm_rt.stats import NoiseScale
+
+    model = make_model()
+    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.0), comm_state=FakeCommState())
+    x, y = make_data(32)
+    ref = NoiseScale()
+    for _ in range(3):
+        rt.forward_backward((x, y), mse)
+        report = rt.step()
+        ref.update(5.0, 32, 2.0, 128)
+    assert report.noise_scale == pytest.approx(ref.b_simple, rel=1e-12)

@@ -13,8 +13,8 @@ gradient of the batch's mean loss whatever the split. A batch is a tensor, or a 
 tensors, whose first dimension is the sample.
 
 What ``step()`` does, in order: fused gradient statistics (``autoglm_rt.ops.grad_stats``) ->
-noise scale (``autoglm_rt.stats.NoiseScale``, from the micro-batch gradients' squared norms vs the
-accumulated one) -> the optimizer step (skipped, and counted, when a gradient is non-finite) ->
+noise scale (``autoglm_rt.stats.NoiseScale``, from the DDP hook's per-rank vs averaged squared
+norms, or on one process from the micro-batch gradients' squared norms vs the accumulated one) -> the optimizer step (skipped, and counted, when a gradient is non-finite) ->
 :class:`~autoglm_rt.policy.PhaseDetector` -> on a phase change :class:`MemoryPolicy` (pool limit,
 threads) and the phase's precision -> :class:`BatchController` (memory pressure, goodput) ->
 strategy rules -> actuators -> ``metrics_sink(report)``.
@@ -81,7 +81,8 @@ class Runtime:
     ``autoglm_rt.memory.CachingPool`` (or anything with ``set_limit``/``stats``) whose limit the
     memory policy drives; ``capacity`` is the device memory its phase fractions refer to (default:
     the pool's current limit, else the CUDA device's or the host's total memory). ``comm_state``:
-    the DDP hook state (kept for the hook; its statistics are not read yet). ``effective_batch``:
+    the DDP hook state; when it has ``norms()`` (``autoglm_rt.ddp.TopKState``) and several ranks,
+    the noise scale comes from its per-rank vs averaged squared norms. ``effective_batch``:
     samples per optimizer step (default: the first loader batch's size). ``metrics_source``:
     returns monitor metrics for the strategy (``gpu_utilization``, ``memory_usage``, ``cpu_usage``,
     ``load_1min`` ...). ``metrics_sink``: called with every :class:`StepReport`.
@@ -415,18 +416,31 @@ class Runtime:
             self.metrics_sink(report)
         return report
 
-    def _update_noise(self, global_sqnorm: float) -> float | None:
+    def _noise_pair(self, global_sqnorm: float) -> tuple[float, float, float, float] | None:
+        """(local_sqnorm, local_batch, global_sqnorm, global_batch) for the noise-scale estimator:
+        from the DDP hook's per-rank vs averaged norms when there are several ranks, else from the
+        micro-batch gradients vs their accumulated mean."""
+        norms_fn = getattr(self.comm_state, "norms", None)
+        norms = norms_fn() if callable(norms_fn) else None
+        n = self._samples_this_step
+        if norms and norms.get("world_size", 1) > 1 and n > 0:
+            world = float(norms["world_size"])
+            return float(norms["mean_local_sq_norm"]), float(n), float(norms["global_sq_norm"]), n * world
         records = self._micro_sqnorms
         if len(records) >= 2 and math.isfinite(global_sqnorm):
             local_batch = sum(b for _, b in records) / len(records)
             local_sqnorm = sum(s for s, _ in records) / len(records)
-            global_batch = sum(b for _, b in records)
-            if global_batch > local_batch:
-                if self._noise is None:
-                    from autoglm_rt.stats import NoiseScale
+            return local_sqnorm, local_batch, global_sqnorm, float(sum(b for _, b in records))
+        return None
 
-                    self._noise = NoiseScale()
-                self._noise.update(local_sqnorm, local_batch, global_sqnorm, global_batch)
+    def _update_noise(self, global_sqnorm: float) -> float | None:
+        pair = self._noise_pair(global_sqnorm)
+        if pair is not None and all(math.isfinite(v) for v in pair) and pair[3] > pair[1]:
+            if self._noise is None:
+                from autoglm_rt.stats import NoiseScale
+
+                self._noise = NoiseScale()
+            self._noise.update(*pair)
         if self._noise is None:
             return None
         b = self._noise.b_simple
