@@ -14,7 +14,8 @@ tensors, whose first dimension is the sample.
 
 What ``step()`` does, in order: fused gradient statistics (``autoglm_rt.ops.grad_stats``) ->
 noise scale (``autoglm_rt.stats.NoiseScale``, from the DDP hook's per-rank vs averaged squared
-norms, or on one process from the micro-batch gradients' squared norms vs the accumulated one) -> the optimizer step (skipped, and counted, when a gradient is non-finite) ->
+norms, or on one process from the micro-batch gradients' squared norms vs the accumulated one) ->
+the optimizer step (skipped, and counted, when a gradient is non-finite) ->
 :class:`~autoglm_rt.policy.PhaseDetector` -> on a phase change :class:`MemoryPolicy` (pool limit,
 threads) and the phase's precision -> :class:`BatchController` (memory pressure, goodput) ->
 strategy rules -> actuators -> ``metrics_sink(report)``.
