@@ -259,3 +259,16 @@ def test_adascale_rule_agrees_with_the_noise_scale_estimators_gain() -> None:
     assert b is not None
     for scale in (1.0, 2.0, 8.0, 64.0):
         assert lr_factor("adascale", 32 * scale, 32, b) == pytest.approx(noise.gain(scale), rel=1e-12)
+
+
+def test_measured_compute_share_gives_the_step_time_model_directly() -> None:
+    c = BatchController(32, 8, goodput=True, max_effective_batch=256)
+    for _ in range(5):
+        c.observe_step_time(4 * 0.01 + 0.2, compute_seconds=4 * 0.01)  # one accumulation count only
+    tm, tf = c.step_time_model()
+    assert tm == pytest.approx(0.01) and tf == pytest.approx(0.2)
+    noise = 5000.0
+    best = max((32 * 2**k for k in range(4)), key=lambda b: reference_goodput(b, 8, 32, noise, 0.01, 0.2))
+    assert c.propose(noise) is not None and c.effective_batch == best == 256
+    with pytest.raises(ValueError, match="compute_seconds"):
+        c.observe_step_time(1.0, compute_seconds=-1.0)

@@ -319,3 +319,39 @@ def test_noise_scale_comes_from_the_comm_state_on_several_ranks() -> None:
         report = rt.step()
         ref.update(5.0, 32, 2.0, 128)
     assert report.noise_scale == pytest.approx(ref.b_simple, rel=1e-12)
+
+
+def test_goodput_mode_grows_the_batch_on_a_noisy_gradient_and_rescales_the_lr() -> None:
+    # Labels are pure noise: the gradient noise scale is large, so a larger batch pays when each
+    # step has a large fixed cost (simulated with a controlled clock).
+    now = [0.0]
+    model = make_model()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32 * 200, 8, generator=g)
+    y = torch.randn(32 * 200, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = Runtime(
+        model, opt, micro_batch=8, goodput=True, max_effective_batch=256, precision_by_phase={}, clock=lambda: now[0]
+    )
+    sizes = []
+
+    def timed_mse(m: nn.Module, b: Any) -> torch.Tensor:
+        now[0] += 0.01  # 10 ms per micro-batch
+        return mse(m, b)
+
+    for _, batch in rt.batches(loader(x, y, 32)):
+        rt.forward_backward(batch, timed_mse)
+        now[0] += 0.2  # a fixed 200 ms per step (optimizer, communication, data)
+        report = rt.step()
+        sizes.append(len(batch[0]))
+    changes = [c for c in rt.controller.changes if c.reason == "goodput"]
+    assert changes and rt.controller.effective_batch > 32
+    assert report.noise_scale is not None and report.noise_scale > 32
+    # batches() followed the controller: later batches have the new effective size
+    # the loader's 6,400 samples end in a remainder smaller than the grown batch
+    full, remainder = sizes[:-1], sizes[-1]
+    assert full[0] == 32 and max(full) > 32 and set(full) <= {c.after.effective_batch for c in changes} | {32}
+    assert full == sorted(full) and sum(sizes) == 6400 and remainder <= full[-1]
+    expected = 0.1 * rt.controller.lr_factor(report.noise_scale)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert 0.1 < opt.param_groups[0]["lr"] <= 0.1 * rt.controller.effective_batch / 32

@@ -378,7 +378,8 @@ class Runtime:
             controller.observe_memory(float(pool_stats.get("allocated_bytes", 0)), limit)
         step_seconds = None if self._last_step_end is None else t_start - self._last_step_end
         if step_seconds is not None and step_seconds > 0:
-            controller.observe_step_time(step_seconds)
+            compute = min(self._fb_seconds, step_seconds)
+            controller.observe_step_time(step_seconds, compute_seconds=compute)
         if controller.propose(noise_scale) is not None or controller.effective_batch != controller.base_batch:
             self._apply_lr_factor(controller.lr_factor(noise_scale))
 

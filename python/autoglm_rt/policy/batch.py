@@ -9,9 +9,10 @@ pressure, grown by goodput when the gradient noise scale says it pays, with the 
 - Goodput mode (AdaptDL/Pollux): the statistical efficiency of effective batch B relative to the
   base batch B0 is ``E(B) = (b_noise + B0) / (b_noise + B)``; throughput comes from a linear model
   of step time fitted to measured steps (``step_time = accumulation * t_micro + t_fixed``);
-  goodput = throughput x efficiency. The effective batch moves to the best power-of-two multiple of
-  B0 (up to ``max_effective_batch``) only when it beats the current one by ``goodput_margin``
-  (1.05, Pollux's hysteresis).
+  goodput = throughput x efficiency. With the time spent in forward/backward measured (as the
+  Runtime does), the model's two costs are read off directly instead of fitted. The effective
+  batch moves to the best power-of-two multiple of B0 (up to ``max_effective_batch``) only when it
+  beats the current one by ``goodput_margin`` (1.05, Pollux's hysteresis).
 - LR rules for an effective batch B: ``linear`` (B/B0), ``sqrt`` (sqrt(B/B0)) and ``adascale``
   (AdaScale's gain ``r = (B/B0) * E(B)``, between 1 and B/B0).
 
@@ -147,7 +148,7 @@ class BatchController:
         self._calm = 0
         self._failed_micro: int | None = None  # smallest micro-batch that failed under _failed_limit
         self._failed_limit: float | None = None
-        self._timings: deque[tuple[int, float]] = deque(maxlen=64)
+        self._timings: deque[tuple[int, float, float | None]] = deque(maxlen=64)
 
     @property
     def accumulation(self) -> int:
@@ -228,19 +229,32 @@ class BatchController:
 
     # -- goodput ---------------------------------------------------------------------------------
 
-    def observe_step_time(self, seconds: float, accumulation: int | None = None) -> None:
-        """Records the wall time of one optimizer step made of ``accumulation`` micro-batches."""
+    def observe_step_time(
+        self, seconds: float, accumulation: int | None = None, *, compute_seconds: float | None = None
+    ) -> None:
+        """Records the wall time of one optimizer step made of ``accumulation`` micro-batches, and
+        optionally the part spent in the micro-batches' forward/backward (``compute_seconds``); the
+        rest (optimizer, communication, data loading) is the step's fixed cost."""
         if not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(f"seconds: expected a positive finite step time, got {seconds}")
-        self._timings.append((self.accumulation if accumulation is None else accumulation, float(seconds)))
+        if compute_seconds is not None and not (math.isfinite(compute_seconds) and compute_seconds >= 0):
+            raise ValueError(f"compute_seconds: expected a finite time >= 0, got {compute_seconds}")
+        acc = self.accumulation if accumulation is None else accumulation
+        self._timings.append((acc, float(seconds), compute_seconds))
 
     def step_time_model(self) -> tuple[float, float] | None:
-        """``(t_micro, t_fixed)`` fitted by least squares to the recorded steps at the current
-        micro-batch size; with one accumulation count only, all time is put on the micro-batches."""
+        """``(t_micro, t_fixed)``: the time of one micro-batch and the fixed time per step. From
+        the measured compute share when every recorded step has one (medians); otherwise fitted by
+        least squares over accumulation counts, and with one count only all time is put on the
+        micro-batches (no evidence of a fixed cost)."""
         if not self._timings:
             return None
-        xs = [a for a, _ in self._timings]
-        ys = [t for _, t in self._timings]
+        if all(c is not None for _, _, c in self._timings):
+            micro = sorted(c / a for a, _, c in self._timings if c is not None)
+            fixed = sorted(max(t - c, 0.0) for _, t, c in self._timings if c is not None)
+            return micro[len(micro) // 2], fixed[len(fixed) // 2]
+        xs = [a for a, _, _ in self._timings]
+        ys = [t for _, t, _ in self._timings]
         n = len(xs)
         mx, my = sum(xs) / n, sum(ys) / n
         sxx = sum((x - mx) ** 2 for x in xs)
