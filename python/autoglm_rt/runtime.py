@@ -286,10 +286,12 @@ class Runtime:
         def process(start: int, stop: int) -> None:
             nonlocal total
             weight = (stop - start) / n
+            whole = start == 0 and stop == n
             with self._autocast():
-                loss = loss_fn(self.model, _slice(batch, start, stop))
+                loss = loss_fn(self.model, batch if whole else _slice(batch, start, stop))
             _check_loss(loss)
-            grads = torch.autograd.grad(loss.float() * weight, params, allow_unused=True)
+            scaled = loss.float() if whole else loss.float() * weight
+            grads = torch.autograd.grad(scaled, params, allow_unused=True)
             # Only now, after the whole micro-batch succeeded, does it touch .grad.
             if want_norms:
                 present = [g for g in grads if g is not None]
@@ -302,7 +304,7 @@ class Runtime:
                     p.grad = g.detach()
                 else:
                     p.grad.add_(g)
-            total = total + loss.detach().double() * weight
+            total = total + (loss.detach().double() if whole else loss.detach().double() * weight)
 
         run_step(n, process, controller, limit_bytes=self._pool_limit)
         self._micro_sqnorms.extend(sqnorms)
