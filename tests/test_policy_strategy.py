@@ -469,7 +469,7 @@ def malformed_documents(draw: st.DrawFn) -> str:
     return draw(st.text(max_size=200))
 
 
-@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(malformed_documents())
 def test_generated_malformed_documents_all_raise_config_error(text: str) -> None:
     with pytest.raises(ConfigError) as info:
