@@ -528,3 +528,17 @@ def test_firings_respect_for_clear_and_cooldown(
     for a, b in itertools.pairwise(fire_idx):
         assert times[b] - times[a] >= cooldown
         assert any(v < 0.5 for v in values[a + 1 : b]), "a second firing needs the clear condition in between"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("1e-05", 1e-05), ("2.5e1s", 25.0), ("250ms", 0.25), ("1.5m", 90.0), (3, 3.0)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    s = Strategy.from_yaml(yaml.safe_dump({"strategy": {**VALID_RULE, "cooldown": text}}))
+    assert s.rules[0].cooldown_seconds == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["1e999s", "1e999", "inf", "-1s", "1 d"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ConfigError, match="strategy.cooldown"):
+        Strategy.from_yaml(yaml.safe_dump({"strategy": {**VALID_RULE, "cooldown": text}}))
