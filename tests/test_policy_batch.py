@@ -32,18 +32,28 @@ def test_pressure_shrinks_and_freed_memory_grows_back_but_not_to_a_failed_size()
     c = BatchController(64, 64, grow_after=3)
     c.on_oom(limit_bytes=1000)  # 64 failed under limit 1000
     assert c.micro_batch == 32
+    for _ in range(5):
+        c.observe_memory(100, 1000)
+    assert c.micro_batch == 32  # 64 failed under this limit: not again
     assert c.observe_memory(950, 1000).reason == "pressure"  # 95% > 90%
     assert c.micro_batch == 16
-    for _ in range(2):
-        assert c.observe_memory(100, 1000) is None
-    assert c.observe_memory(100, 1000).after.micro_batch == 32
-    for _ in range(3):
-        c.observe_memory(100, 1000)
-    assert c.micro_batch == 32  # 64 failed under this limit: stays below it
+    for _ in range(6):
+        assert c.observe_memory(100, 1000) is None  # 32 was under pressure at this limit
     assert c.observe_memory(700, 1000) is None  # between the thresholds: calm counter resets
-    for _ in range(3):
-        c.observe_memory(100, 4000)  # a raised limit forgets the failure
+    grown = [c.observe_memory(100, 4000) for _ in range(6)]  # a raised limit forgets both
+    assert [g.after.micro_batch for g in grown if g is not None] == [32, 64]
     assert c.micro_batch == 64 and c.effective_batch == 64
+
+
+def test_pressure_and_growth_do_not_flap() -> None:
+    # Usage proportional to the micro-batch: 94% at 32, 47% at 16 -- both thresholds crossed.
+    c = BatchController(32, 32, grow_after=2)
+    sizes = []
+    for _ in range(50):
+        c.observe_memory(c.micro_batch / 32 * 940, 1000)
+        sizes.append(c.micro_batch)
+    assert sizes == [16] * 50
+    assert len(c.changes) == 1
 
 
 def test_on_oom_at_the_smallest_micro_batch_re_raises() -> None:

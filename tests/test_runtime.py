@@ -355,3 +355,32 @@ def test_goodput_mode_grows_the_batch_on_a_noisy_gradient_and_rescales_the_lr() 
     expected = 0.1 * rt.controller.lr_factor(report.noise_scale)
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
     assert 0.1 < opt.param_groups[0]["lr"] <= 0.1 * rt.controller.effective_batch / 32
+
+
+def test_memory_pressure_shrinks_then_a_raised_limit_lets_the_micro_batch_grow_back() -> None:
+    pool = CachingPool("cpu")
+    model = PoolBackedNet(pool)  # peak per micro-batch: 2 x 64 KiB per sample
+    rt = Runtime(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        pool=pool,
+        memory_limits={"initial": "4352Ki", "convergence": "4352Ki", "fine_tuning": "4352Ki"},
+        threads_by_phase=False,
+        phase_detector=PhaseDetector(window=1000),
+        precision_by_phase={},
+    )
+    assert pool.limit == 4352 * 1024  # the starting phase's limit holds from construction
+    x, y = make_data(32)
+    micro = []
+    for step in range(50):
+        if step == 25:
+            pool.set_limit("16Mi")  # memory freed elsewhere: a strategy action, another tenant leaving
+        rt.forward_backward((x, y), mse)
+        micro.append(rt.step().micro_batch)
+    # 32 samples peak at 4 MiB = 94% of 4.25 MiB: halved at once, and not grown back into it
+    assert micro[0] == 16 and set(micro[:25]) == {16}
+    assert rt.controller.changes[0].reason == "pressure" and rt.ooms_recovered == 0
+    # after the limit was raised: back to 32 once usage stayed low for grow_after steps
+    assert micro[-1] == 32 and 25 <= micro.index(32) < 25 + rt.controller.grow_after
+    assert all(r == 32 for r in (c.after.effective_batch for c in rt.controller.changes))
+    model.release()

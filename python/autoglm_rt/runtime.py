@@ -141,6 +141,8 @@ class Runtime:
             elif isinstance(threads_by_phase, Mapping):
                 kwargs["threads"] = threads_by_phase
             self.memory_policy = MemoryPolicy(pool, **kwargs)
+            # The limit of the phase the detector starts in holds from the start.
+            self.memory_policy.apply(self.phase_detector.phase, threads=False)
         self._controller_args: dict[str, Any] = {
             "micro_batch": micro_batch,
             "min_micro_batch": min_micro_batch,
@@ -376,8 +378,15 @@ class Runtime:
 
         pool_stats: Mapping[str, Any] = self.pool.stats() if self.pool is not None else {}
         if pool_stats:
-            limit = pool_stats.get("limit_bytes") or None
-            controller.observe_memory(float(pool_stats.get("allocated_bytes", 0)), limit)
+            # Pressure is judged on this step's peak (forward/backward included), not on what is
+            # left allocated after zero_grad; the policy's floor keeps the all-time peak.
+            step_peak = int(pool_stats.get("peak_allocated_bytes", pool_stats.get("allocated_bytes", 0)))
+            if self.memory_policy is not None:
+                self.memory_policy.observe_peak(step_peak)
+            reset = getattr(self.pool, "reset_peak_stats", None)
+            if callable(reset):
+                reset()
+            controller.observe_memory(float(step_peak), pool_stats.get("limit_bytes") or None)
         step_seconds = None if self._last_step_end is None else t_start - self._last_step_end
         if step_seconds is not None and step_seconds > 0:
             compute = min(self._fb_seconds, step_seconds)

@@ -5,7 +5,7 @@ pressure, grown by goodput when the gradient noise scale says it pays, with the 
   micro-batch; accumulation follows as ``ceil(effective / micro)``, so the effective batch (samples
   per optimizer step) never changes. Once usage stays below ``pressure_low`` for ``grow_after``
   observations, the micro-batch doubles back towards the size the user asked for, but not to a
-  size that failed under the current limit.
+  size that failed or was under pressure at the current limit (a raised limit forgets those).
 - Goodput mode (AdaptDL/Pollux): the statistical efficiency of effective batch B relative to the
   base batch B0 is ``E(B) = (b_noise + B0) / (b_noise + B)``; throughput comes from a linear model
   of step time fitted to measured steps (``step_time = accumulation * t_micro + t_fixed``);
@@ -198,9 +198,12 @@ class BatchController:
             if exc is not None:
                 raise exc
             raise MemoryError(f"out of memory at the smallest micro-batch ({self.micro_batch}); nothing smaller to try")
-        self._failed_micro = failed if self._failed_micro is None else min(self._failed_micro, failed)
-        self._failed_limit = limit_bytes
+        self._remember_failure(failed, limit_bytes)
         return change
+
+    def _remember_failure(self, micro: int, limit_bytes: float | None) -> None:
+        self._failed_micro = micro if self._failed_micro is None else min(self._failed_micro, micro)
+        self._failed_limit = limit_bytes
 
     def observe_memory(self, used_bytes: float, limit_bytes: float | None) -> BatchChange | None:
         """Feeds the memory in use against its limit (None: no limit). Shrinks above
@@ -213,7 +216,13 @@ class BatchController:
             self._failed_micro, self._failed_limit = None, None
         usage = used_bytes / limit_bytes
         if usage > self.pressure_high:
-            return self.shrink("pressure", f"memory usage {usage:.0%} of the limit > {self.pressure_high:.0%}")
+            pressured = self.micro_batch
+            change = self.shrink("pressure", f"memory usage {usage:.0%} of the limit > {self.pressure_high:.0%}")
+            if change is not None:
+                # Growing back into the size that was under pressure would only flap: halving
+                # roughly halves usage, which crosses pressure_low as well.
+                self._remember_failure(pressured, limit_bytes)
+            return change
         if usage < self.pressure_low:
             self._calm += 1
             return self._maybe_grow(usage)

@@ -90,6 +90,7 @@ class MemoryPolicy:
         self.threads = self._parse_threads(DEFAULT_THREADS if threads is None else threads)
         self.thread_setter = thread_setter
         self.decisions: list[MemoryDecision] = []
+        self.peak_bytes = 0
 
     def _parse_limits(self, limits: Mapping[str, float | int | str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -125,9 +126,15 @@ class MemoryPolicy:
             raise ValueError(f"threads: unknown phase {sorted(unknown)[0]!r}; expected {', '.join(PHASES)}")
         return out
 
+    def observe_peak(self, nbytes: int) -> None:
+        """Records a peak working set seen elsewhere (e.g. per step, by a caller that resets the
+        pool's peak statistics), so the floor remembers it after the pool's own peak is reset."""
+        self.peak_bytes = max(self.peak_bytes, int(nbytes))
+
     def floor_bytes(self) -> int:
-        """The observed peak working set plus the margin."""
-        peak = int(self.pool.stats().get("peak_allocated_bytes", 0))
+        """The observed peak working set (the pool's peak, or a larger one recorded with
+        :meth:`observe_peak`) plus the margin."""
+        peak = max(self.peak_bytes, int(self.pool.stats().get("peak_allocated_bytes", 0)))
         return math.ceil(peak * (1 + self.margin))
 
     def limit_for(self, phase: str) -> tuple[int, int, int]:
