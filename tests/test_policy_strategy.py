@@ -540,5 +540,5 @@ def test_durations(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["1e999s", "1e999", "inf", "-1s", "1 d"])
 def test_bad_durations(text: str) -> None:
-    with pytest.raises(ConfigError, match="strategy.cooldown"):
+    with pytest.raises(ConfigError, match=r"strategy\.cooldown"):
         Strategy.from_yaml(yaml.safe_dump({"strategy": {**VALID_RULE, "cooldown": text}}))
