@@ -160,6 +160,7 @@ class Runtime:
                 raise ValueError(f"precision_by_phase[{phase!r}]: expected bfloat16, float16 or float32, got {dtype!r}")
         self.precision_by_phase = dict(precision_by_phase)
         self.precision = "float32"
+        self.set_precision(self.precision_by_phase.get(self.phase_detector.phase, "float32"))
         self.metrics_source = metrics_source
         self.metrics_sink = metrics_sink
         self.alert = alert
