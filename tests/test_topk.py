@@ -230,3 +230,22 @@ def test_device_twins_agree(device: str) -> None:
 def test_device_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="device"):
         ops.topk_compress(torch.randn(10, device="cuda"), torch.randn(10), 2)
+
+
+def test_sampled_bound_that_misses_falls_back_to_exact_select() -> None:
+    # Large tensors first estimate the threshold from 256 evenly spread blocks. Make exactly those
+    # blocks hold the largest values so the estimate is too high: the result must stay exact.
+    n, block, blocks = 1 << 20, 256, 256
+    g = torch.ones(n)
+    for j in range(blocks):
+        start = (n - block) * j // (blocks - 1)
+        g[start : start + block] = 2.0
+    residual = torch.zeros(n)
+    check_against_reference(g, residual, 100_000)
+    check_against_reference(g, None, 70_000)
+
+
+def test_sparse_gradient_with_mostly_zeros() -> None:
+    g = torch.zeros(1 << 19)
+    g[torch.randperm(1 << 19, generator=torch.Generator().manual_seed(1))[:50]] = torch.randn(50)
+    check_against_reference(g, torch.zeros_like(g), 500)  # more than the non-zeros: zeros by index

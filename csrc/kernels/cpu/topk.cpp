@@ -8,8 +8,10 @@
 // more digits give the exact threshold key, ties at it go to the lowest indices, and the two
 // sorted runs of selected entries are merged in place into index order.
 #include <algorithm>
-#include <array>
-#include <cstring>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <optional>
 #include <vector>
 
 #include "autoglm_rt/detail/half.h"
@@ -73,137 +75,329 @@ std::pair<int, std::int64_t> select_bin(const Count* hist, int bins, std::int64_
   AGRT_FAIL(RuntimeError, "topk: histogram holds fewer than k entries");
 }
 
-template <typename G, typename V, typename I>
-void compress_cpu(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
-                  const TensorView& indices) {
-  using GS = typename G::Storage;
-  using VS = typename V::Storage;
-  const std::int64_t n = grad.numel;
-  const GS* g = grad.as<const GS>();
-  GS* r = residual.numel > 0 ? residual.as<GS>() : nullptr;
-  VS* vout = values.as<VS>();
-  I* iout = indices.as<I>();
+// An entry that may be selected: its accumulated value (rounded to grad's dtype) and index.
+struct Candidate {
+  float acc;
+  std::int64_t idx;
+};
+using CandidateLists = std::vector<std::vector<Candidate>>;  // one list per chunk, index order
 
-  const std::int64_t chunk = parallel_chunk_size(0, n, kGrain);
-  const std::int64_t nchunks = (n + chunk - 1) / chunk;
-  // Per-chunk histograms: chunk lengths are < 2^32 for any tensor below 2^40 elements.
-  AGRT_EXPECTS(chunk < (std::int64_t{1} << 32), ValueError, "topk_compress: tensor too large (", n, " elements)");
-  std::vector<std::uint32_t> hist(static_cast<std::size_t>(nchunks) * kBins1, 0);
-
-  // Pass 1: acc into residual and the first digit's histogram. Four sub-histograms break the
-  // store-to-load dependency when neighbouring entries fall into the same bin.
-  parallel_for(0, n, kGrain, [&](std::int64_t b, std::int64_t e) {
-    std::vector<std::uint32_t> sub(4 * kBins1, 0);
-    std::int64_t i = b;
-    auto key_of = [&](std::int64_t j) {
-      float acc = G::load(g[j]);
-      if (r != nullptr) {
-        const GS stored = G::store(acc + G::load(r[j]));
-        r[j] = stored;
-        acc = G::load(stored);  // rank what pass 2 will read back
-      }
-      return magnitude_key(acc) >> kTopkDigitShift[0];
-    };
-    for (; i + 4 <= e; i += 4) {
-      const std::uint32_t d0 = key_of(i), d1 = key_of(i + 1), d2 = key_of(i + 2), d3 = key_of(i + 3);
-      ++sub[d0];
-      ++sub[kBins1 + d1];
-      ++sub[2 * kBins1 + d2];
-      ++sub[3 * kBins1 + d3];
-    }
-    for (; i < e; ++i) ++sub[key_of(i)];
-    std::uint32_t* h = hist.data() + (b / chunk) * kBins1;
-    for (int j = 0; j < kBins1; ++j) h[j] = sub[j] + sub[kBins1 + j] + sub[2 * kBins1 + j] + sub[3 * kBins1 + j];
-  });
-
-  std::vector<std::int64_t> total(kBins1, 0);
-  for (std::int64_t c = 0; c < nchunks; ++c) {
-    for (int j = 0; j < kBins1; ++j) total[j] += hist[static_cast<std::size_t>(c * kBins1 + j)];
-  }
-  const auto [b1, above_total] = select_bin(total.data(), kBins1, k);
-
-  // Offsets of each chunk's entries above b1 in the output, and of its candidates (bin b1).
-  std::vector<std::int64_t> above_off(static_cast<std::size_t>(nchunks) + 1, 0);
-  std::vector<std::int64_t> cand_off(static_cast<std::size_t>(nchunks) + 1, 0);
-  for (std::int64_t c = 0; c < nchunks; ++c) {
-    const std::uint32_t* h = hist.data() + c * kBins1;
-    std::int64_t above = 0;
-    for (int j = b1 + 1; j < kBins1; ++j) above += h[j];
-    above_off[c + 1] = above_off[c] + above;
-    cand_off[c + 1] = cand_off[c] + h[b1];
-  }
-  const std::int64_t ncand = cand_off[nchunks];
-  std::vector<std::uint32_t> cand_key(static_cast<std::size_t>(ncand));
-  std::vector<std::int64_t> cand_idx(static_cast<std::size_t>(ncand));
-  const GS* src = r != nullptr ? r : g;  // acc as stored
-
-  // Pass 2: emit entries above the threshold bin, collect the candidates.
-  parallel_for(0, n, kGrain, [&](std::int64_t b, std::int64_t e) {
-    const std::int64_t c = b / chunk;
-    std::int64_t ao = above_off[c], co = cand_off[c];
-    const auto ub1 = static_cast<std::uint32_t>(b1);
-    for (std::int64_t i = b; i < e; ++i) {
-      const float acc = G::load(src[i]);
-      const std::uint32_t key = magnitude_key(acc);
-      const std::uint32_t d = key >> kTopkDigitShift[0];
-      if (d > ub1) {
-        vout[ao] = V::store(acc);
-        iout[ao] = static_cast<I>(i);
-        ++ao;
-        if (r != nullptr) r[i] = G::store(0.0f);
-      } else if (d == ub1) {
-        cand_key[co] = key;
-        cand_idx[co] = i;
-        ++co;
-      }
-    }
-  });
-
-  std::int64_t need = k - above_total;  // entries still to take from the candidates, >= 1
-  // Digits two and three over the candidates give the exact threshold key.
-  std::uint32_t prefix = static_cast<std::uint32_t>(b1) << kTopkDigitShift[0];
-  std::uint32_t prefix_mask = ~0u << kTopkDigitShift[0];
-  for (int level = 1; level < 3; ++level) {
+// Finishes the radix select among candidates that all match `prefix` under `mask`: returns the
+// exact key of the k-th largest entry and how many entries at that key are taken. The per-list
+// histograms run on all threads when there are many candidates.
+std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lists, std::int64_t need, int level,
+                                                        std::uint32_t prefix, std::uint32_t mask) {
+  std::int64_t total = 0;
+  for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
+  const auto nlists = static_cast<std::int64_t>(lists.size());
+  const std::int64_t grain = total > (std::int64_t{1} << 16) ? 1 : nlists;
+  for (; level < 3; ++level) {
     const int bins = 1 << kTopkDigitBits[level];
     const int shift = kTopkDigitShift[level];
+    std::vector<std::uint32_t> per_list(static_cast<std::size_t>(nlists * bins), 0);
+    parallel_for(0, nlists, grain, [&](std::int64_t lb, std::int64_t le) {
+      for (std::int64_t l = lb; l < le; ++l) {
+        std::uint32_t* h = per_list.data() + l * bins;
+        for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
+          const std::uint32_t key = magnitude_key(c.acc);
+          if ((key & mask) == prefix) ++h[(key >> shift) & static_cast<std::uint32_t>(bins - 1)];
+        }
+      }
+    });
     std::vector<std::int64_t> h(static_cast<std::size_t>(bins), 0);
-    for (std::int64_t j = 0; j < ncand; ++j) {
-      const std::uint32_t key = cand_key[j];
-      if ((key & prefix_mask) == prefix) ++h[(key >> shift) & static_cast<std::uint32_t>(bins - 1)];
+    for (std::int64_t l = 0; l < nlists; ++l) {
+      for (int j = 0; j < bins; ++j) h[static_cast<std::size_t>(j)] += per_list[static_cast<std::size_t>(l * bins + j)];
     }
     const auto [bin, above] = select_bin(h.data(), bins, need);
     need -= above;
     prefix |= static_cast<std::uint32_t>(bin) << shift;
-    prefix_mask |= static_cast<std::uint32_t>(bins - 1) << shift;
+    mask |= static_cast<std::uint32_t>(bins - 1) << shift;
   }
-  const std::uint32_t threshold = prefix;  // the k-th largest key; `need` ties at it are taken
+  return {prefix, need};
+}
 
-  // Selected candidates, in index order, go behind the entries already written; then the two
-  // sorted runs are merged from the back so the whole output is in index order.
-  std::vector<std::int64_t> picked;
-  picked.reserve(static_cast<std::size_t>(k - above_total));
-  for (std::int64_t j = 0; j < ncand; ++j) {
-    const std::uint32_t key = cand_key[j];
-    if (key > threshold || (key == threshold && need > 0)) {
-      if (key == threshold) --need;
-      picked.push_back(cand_idx[j]);
+// Writes the selected candidates to out[0..k) in index order, list by list on all threads: each
+// list's offset and share of the ties at the threshold come from a count per list first.
+template <typename Emit>
+void pick_parallel(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Emit&& emit) {
+  const auto nlists = static_cast<std::int64_t>(lists.size());
+  std::vector<std::int64_t> above(static_cast<std::size_t>(nlists), 0), equal(static_cast<std::size_t>(nlists), 0);
+  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
+    for (std::int64_t l = lb; l < le; ++l) {
+      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
+        const std::uint32_t key = magnitude_key(c.acc);
+        above[static_cast<std::size_t>(l)] += key > threshold;
+        equal[static_cast<std::size_t>(l)] += key == threshold;
+      }
     }
+  });
+  std::vector<std::int64_t> out_off(static_cast<std::size_t>(nlists)), ties_before(static_cast<std::size_t>(nlists));
+  std::int64_t o = 0, t = 0;
+  for (std::int64_t l = 0; l < nlists; ++l) {
+    out_off[static_cast<std::size_t>(l)] = o;
+    ties_before[static_cast<std::size_t>(l)] = t;
+    const std::int64_t taken = std::clamp<std::int64_t>(ties - t, 0, equal[static_cast<std::size_t>(l)]);
+    o += above[static_cast<std::size_t>(l)] + taken;
+    t += equal[static_cast<std::size_t>(l)];
   }
-  std::int64_t a = above_total - 1;
-  auto p = static_cast<std::int64_t>(picked.size()) - 1;
-  for (std::int64_t o = k - 1; p >= 0; --o) {
-    if (a >= 0 && static_cast<std::int64_t>(iout[a]) > picked[p]) {
-      vout[o] = vout[a];
-      iout[o] = iout[a];
-      --a;
-    } else {
-      const std::int64_t i = picked[p--];
-      vout[o] = V::store(G::load(src[i]));
-      iout[o] = static_cast<I>(i);
-      if (r != nullptr) r[i] = G::store(0.0f);
+  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
+    for (std::int64_t l = lb; l < le; ++l) {
+      std::int64_t pos = out_off[static_cast<std::size_t>(l)];
+      std::int64_t tie = ties_before[static_cast<std::size_t>(l)];
+      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
+        const std::uint32_t key = magnitude_key(c.acc);
+        if (key > threshold || (key == threshold && tie++ < ties)) emit(pos++, c);
+      }
+    }
+  });
+}
+
+// Calls take(candidate) for every selected candidate, in index order.
+template <typename Fn>
+void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Fn&& take) {
+  for (const auto& list : lists) {
+    for (const Candidate& c : list) {
+      const std::uint32_t key = magnitude_key(c.acc);
+      if (key > threshold || (key == threshold && ties > 0)) {
+        if (key == threshold) --ties;
+        take(c);
+      }
     }
   }
 }
+
+// Sampling pre-pass: a lower bound on the k-th largest key from evenly spread contiguous blocks,
+// set about four standard deviations low so that usually at least k entries reach it. nullopt
+// when the tensor is small or k so large that a bound would not filter much.
+constexpr std::int64_t kSampleMinNumel = std::int64_t{1} << 18;
+constexpr std::int64_t kSampleBlocks = 256;
+
+struct SampleBound {
+  std::uint32_t key;
+  double expected_fraction;  // of all entries expected at or above key
+};
+
+template <typename G>
+std::optional<SampleBound> sample_bound(const typename G::Storage* g, const typename G::Storage* r, std::int64_t n,
+                                        std::int64_t k) {
+  if (n < kSampleMinNumel) return std::nullopt;
+  const std::int64_t block = std::min<std::int64_t>(256, n / (kSampleBlocks * 8));
+  const std::int64_t s = block * kSampleBlocks;
+  const double expected = static_cast<double>(k) * static_cast<double>(s) / static_cast<double>(n);
+  const auto m = static_cast<std::int64_t>(std::ceil(expected + 4.0 * std::sqrt(expected) + 16.0));
+  if (m >= s / 2) return std::nullopt;
+  std::vector<std::uint32_t> keys(static_cast<std::size_t>(s));
+  for (std::int64_t j = 0; j < kSampleBlocks; ++j) {
+    const std::int64_t start = (n - block) * j / (kSampleBlocks - 1);
+    for (std::int64_t t = 0; t < block; ++t) {
+      const std::int64_t i = start + t;
+      float acc = G::load(g[i]);
+      if (r != nullptr) acc = G::load(G::store(acc + G::load(r[i])));
+      keys[static_cast<std::size_t>(j * block + t)] = magnitude_key(acc);
+    }
+  }
+  std::nth_element(keys.begin(), keys.begin() + (m - 1), keys.end(), std::greater<>());
+  return SampleBound{keys[static_cast<std::size_t>(m - 1)], static_cast<double>(m) / static_cast<double>(s)};
+}
+
+template <typename G, typename V, typename I>
+class Compressor {
+  using GS = typename G::Storage;
+  using VS = typename V::Storage;
+
+ public:
+  Compressor(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
+             const TensorView& indices)
+      : n_(grad.numel),
+        k_(k),
+        g_(grad.as<const GS>()),
+        r_(residual.numel > 0 ? residual.as<GS>() : nullptr),
+        src_(r_ != nullptr ? r_ : g_),
+        vout_(values.as<VS>()),
+        iout_(indices.as<I>()),
+        chunk_(parallel_chunk_size(0, n_, kGrain)),
+        nchunks_((n_ + chunk_ - 1) / chunk_) {
+    // Per-chunk histograms: chunk lengths are < 2^32 for any tensor below 2^40 elements.
+    AGRT_EXPECTS(chunk_ < (std::int64_t{1} << 32), ValueError, "topk_compress: tensor too large (", n_,
+                 " elements)");
+  }
+
+  void run() {
+    bool accumulated = false;
+    if (const auto bound = sample_bound<G>(g_, r_, n_, k_)) {
+      if (one_pass(*bound)) return;
+      accumulated = true;  // the bound missed: residual already holds acc, select over it
+    }
+    two_pass(!accumulated);
+  }
+
+ private:
+  float accumulate(std::int64_t i) const {
+    float acc = G::load(g_[i]);
+    if (r_ != nullptr) {
+      const GS stored = G::store(acc + G::load(r_[i]));
+      r_[i] = stored;
+      acc = G::load(stored);  // rank exactly what is stored and read back
+    }
+    return acc;
+  }
+
+  // acc for entries [i, i+len) into accs (and residual); true if any reaches `lower`. Written so
+  // that the float32 case vectorises: no early exit, restrict pointers, a branch-free flag.
+  static constexpr int kBlock = 128;
+  template <bool kResidual>
+  bool accumulate_block(std::int64_t i, int len, float* __restrict accs, std::uint32_t lower) const {
+    const GS* __restrict g = g_ + i;
+    GS* __restrict r = kResidual ? r_ + i : nullptr;
+    std::int32_t hit = 0;
+    for (int j = 0; j < len; ++j) {
+      float acc = G::load(g[j]);
+      if constexpr (kResidual) {
+        const GS stored = G::store(acc + G::load(r[j]));
+        r[j] = stored;
+        acc = G::load(stored);
+      }
+      accs[j] = acc;
+      // Magnitude bits (< 2^31) compare correctly as signed. Raw NaN bits are >= the canonical
+      // NaN key, the largest `lower` can be, so this filter needs no canonicalisation.
+      const auto key = static_cast<std::int32_t>(detail::float_to_bits(acc) & 0x7fffffffu);
+      hit |= static_cast<std::int32_t>(key >= static_cast<std::int32_t>(lower));
+    }
+    return hit != 0;
+  }
+
+  void zero_residual(std::int64_t i) const {
+    if (r_ != nullptr) r_[i] = G::store(0.0f);
+  }
+
+  // One pass: accumulate, and keep every entry at or above the sampled bound. Returns false when
+  // fewer than k entries reached it or a chunk kept far more than expected (heavy ties).
+  bool one_pass(const SampleBound& bound) {
+    CandidateLists lists(static_cast<std::size_t>(nchunks_));
+    std::atomic<bool> overflow{false};
+    parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
+      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      const auto expected = static_cast<std::size_t>(bound.expected_fraction * static_cast<double>(e - b));
+      const std::size_t cap = 4 * expected + 4096;
+      list.reserve(expected + expected / 4 + 64);
+      const std::uint32_t lower = bound.key;
+      float accs[kBlock];
+      for (std::int64_t i = b; i < e; i += kBlock) {
+        const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        const bool hit = r_ != nullptr ? accumulate_block<true>(i, len, accs, lower)
+                                       : accumulate_block<false>(i, len, accs, lower);
+        if (!hit) continue;
+        for (int j = 0; j < len; ++j) {
+          if (magnitude_key(accs[j]) < lower) continue;
+          if (list.size() < cap) {
+            list.push_back({accs[j], i + j});
+          } else {
+            overflow.store(true, std::memory_order_relaxed);
+          }
+        }
+      }
+    });
+    if (overflow.load()) return false;
+    std::int64_t total = 0;
+    for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
+    if (total < k_) return false;
+    const auto [threshold, ties] = threshold_among(lists, k_, 0, 0u, 0u);
+    pick_parallel(lists, threshold, ties, [&](std::int64_t o, const Candidate& c) {
+      vout_[o] = V::store(c.acc);
+      iout_[o] = static_cast<I>(c.idx);
+      zero_residual(c.idx);
+    });
+    return true;
+  }
+
+  // Pass 1: (accumulate and) histogram the first digit per chunk. Pass 2: entries above the
+  // threshold bin go straight to the outputs, entries in it become candidates.
+  void two_pass(bool do_accumulate) {
+    std::vector<std::uint32_t> hist(static_cast<std::size_t>(nchunks_) * kBins1, 0);
+    parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
+      // Four sub-histograms break the store-to-load chain when neighbours share a bin.
+      std::vector<std::uint32_t> sub(4 * kBins1, 0);
+      auto digit = [&](std::int64_t j) {
+        const float acc = do_accumulate ? accumulate(j) : G::load(src_[j]);
+        return magnitude_key(acc) >> kTopkDigitShift[0];
+      };
+      std::int64_t i = b;
+      for (; i + 4 <= e; i += 4) {
+        const std::uint32_t d0 = digit(i), d1 = digit(i + 1), d2 = digit(i + 2), d3 = digit(i + 3);
+        ++sub[d0];
+        ++sub[kBins1 + d1];
+        ++sub[2 * kBins1 + d2];
+        ++sub[3 * kBins1 + d3];
+      }
+      for (; i < e; ++i) ++sub[digit(i)];
+      std::uint32_t* h = hist.data() + (b / chunk_) * kBins1;
+      for (int j = 0; j < kBins1; ++j) h[j] = sub[j] + sub[kBins1 + j] + sub[2 * kBins1 + j] + sub[3 * kBins1 + j];
+    });
+
+    std::vector<std::int64_t> total(kBins1, 0);
+    for (std::int64_t c = 0; c < nchunks_; ++c) {
+      for (int j = 0; j < kBins1; ++j) total[j] += hist[static_cast<std::size_t>(c * kBins1 + j)];
+    }
+    const auto [b1, above_total] = select_bin(total.data(), kBins1, k_);
+    std::vector<std::int64_t> above_off(static_cast<std::size_t>(nchunks_) + 1, 0);
+    CandidateLists lists(static_cast<std::size_t>(nchunks_));
+    for (std::int64_t c = 0; c < nchunks_; ++c) {
+      const std::uint32_t* h = hist.data() + c * kBins1;
+      std::int64_t above = 0;
+      for (int j = b1 + 1; j < kBins1; ++j) above += h[j];
+      above_off[c + 1] = above_off[c] + above;
+      lists[static_cast<std::size_t>(c)].reserve(h[b1]);
+    }
+
+    parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
+      std::int64_t ao = above_off[b / chunk_];
+      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      const auto ub1 = static_cast<std::uint32_t>(b1);
+      for (std::int64_t i = b; i < e; ++i) {
+        const float acc = G::load(src_[i]);
+        const std::uint32_t d = magnitude_key(acc) >> kTopkDigitShift[0];
+        if (d > ub1) {
+          vout_[ao] = V::store(acc);
+          iout_[ao] = static_cast<I>(i);
+          ++ao;
+          zero_residual(i);
+        } else if (d == ub1) {
+          list.push_back({acc, i});
+        }
+      }
+    });
+
+    const auto [threshold, ties] =
+        threshold_among(lists, k_ - above_total, 1, static_cast<std::uint32_t>(b1) << kTopkDigitShift[0],
+                        ~0u << kTopkDigitShift[0]);
+    std::vector<Candidate> picked;
+    picked.reserve(static_cast<std::size_t>(k_ - above_total));
+    pick(lists, threshold, ties, [&](const Candidate& c) { picked.push_back(c); });
+    // Merge the two index-ordered runs from the back, in place.
+    std::int64_t a = above_total - 1;
+    auto p = static_cast<std::int64_t>(picked.size()) - 1;
+    for (std::int64_t o = k_ - 1; p >= 0; --o) {
+      if (a >= 0 && static_cast<std::int64_t>(iout_[a]) > picked[static_cast<std::size_t>(p)].idx) {
+        vout_[o] = vout_[a];
+        iout_[o] = iout_[a];
+        --a;
+      } else {
+        const Candidate& c = picked[static_cast<std::size_t>(p--)];
+        vout_[o] = V::store(c.acc);
+        iout_[o] = static_cast<I>(c.idx);
+        zero_residual(c.idx);
+      }
+    }
+  }
+
+  const std::int64_t n_, k_;
+  const GS* g_;
+  GS* r_;
+  const GS* src_;  // acc as stored: residual, or grad without error feedback
+  VS* vout_;
+  I* iout_;
+  const std::int64_t chunk_, nchunks_;
+};
 
 template <typename V, typename I, typename O>
 void decompress_cpu(const TensorView& values, const TensorView& indices, const TensorView& out, float scale) {
@@ -308,7 +502,7 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
   dispatch_float(grad.dtype, [&](auto g) {
     dispatch_float(values.dtype, [&](auto v) {
       dispatch_index(indices.dtype, [&](auto i) {
-        compress_cpu<decltype(g), decltype(v), decltype(i)>(grad, residual, k, values, indices);
+        Compressor<decltype(g), decltype(v), decltype(i)>(grad, residual, k, values, indices).run();
       });
     });
   });
