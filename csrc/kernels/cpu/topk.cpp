@@ -428,7 +428,8 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
 
   // Each thread owns a slice of `out` and applies, in order, the updates that land in it: no
   // races, and duplicates accumulate in the order of `values` whatever the thread count.
-  const int parts = m >= kGrain ? std::max(1, num_threads()) : 1;
+  // Below a million updates one in-order sweep beats every thread re-reading all of them.
+  const int parts = m >= (std::int64_t{1} << 20) ? std::max(1, num_threads()) : 1;
   const std::int64_t span = (n + parts - 1) / parts;
   parallel_for(0, parts, 1, [&](std::int64_t pb, std::int64_t pe) {
     for (std::int64_t part = pb; part < pe; ++part) {
