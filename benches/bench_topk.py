@@ -28,9 +28,7 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def test_topk_compress(benchmark) -> None:  # type: ignore[no-untyped-def]
     grad, residual = _inputs()
     acc = grad + residual
-    values, indices = benchmark.pedantic(
-        ops.topk_compress, args=(grad, residual.clone(), K), rounds=3, iterations=1
-    )
+    values, indices = benchmark.pedantic(ops.topk_compress, args=(grad, residual.clone(), K), rounds=3, iterations=1)
     expected = np.sort(torch.topk(acc.abs(), K).indices.numpy())  # continuous data: no ties
     np.testing.assert_array_equal(indices.numpy(), expected)
     assert torch.equal(values, acc[expected])

@@ -152,7 +152,7 @@ def test_norms_for_the_noise_scale(two_rank_hooks: list[dict[str, Any]]) -> None
     for step, (n0, n1) in enumerate(zip(r0["norms"], r1["norms"], strict=True)):
         assert n0["mean_local_sq_norm"] == pytest.approx((n0["local_sq_norm"] + n1["local_sq_norm"]) / 2, rel=1e-12)
         assert n0["mean_local_sq_norm"] == n1["mean_local_sq_norm"]
-        assert n0["global_sq_norm"] == pytest.approx(n0["grad_sq_norm"], rel=1e-9), step
+        assert n0["global_sq_norm"] == pytest.approx(n0["grad_sq_norm"], rel=1e-5), step
         assert n0["world_size"] == 2.0
 
 

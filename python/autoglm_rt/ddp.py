@@ -86,7 +86,8 @@ class TopKState:
         self.compressed_buckets = 0
         self.dense_buckets = 0
         self.residual_resets = 0
-        self._nonfinite: list[torch.Tensor] = []
+        self.nonfinite_resets = 0
+        self._pending_nonfinite: dict[int, torch.Tensor] = {}
         self.bucket_density: dict[int, float] = {}
         # Per iteration: squared norms per bucket, filled by the hook and its callbacks.
         self._norm_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
@@ -106,11 +107,6 @@ class TopKState:
         return max(1, min(numel, math.ceil(self.density_at(iteration) * numel)))
 
     # -- counters -------------------------------------------------------------------------------
-    @property
-    def nonfinite_resets(self) -> int:
-        """Buckets whose residual was cleared because the accumulated gradient was not finite."""
-        return int(sum(int(f.item()) for f in self._nonfinite))
-
     @property
     def compression_ratio(self) -> float:
         """Dense bytes over bytes actually passed to collectives, since construction (1.0 before
@@ -148,6 +144,11 @@ class TopKState:
     def _group(self) -> dist.ProcessGroup:
         return self.process_group if self.process_group is not None else dist.group.WORLD  # type: ignore[return-value]
 
+    def _clear_if(self, index: int, nonfinite: torch.Tensor) -> None:
+        if bool(nonfinite):
+            self._residuals[index].tensor.zero_()
+            self.nonfinite_resets += 1
+
     def _residual(self, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
         layout = (
             buffer.numel(),
@@ -156,6 +157,9 @@ class TopKState:
             tuple(tuple(p.shape) for p in bucket.parameters()),
         )
         index = bucket.index()
+        pending = self._pending_nonfinite.pop(index, None)
+        if pending is not None and index in self._residuals:
+            self._clear_if(index, pending)
         entry = self._residuals.get(index)
         if entry is None or entry.layout != layout:
             if entry is not None:
@@ -175,6 +179,13 @@ class TopKState:
             self.iter += 1
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm as a 0-dim float64 tensor, in one read of t (no temporaries, no sync)."""
+    if t.dtype == torch.float32:
+        return torch.dot(t, t).double()
+    return torch.linalg.vector_norm(t, dtype=torch.float32).double().square()
+
+
 def _all_gather(output: torch.Tensor, message: torch.Tensor, group: dist.ProcessGroup) -> Any:
     # torch >= 2.13 names it all_gather_single (and deprecates all_gather_into_tensor).
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -185,7 +196,7 @@ def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Te
     group = state._group()
     world = group.size()
     norms = state._norm_lists()
-    local_sq = buffer.double().square().sum().reshape(1)
+    local_sq = _sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq.clone())
     buffer.div_(world)
     state.bytes_sent += buffer.numel() * buffer.element_size() + local_sq.numel() * local_sq.element_size()
@@ -198,7 +209,7 @@ def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Te
         result: torch.Tensor = f.value()[0]
         norm_fut.wait()
         norms["mean_local_sq_norm"].append(local_sq / world)
-        norms["global_sq_norm"].append(result.double().square().sum())
+        norms["global_sq_norm"].append(_sq_norm(result))
         return result
 
     return fut.then(done)
@@ -228,7 +239,7 @@ def _compressed(
     k = state.k_for(numel, state.iter)
     residual = state._residual(bucket, buffer) if state.error_feedback else None
     norms = state._norm_lists()
-    local_sq = buffer.double().square().sum().reshape(1)
+    local_sq = _sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq)
 
     # One message per rank: [values | indices | local squared norm (float64)], as bytes.
@@ -240,10 +251,13 @@ def _compressed(
     indices = torch.empty(k, dtype=index_dtype, device=buffer.device)
     topk_compress(buffer, residual, k, values_out=values, indices_out=indices)
     if residual is not None:
-        # NaN/Inf rank first, so values holds one iff the accumulated bucket had one.
+        # NaN/Inf rank first, so values holds one iff the accumulated bucket had one. Reading the
+        # flag waits for the kernel: on a GPU that stall is left to the next use of the residual.
         nonfinite = ~torch.isfinite(values).all()
-        residual.masked_fill_(nonfinite, 0.0)
-        state._nonfinite.append(nonfinite)
+        if buffer.device.type == "cpu":
+            state._clear_if(bucket.index(), nonfinite)
+        else:
+            state._pending_nonfinite[bucket.index()] = nonfinite
     message[:value_bytes].copy_(values.view(torch.uint8))
     message[value_bytes : value_bytes + index_bytes].copy_(indices.view(torch.uint8))
     message[value_bytes + index_bytes :].copy_(local_sq.view(torch.uint8))
@@ -263,7 +277,9 @@ def _compressed(
         buffer.zero_()
         topk_decompress(all_values, all_indices, buffer, scale=1.0 / world)
         norms["mean_local_sq_norm"].append(rank_sq.sum() / world)
-        norms["global_sq_norm"].append(buffer.double().square().sum())
+        # The sparse average is non-zero only at the gathered indices (sorted per rank).
+        touched = torch.unique(all_indices)
+        norms["global_sq_norm"].append(_sq_norm(buffer[touched.long()].float()))
         return buffer
 
     return fut.then(decompress)
