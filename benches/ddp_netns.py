@@ -230,7 +230,7 @@ def worker(rank: int, port: int, steps: int, out: str) -> None:
                 "step_seconds": times,
                 "bytes_per_step": statistics.median(step_bytes),
             }
-        except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+        except Exception as exc:  # a baseline that fails is reported, not fatal
             results[hook] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             dist.barrier()
         del model, opt

@@ -38,10 +38,10 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             indices = torch.empty(k, dtype=torch.int32, device=device)
             cmp = benchmarking.compare(
                 f"topk_compress n={n:.3g} density={density}",
-                lambda grad=grad, k=k, values=values, indices=indices: ops.topk_compress(
-                    grad, res_case, k, values_out=values, indices_out=indices
+                lambda grad=grad, res=res_case, k=k, values=values, indices=indices: ops.topk_compress(
+                    grad, res, k, values_out=values, indices_out=indices
                 ),
-                lambda grad=grad, k=k: torch_pipeline(grad, res_base, k),
+                lambda grad=grad, res=res_base, k=k: torch_pipeline(grad, res, k),
                 baseline_label="torch add+abs+topk+gather+scatter",
                 rounds=2 if (ctx.quick or big) else 5,
                 min_time=0.0 if big else 0.05,
@@ -51,7 +51,6 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             )
             cmp.extra = {"n": n, "density": density, "bytes_moved": 12 * n, "fraction_is_of": "copy_gbps"}
             out.append(cmp)
-        del grad, res_case, res_base
     n = SIZES[1]
     k = n // 100
     values = torch.randn(2 * k, device=device)  # two ranks' messages
