@@ -14,6 +14,10 @@
 #include <optional>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "autoglm_rt/detail/half.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
@@ -287,13 +291,30 @@ class Compressor {
         const bool hit = r_ != nullptr ? accumulate_block<true>(i, len, accs, lower)
                                        : accumulate_block<false>(i, len, accs, lower);
         if (!hit) continue;
-        for (int j = 0; j < len; ++j) {
-          if (magnitude_key(accs[j]) < lower) continue;
+        auto keep = [&](int j) {
           if (list.size() < cap) {
             list.push_back({accs[j], i + j});
           } else {
             overflow.store(true, std::memory_order_relaxed);
           }
+        };
+        int j = 0;
+#if defined(__SSE2__)
+        // Four compares per instruction and a bit mask, so the scan costs per entry kept rather
+        // than per entry looked at. `lower - 1` as signed: keys are < 2^31, lower 0 keeps all.
+        const __m128i below = _mm_set1_epi32(static_cast<std::int32_t>(lower) - 1);
+        const __m128i abs_mask = _mm_set1_epi32(0x7fffffff);
+        for (; j + 4 <= len; j += 4) {
+          const __m128i bits = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(accs + j)), abs_mask);
+          unsigned m = static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(bits, below))));
+          while (m != 0) {
+            keep(j + __builtin_ctz(m));
+            m &= m - 1;
+          }
+        }
+#endif
+        for (; j < len; ++j) {
+          if (magnitude_key(accs[j]) >= lower) keep(j);
         }
       }
     });
