@@ -104,7 +104,8 @@ class TopKState:
 
     def k_for(self, numel: int, iteration: int) -> int:
         """Entries sent for a bucket of ``numel`` elements: ceil(density * numel), at least 1."""
-        return max(1, min(numel, math.ceil(self.density_at(iteration) * numel)))
+        # Rounded first so that 0.01 * 20000 is 200, not ceil(200.00000000000003).
+        return max(1, min(numel, math.ceil(round(self.density_at(iteration) * numel, 6))))
 
     # -- counters -------------------------------------------------------------------------------
     @property
