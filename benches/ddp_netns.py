@@ -191,15 +191,33 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
         "return": torch.futures.Future[torch.Tensor],
     }
 
+    hook_time = {"seconds": 0.0}
+
+    def timed(fn: Any) -> Any:
+        """The hook, timing its synchronous part (compression; not the collective's wait)."""
+
+        def wrapped(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+            t = time.perf_counter()
+            fut = fn(state, bucket)
+            hook_time["seconds"] += time.perf_counter() - t
+            return fut
+
+        wrapped.__annotations__ = {
+            "state": object,
+            "bucket": dist.GradBucket,
+            "return": torch.futures.Future[torch.Tensor],
+        }
+        return wrapped
+
     results: dict[str, Any] = {}
     for hook in hooks:
         torch.manual_seed(0)
         model = DDP(nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]))
         warm = 3
         if hook == "allreduce":
-            model.register_comm_hook(None, default_hooks.allreduce_hook)
+            model.register_comm_hook(None, timed(default_hooks.allreduce_hook))
         elif hook == "fp16_compress":
-            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+            model.register_comm_hook(None, timed(default_hooks.fp16_compress_hook))
         elif hook.startswith("powersgd"):
             st = powerSGD_hook.PowerSGDState(
                 process_group=None,
@@ -207,18 +225,19 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
                 start_powerSGD_iter=2,
                 min_compression_rate=1,
             )
-            model.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
+            model.register_comm_hook(st, timed(powerSGD_hook.powerSGD_hook))
         elif hook == "torch_topk_1pct":
-            model.register_comm_hook({}, torch_topk_hook)  # type: ignore[arg-type]
+            model.register_comm_hook({}, timed(torch_topk_hook))  # type: ignore[arg-type]
         else:
             state = ddp.TopKState(density=0.01, start_iter=2)
-            model.register_comm_hook(state, ddp.topk_hook)
+            model.register_comm_hook(state, timed(ddp.topk_hook))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         x = torch.randn(8, 2048, generator=torch.Generator().manual_seed(rank))
-        times, step_bytes = [], []
+        times, step_bytes, hook_seconds = [], [], []
         try:
             for step in range(warm + steps):
                 sent["bytes"] = 0
+                hook_time["seconds"] = 0.0
                 dist.barrier()
                 t = time.perf_counter()
                 opt.zero_grad()
@@ -228,10 +247,12 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
                 if step >= warm:
                     times.append(dt)
                     step_bytes.append(sent["bytes"])
+                    hook_seconds.append(hook_time["seconds"])
             results[hook] = {
                 "step_seconds_median": statistics.median(times),
                 "step_seconds": times,
                 "bytes_per_step": statistics.median(step_bytes),
+                "hook_sync_seconds_median": statistics.median(hook_seconds),
             }
         except Exception as exc:  # a baseline that fails is reported, not fatal
             results[hook] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
