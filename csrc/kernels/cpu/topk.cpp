@@ -1,12 +1,12 @@
-// CPU twin of the fused top-k compression: a three-digit radix select over the float bits.
+// CPU twin of the fused top-k compression: a radix select over the float bits.
 //
-// Pass 1 (all threads): acc = grad + residual, stored into residual, and a per-chunk histogram of
-// the top 11 bits of the magnitude key. The threshold digit b1 follows from the summed histogram.
-// Pass 2 (all threads): entries above b1 go straight to the outputs (per-chunk offsets from the
-// histograms, so the order is the index order), entries in b1 are copied to a candidate list.
-// The candidates (about k of them for gradient-like data) finish the select on their own: two
-// more digits give the exact threshold key, ties at it go to the lowest indices, and the two
-// sorted runs of selected entries are merged in place into index order.
+// Common case (>= 2^18 elements): a lower bound on the k-th largest magnitude is taken from 256
+// evenly spread blocks; one pass computes acc = grad + residual, stores it and keeps the entries
+// at or above the bound (about k of them) per chunk, in index order; a three-digit radix select
+// over the kept entries finds the exact threshold, ties at it go to the lowest indices.
+// Otherwise (small tensors, or a bound that kept fewer than k or far too many entries), an exact
+// two-pass select: a per-chunk histogram of the top 11 bits, then entries above the threshold
+// bin go straight to the outputs and entries in it become candidates for the last two digits.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
