@@ -153,6 +153,63 @@ def _describe_trigger(trigger: object) -> str:
     return " and ".join(parts)
 
 
+def _monitor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--period", type=float, default=2.0, help="seconds between samples (default 2)")
+    p.add_argument("--window", type=float, default=60.0, help="sliding window in seconds (default 60)")
+    p.add_argument("--halflife", type=float, default=10.0, help="EWMA half-life in seconds (default 10)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--iterations", type=int, default=0, metavar="N", help="stop after N frames (default: run)")
+    n.add_argument("--once", action="store_true", help="one frame, then exit (same as --iterations 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample instead of the view")
+    p.add_argument("--no-gpu", action="store_true", help="do not query NVML")
+    p.add_argument(
+        "--serve", type=int, default=None, metavar="PORT", help="also serve Prometheus metrics on 127.0.0.1:PORT"
+    )
+
+
+@command("monitor", _monitor_args)
+def _monitor(args: argparse.Namespace) -> int:
+    """Live view of the smoothed host/GPU metrics and the load level (Ctrl-C to stop)."""
+    import time
+
+    from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server
+    from autoglm_rt.monitor.probes import hostname
+    from autoglm_rt.monitor.view import CLEAR, as_dict, render
+
+    iterations = 1 if args.once else args.iterations
+    if iterations < 0:
+        print("autoglm-rt monitor: --iterations must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        sampler = Sampler(args.period, window=args.window, halflife=args.halflife, gpus=not args.no_gpu)
+    except (TypeError, ValueError) as exc:
+        print(f"autoglm-rt monitor: {exc}", file=sys.stderr)
+        return 2
+    server = None
+    if args.serve is not None:
+        server = start_metrics_server(args.serve, exporter=MetricsExporter(sampler=sampler))
+        print(f"serving metrics on {server.url}", file=sys.stderr)
+    clear = sys.stdout.isatty() and not args.json
+    host = hostname()
+    done = 0
+    try:
+        while iterations == 0 or done < iterations:
+            time.sleep(args.period)  # the first CPU figure needs an interval after priming
+            snap = sampler.sample_once()
+            if args.json:
+                print(json.dumps(as_dict(snap), sort_keys=True), flush=True)
+            else:
+                print((CLEAR if clear else "") + render(snap, sampler, host) + ("" if clear else "\n"), flush=True)
+            done += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sampler.close()
+        if server is not None:
+            server.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
