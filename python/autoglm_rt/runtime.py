@@ -189,8 +189,7 @@ class Runtime:
 
     @staticmethod
     def _default_capacity(pool: Any) -> int:
-        stats = pool.stats()
-        limit = stats.get("limit_bytes")
+        limit = _limit_of(pool.stats())
         if limit:
             return int(limit)
         device = str(getattr(pool, "device", "cpu"))
@@ -337,10 +336,7 @@ class Runtime:
                     p.grad = None if s is None else s.clone()
 
     def _pool_limit(self) -> float | None:
-        if self.pool is None:
-            return None
-        limit = self.pool.stats().get("limit_bytes")
-        return float(limit) if limit else None
+        return None if self.pool is None else _limit_of(self.pool.stats())
 
     def step(self) -> StepReport:
         """Statistics -> noise scale -> optimizer step -> phase -> policies -> actions -> metrics."""
@@ -387,7 +383,7 @@ class Runtime:
             reset = getattr(self.pool, "reset_peak_stats", None)
             if callable(reset):
                 reset()
-            controller.observe_memory(float(step_peak), pool_stats.get("limit_bytes") or None)
+            controller.observe_memory(float(step_peak), _limit_of(pool_stats))
         step_seconds = None if self._last_step_end is None else t_start - self._last_step_end
         if step_seconds is not None and step_seconds > 0:
             compute = min(self._fb_seconds, step_seconds)
@@ -480,18 +476,20 @@ class Runtime:
         step_seconds: float | None,
         pool_stats: Mapping[str, Any],
     ) -> dict[str, Any]:
-        metrics: dict[str, Any] = {"phase": phase, "unstable": unstable}
+        # Monitor figures first; what the runtime measures itself (phase, step time, the pool's
+        # own memory usage) takes precedence over the host-level view.
+        metrics: dict[str, Any] = dict(self.metrics_source()) if self.metrics_source is not None else {}
+        metrics["phase"] = phase
+        metrics["unstable"] = unstable
         if noise_scale is not None:
             metrics["noise_scale"] = noise_scale
         if step_seconds is not None:
             metrics["step_time"] = step_seconds
         for key, value in pool_stats.items():
             metrics[f"pool.{key}"] = value
-        limit = pool_stats.get("limit_bytes")
+        limit = _limit_of(pool_stats)
         if limit:
-            metrics["memory_usage"] = float(pool_stats.get("allocated_bytes", 0)) / float(limit)
-        if self.metrics_source is not None:
-            metrics.update(self.metrics_source())
+            metrics["memory_usage"] = float(pool_stats.get("allocated_bytes", 0)) / limit
         return metrics
 
     def policy_metrics(self) -> dict[str, Any]:
@@ -548,6 +546,14 @@ def _concat(batches: list[Batch]) -> Batch:
         parts = [_concat([b[i] for b in batches]) for i in range(len(first))]
         return tuple(parts) if isinstance(first, tuple) else parts
     return {k: _concat([b[k] for b in batches]) for k in first}
+
+
+def _limit_of(stats: Mapping[str, Any]) -> float | None:
+    """The pool's limit in bytes, or None when it has none (None, 0, or SIZE_MAX-like values)."""
+    limit = stats.get("limit_bytes")
+    if not limit or limit >= 2**62:
+        return None
+    return float(limit)
 
 
 def _check_loss(loss: Any) -> None:

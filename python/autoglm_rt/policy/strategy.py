@@ -67,6 +67,8 @@ def _metric_kinds() -> dict[str, str]:
     kinds = {
         "gpu_utilization": "ratio",
         "memory_usage": "ratio",
+        "gpu_memory_usage": "ratio",
+        "host_memory_usage": "ratio",
         "cpu_usage": "ratio",
         "load_1min": "number",
         "step_time": "seconds",
