@@ -95,3 +95,12 @@ def test_time_going_backwards_is_rejected(tmp_path: Path) -> None:
     path = write_series(tmp_path / "m.csv", ["10,0.5,0.5,initial", "5,0.5,0.5,initial"])
     with pytest.raises(MetricsFileError, match=":3: time: expected a non-decreasing"):
         read_metrics_csv(path)
+
+
+def test_the_policy_layer_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, autoglm_rt.policy, autoglm_rt.policy.simulate; assert 'torch' not in sys.modules, 'torch'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
