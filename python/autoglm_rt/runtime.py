@@ -299,13 +299,18 @@ class Runtime:
                 present = [g for g in grads if g is not None]
                 sq = float(torch.stack(torch._foreach_norm(present)).double().square().sum()) if present else 0.0
                 sqnorms.append((sq / (weight * weight), stop - start))
+            acc: list[torch.Tensor] = []
+            add: list[torch.Tensor] = []
             for p, g in zip(params, grads, strict=True):
                 if g is None:
                     continue
                 if p.grad is None:
                     p.grad = g.detach()
                 else:
-                    p.grad.add_(g)
+                    acc.append(p.grad)
+                    add.append(g)
+            if acc:
+                torch._foreach_add_(acc, add)  # one fused call instead of one add_ per parameter
             total = total + (loss.detach().double() if whole else loss.detach().double() * weight)
 
         run_step(n, process, controller, limit_bytes=self._pool_limit)
