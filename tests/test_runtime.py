@@ -384,3 +384,35 @@ def test_memory_pressure_shrinks_then_a_raised_limit_lets_the_micro_batch_grow_b
     assert micro[-1] == 32 and 25 <= micro.index(32) < 25 + rt.controller.grow_after
     assert all(r == 32 for r in (c.after.effective_batch for c in rt.controller.changes))
     model.release()
+
+
+class WithOffset(nn.Module):
+    """A parameter whose only use is ``offset.sum()``: autograd hands back an expanded gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_model()
+        self.offset = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.offset.sum()
+
+
+@pytest.mark.parametrize("micro", [32, 8])
+def test_expanded_gradients_are_accumulated_correctly(micro: int) -> None:
+    x, y = make_data(32 * 4)
+    model = WithOffset()
+    ref = WithOffset()
+    ref.load_state_dict(model.state_dict())
+    ref.double()
+    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch=micro, precision_by_phase={})
+    for _, batch in rt.batches(loader(x, y, 32)):
+        rt.forward_backward(batch, mse)
+        rt.step()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xb, yb in loader(x.double(), y.double(), 32):
+        opt.zero_grad()
+        mse(ref, (xb, yb)).backward()
+        opt.step()
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)

@@ -286,32 +286,39 @@ class Runtime:
         sqnorms: list[tuple[float, int]] = []
 
         def process(start: int, stop: int) -> None:
-            nonlocal total
             weight = (stop - start) / n
             whole = start == 0 and stop == n
             with self._autocast():
                 loss = loss_fn(self.model, batch if whole else _slice(batch, start, stop))
             _check_loss(loss)
-            scaled = loss.float() if whole else loss.float() * weight
-            grads = torch.autograd.grad(scaled, params, allow_unused=True)
+            # The micro-batch's own mean-loss gradient; its weight is applied when it is added.
+            grads = torch.autograd.grad(loss.float(), params, allow_unused=True)
             # Only now, after the whole micro-batch succeeded, does it touch .grad.
-            if want_norms:
-                present = [g for g in grads if g is not None]
-                sq = float(torch.stack(torch._foreach_norm(present)).double().square().sum()) if present else 0.0
-                sqnorms.append((sq / (weight * weight), stop - start))
+            fresh: list[torch.Tensor] = []
             acc: list[torch.Tensor] = []
             add: list[torch.Tensor] = []
             for p, g in zip(params, grads, strict=True):
                 if g is None:
                     continue
                 if p.grad is None:
-                    p.grad = g.detach()
+                    if not g.is_contiguous():
+                        g = g.contiguous()  # e.g. the expanded gradient of p.sum(): own memory
+                    p.grad = g
+                    fresh.append(g)
                 else:
                     acc.append(p.grad)
                     add.append(g)
-            if acc:
-                torch._foreach_add_(acc, add)  # one fused call instead of one add_ per parameter
-            total = total + (loss.detach().double() if whole else loss.detach().double() * weight)
+            if want_norms:
+                norms = torch.stack(torch._foreach_norm(fresh + add)) if fresh or add else None
+                sqnorms.append((0.0 if norms is None else float(norms.double().square().sum()), stop - start))
+            if not whole:
+                if fresh:
+                    torch._foreach_mul_(fresh, weight)
+                if acc:
+                    torch._foreach_add_(acc, add, alpha=weight)  # one fused call for all parameters
+            elif acc:
+                torch._foreach_add_(acc, add)
+            total.add_(loss.detach(), alpha=weight)
 
         run_step(n, process, controller, limit_bytes=self._pool_limit)
         self._micro_sqnorms.extend(sqnorms)
