@@ -130,3 +130,14 @@ def test_bad_input_is_rejected_and_leaves_state_untouched() -> None:
         PID(1.0, setpoint=0.0, sample_time=0.0)
     with pytest.raises(TypeError, match="kp"):
         PID("1", setpoint=0.0)  # type: ignore[arg-type]
+
+
+def test_reset_with_an_integral_starts_bumplessly_and_reverse_gains_act_in_reverse() -> None:
+    pid = PID(-1.0, ki=-0.5, setpoint=1.0, output_limits=(1.0, 8.0))
+    pid.reset(integral=3.0)
+    assert pid.update(1.0, now=0.0) == 3.0  # on target: the output is the actuator's current value
+    assert pid.update(2.0, now=1.0) > 3.0  # measurement above the setpoint: more output
+    pid.reset(integral=50.0)
+    assert pid.update(1.0, now=2.0) == 8.0  # the integral is clamped to the limits
+    with pytest.raises(ValueError, match="integral"):
+        pid.reset(integral=math.nan)

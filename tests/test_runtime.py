@@ -416,3 +416,33 @@ def test_expanded_gradients_are_accumulated_correctly(micro: int) -> None:
         opt.step()
     for p, r in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_step_time_target_is_held_by_the_thread_pid() -> None:
+    # A plant whose step takes 1.2 s of work split over the threads: the target of 0.3 s needs
+    # exactly 4 of the 8 allowed threads, and the PID should settle there (freeing the other 4).
+    now = [0.0]
+    applied: list[int] = []
+    model = make_model()
+    rt = Runtime(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        precision_by_phase={},
+        clock=lambda: now[0],
+        step_time_target=0.3,
+        thread_setter=applied.append,
+        max_threads=8,
+    )
+    x, y = make_data(16)
+    times = []
+    for _ in range(60):
+        rt.forward_backward((x, y), mse)
+        rt.step()
+        step = 1.2 / rt.threads
+        now[0] += step
+        times.append(step)
+    assert rt.threads == 4 and applied[-1] == 4
+    assert times[-20:] == [pytest.approx(0.3)] * 20  # settled, no limit cycle
+    assert all(1 <= n <= 8 for n in applied)
+    with pytest.raises(ValueError, match="step_time_target"):
+        Runtime(model, torch.optim.SGD(model.parameters(), lr=0.01), step_time_target=0.0)

@@ -41,7 +41,8 @@ import torch
 
 from autoglm_rt.policy.actuators import ActionResult, Actuators, Scheduler
 from autoglm_rt.policy.batch import BatchController, is_out_of_memory, run_step
-from autoglm_rt.policy.memory import MemoryPolicy
+from autoglm_rt.policy.control import PID
+from autoglm_rt.policy.memory import MemoryPolicy, available_cores, default_thread_setter
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent
 from autoglm_rt.policy.strategy import Action, Strategy
 
@@ -88,7 +89,10 @@ class Runtime:
     returns monitor metrics for the strategy (``gpu_utilization``, ``memory_usage``, ``cpu_usage``,
     ``load_1min`` ...). ``metrics_sink``: called with every :class:`StepReport`.
     ``precision_by_phase``: autocast dtype per phase (default: bfloat16 in fine-tuning where the
-    device supports it); ``{}`` keeps full precision throughout.
+    device supports it); ``{}`` keeps full precision throughout. ``step_time_target`` (seconds):
+    a :class:`~autoglm_rt.policy.PID` holds the step time there with as few CPU threads as it
+    takes (1..``max_threads``, applied by ``thread_setter``), leaving the rest of the cores to other
+    tenants; it then owns the thread count (the phase's thread setting is skipped).
     """
 
     def __init__(
@@ -115,6 +119,9 @@ class Runtime:
         scheduler: Scheduler | None = None,
         alert: Callable[[Action], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        step_time_target: float | None = None,
+        thread_setter: Callable[[int], None] | None = None,
+        max_threads: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -174,6 +181,9 @@ class Runtime:
             scheduler=scheduler,
             alert=alert,
         )
+        self._thread_pid: PID | None = None
+        if step_time_target is not None:
+            self._init_thread_control(step_time_target, thread_setter, max_threads)
         self._noise: Any = None
         self.step_count = 0
         self.skipped_steps = 0
@@ -207,6 +217,34 @@ class Runtime:
         if hasattr(self, "actuators"):
             self.actuators.batch = self.batch_controller
         return self.batch_controller
+
+    def _init_thread_control(
+        self, target: float, setter: Callable[[int], None] | None, max_threads: int | None
+    ) -> None:
+        if (
+            isinstance(target, bool)
+            or not isinstance(target, (int, float))
+            or not (math.isfinite(target) and target > 0)
+        ):
+            raise ValueError(f"step_time_target: expected a positive number of seconds, got {target!r}")
+        cores = available_cores() if max_threads is None else max_threads
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ValueError(f"max_threads: expected a positive int, got {max_threads!r}")
+        self.step_time_target = float(target)
+        self.max_threads = cores
+        self._thread_setter = setter if setter is not None else default_thread_setter
+        self.threads = min(max(torch.get_num_threads(), 1), cores)
+        # Reverse-acting on the relative step time, one update per step: too slow -> more threads.
+        self._thread_pid = PID(-1.0, ki=-0.5, setpoint=1.0, output_limits=(1.0, float(cores)))
+        self._thread_pid.reset(integral=float(self.threads))
+
+    def _control_threads(self, step_seconds: float) -> None:
+        assert self._thread_pid is not None
+        out = self._thread_pid.update(step_seconds / self.step_time_target, now=float(self.step_count))
+        n = min(max(round(out), 1), self.max_threads)
+        if n != self.threads:
+            self._thread_setter(n)
+            self.threads = n
 
     @property
     def controller(self) -> BatchController:
@@ -400,6 +438,8 @@ class Runtime:
         if step_seconds is not None and step_seconds > 0:
             compute = min(self._fb_seconds, step_seconds)
             controller.observe_step_time(step_seconds, compute_seconds=compute)
+            if self._thread_pid is not None:
+                self._control_threads(step_seconds)
         if controller.propose(noise_scale) is not None or controller.effective_batch != controller.base_batch:
             self._apply_lr_factor(controller.lr_factor(noise_scale))
 
@@ -470,7 +510,9 @@ class Runtime:
 
     def _enter_phase(self, phase: str) -> None:
         if self.memory_policy is not None:
-            self.memory_policy.apply(phase, threads=self.memory_policy.thread_setter is not None)
+            # With a step-time target the PID owns the thread count, not the phase.
+            own_threads = self.memory_policy.thread_setter is not None and self._thread_pid is None
+            self.memory_policy.apply(phase, threads=own_threads)
         self.set_precision(self.precision_by_phase.get(phase, "float32"))
 
     def _apply_lr_factor(self, factor: float) -> None:

@@ -20,8 +20,9 @@ import time
 
 
 class PID:
-    """``output = kp * e + integral(ki * e dt) - kd * d(measurement)/dt``, with ``e = setpoint -
-    measurement``, clamped to ``output_limits``.
+    """```output = kp * e + integral(ki * e dt) - kd * d(measurement)/dt``, with ``e = setpoint -
+    measurement``, clamped to ``output_limits``. Negative gains make it reverse-acting (more
+    output when the measurement is above the setpoint, e.g. threads when steps are too slow).
 
     ``update(measurement, now=None)`` returns the output; ``now`` (seconds, monotonic) defaults to
     ``time.monotonic()``. The first update has no derivative term (nothing to differentiate yet)
@@ -59,9 +60,11 @@ class PID:
         self.output_limits = (low, high)
         self.reset()
 
-    def reset(self) -> None:
-        """Forgets the integral, the last measurement and the last output."""
-        self._integral = 0.0
+    def reset(self, integral: float = 0.0) -> None:
+        """Forgets the last measurement and output and sets the integral term (default 0; set it
+        to the actuator's current value for a bumpless start), clamped to the output limits."""
+        _check_finite("integral", integral)
+        self._integral = self._clamp(float(integral))
         self._last_time: float | None = None
         self._last_measurement: float | None = None
         self._last_output: float | None = None

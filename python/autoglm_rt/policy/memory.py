@@ -83,7 +83,7 @@ class MemoryPolicy:
             raise ValueError(f"margin: expected a non-negative fraction, got {margin!r}")
         self.margin = float(margin)
         self.limits = self._parse_limits(DEFAULT_LIMITS if limits is None else limits)
-        cores = _available_cores() if cores is None else cores
+        cores = available_cores() if cores is None else cores
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ValueError(f"cores: expected a positive int, got {cores!r}")
         self.cores = cores
@@ -174,7 +174,7 @@ class MemoryPolicy:
         return size
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
