@@ -40,6 +40,119 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace CSV (op,id,bytes,stream)")
+    p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
+    p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
+    p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
+    p.add_argument("--small-size", default="256Ki", help="largest request of the small arena (default 256Ki)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("replay", _replay_args)
+def _replay(args: argparse.Namespace) -> int:
+    """Replays an allocation trace through a fresh caching pool and reports its footprint."""
+    from autoglm_rt.memory import replay
+    from autoglm_rt.units import format_size
+
+    result = replay(
+        args.trace,
+        repeat=args.repeat,
+        expandable=not args.segments,
+        granularity=args.granularity,
+        small_size=args.small_size,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    print(f"trace                             {args.trace} ({result['ops']} ops over {args.repeat} passes)")
+    print(f"peak requested                    {format_size(result['peak_requested_bytes'])}")
+    print(f"peak reserved                     {format_size(result['peak_reserved_bytes'])}")
+    print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
+    print(f"upstream allocations              {result['upstream_allocs']}")
+    print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
+    print(f"ns per operation                  {result['ns_per_op']:.1f}")
+    return 0
+
+
+def _strategy_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="strategy_command", required=True, metavar="{check,simulate}")
+    check = sub.add_parser("check", help="parse a strategy file and print its rules")
+    check.add_argument("file", help="strategy YAML")
+    sim = sub.add_parser("simulate", help="print the actions a strategy would take over a recorded metric series")
+    sim.add_argument("file", help="strategy YAML")
+    sim.add_argument("--metrics", required=True, help="CSV with a time column and one column per metric")
+    sim.add_argument("--json", action="store_true", help="print the actions as JSON lines")
+
+
+@command("strategy", _strategy_args)
+def _strategy(args: argparse.Namespace) -> int:
+    """Checks a strategy file, or simulates it over a recorded metric series."""
+    from pathlib import Path
+
+    from autoglm_rt.policy.simulate import MetricsFileError, read_metrics_csv, simulate
+    from autoglm_rt.policy.strategy import ConfigError, Strategy
+
+    try:
+        strategy = Strategy.from_yaml(Path(args.file))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.strategy_command == "check":
+        print(f"{args.file}: {len(strategy.rules)} strategy rule(s), OK")
+        for rule in strategy.rules:
+            extra = [f"for {rule.for_seconds:g}s"] if rule.for_seconds else []
+            if rule.clear is not None:
+                extra.append("clear: " + _describe_trigger(rule.clear))
+            if rule.cooldown_seconds:
+                extra.append(f"cooldown {rule.cooldown_seconds:g}s")
+            print(f"- {rule.name} (line {rule.line})")
+            print(f"    when    {_describe_trigger(rule.trigger)}" + (f"  [{'; '.join(extra)}]" if extra else ""))
+            for spec in rule.actions:
+                print(f"    action  {spec.name}={spec.value!r} -> {spec.target}")
+        return 0
+    try:
+        series = read_metrics_csv(args.metrics)
+    except (MetricsFileError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    actions = simulate(strategy, series)
+    for a in actions:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "time": a.time,
+                        "strategy": a.strategy,
+                        "action": a.name,
+                        "value": a.value,
+                        "target": a.target,
+                        "evidence": a.evidence,
+                    },
+                    default=str,
+                )
+            )
+        else:
+            evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in a.evidence.items())
+            print(f"t={a.time:<10g} {a.strategy:<24} {a.name}={a.value!r} -> {a.target}  ({evidence})")
+    if not args.json:
+        print(f"{len(actions)} action(s) over {len(series)} observation(s)")
+    return 0
+
+
+def _describe_trigger(trigger: object) -> str:
+    from autoglm_rt.policy.strategy import Trigger
+
+    assert isinstance(trigger, Trigger)
+    parts = [str(c) for c in trigger.conditions]
+    if trigger.any_of:
+        parts.append("any(" + " | ".join(_describe_trigger(g) for g in trigger.any_of) + ")")
+    return " and ".join(parts)
+
+
 def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period", type=float, default=2.0, help="seconds between samples (default 2)")
     p.add_argument("--window", type=float, default=60.0, help="sliding window in seconds (default 60)")
@@ -94,40 +207,6 @@ def _monitor(args: argparse.Namespace) -> int:
         sampler.close()
         if server is not None:
             server.close()
-def _replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="trace CSV (op,id,bytes,stream)")
-    p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
-    p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
-    p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
-    p.add_argument(
-        "--small-size", default=None, help="largest request of the small class (default 256Ki, 1Mi with --segments)"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-@command("replay", _replay_args)
-def _replay(args: argparse.Namespace) -> int:
-    """Replays an allocation trace through a fresh caching pool and reports its footprint."""
-    from autoglm_rt.memory import replay
-    from autoglm_rt.units import format_size
-
-    result = replay(
-        args.trace,
-        repeat=args.repeat,
-        expandable=not args.segments,
-        granularity=args.granularity,
-        small_size=args.small_size,
-    )
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return 0
-    print(f"trace                             {args.trace} ({result['ops']} ops over {args.repeat} passes)")
-    print(f"peak requested                    {format_size(result['peak_requested_bytes'])}")
-    print(f"peak reserved                     {format_size(result['peak_reserved_bytes'])}")
-    print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
-    print(f"upstream allocations              {result['upstream_allocs']}")
-    print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
-    print(f"ns per operation                  {result['ns_per_op']:.1f}")
     return 0
 
 

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from autoglm_rt.ops.grad_stats import GradStats, GradStatsTotal, grad_stats
+from autoglm_rt.ops.topk import topk_compress, topk_decompress
 
-__all__ = ["GradStats", "GradStatsTotal", "grad_stats"]
+__all__ = ["GradStats", "GradStatsTotal", "grad_stats", "topk_compress", "topk_decompress"]

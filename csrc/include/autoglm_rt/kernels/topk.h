@@ -1,0 +1,63 @@
+// Fused top-k gradient compression with error feedback, and its scatter-add inverse.
+//
+// Ranking: entries are ranked by |acc| where acc = grad + residual is computed in float32 (the
+// same bits as numpy's float32 addition) and rounded to grad's dtype. NaN ranks above +Inf (every NaN equal), and among equal
+// magnitudes the lower index wins, so the selected set is a function of the input alone. The k
+// selected entries are written in ascending index order on every device.
+#pragma once
+
+#include <cstdint>
+
+#include "autoglm_rt/tensor_view.h"
+
+namespace agrt::kernels {
+
+/// The digits of the radix select over the 31-bit magnitude key (sign bit dropped): 11, 11 and 9
+/// bits, most significant first. Shared by the CPU and CUDA twins so their thresholds agree.
+inline constexpr int kTopkDigitBits[3] = {11, 11, 9};
+inline constexpr int kTopkDigitShift[3] = {20, 9, 0};
+inline constexpr std::uint32_t kTopkNanKey = 0x7f800001u;  // every NaN maps here, above +Inf
+
+/// Index dtype used for a tensor of `numel` elements: int32 below 2^31 elements, else int64.
+constexpr DType topk_index_dtype(std::int64_t numel) noexcept {
+  return numel >= (std::int64_t{1} << 31) ? DType::kInt64 : DType::kInt32;
+}
+
+/// Compresses `grad` to its k largest-magnitude entries of acc = grad + residual.
+///
+/// - grad: float32/float16/bfloat16, numel >= 1. residual: same dtype, device and numel, or
+///   numel == 0 / data == nullptr for "no error feedback" (acc = grad).
+/// - values: k elements of float32/float16/bfloat16 (rounded to nearest even; overflow -> Inf).
+/// - indices: k elements of int32 (only when grad.numel < 2^31) or int64.
+/// - On return residual holds acc with the k selected entries set to zero.
+/// - 1 <= k <= grad.numel, else ValueError; dtype/device mismatches raise TypeError/ValueError
+///   before anything is written.
+/// CPU (agrt::parallel_for, deterministic for any thread count): from 2^18 elements a lower bound
+/// on the threshold is sampled from 256 spread blocks, and one pass (read grad+residual, write
+/// acc) keeps the ~k entries above it; the exact select then runs over those alone. If the bound
+/// missed (fewer than k kept, or heavy ties) or the tensor is small, an exact two-pass radix select
+/// over acc follows (so the rare worst case reads acc twice more).
+/// CUDA: accumulate pass, up to two histogram passes (skipped once a bin is taken whole), a count
+/// pass and an emit pass (compiled, not yet run on a GPU).
+/// CUDA: runs on grad.stream, never synchronises the host (scratch from cudaMallocAsync).
+void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
+                   const TensorView& values, const TensorView& indices);
+
+/// out[indices[i]] += scale * values[i] for every i; duplicate indices accumulate. Each update is
+/// computed in float32 and rounded into out's dtype (float32/float16/bfloat16).
+/// Every index must lie in [0, out.numel) (checked first: ValueError and out untouched).
+/// CPU: deterministic (per output element, updates apply in the order of `values`).
+/// CUDA: float atomics, so the summation order of duplicates is not fixed.
+void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
+                     double scale);
+
+#ifdef AGRT_WITH_CUDA
+namespace cuda {
+void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
+                   const TensorView& values, const TensorView& indices);
+void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
+                     double scale);
+}  // namespace cuda
+#endif
+
+}  // namespace agrt::kernels

@@ -1,0 +1,94 @@
+"""Fused top-k gradient compression with error feedback, and its scatter-add inverse.
+
+``topk_compress`` ranks the entries of ``acc = grad + residual`` (computed in float32, rounded to
+grad's dtype) by magnitude and returns exactly k of them, in ascending index order. NaN ranks above
++Inf and ties go to the lower index, so the result depends on the input alone. ``residual`` is
+updated in place to ``acc`` with the selected entries zeroed (error feedback), which gives the
+identity ``topk_decompress(values, indices, zeros) + residual_after == grad + residual_before``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autoglm_rt._native import _C
+
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_LIMIT = 2**31
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """The index dtype topk_compress uses for a tensor of ``numel`` elements: int32 below 2^31."""
+    return torch.int64 if numel >= _INT32_LIMIT else torch.int32
+
+
+def _stream_of(t: torch.Tensor) -> int | None:
+    if t.device.type == "cuda":
+        return int(torch.cuda.current_stream(t.device).cuda_stream)
+    return None
+
+
+def _require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def topk_compress(
+    grad: torch.Tensor,
+    residual: torch.Tensor | None,
+    k: int,
+    *,
+    value_dtype: torch.dtype | None = None,
+    values_out: torch.Tensor | None = None,
+    indices_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selects the k largest-magnitude entries of ``grad + residual`` (flattened).
+
+    Returns ``(values, indices)``: k values in ``value_dtype`` (float32 by default, float16 or
+    bfloat16; taken from ``values_out`` when given) and their flat indices in ascending order,
+    int32 (int64 when grad has 2^31 or more elements, or when ``indices_out`` is int64).
+    ``residual`` (same dtype, device and element count as grad, contiguous) becomes ``acc`` with
+    the selected entries zeroed; ``None`` means no error feedback. Raises ValueError for k outside
+    1..numel or a mismatched size/device, TypeError for a wrong dtype or a non-contiguous tensor,
+    before anything is written. On CUDA the work is queued on the current stream and the host
+    never waits."""
+    grad = _require_tensor("grad", grad)
+    if residual is not None:
+        residual = _require_tensor("residual", residual)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    numel = grad.numel()
+    if not 1 <= k <= numel:
+        raise ValueError(f"k: expected 1 <= k <= grad.numel() = {numel}, got {k}")
+    if values_out is None:
+        dtype = torch.float32 if value_dtype is None else value_dtype
+        if dtype not in _VALUE_DTYPES:
+            raise TypeError(f"value_dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        values_out = torch.empty(k, dtype=dtype, device=grad.device)
+    else:
+        values_out = _require_tensor("values_out", values_out)
+        if value_dtype is not None and values_out.dtype != value_dtype:
+            raise TypeError(f"values_out: has dtype {values_out.dtype} but value_dtype is {value_dtype}")
+    if indices_out is None:
+        indices_out = torch.empty(k, dtype=index_dtype_for(numel), device=grad.device)
+    else:
+        indices_out = _require_tensor("indices_out", indices_out)
+    _C.topk_compress(grad, residual, k, values_out, indices_out, _stream_of(grad))
+    return values_out, indices_out
+
+
+def topk_decompress(
+    values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, *, scale: float = 1.0
+) -> torch.Tensor:
+    """Adds ``scale * values`` into the flattened ``out`` at ``indices`` (duplicates accumulate) and
+    returns ``out``. Each update is computed in float32 and rounded into out's dtype. Every index
+    must lie in ``[0, out.numel())``: otherwise ValueError and ``out`` is unchanged. On the CPU the
+    result is deterministic (per element, updates apply in the order of ``values``)."""
+    values = _require_tensor("values", values)
+    indices = _require_tensor("indices", indices)
+    out = _require_tensor("out", out)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    _C.topk_decompress(values, indices, out, float(scale), _stream_of(out))
+    return out

@@ -1,0 +1,57 @@
+"""The policy layer: plain Python over numbers that turns statistics and load into decisions.
+
+- :class:`PhaseDetector` (``phase``): initial / convergence / fine-tuning plus an unstable flag.
+- :class:`MemoryPolicy` (``memory``): phase -> pool memory limit and CPU threads.
+- :class:`BatchController` (``batch``): micro-batch size and accumulation steps; LR scaling rules.
+- :class:`PID` (``control``): holds a measured quantity at a target.
+- :class:`Strategy` (``strategy``): YAML rules -> actions; :class:`ConfigError` for bad documents.
+- :class:`Actuators` (``actuators``): where actions go (pool, batch, threads, precision, scheduler,
+  alert).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from autoglm_rt.policy.actuators import ActionResult, Actuators, RecordingScheduler
+from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, run_step, statistical_efficiency
+from autoglm_rt.policy.control import PID
+from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
+from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
+from autoglm_rt.policy.simulate import read_metrics_csv, simulate
+from autoglm_rt.policy.strategy import Action, ConfigError, Rule, Strategy
+
+
+def bundled_strategy(name: str) -> Path:
+    """Path of a strategy file shipped with the package (``"dynamic_balance"``, ``"phase_aware"``)."""
+    path = Path(str(resources.files("autoglm_rt.policy") / "strategies" / f"{name}.yaml"))
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"name: no bundled strategy {name!r}; available: {', '.join(available)}")
+    return path
+
+
+__all__ = [
+    "PID",
+    "Action",
+    "ActionResult",
+    "Actuators",
+    "BatchController",
+    "BatchPlan",
+    "ConfigError",
+    "MemoryDecision",
+    "MemoryPolicy",
+    "PhaseDetector",
+    "PhaseEvent",
+    "PhaseState",
+    "RecordingScheduler",
+    "Rule",
+    "Strategy",
+    "bundled_strategy",
+    "lr_factor",
+    "read_metrics_csv",
+    "run_step",
+    "simulate",
+    "statistical_efficiency",
+]
