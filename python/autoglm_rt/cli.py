@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -37,41 +38,6 @@ def _info(args: argparse.Namespace) -> int:
         width = max(len(k) for k in info)
         for key in sorted(info):
             print(f"{key:<{width}}  {info[key]}")
-    return 0
-
-
-def _replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="trace CSV (op,id,bytes,stream)")
-    p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
-    p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
-    p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
-    p.add_argument("--small-size", default="256Ki", help="largest request of the small arena (default 256Ki)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-@command("replay", _replay_args)
-def _replay(args: argparse.Namespace) -> int:
-    """Replays an allocation trace through a fresh caching pool and reports its footprint."""
-    from autoglm_rt.memory import replay
-    from autoglm_rt.units import format_size
-
-    result = replay(
-        args.trace,
-        repeat=args.repeat,
-        expandable=not args.segments,
-        granularity=args.granularity,
-        small_size=args.small_size,
-    )
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return 0
-    print(f"trace                             {args.trace} ({result['ops']} ops over {args.repeat} passes)")
-    print(f"peak requested                    {format_size(result['peak_requested_bytes'])}")
-    print(f"peak reserved                     {format_size(result['peak_reserved_bytes'])}")
-    print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
-    print(f"upstream allocations              {result['upstream_allocs']}")
-    print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
-    print(f"ns per operation                  {result['ns_per_op']:.1f}")
     return 0
 
 
@@ -207,6 +173,70 @@ def _monitor(args: argparse.Namespace) -> int:
         sampler.close()
         if server is not None:
             server.close()
+    return 0
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace CSV (op,id,bytes,stream)")
+    p.add_argument("--repeat", type=int, default=3, help="passes over the trace (default 3)")
+    p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
+    p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
+    p.add_argument(
+        "--small-size", default=None, help="largest request of the small class (default 256Ki, 1Mi with --segments)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("replay", _replay_args)
+def _replay(args: argparse.Namespace) -> int:
+    """Replays an allocation trace through a fresh caching pool and reports its footprint."""
+    from autoglm_rt.memory import replay
+    from autoglm_rt.units import format_size
+
+    result = replay(
+        args.trace,
+        repeat=args.repeat,
+        expandable=not args.segments,
+        granularity=args.granularity,
+        small_size=args.small_size,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    print(f"trace                             {args.trace} ({result['ops']} ops over {args.repeat} passes)")
+    print(f"peak requested                    {format_size(result['peak_requested_bytes'])}")
+    print(f"peak reserved                     {format_size(result['peak_reserved_bytes'])}")
+    print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
+    print(f"upstream allocations              {result['upstream_allocs']}")
+    print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
+    print(f"ns per operation                  {result['ns_per_op']:.1f}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
+    size.add_argument("--smoke", action="store_true", help="a tiny run that only shows everything works")
+    p.add_argument("--out", default="autoglm_rt_demo", help="output directory (default: ./autoglm_rt_demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides the preset)")
+    p.add_argument("--gpus", type=int, default=0, help="train on N >= 2 GPUs with NCCL (default: 2 CPU ranks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("demo", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    """Trains a small GPT with autoglm_rt and without, and compares them (report.md, plots)."""
+    from autoglm_rt.demo import run_demo
+    from autoglm_rt.demo.driver import Interrupted
+
+    preset = "quick" if args.quick else "smoke" if args.smoke else "default"
+    try:
+        doc = run_demo(args.out, preset, steps=args.steps, gpus=args.gpus, show_progress=not args.no_progress)
+    except Interrupted as exc:
+        print(exc)
+        return 0
+    print((Path(args.out) / "report.md").read_text())
+    print(f"report: {Path(args.out).resolve()}/report.md, report.json, {len(doc['plots'])} plots")
     return 0
 
 

@@ -1,0 +1,124 @@
+"""The demo's comparison: report.json, report.md and PNG plots from the two runs' records.
+
+Each run directory holds ``result.json`` (the run's summary) and ``steps.jsonl`` (one record per
+optimizer step: step, loss, phase, micro_batch, accumulation, memory_limit_bytes,
+bytes_communicated, dense_bytes, ...). Fields a run does not have are simply absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REQUIRED_RUN_FIELDS = ("val_loss", "bytes_communicated", "wall_seconds", "peak_memory_bytes", "energy_joules")
+PLOTS = ("loss", "phase", "batch", "memory_limit", "bytes_per_step")
+
+
+def read_steps(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "steps.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(out: Path, runs: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Writes report.json, report.md and the plots; returns the report document."""
+    for name, run in runs.items():
+        missing = [f for f in REQUIRED_RUN_FIELDS if f not in run]
+        if missing:
+            raise ValueError(f"run {name!r} lacks {missing}")
+    doc: dict[str, Any] = {"runs": runs, "meta": meta}
+    a, b = runs.get("autoglm_rt"), runs.get("baseline")
+    if a and b:
+        doc["comparison"] = {
+            "val_loss_ratio": a["val_loss"] / b["val_loss"],
+            "bytes_ratio": b["bytes_communicated"] / max(1, a["bytes_communicated"]),
+            "wall_ratio": a["wall_seconds"] / b["wall_seconds"],
+            "peak_memory_ratio": a["peak_memory_bytes"] / max(1, b["peak_memory_bytes"]),
+            "energy_ratio": a["energy_joules"] / b["energy_joules"] if b["energy_joules"] else None,
+        }
+    (out / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    steps = {name: read_steps(out / name) for name in runs}
+    doc["plots"] = write_plots(out, steps)
+    (out / "report.md").write_text(render_markdown(doc))
+    return doc
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    runs = doc["runs"]
+    names = list(runs)
+    lines = ["# autoglm-rt demo report", ""]
+    meta = doc.get("meta", {})
+    if meta:
+        lines += [f"- {k}: {v}" for k, v in sorted(meta.items())] + [""]
+    rows = [
+        ("validation loss", "val_loss", "{:.4f}"),
+        ("bytes communicated", "bytes_communicated", "{:,.0f}"),
+        ("wall time (s)", "wall_seconds", "{:.1f}"),
+        ("peak memory (bytes)", "peak_memory_bytes", "{:,.0f}"),
+        ("energy (J)", "energy_joules", "{:.1f}"),
+    ]
+    lines.append("| | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(runs[n][key]) for n in names) + " |")
+    cmp = doc.get("comparison")
+    if cmp:
+        lines += [
+            "",
+            f"autoglm_rt sent {cmp['bytes_ratio']:.1f}x fewer bytes; its validation loss is "
+            f"{cmp['val_loss_ratio']:.3f}x the baseline's; wall time {cmp['wall_ratio']:.2f}x.",
+        ]
+    for name in names:
+        notes = runs[name].get("notes")
+        if notes:
+            lines += ["", f"**{name}**: " + "; ".join(notes)]
+    if doc.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in doc["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One PNG per plot in PLOTS; returns the names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = ["initial", "convergence", "fine_tuning"]
+    series = {
+        "loss": ("loss", "training loss"),
+        "batch": ("effective_batch", "micro-batch x accumulation (samples per rank)"),
+        "memory_limit": ("memory_limit_bytes", "pool memory limit (bytes)"),
+        "bytes_per_step": ("bytes_communicated_step", "bytes sent per step per rank"),
+    }
+    written = []
+    for plot in PLOTS:
+        fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+        for name, recs in steps.items():
+            xs = [r["step"] for r in recs]
+            if plot == "phase":
+                ys = [phases.index(r["phase"]) if r.get("phase") in phases else -1 for r in recs]
+                ax.set_yticks(range(-1, 3), ["none", *phases])
+                ax.step(xs, ys, where="post", label=name)
+                ax.set_title("training phase")
+            elif plot == "batch":
+                ax.plot(
+                    xs, [r.get("micro_batch", 0) * r.get("accumulation", 1) for r in recs], label=f"{name} effective"
+                )
+                ax.plot(xs, [r.get("micro_batch", 0) for r in recs], "--", label=f"{name} micro-batch")
+                ax.set_title(series[plot][1])
+            else:
+                key, title = series[plot]
+                ax.plot(xs, [r.get(key, float("nan")) for r in recs], label=name)
+                ax.set_title(title)
+                if plot == "bytes_per_step":
+                    ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"{plot}.png")
+        plt.close(fig)
+        written.append(plot)
+    return written
