@@ -1,0 +1,1 @@
+"""Policies: plain Python over numbers (phase, memory, batch, strategy, scheduler, control)."""
