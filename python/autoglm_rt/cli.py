@@ -40,6 +40,39 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("jobs", metavar="JOBS.yaml", help="the queue file: slots or gpus, and jobs")
+    p.add_argument(
+        "--state",
+        metavar="FILE.db",
+        help="SQLite state file (default: JOBS.yaml with suffix .db); rerun with the same file to resume",
+    )
+    p.add_argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL (default: file)")
+
+
+@command("queue", _queue_args)
+def _queue(args: argparse.Namespace) -> int:
+    """Runs a queue of jobs on this machine's GPUs or CPU slots by priority; exits 1 if any failed."""
+    from pathlib import Path
+
+    from autoglm_rt.queue import QueueRunner, QueueSpecError, load_queue_spec
+
+    try:
+        spec = load_queue_spec(args.jobs)
+    except QueueSpecError as exc:
+        print(f"autoglm-rt queue: {exc}", file=sys.stderr)
+        return 2
+    state = args.state or str(Path(args.jobs).with_suffix(".db"))
+    runner = QueueRunner(spec, state, grace_period=args.grace)
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        print(f"autoglm-rt queue: interrupted; running jobs continue. Resume with --state {state}", file=sys.stderr)
+        return 130
+    finally:
+        runner.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -288,6 +288,18 @@ class PriorityScheduler:
             raise SchedulerError(f"task {name!r} is {e.state.value}; only a running task can be stopped")
         e.state = TaskState.STOPPING
 
+    def assign(self, name: str, devices: Sequence[int], now: float | None = None) -> None:
+        """Starts a pending, eligible task on exactly ``devices`` (a migration's target), outside
+        the score order. Raises SchedulerError if they are held, too few or too small."""
+        e = self._get(name)
+        if not self.is_eligible(name):
+            raise SchedulerError(f"task {name!r} is {e.state.value} and not eligible; cannot assign it")
+        devices = tuple(sorted(devices))
+        self._check_devices_free(name, devices)
+        if len(set(devices)) != e.task.gpus or self._fit(e.task, devices, math.inf) != devices:
+            raise SchedulerError(f"task {name!r} needs {e.task.gpus} distinct device(s) it fits on, got {devices}")
+        self._start(e, devices, self._now(now))
+
     def record_checkpoint(self, name: str, now: float | None = None) -> None:
         """The task saved a checkpoint: stopping it now loses only the work done since."""
         self._get(name).last_checkpoint = self._now(now)
@@ -357,13 +369,14 @@ class PriorityScheduler:
 
     # ---------------------------------------------------------------- the decision
 
-    def schedule(self, now: float | None = None) -> Plan:
+    def schedule(self, now: float | None = None, *, exclude: Iterable[int] = ()) -> Plan:
         """Re-evaluates every pending task (scores age with time) and decides what starts and what
         is preempted. Started tasks are marked running and victims stopping at once; the caller
-        must carry the plan out and report back."""
+        must carry the plan out and report back. ``exclude``: free devices not to hand out now
+        (held for a migration)."""
         now = self._now(now)
         plan = Plan()
-        held_devices = {i for e in self._entries.values() for i in e.devices}
+        held_devices = {i for e in self._entries.values() for i in e.devices} | set(exclude)
         free = [i for i in self._devices if i not in held_devices]
         free_cpus = self.cpus - sum(
             e.task.cpus for e in self._entries.values() if e.state in (TaskState.RUNNING, TaskState.STOPPING)
