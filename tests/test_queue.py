@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from autoglm_rt.jobqueue import QueueRunner, QueueSpecError, QueueStore, load_queue_spec, parse_queue_spec
 from autoglm_rt.policy.scheduler import SchedulerError
-from autoglm_rt.queue import QueueRunner, QueueSpecError, QueueStore, load_queue_spec, parse_queue_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = str(Path(__file__).with_name("queue_job.py"))

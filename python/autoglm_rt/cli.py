@@ -55,7 +55,7 @@ def _queue(args: argparse.Namespace) -> int:
     """Runs a queue of jobs on this machine's GPUs or CPU slots by priority; exits 1 if any failed."""
     from pathlib import Path
 
-    from autoglm_rt.queue import QueueRunner, QueueSpecError, load_queue_spec
+    from autoglm_rt.jobqueue import QueueRunner, QueueSpecError, load_queue_spec
 
     try:
         spec = load_queue_spec(args.jobs)

@@ -2,7 +2,7 @@
 preemption with the least work lost, and aging so that nothing starves.
 
 The scheduler is plain Python over numbers and a clock; it starts and stops nothing itself. A
-caller (``autoglm_rt.queue``, a test, a simulator) submits tasks, calls :meth:`PriorityScheduler.schedule`
+caller (``autoglm_rt.jobqueue``, a test, a simulator) submits tasks, calls :meth:`PriorityScheduler.schedule`
 periodically and carries out the returned :class:`Plan`: start the named tasks on the named devices,
 ask the victims to stop (checkpoint and exit), and report back with :meth:`~PriorityScheduler.stopped`,
 :meth:`~PriorityScheduler.finished` and :meth:`~PriorityScheduler.record_checkpoint`.

@@ -8,7 +8,7 @@ migration follow the checkpoint contract: SIGTERM, the job saves and exits (0), 
 back to the queue, a migrated one restarts on other slots. The runner reads how recent each job's
 last checkpoint is from the directory's modification times, so victims are the jobs losing least.
 
-All state lives in SQLite (:class:`~autoglm_rt.queue.store.QueueStore`) and is committed before
+All state lives in SQLite (:class:`~autoglm_rt.jobqueue.store.QueueStore`) and is committed before
 each action, so a runner that is killed loses no job: a new runner on the same file adopts jobs
 that are still running, collects the exit status of those that ended meanwhile and carries on.
 """
@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from autoglm_rt.jobqueue.spec import QueueSpec
+from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore
 from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
-from autoglm_rt.queue.spec import QueueSpec
-from autoglm_rt.queue.store import TERMINAL, JobRow, QueueStore
 
 __all__ = ["QueueRunner"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.queue.spec import JobSpec
+from autoglm_rt.jobqueue.spec import JobSpec
 
 __all__ = ["JobRow", "QueueStore"]
 

@@ -3,8 +3,8 @@ machine's GPUs or CPU slots under :class:`autoglm_rt.policy.scheduler.PrioritySc
 
 from __future__ import annotations
 
-from autoglm_rt.queue.runner import QueueRunner
-from autoglm_rt.queue.spec import JobSpec, QueueSpec, QueueSpecError, load_queue_spec, parse_queue_spec
-from autoglm_rt.queue.store import QueueStore
+from autoglm_rt.jobqueue.runner import QueueRunner
+from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec, QueueSpecError, load_queue_spec, parse_queue_spec
+from autoglm_rt.jobqueue.store import QueueStore
 
 __all__ = ["JobSpec", "QueueRunner", "QueueSpec", "QueueSpecError", "QueueStore", "load_queue_spec", "parse_queue_spec"]
