@@ -73,6 +73,52 @@ def _queue(args: argparse.Namespace) -> int:
         runner.close()
 
 
+def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a short workload (about 10 s per mode)")
+    p.add_argument("--rounds", type=int, default=1, help="static/dynamic runs each, alternating (median reported)")
+    p.add_argument("--slots", type=int, default=4, help="CPU slots shared by the workload")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival trace")
+    p.add_argument("--work-dir", default=None, help="where the queues keep state and logs (default: a temp dir)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write every figure to FILE as JSON")
+
+
+@command("bench-multi-tenant", _multi_tenant_args)
+def _bench_multi_tenant(args: argparse.Namespace) -> int:
+    """Measures a mixed training/request workload under static slots vs. autoglm_rt's scheduler."""
+    import tempfile
+    from pathlib import Path
+
+    from autoglm_rt.benchmarking import machine_description
+    from autoglm_rt.jobqueue.multi_tenant import Workload, format_comparison, run_comparison
+
+    if args.rounds < 1:
+        print("autoglm-rt bench-multi-tenant: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        workload = Workload(slots=args.slots, seed=args.seed, static_request_slots=max(1, args.slots // 2))
+        if args.quick:
+            workload = Workload(
+                slots=args.slots,
+                seed=args.seed,
+                static_request_slots=max(1, args.slots // 2),
+                request_window=6.0,
+                training_work=3.0,
+            )
+    except ValueError as exc:
+        print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="agrt-mt-") as tmp:
+        doc = run_comparison(workload, args.work_dir or tmp, rounds=args.rounds)
+    print(format_comparison(doc))
+    if args.json:
+        doc["machine"] = machine_description()
+        doc["command"] = "autoglm-rt bench-multi-tenant" + (" --quick" if args.quick else "")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from autoglm_rt.jobqueue.spec import QueueSpec
+from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec
 from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore
 from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
 
@@ -102,6 +102,23 @@ class QueueRunner:
         for placement in plan.start:
             self._launch(self.store.job(placement.task), placement.devices, now)
         return all(j.state in TERMINAL for j in self.store.jobs())
+
+    def submit(self, job: JobSpec) -> None:
+        """Adds a job to the running queue (it is stored before this returns). Raises
+        SchedulerError for a duplicate name or a job no set of this queue's slots can hold."""
+        if not isinstance(job, JobSpec):
+            raise TypeError(f"job: expected a JobSpec, got {type(job).__name__}")
+        known = {j.name for j in self.store.jobs()}
+        if job.name in known:
+            raise SchedulerError(f"job {job.name!r} is already in the queue")
+        missing = [d for d in job.depends_on if d not in known]
+        if missing:
+            raise SchedulerError(f"job {job.name!r} depends on unknown job(s) {missing}")
+        now = time.time()
+        self.scheduler.submit(job.task(), now)
+        self.store.add_missing((job,), now)
+        if any(self.scheduler.state(d) is TaskState.FAILED for d in job.depends_on):
+            self._fail_pending(job.name, now)
 
     def migrate_task(self, name: str, to: Sequence[int] | None = None) -> tuple[int, ...]:
         """Moves a running job to other slots: it checkpoints (SIGTERM), stops and restarts on
