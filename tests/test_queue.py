@@ -315,3 +315,69 @@ def test_cli_reports_a_bad_queue_file_without_running_anything(tmp_path: Path) -
     r = subprocess.run([PY, "-m", "autoglm_rt.cli", "queue", str(bad)], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "command" in r.stderr
     assert not (tmp_path / "bad.db").exists()
+
+
+def test_submit_while_running_checks_names_and_dependencies(tmp_path: Path) -> None:
+    from autoglm_rt.jobqueue import JobSpec
+
+    spec = parse_queue_spec({"slots": 1, "jobs": [{"name": "bad", "command": ["false"]}]})
+    runner = QueueRunner(spec, tmp_path / "q.db", log=lambda _line: None)
+    try:
+        with pytest.raises(SchedulerError, match="already in the queue"):
+            runner.submit(JobSpec("bad", ("true",)))
+        with pytest.raises(SchedulerError, match="unknown job"):
+            runner.submit(JobSpec("late", ("true",), depends_on=("nope",)))
+        with pytest.raises(TypeError, match="JobSpec"):
+            runner.submit({"name": "x"})  # type: ignore[arg-type]
+        assert runner.run(timeout=20) == 1
+        runner.submit(JobSpec("after_bad", ("true",), depends_on=("bad",)))  # can never run
+        assert runner.store.job("after_bad").state == "failed"
+        runner.submit(JobSpec("fine", ("true",)))
+        assert runner.run(timeout=20) == 1
+        assert runner.store.job("fine").state == "succeeded"
+        assert [j.name for j in runner.store.jobs()] == ["bad", "after_bad", "fine"]
+    finally:
+        runner.close()
+
+
+def test_cli_bench_multi_tenant_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoglm_rt import cli
+
+    assert cli.main(["bench-multi-tenant", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
+    assert cli.main(["bench-multi-tenant", "--slots", "1"]) == 2
+    assert "static_request_slots" in capsys.readouterr().err
+
+
+def test_a_runner_that_dies_during_a_preemption_is_replaced_and_finishes_it(tmp_path: Path) -> None:
+    out = tmp_path / "steps"
+    spec = load_queue_spec(
+        write_spec(
+            tmp_path,
+            {
+                "slots": 2,
+                "grace_period": 0.5,
+                "jobs": [
+                    {"name": "stubborn", "command": counter(out, 30, 0.05, "--ignore-term-on-first-attempt")},
+                    {"name": "tick", "command": ["sleep", "0.3"], "urgency": 0.9},
+                    {"name": "urgent", "command": ["true"], "urgency": 1.0, "gpus": 2, "depends_on": ["tick"]},
+                ],
+            },
+        )
+    )
+    state = tmp_path / "q.db"
+    lines: list[str] = []
+    first = QueueRunner(spec, state, log=lines.append)
+    _wait_for(lambda: first.step() or first.store.job("stubborn").state == "stopping", 20, "a preemption")
+    first.close()  # dies with a SIGTERM sent and SIGKILL pending
+    second = QueueRunner(spec, state, log=lines.append)
+    try:
+        assert second.store.job("stubborn").state == "stopping"
+        assert second.run(timeout=30) == 0
+        events = [e[2] for e in second.store.events("stubborn")]
+    finally:
+        second.close()
+    assert "adopted stubborn (pid" in "\n".join(lines)
+    assert "killed" in events and events.count("stop") == 1
+    steps = [s for s, _, _ in steps_by_job(out)["stubborn"]]
+    assert sorted(set(steps)) == list(range(1, 31))
