@@ -94,9 +94,14 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         print("autoglm-rt bench-multi-tenant: --rounds must be >= 1", file=sys.stderr)
         return 2
-    short = {"request_window": 6.0, "training_work": 3.0} if args.quick else {}
     try:
-        workload = Workload(slots=args.slots, seed=args.seed, static_request_slots=max(1, args.slots // 2), **short)
+        workload = Workload(
+            slots=args.slots,
+            seed=args.seed,
+            static_request_slots=max(1, args.slots // 2),
+            request_window=6.0 if args.quick else Workload.request_window,
+            training_work=3.0 if args.quick else Workload.training_work,
+        )
     except ValueError as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
         return 2
