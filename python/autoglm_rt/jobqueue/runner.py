@@ -225,7 +225,7 @@ class QueueRunner:
         # its predecessor's jobs exactly like its own.
         pid = os.posix_spawn(
             sys.executable,
-            [sys.executable, str(_WRAPPER), str(exit_file), str(pid_file), "--", *job.spec.command],
+            [sys.executable, "-S", str(_WRAPPER), str(exit_file), str(pid_file), "--", *job.spec.command],
             env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
