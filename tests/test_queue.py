@@ -381,3 +381,49 @@ def test_a_runner_that_dies_during_a_preemption_is_replaced_and_finishes_it(tmp_
     assert "killed" in events and events.count("stop") == 1
     steps = [s for s, _, _ in steps_by_job(out)["stubborn"]]
     assert sorted(set(steps)) == list(range(1, 31))
+
+
+def test_gpus_auto_uses_visible_devices_or_falls_back_to_cpu_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = {"gpus": "auto", "jobs": [{"name": "a", "command": ["true"]}]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    spec = parse_queue_spec(doc)
+    assert spec.uses_gpus and spec.devices == (2, 5)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    spec = parse_queue_spec(doc)
+    assert not spec.uses_gpus and spec.devices == tuple(range(os.cpu_count() or 1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-abc")
+    with pytest.raises(QueueSpecError, match="CUDA_VISIBLE_DEVICES"):
+        parse_queue_spec(doc)
+
+
+def test_queue_migrate_command_moves_a_job_of_a_running_queue(tmp_path: Path) -> None:
+    from autoglm_rt import cli
+
+    out = tmp_path / "steps"
+    jobs = write_spec(tmp_path, {"slots": 2, "jobs": [{"name": "m", "command": counter(out, 25, 0.1)}]})
+    state = tmp_path / "q.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    runner = subprocess.Popen(
+        [PY, "-m", "autoglm_rt.cli", "queue", str(jobs), "--state", str(state)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, 30, "job 'm' to run")
+        with QueueStore(state) as store:
+            before = store.job("m").devices
+        target = [d for d in (0, 1) if d not in before]
+        assert cli.main(["queue-migrate", "--state", str(state), "nope"]) == 1
+        assert cli.main(["queue-migrate", "--state", str(state), "m", "--to", ",".join(map(str, target))]) == 0
+        assert runner.wait(60) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        output = runner.communicate()[0]
+    assert "migrate m" in output
+    steps = steps_by_job(out)["m"]
+    assert [s for s, _, _ in steps] == list(range(1, 26))
+    assert {slots for _, slots, a in steps if a == 2} == {",".join(map(str, target))}
+    assert cli.main(["queue-migrate", "--state", str(tmp_path / "missing.db"), "m"]) == 2

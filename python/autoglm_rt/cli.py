@@ -73,6 +73,41 @@ def _queue(args: argparse.Namespace) -> int:
         runner.close()
 
 
+def _queue_migrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", metavar="FILE.db", required=True, help="the state file of the running queue")
+    p.add_argument("job", help="name of the running job to move")
+    p.add_argument("--to", default=None, help="target slots, comma-separated (default: any free ones)")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the runner's answer")
+
+
+@command("queue-migrate", _queue_migrate_args)
+def _queue_migrate(args: argparse.Namespace) -> int:
+    """Asks a running queue to migrate a job: checkpoint (SIGTERM), stop, restart on other slots."""
+    import time
+    from pathlib import Path
+
+    from autoglm_rt.jobqueue import QueueStore
+
+    if not Path(args.state).is_file():
+        print(f"autoglm-rt queue-migrate: no queue state file {args.state}", file=sys.stderr)
+        return 2
+    try:
+        to = tuple(int(x) for x in args.to.split(",")) if args.to else None
+    except ValueError:
+        print(f"autoglm-rt queue-migrate: --to expects slot numbers like 2,3, got {args.to!r}", file=sys.stderr)
+        return 2
+    with QueueStore(args.state) as store:
+        request_id = store.request("migrate", args.job, to, time.time())
+        deadline = time.monotonic() + args.wait
+        while not (req := store.get_request(request_id)).answered:
+            if time.monotonic() > deadline:
+                print(f"autoglm-rt queue-migrate: no answer in {args.wait:g} s (is a runner running?)", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    print(req.answer)
+    return 0 if req.ok else 1
+
+
 def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short workload (about 10 s per mode)")
     p.add_argument("--rounds", type=int, default=1, help="static/dynamic runs each, alternating (median reported)")

@@ -58,6 +58,7 @@ class QueueRunner:
         self.poll_interval = spec.poll_interval if poll_interval is None else float(poll_interval)
         self._log = log if log is not None else (lambda line: print(line, flush=True))
         self._env = dict(os.environ if env is None else env)
+        self._killed: set[tuple[int, float | None]] = set()  # (pid, created) sent SIGKILL by this runner
         options = {"aging_rate": spec.aging_rate, **(scheduler_options or {})}
         self.scheduler = PriorityScheduler(list(spec.devices), clock=time.time, **options)  # type: ignore[arg-type]
         now = time.time()
@@ -93,6 +94,7 @@ class QueueRunner:
                 self._escalate(job, now)
             if job.state in ("running", "stopping"):
                 self._note_checkpoint(job)
+        self._serve_requests(now)
         self._start_migrations(now)
         held = [d for j in self.store.jobs() if j.state == "pending" and j.migrate_to for d in j.migrate_to]
         plan = self.scheduler.schedule(now, exclude=held)
@@ -305,11 +307,29 @@ class QueueRunner:
     def _escalate(self, job: JobRow, now: float) -> None:
         if job.stop_sent_at is None or now - job.stop_sent_at < self.grace_period or job.pid is None:
             return
-        if _alive(job.pid, job.pid_created):
+        if (job.pid, job.pid_created) not in self._killed and _alive(job.pid, job.pid_created):
             self._log(f"kill {job.name}: still running {self.grace_period:g} s after SIGTERM")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(job.pid, signal.SIGKILL)
+            self._killed.add((job.pid, job.pid_created))
             self.store.update(job.name, now, "killed", f"SIGKILL after {self.grace_period:g} s")
+
+    def _serve_requests(self, now: float) -> None:
+        """Carries out requests other processes left in the state file (``autoglm-rt queue-migrate``)."""
+        known = {j.name for j in self.store.jobs()}
+        for req in self.store.open_requests():
+            if req.job not in known:
+                self.store.answer_request(req.id, now, False, f"no job named {req.job!r} in this queue")
+                continue
+            if req.kind != "migrate":
+                self.store.answer_request(req.id, now, False, f"unknown request kind {req.kind!r}")
+                continue
+            try:
+                target = self.migrate_task(req.job, req.to)
+            except SchedulerError as exc:
+                self.store.answer_request(req.id, now, False, str(exc))
+            else:
+                self.store.answer_request(req.id, now, True, f"{req.job} -> slots {list(target)}")
 
     def _start_migrations(self, now: float) -> None:
         for job in self.store.jobs():

@@ -1,7 +1,7 @@
 """The queue file (``JOBS.yaml``) read and checked: the machine's slots and the jobs.
 
 ```yaml
-slots: 2                 # CPU slots, or: gpus: [0, 1] (device indices)
+slots: 2                 # CPU slots, or: gpus: [0, 1] (device indices), or: gpus: auto
 grace_period: 10         # optional: seconds between SIGTERM and SIGKILL on preemption
 jobs:
   - name: prep
@@ -18,6 +18,7 @@ jobs:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from autoglm_rt.policy.scheduler import Task
 
-__all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "load_queue_spec", "parse_queue_spec"]
+__all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "detect_gpus", "load_queue_spec", "parse_queue_spec"]
 
 
 class QueueSpecError(ValueError):
@@ -117,6 +118,9 @@ def parse_queue_spec(doc: object, *, source: str = "queue file") -> QueueSpec:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise QueueSpecError(f"{source}: slots must be a positive int, got {slots!r}")
         devices, uses_gpus = tuple(range(slots)), False
+    elif doc["gpus"] == "auto":
+        found = detect_gpus()
+        devices, uses_gpus = (tuple(found), True) if found else (tuple(range(os.cpu_count() or 1)), False)
     else:
         gpus = doc["gpus"]
         if (
@@ -124,7 +128,7 @@ def parse_queue_spec(doc: object, *, source: str = "queue file") -> QueueSpec:
             or not gpus
             or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)
         ):
-            raise QueueSpecError(f"{source}: gpus must be a non-empty list of device indices, got {gpus!r}")
+            raise QueueSpecError(f"{source}: gpus must be a non-empty list of device indices or 'auto', got {gpus!r}")
         if len(set(gpus)) != len(gpus):
             raise QueueSpecError(f"{source}: gpus lists a device twice: {gpus!r}")
         devices, uses_gpus = tuple(gpus), True
@@ -147,6 +151,31 @@ def parse_queue_spec(doc: object, *, source: str = "queue file") -> QueueSpec:
             raise QueueSpecError(f"{source}: job {j.name!r} needs {j.gpus} slot(s); the queue has {len(devices)}")
     _check_acyclic(jobs, source)
     return QueueSpec(devices, uses_gpus, tuple(jobs), grace, poll, aging)
+
+
+def detect_gpus() -> list[int]:
+    """This machine's GPU indices as jobs would name them: ``CUDA_VISIBLE_DEVICES`` if it is set
+    (empty: none), else every device NVML reports. Empty when there is no GPU or no driver."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        try:
+            return [int(x) for x in visible.split(",") if x.strip()]
+        except ValueError:
+            raise QueueSpecError(
+                f"gpus: auto cannot use CUDA_VISIBLE_DEVICES={visible!r}; expected indices like 0,1"
+            ) from None
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver: no GPU to schedule
+        return []
+    try:
+        return list(range(pynvml.nvmlDeviceGetCount()))
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _number(value: object, what: str, *, minimum: float) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 from autoglm_rt.jobqueue.spec import JobSpec
 
-__all__ = ["JobRow", "QueueStore"]
+__all__ = ["JobRow", "QueueStore", "Request"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -33,6 +33,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     preemptions INTEGER NOT NULL DEFAULT 0,
     message TEXT
 );
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,             -- migrate
+    job TEXT NOT NULL,
+    target TEXT,                    -- JSON list of slots, or NULL
+    answered_at REAL,
+    ok INTEGER,
+    answer TEXT
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -43,6 +53,19 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 TERMINAL = ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request to the running runner, left in the state file by another process."""
+
+    id: int
+    kind: str
+    job: str
+    to: tuple[int, ...] | None
+    answered: bool
+    ok: bool | None
+    answer: str | None
 
 
 @dataclass
@@ -131,6 +154,41 @@ class QueueStore:
         q = "SELECT at, job, event, detail FROM events"
         rows = self._db.execute(q + " WHERE job=? ORDER BY id" if job else q + " ORDER BY id", (job,) if job else ())
         return [tuple(r) for r in rows.fetchall()]
+
+    def request(self, kind: str, job: str, to: tuple[int, ...] | None, now: float) -> int:
+        """Leaves a request for the runner; returns its id."""
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT INTO requests(at, kind, job, target) VALUES (?, ?, ?, ?)",
+                (now, kind, job, json.dumps(list(to)) if to is not None else None),
+            )
+        return int(cur.lastrowid or 0)
+
+    def open_requests(self) -> list[Request]:
+        rows = self._db.execute("SELECT id FROM requests WHERE answered_at IS NULL ORDER BY id").fetchall()
+        return [self.get_request(r[0]) for r in rows]
+
+    def get_request(self, request_id: int) -> Request:
+        r = self._db.execute(
+            "SELECT id, kind, job, target, answered_at, ok, answer FROM requests WHERE id=?", (request_id,)
+        ).fetchone()
+        if r is None:
+            raise KeyError(request_id)
+        return Request(
+            id=r[0],
+            kind=r[1],
+            job=r[2],
+            to=tuple(json.loads(r[3])) if r[3] else None,
+            answered=r[4] is not None,
+            ok=None if r[5] is None else bool(r[5]),
+            answer=r[6],
+        )
+
+    def answer_request(self, request_id: int, now: float, ok: bool, answer: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE requests SET answered_at=?, ok=?, answer=? WHERE id=?", (now, int(ok), answer, request_id)
+            )
 
     def _event(self, now: float, job: str, event: str, detail: str) -> None:
         self._db.execute("INSERT INTO events(at, job, event, detail) VALUES (?, ?, ?, ?)", (now, job, event, detail))
