@@ -427,3 +427,25 @@ def test_queue_migrate_command_moves_a_job_of_a_running_queue(tmp_path: Path) ->
     assert [s for s, _, _ in steps] == list(range(1, 26))
     assert {slots for _, slots, a in steps if a == 2} == {",".join(map(str, target))}
     assert cli.main(["queue-migrate", "--state", str(tmp_path / "missing.db"), "m"]) == 2
+
+
+@pytest.mark.parametrize("wrapper_started", [True, False])
+def test_a_runner_that_died_while_starting_a_job_neither_loses_nor_repeats_it(
+    tmp_path: Path, wrapper_started: bool
+) -> None:
+    marks = tmp_path / "marks"
+    doc = {"slots": 1, "jobs": [{"name": "once", "command": ["sh", "-c", f"echo run >> {marks}"]}]}
+    rc, store = run_queue(tmp_path, doc)
+    assert rc == 0
+    # Put the state back to where a runner that died right after spawning would have left it.
+    job = store.job("once")
+    store.update("once", job.started_at or 0.0, None, state="starting", pid=None, finished_at=None, exit_code=None)
+    store.close()
+    if not wrapper_started:
+        (tmp_path / "q.db.d" / "once" / f"pid.{job.attempt}").unlink()
+    rc, store = run_queue(tmp_path, doc)
+    with store:
+        again = store.job("once")
+    assert rc == 0 and again.state == "succeeded"
+    assert marks.read_text().split() == (["run"] if wrapper_started else ["run", "run"])
+    assert again.attempt == (1 if wrapper_started else 2)

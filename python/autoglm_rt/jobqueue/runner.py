@@ -168,15 +168,17 @@ class QueueRunner:
                 self.scheduler.finished(job.name, job.state == "succeeded", now)
                 continue
             if job.state == "starting":
+                # The runner died between committing 'starting' and 'running'. The wrapper writes its
+                # pid file first thing: with one, the job started (it may even have finished; the
+                # first step() reads its exit file); without one, it never ran.
                 pid, created = self._read_pid_file(job)
-                if pid is not None and _alive(pid, created):
+                if pid is not None:
                     self.store.update(
                         job.name, now, "adopted", f"pid {pid}", state="running", pid=pid, pid_created=created
                     )
-                    job = self.store.job(job.name)
                 else:
                     self.store.update(job.name, now, "requeued", "runner died while starting it", state="pending")
-                    job = self.store.job(job.name)
+                job = self.store.job(job.name)
             if job.state in ("running", "stopping"):
                 self.scheduler.adopt_running(
                     task, job.devices, job.started_at or now, now, submitted_at=job.submitted_at
