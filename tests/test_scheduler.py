@@ -303,3 +303,32 @@ def test_scheduler_rejects_impossible_and_unknown_tasks_and_keeps_its_state() ->
         PriorityScheduler([0, 0])
     with pytest.raises(ValueError, match="aging_rate"):
         PriorityScheduler(1, aging_rate=math.nan)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lost=st.lists(st.floats(0, 100), min_size=2, max_size=14),
+    need=st.integers(1, 14),
+)
+def test_greedy_victim_search_beyond_the_exact_limit_is_irreducible(lost: list[float], need: int) -> None:
+    n = len(lost)
+    need = min(need, n)
+    s = PriorityScheduler(n, aging_rate=0.0, exact_victim_search=0)  # always the greedy path
+    for i, w in enumerate(lost):
+        s.submit(Task(f"r{i}", urgency=0.0), now=0)
+    s.schedule(now=0)
+    for i, w in enumerate(lost):
+        s.record_checkpoint(f"r{i}", now=1000 - w)
+    s.submit(Task("x", urgency=1.0, gpus=need), now=1000)
+    victims = [p.victim for p in s.schedule(now=1000).preempt]
+    assert len(victims) == need  # one device each: exactly `need` victims, none unneeded
+    # One device per victim: the cheapest `need` are the optimum, and greedy must find it.
+    assert sum(lost[int(v[1:])] for v in victims) == pytest.approx(sum(sorted(lost)[:need]))
+
+
+def test_a_higher_priority_class_preempts_a_more_urgent_lower_class() -> None:
+    s = PriorityScheduler(1, aging_rate=0.0, priority_weight=0.5)
+    s.submit(Task("batch", urgency=1.0, priority=0), now=0)
+    s.schedule(now=0)
+    s.submit(Task("prod", urgency=0.2, priority=2), now=1)
+    assert [p.victim for p in s.schedule(now=1).preempt] == ["batch"]
