@@ -314,7 +314,7 @@ def test_greedy_victim_search_beyond_the_exact_limit_is_irreducible(lost: list[f
     n = len(lost)
     need = min(need, n)
     s = PriorityScheduler(n, aging_rate=0.0, exact_victim_search=0)  # always the greedy path
-    for i, w in enumerate(lost):
+    for i in range(n):
         s.submit(Task(f"r{i}", urgency=0.0), now=0)
     s.schedule(now=0)
     for i, w in enumerate(lost):
