@@ -67,6 +67,7 @@ def test_both_modes_run_every_task_and_report_consistent_figures(tmp_path: Path)
         assert r.tasks == len(arrivals)
         assert r.failed >= 1 and r.failure_rate == pytest.approx(r.failed / r.tasks)
         assert all(x >= w.request_work[0] for x in r.responses)  # nobody finishes faster than its work
+        assert r.mean_response_all_s > 0 and math.isfinite(r.mean_response_all_s)
         assert 0.0 < r.utilisation <= 1.0
         assert r.training_makespan_s >= w.training_work
         if mode == "static":
