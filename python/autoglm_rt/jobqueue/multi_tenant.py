@@ -218,6 +218,12 @@ def format_comparison(doc: dict[str, Any]) -> str:
             "412 ms / 203 ms",
         ),
         (
+            "mean response, failed included",
+            f"{s['mean_response_all_s'] * 1e3:.0f} ms",
+            f"{d['mean_response_all_s'] * 1e3:.0f} ms",
+            "",
+        ),
+        (
             "p95 response time (requests)",
             f"{s['p95_response_s'] * 1e3:.0f} ms",
             f"{d['p95_response_s'] * 1e3:.0f} ms",

@@ -24,6 +24,7 @@ Runs as a plain script under torchrun (it imports torch, not autoglm_rt); gloo o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -131,12 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         for i in range(accumulation):
             xb, yb = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
-            # DDP averages over ranks: scale so the sum over ranks is the global-batch mean.
-            loss = ((ddp(xb).squeeze(1) - yb) ** 2).sum() * world / args.global_batch
-            if i < accumulation - 1:
-                with ddp.no_sync():
-                    loss.backward()
-            else:
+            # Only the last micro-batch all-reduces (forward and backward both inside no_sync).
+            sync = contextlib.nullcontext() if i == accumulation - 1 else ddp.no_sync()
+            with sync:
+                # DDP averages over ranks: scale so the sum over ranks is the global-batch mean.
+                loss = ((ddp(xb).squeeze(1) - yb) ** 2).sum() * world / args.global_batch
                 loss.backward()
         optimizer.step()
         step += 1
