@@ -76,7 +76,15 @@ class QueueRunner:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"queue not finished after {timeout} s; state kept in {self.store.path}")
             time.sleep(self.poll_interval)
-        failed = [j.name for j in self.store.jobs() if j.state == "failed"]
+        jobs = self.store.jobs()
+        width = max(len(j.name) for j in jobs) if jobs else 0
+        for j in jobs:
+            took = f"{j.finished_at - j.submitted_at:.1f} s" if j.finished_at is not None else "-"
+            self._log(
+                f"  {j.name:<{width}}  {j.state:<9}  exit {j.exit_code}  attempts {j.attempt}  "
+                f"preempted {j.preemptions}  {took} after submission"
+            )
+        failed = [j.name for j in jobs if j.state == "failed"]
         if failed:
             self._log(f"finished with {len(failed)} failed job(s): {', '.join(failed)}")
         else:
