@@ -332,3 +332,22 @@ def test_a_higher_priority_class_preempts_a_more_urgent_lower_class() -> None:
     s.schedule(now=0)
     s.submit(Task("prod", urgency=0.2, priority=2), now=1)
     assert [p.victim for p in s.schedule(now=1).preempt] == ["batch"]
+
+
+def test_assign_starts_a_task_on_exactly_the_given_free_devices() -> None:
+    s = PriorityScheduler([Device(0, "8Gi"), Device(1, "8Gi"), Device(2, "32Gi")], cpus=4)
+    s.submit(Task("busy", cpus=3), now=0)
+    s.schedule(now=0)
+    s.submit(Task("m", gpu_memory="16Gi"), now=1)
+    s.submit(Task("c", cpus=2), now=1)
+    with pytest.raises(SchedulerError, match="fits on"):
+        s.assign("m", [1], now=1)  # too little memory
+    with pytest.raises(SchedulerError, match="held by another"):
+        s.assign("c", [s.devices_of("busy")[0]], now=1)
+    free = [d for d in s.free_devices() if d != 2]
+    with pytest.raises(SchedulerError, match="cpus"):
+        s.assign("c", free[:1], now=1)
+    s.assign("m", [2], now=1)
+    assert s.state("m") is TaskState.RUNNING and s.devices_of("m") == (2,)
+    with pytest.raises(SchedulerError, match="not eligible"):
+        s.assign("m", [2], now=1)

@@ -298,6 +298,11 @@ class PriorityScheduler:
         self._check_devices_free(name, devices)
         if len(set(devices)) != e.task.gpus or self._fit(e.task, devices, math.inf) != devices:
             raise SchedulerError(f"task {name!r} needs {e.task.gpus} distinct device(s) it fits on, got {devices}")
+        held_cpus = sum(
+            x.task.cpus for x in self._entries.values() if x.state in (TaskState.RUNNING, TaskState.STOPPING)
+        )
+        if e.task.cpus > self.cpus - held_cpus + 1e-9:
+            raise SchedulerError(f"task {name!r} needs {e.task.cpus} cpus; {self.cpus - held_cpus} are free")
         self._start(e, devices, self._now(now))
 
     def record_checkpoint(self, name: str, now: float | None = None) -> None:
