@@ -13,7 +13,10 @@ __version__: str = build_info()["version"]
 
 # Submodules load on first use (``autoglm_rt.memory``, ``autoglm_rt.ddp``...), so importing the
 # package stays cheap and does not import torch.
-_SUBMODULES = {"memory", "ops", "stats", "ddp", "policy", "monitor", "runtime", "benchmarking", "units"}
+_SUBMODULES = {
+    "memory", "ops", "stats", "ddp", "policy", "monitor", "runtime", "benchmarking", "units", "jobqueue", "elastic",
+    "demo",
+}  # fmt: skip
 _LAZY_ATTRS = {"Runtime": "runtime"}
 
 

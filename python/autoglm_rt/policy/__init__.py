@@ -5,6 +5,8 @@
 - :class:`BatchController` (``batch``): micro-batch size and accumulation steps; LR scaling rules.
 - :class:`PID` (``control``): holds a measured quantity at a target.
 - :class:`Strategy` (``strategy``): YAML rules -> actions; :class:`ConfigError` for bad documents.
+- :class:`PriorityScheduler` (``scheduler``): tasks by score with aging, gang admission,
+  preemption with minimal victims.
 - :class:`Actuators` (``actuators``): where actions go (pool, batch, threads, precision, scheduler,
   alert).
 """
@@ -19,6 +21,7 @@ from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, run_s
 from autoglm_rt.policy.control import PID
 from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
+from autoglm_rt.policy.scheduler import Device, PriorityScheduler, SchedulerError, Task, TaskState
 from autoglm_rt.policy.simulate import read_metrics_csv, simulate
 from autoglm_rt.policy.strategy import Action, ConfigError, Rule, Strategy
 
@@ -40,14 +43,19 @@ __all__ = [
     "BatchController",
     "BatchPlan",
     "ConfigError",
+    "Device",
     "MemoryDecision",
     "MemoryPolicy",
     "PhaseDetector",
     "PhaseEvent",
     "PhaseState",
+    "PriorityScheduler",
     "RecordingScheduler",
     "Rule",
+    "SchedulerError",
     "Strategy",
+    "Task",
+    "TaskState",
     "bundled_strategy",
     "lr_factor",
     "read_metrics_csv",
