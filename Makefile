@@ -25,8 +25,10 @@ install: $(VENV)/.deps-stamp
 	$(PIP) install -q --no-build-isolation -e .
 	$(PY) -c "import autoglm_rt, json; print(json.dumps(autoglm_rt.build_info()))"
 
+# DEMO_ARGS: e.g. --quick, --out DIR, --gpus 2 (see autoglm-rt demo --help).
 demo: install
 	$(VENV)/bin/autoglm-rt info
+	$(VENV)/bin/autoglm-rt demo $(DEMO_ARGS)
 
 # Tests start a real Prometheus server on 127.0.0.1; its Debian package is installed when missing.
 pytest: install

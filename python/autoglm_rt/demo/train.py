@@ -39,7 +39,7 @@ RUNS = ("autoglm_rt", "baseline")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    steps: int = 600
+    steps: int = 400
     batch: int = 32  # samples per rank per optimizer step (the effective batch)
     block: int = 64
     n_layer: int = 2
