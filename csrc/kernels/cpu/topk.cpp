@@ -175,6 +175,7 @@ void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t tie
 // when the tensor is small or k so large that a bound would not filter much.
 constexpr std::int64_t kSampleMinNumel = std::int64_t{1} << 18;
 constexpr std::int64_t kSampleBlocks = 256;
+constexpr std::int64_t kSampleMaxDensityInverse = 32;  // sample only for k <= n / 32
 
 struct SampleBound {
   std::uint32_t key;
@@ -184,7 +185,9 @@ struct SampleBound {
 template <typename G>
 std::optional<SampleBound> sample_bound(const typename G::Storage* g, const typename G::Storage* r, std::int64_t n,
                                         std::int64_t k) {
-  if (n < kSampleMinNumel) return std::nullopt;
+  // Above a few percent the kept entries cost more (a 16-byte record each, then five sweeps)
+  // than the two-pass select's second read of acc.
+  if (n < kSampleMinNumel || k > n / kSampleMaxDensityInverse) return std::nullopt;
   const std::int64_t block = std::min<std::int64_t>(256, n / (kSampleBlocks * 8));
   const std::int64_t s = block * kSampleBlocks;
   const double expected = static_cast<double>(k) * static_cast<double>(s) / static_cast<double>(n);
@@ -236,16 +239,6 @@ class Compressor {
   }
 
  private:
-  float accumulate(std::int64_t i) const {
-    float acc = G::load(g_[i]);
-    if (r_ != nullptr) {
-      const GS stored = G::store(acc + G::load(r_[i]));
-      r_[i] = stored;
-      acc = G::load(stored);  // rank exactly what is stored and read back
-    }
-    return acc;
-  }
-
   // acc for entries [i, i+len) into accs (and residual); true if any reaches `lower`. Written so
   // that the float32 case vectorises: no early exit, restrict pointers, a branch-free flag.
   static constexpr int kBlock = 128;
@@ -338,19 +331,17 @@ class Compressor {
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
       // Four sub-histograms break the store-to-load chain when neighbours share a bin.
       std::vector<std::uint32_t> sub(4 * kBins1, 0);
-      auto digit = [&](std::int64_t j) {
-        const float acc = do_accumulate ? accumulate(j) : G::load(src_[j]);
-        return magnitude_key(acc) >> kTopkDigitShift[0];
-      };
-      std::int64_t i = b;
-      for (; i + 4 <= e; i += 4) {
-        const std::uint32_t d0 = digit(i), d1 = digit(i + 1), d2 = digit(i + 2), d3 = digit(i + 3);
-        ++sub[d0];
-        ++sub[kBins1 + d1];
-        ++sub[2 * kBins1 + d2];
-        ++sub[3 * kBins1 + d3];
+      std::uint32_t* __restrict hs = sub.data();
+      float accs[kBlock];
+      for (std::int64_t i = b; i < e; i += kBlock) {
+        const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        if (do_accumulate && r_ != nullptr) {
+          accumulate_block<true>(i, len, accs, 0);
+        } else {
+          for (int j = 0; j < len; ++j) accs[j] = G::load(src_[i + j]);
+        }
+        for (int j = 0; j < len; ++j) ++hs[(j & 3) * kBins1 + (magnitude_key(accs[j]) >> kTopkDigitShift[0])];
       }
-      for (; i < e; ++i) ++sub[digit(i)];
       std::uint32_t* h = hist.data() + (b / chunk_) * kBins1;
       for (int j = 0; j < kBins1; ++j) h[j] = sub[j] + sub[kBins1 + j] + sub[2 * kBins1 + j] + sub[3 * kBins1 + j];
     });
@@ -367,23 +358,28 @@ class Compressor {
       std::int64_t above = 0;
       for (int j = b1 + 1; j < kBins1; ++j) above += h[j];
       above_off[c + 1] = above_off[c] + above;
-      lists[static_cast<std::size_t>(c)].reserve(h[b1]);
+      lists[static_cast<std::size_t>(c)].resize(h[b1]);
     }
 
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
+      // Locals, not members, so stores through the outputs cannot force reloads.
       std::int64_t ao = above_off[b / chunk_];
-      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      Candidate* __restrict cand = lists[static_cast<std::size_t>(b / chunk_)].data();
+      VS* __restrict vout = vout_;
+      I* __restrict iout = iout_;
+      GS* __restrict res = r_;
+      const GS* __restrict src = src_;
       const auto ub1 = static_cast<std::uint32_t>(b1);
       for (std::int64_t i = b; i < e; ++i) {
-        const float acc = G::load(src_[i]);
+        const float acc = G::load(src[i]);
         const std::uint32_t d = magnitude_key(acc) >> kTopkDigitShift[0];
         if (d > ub1) {
-          vout_[ao] = V::store(acc);
-          iout_[ao] = static_cast<I>(i);
+          vout[ao] = V::store(acc);
+          iout[ao] = static_cast<I>(i);
           ++ao;
-          zero_residual(i);
+          if (res != nullptr) res[i] = G::store(0.0f);
         } else if (d == ub1) {
-          list.push_back({acc, i});
+          *cand++ = {acc, i};
         }
       }
     });
@@ -419,6 +415,8 @@ class Compressor {
   I* iout_;
   const std::int64_t chunk_, nchunks_;
 };
+
+constexpr std::int64_t kPrefetch = 16;
 
 template <typename V, typename I, typename O>
 void decompress_cpu(const TensorView& values, const TensorView& indices, const TensorView& out, float scale) {
@@ -456,6 +454,8 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
     for (std::int64_t part = pb; part < pe; ++part) {
       const std::int64_t lo = part * span, hi = std::min(n, lo + span);
       for (std::int64_t i = 0; i < m; ++i) {
+        // Each rank's indices ascend with gaps of many cache lines: prefetch a few updates ahead.
+        if (i + kPrefetch < m) __builtin_prefetch(o + static_cast<std::int64_t>(idx[i + kPrefetch]), 1);
         const auto j = static_cast<std::int64_t>(idx[i]);
         if (j >= lo && j < hi) o[j] = O::store(O::load(o[j]) + scale * V::load(v[i]));
       }
