@@ -290,7 +290,7 @@ def main() -> int:
         rows: dict[str, Any] = {}
         with Link(rate) as link:
             for i, group in enumerate(g for g in groups if g):
-                limit = args.timeout if not group[0].startswith("powersgd") else min(args.timeout, 240.0)
+                limit = args.timeout if not group[0].startswith("powersgd") else min(args.timeout, 150.0)
                 rows.update(run_pair(link, group, 29_611 + i, args.steps, limit))
         report["rates"][rate] = rows
         base = rows.get("allreduce", {})
