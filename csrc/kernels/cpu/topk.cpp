@@ -120,42 +120,6 @@ std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lis
   return {prefix, need};
 }
 
-// Writes the selected candidates to out[0..k) in index order, list by list on all threads: each
-// list's offset and share of the ties at the threshold come from a count per list first.
-template <typename Emit>
-void pick_parallel(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Emit&& emit) {
-  const auto nlists = static_cast<std::int64_t>(lists.size());
-  std::vector<std::int64_t> above(static_cast<std::size_t>(nlists), 0), equal(static_cast<std::size_t>(nlists), 0);
-  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
-    for (std::int64_t l = lb; l < le; ++l) {
-      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
-        const std::uint32_t key = magnitude_key(c.acc);
-        above[static_cast<std::size_t>(l)] += key > threshold;
-        equal[static_cast<std::size_t>(l)] += key == threshold;
-      }
-    }
-  });
-  std::vector<std::int64_t> out_off(static_cast<std::size_t>(nlists)), ties_before(static_cast<std::size_t>(nlists));
-  std::int64_t o = 0, t = 0;
-  for (std::int64_t l = 0; l < nlists; ++l) {
-    out_off[static_cast<std::size_t>(l)] = o;
-    ties_before[static_cast<std::size_t>(l)] = t;
-    const std::int64_t taken = std::clamp<std::int64_t>(ties - t, 0, equal[static_cast<std::size_t>(l)]);
-    o += above[static_cast<std::size_t>(l)] + taken;
-    t += equal[static_cast<std::size_t>(l)];
-  }
-  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
-    for (std::int64_t l = lb; l < le; ++l) {
-      std::int64_t pos = out_off[static_cast<std::size_t>(l)];
-      std::int64_t tie = ties_before[static_cast<std::size_t>(l)];
-      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
-        const std::uint32_t key = magnitude_key(c.acc);
-        if (key > threshold || (key == threshold && tie++ < ties)) emit(pos++, c);
-      }
-    }
-  });
-}
-
 // Calls take(candidate) for every selected candidate, in index order.
 template <typename Fn>
 void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Fn&& take) {
@@ -175,11 +139,12 @@ void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t tie
 // when the tensor is small or k so large that a bound would not filter much.
 constexpr std::int64_t kSampleMinNumel = std::int64_t{1} << 18;
 constexpr std::int64_t kSampleBlocks = 256;
-constexpr std::int64_t kSampleMaxDensityInverse = 32;  // sample only for k <= n / 32
+constexpr std::int64_t kSampleMaxDensityInverse = 3;  // sample only for k <= n / 3
 
 struct SampleBound {
-  std::uint32_t key;
-  double expected_fraction;  // of all entries expected at or above key
+  std::uint32_t key;          // lower bound: usually at least k entries are >= key
+  std::uint32_t upper;        // entries with a key above it are (usually) fewer than k: all selected
+  double expected_fraction;   // of all entries expected at or above key
 };
 
 template <typename G>
@@ -204,7 +169,16 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
     }
   }
   std::nth_element(keys.begin(), keys.begin() + (m - 1), keys.end(), std::greater<>());
-  return SampleBound{keys[static_cast<std::size_t>(m - 1)], static_cast<double>(m) / static_cast<double>(s)};
+  const std::uint32_t lower = keys[static_cast<std::size_t>(m - 1)];
+  // The upper bound, as many standard deviations the other way: entries above it are kept in a
+  // list of sure picks that skips the exact select.
+  const auto m_hi = static_cast<std::int64_t>(std::floor(expected - 4.0 * std::sqrt(expected) - 16.0));
+  std::uint32_t upper = ~0u;
+  if (m_hi >= 1) {
+    std::nth_element(keys.begin(), keys.begin() + (m_hi - 1), keys.begin() + (m - 1), std::greater<>());
+    upper = std::max(keys[static_cast<std::size_t>(m_hi - 1)], lower);
+  }
+  return SampleBound{lower, upper, static_cast<double>(m) / static_cast<double>(s)};
 }
 
 template <typename G, typename V, typename I>
@@ -269,15 +243,30 @@ class Compressor {
 
   // One pass: accumulate, and keep every entry at or above the sampled bound. Returns false when
   // fewer than k entries reached it or a chunk kept far more than expected (heavy ties).
+  // An entry above the upper bound: its value and offset in its chunk (8 bytes, not 16).
+  struct Sure {
+    float acc;
+    std::uint32_t off;
+  };
+
+  // One pass: accumulate; entries above the upper bound go to per-chunk "sure" lists, entries
+  // between the bounds to per-chunk band lists. The exact select runs over the band alone, then
+  // each chunk merges its sure entries and its selected band entries into the output in index
+  // order. Returns false (nothing written but residual, which then holds acc) when the bounds
+  // missed: k or more sure entries, fewer than k kept, or a chunk keeping far more than expected.
   bool one_pass(const SampleBound& bound) {
-    CandidateLists lists(static_cast<std::size_t>(nchunks_));
+    const auto nl = static_cast<std::size_t>(nchunks_);
+    CandidateLists band(nl);
+    std::vector<std::vector<Sure>> sure(nl);
     std::atomic<bool> overflow{false};
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
-      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      auto& band_list = band[static_cast<std::size_t>(b / chunk_)];
+      auto& sure_list = sure[static_cast<std::size_t>(b / chunk_)];
       const auto expected = static_cast<std::size_t>(bound.expected_fraction * static_cast<double>(e - b));
       const std::size_t cap = 4 * expected + 4096;
-      list.reserve(expected + expected / 4 + 64);
-      const std::uint32_t lower = bound.key;
+      sure_list.reserve(expected + 64);
+      band_list.reserve(expected / 4 + 64);
+      const std::uint32_t lower = bound.key, upper = bound.upper;
       float accs[kBlock];
       for (std::int64_t i = b; i < e; i += kBlock) {
         const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
@@ -285,10 +274,12 @@ class Compressor {
                                        : accumulate_block<false>(i, len, accs, lower);
         if (!hit) continue;
         auto keep = [&](int j) {
-          if (list.size() < cap) {
-            list.push_back({accs[j], i + j});
-          } else {
+          if (sure_list.size() + band_list.size() >= cap) {
             overflow.store(true, std::memory_order_relaxed);
+          } else if (magnitude_key(accs[j]) > upper) {
+            sure_list.push_back({accs[j], static_cast<std::uint32_t>(i + j - b)});
+          } else {
+            band_list.push_back({accs[j], i + j});
           }
         };
         int j = 0;
@@ -312,14 +303,54 @@ class Compressor {
       }
     });
     if (overflow.load()) return false;
-    std::int64_t total = 0;
-    for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
-    if (total < k_) return false;
-    const auto [threshold, ties] = threshold_among(lists, k_, 0, 0u, 0u);
-    pick_parallel(lists, threshold, ties, [&](std::int64_t o, const Candidate& c) {
-      vout_[o] = V::store(c.acc);
-      iout_[o] = static_cast<I>(c.idx);
-      zero_residual(c.idx);
+    std::int64_t sure_total = 0, band_total = 0;
+    for (std::size_t c = 0; c < nl; ++c) {
+      sure_total += static_cast<std::int64_t>(sure[c].size());
+      band_total += static_cast<std::int64_t>(band[c].size());
+    }
+    if (sure_total >= k_ || sure_total + band_total < k_) return false;
+    const auto [threshold, ties] = threshold_among(band, k_ - sure_total, 0, 0u, 0u);
+
+    // Per chunk: band entries above the threshold, and at it (ties go to the lowest indices).
+    std::vector<std::int64_t> above(nl, 0), equal(nl, 0);
+    parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
+      for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
+        for (const Candidate& x : band[c]) {
+          const std::uint32_t key = magnitude_key(x.acc);
+          above[c] += key > threshold;
+          equal[c] += key == threshold;
+        }
+      }
+    });
+    std::vector<std::int64_t> out_off(nl), ties_before(nl);
+    std::int64_t o = 0, t = 0;
+    for (std::size_t c = 0; c < nl; ++c) {
+      out_off[c] = o;
+      ties_before[c] = t;
+      o += static_cast<std::int64_t>(sure[c].size()) + above[c] + std::clamp<std::int64_t>(ties - t, 0, equal[c]);
+      t += equal[c];
+    }
+    if (o != k_) AGRT_FAIL(RuntimeError, "topk_compress: selected ", o, " entries, expected ", k_);
+    parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
+      for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
+        const std::int64_t base = static_cast<std::int64_t>(c) * chunk_;
+        std::int64_t pos = out_off[c], tie = ties_before[c];
+        auto emit = [&](float acc, std::int64_t idx) {
+          vout_[pos] = V::store(acc);
+          iout_[pos] = static_cast<I>(idx);
+          ++pos;
+          zero_residual(idx);
+        };
+        const auto& sl = sure[c];
+        std::size_t si = 0;
+        for (const Candidate& x : band[c]) {
+          const std::uint32_t key = magnitude_key(x.acc);
+          if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
+          for (; si < sl.size() && base + sl[si].off < x.idx; ++si) emit(sl[si].acc, base + sl[si].off);
+          emit(x.acc, x.idx);
+        }
+        for (; si < sl.size(); ++si) emit(sl[si].acc, base + sl[si].off);
+      }
     });
     return true;
   }
