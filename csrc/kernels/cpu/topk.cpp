@@ -1,9 +1,11 @@
 // CPU twin of the fused top-k compression: a radix select over the float bits.
 //
-// Common case (>= 2^18 elements): a lower bound on the k-th largest magnitude is taken from 256
-// evenly spread blocks; one pass computes acc = grad + residual, stores it and keeps the entries
-// at or above the bound (about k of them) per chunk, in index order; a three-digit radix select
-// over the kept entries finds the exact threshold, ties at it go to the lowest indices.
+// Common case (>= 2^18 elements, k <= n/3): lower and upper bounds on the k-th largest magnitude
+// are taken from 256 evenly spread blocks; one pass computes acc = grad + residual, stores it and
+// keeps, per chunk and in index order, the entries above the upper bound (all selected) and those
+// between the bounds (a band of a few percent of k); a three-digit radix select over the band
+// finds the exact threshold (ties at it go to the lowest indices) and each chunk merges its two
+// lists into the output.
 // Otherwise (small tensors, or a bound that kept fewer than k or far too many entries), an exact
 // two-pass select: a per-chunk histogram of the top 11 bits, then entries above the threshold
 // bin go straight to the outputs and entries in it become candidates for the last two digits.
