@@ -120,8 +120,10 @@ def run_pair(link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout:
                 p.wait()
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     out.unlink(missing_ok=True)
+    codes = [p.returncode for p in procs]
+    why = f"worker exit codes {codes}" if all(c is not None and c > 0 for c in codes) else "killed or died"
     for hook in hooks:
-        result.setdefault(hook, {"error": f"no result: the workers exited or were killed after {timeout:.0f} s"})
+        result.setdefault(hook, {"error": f"no result ({why}; limit {timeout:.0f} s); see the workers' stderr"})
     return result
 
 
