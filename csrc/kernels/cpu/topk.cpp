@@ -280,6 +280,9 @@ class Compressor {
             overflow.store(true, std::memory_order_relaxed);
           } else if (magnitude_key(accs[j]) > upper) {
             sure_list.push_back({accs[j], static_cast<std::uint32_t>(i + j - b)});
+            // Selected for certain: clear its residual now, while the line is in cache (undone
+            // by restore_sure() if the bounds turn out to have missed).
+            zero_residual(i + j);
           } else {
             band_list.push_back({accs[j], i + j});
           }
@@ -304,13 +307,21 @@ class Compressor {
         }
       }
     });
-    if (overflow.load()) return false;
+    // On a miss the residual must hold acc everywhere again before the exact select reads it.
+    auto restore_sure = [&] {
+      if (r_ == nullptr) return false;
+      for (std::size_t c = 0; c < nl; ++c) {
+        for (const Sure& x : sure[c]) r_[static_cast<std::int64_t>(c) * chunk_ + x.off] = G::store(x.acc);
+      }
+      return false;
+    };
+    if (overflow.load()) return restore_sure();
     std::int64_t sure_total = 0, band_total = 0;
     for (std::size_t c = 0; c < nl; ++c) {
       sure_total += static_cast<std::int64_t>(sure[c].size());
       band_total += static_cast<std::int64_t>(band[c].size());
     }
-    if (sure_total >= k_ || sure_total + band_total < k_) return false;
+    if (sure_total >= k_ || sure_total + band_total < k_) return restore_sure();
     const auto [threshold, ties] = threshold_among(band, k_ - sure_total, 0, 0u, 0u);
 
     // Per chunk: band entries above the threshold, and at it (ties go to the lowest indices).
@@ -341,7 +352,6 @@ class Compressor {
           vout_[pos] = V::store(acc);
           iout_[pos] = static_cast<I>(idx);
           ++pos;
-          zero_residual(idx);
         };
         const auto& sl = sure[c];
         std::size_t si = 0;
@@ -350,6 +360,7 @@ class Compressor {
           if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
           for (; si < sl.size() && base + sl[si].off < x.idx; ++si) emit(sl[si].acc, base + sl[si].off);
           emit(x.acc, x.idx);
+          zero_residual(x.idx);  // sure entries were cleared in the pass
         }
         for (; si < sl.size(); ++si) emit(sl[si].acc, base + sl[si].off);
       }
