@@ -120,8 +120,10 @@ def run_pair(link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout:
                 p.wait()
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     out.unlink(missing_ok=True)
+    codes = [p.returncode for p in procs]
+    why = f"worker exit codes {codes}" if all(c is not None and c > 0 for c in codes) else "killed or died"
     for hook in hooks:
-        result.setdefault(hook, {"error": f"no result: the workers exited or were killed after {timeout:.0f} s"})
+        result.setdefault(hook, {"error": f"no result ({why}; limit {timeout:.0f} s); see the workers' stderr"})
     return result
 
 
@@ -290,7 +292,7 @@ def main() -> int:
         rows: dict[str, Any] = {}
         with Link(rate) as link:
             for i, group in enumerate(g for g in groups if g):
-                limit = args.timeout if not group[0].startswith("powersgd") else min(args.timeout, 240.0)
+                limit = args.timeout if not group[0].startswith("powersgd") else min(args.timeout, 150.0)
                 rows.update(run_pair(link, group, 29_611 + i, args.steps, limit))
         report["rates"][rate] = rows
         base = rows.get("allreduce", {})

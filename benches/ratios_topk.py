@@ -53,8 +53,10 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             out.append(cmp)
     n = SIZES[1]
     k = n // 100
-    values = torch.randn(2 * k, device=device)  # two ranks' messages
-    indices = torch.randint(0, n, (2 * k,), dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randn(2 * k, generator=gen).to(device)  # two ranks' messages, each in index order
+    indices = torch.cat([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(2)])
+    indices = indices.to(torch.int32).to(device)
     dense = torch.zeros(n, device=device)
     out.append(
         benchmarking.compare(

@@ -249,3 +249,17 @@ def test_sparse_gradient_with_mostly_zeros() -> None:
     g = torch.zeros(1 << 19)
     g[torch.randperm(1 << 19, generator=torch.Generator().manual_seed(1))[:50]] = torch.randn(50)
     check_against_reference(g, torch.zeros_like(g), 500)  # more than the non-zeros: zeros by index
+
+
+def test_missed_bound_restores_the_entries_it_already_cleared() -> None:
+    # Distinct values inside the sampled blocks give a non-empty "sure" set (cleared in the
+    # residual during the pass) yet far fewer than k kept entries: the exact select that follows
+    # must see acc there again, and the residual must end exactly as the reference says.
+    n, block, blocks = 1 << 20, 256, 256
+    g = torch.ones(n)
+    ramp = 2.0 + torch.arange(block, dtype=torch.float32) / 1000
+    for j in range(blocks):
+        start = (n - block) * j // (blocks - 1)
+        g[start : start + block] = ramp
+    check_against_reference(g, torch.zeros(n), 100_000)
+    check_against_reference(g, 0.001 * torch.randn(n, generator=torch.Generator().manual_seed(3)), 100_000)

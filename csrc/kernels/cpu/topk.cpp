@@ -1,9 +1,11 @@
 // CPU twin of the fused top-k compression: a radix select over the float bits.
 //
-// Common case (>= 2^18 elements): a lower bound on the k-th largest magnitude is taken from 256
-// evenly spread blocks; one pass computes acc = grad + residual, stores it and keeps the entries
-// at or above the bound (about k of them) per chunk, in index order; a three-digit radix select
-// over the kept entries finds the exact threshold, ties at it go to the lowest indices.
+// Common case (>= 2^18 elements, k <= n/3): lower and upper bounds on the k-th largest magnitude
+// are taken from 256 evenly spread blocks; one pass computes acc = grad + residual, stores it and
+// keeps, per chunk and in index order, the entries above the upper bound (all selected) and those
+// between the bounds (a band of a few percent of k); a three-digit radix select over the band
+// finds the exact threshold (ties at it go to the lowest indices) and each chunk merges its two
+// lists into the output.
 // Otherwise (small tensors, or a bound that kept fewer than k or far too many entries), an exact
 // two-pass select: a per-chunk histogram of the top 11 bits, then entries above the threshold
 // bin go straight to the outputs and entries in it become candidates for the last two digits.
@@ -120,42 +122,6 @@ std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lis
   return {prefix, need};
 }
 
-// Writes the selected candidates to out[0..k) in index order, list by list on all threads: each
-// list's offset and share of the ties at the threshold come from a count per list first.
-template <typename Emit>
-void pick_parallel(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Emit&& emit) {
-  const auto nlists = static_cast<std::int64_t>(lists.size());
-  std::vector<std::int64_t> above(static_cast<std::size_t>(nlists), 0), equal(static_cast<std::size_t>(nlists), 0);
-  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
-    for (std::int64_t l = lb; l < le; ++l) {
-      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
-        const std::uint32_t key = magnitude_key(c.acc);
-        above[static_cast<std::size_t>(l)] += key > threshold;
-        equal[static_cast<std::size_t>(l)] += key == threshold;
-      }
-    }
-  });
-  std::vector<std::int64_t> out_off(static_cast<std::size_t>(nlists)), ties_before(static_cast<std::size_t>(nlists));
-  std::int64_t o = 0, t = 0;
-  for (std::int64_t l = 0; l < nlists; ++l) {
-    out_off[static_cast<std::size_t>(l)] = o;
-    ties_before[static_cast<std::size_t>(l)] = t;
-    const std::int64_t taken = std::clamp<std::int64_t>(ties - t, 0, equal[static_cast<std::size_t>(l)]);
-    o += above[static_cast<std::size_t>(l)] + taken;
-    t += equal[static_cast<std::size_t>(l)];
-  }
-  parallel_for(0, nlists, 1, [&](std::int64_t lb, std::int64_t le) {
-    for (std::int64_t l = lb; l < le; ++l) {
-      std::int64_t pos = out_off[static_cast<std::size_t>(l)];
-      std::int64_t tie = ties_before[static_cast<std::size_t>(l)];
-      for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
-        const std::uint32_t key = magnitude_key(c.acc);
-        if (key > threshold || (key == threshold && tie++ < ties)) emit(pos++, c);
-      }
-    }
-  });
-}
-
 // Calls take(candidate) for every selected candidate, in index order.
 template <typename Fn>
 void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t ties, Fn&& take) {
@@ -175,16 +141,20 @@ void pick(const CandidateLists& lists, std::uint32_t threshold, std::int64_t tie
 // when the tensor is small or k so large that a bound would not filter much.
 constexpr std::int64_t kSampleMinNumel = std::int64_t{1} << 18;
 constexpr std::int64_t kSampleBlocks = 256;
+constexpr std::int64_t kSampleMaxDensityInverse = 3;  // sample only for k <= n / 3
 
 struct SampleBound {
-  std::uint32_t key;
-  double expected_fraction;  // of all entries expected at or above key
+  std::uint32_t key;          // lower bound: usually at least k entries are >= key
+  std::uint32_t upper;        // entries with a key above it are (usually) fewer than k: all selected
+  double expected_fraction;   // of all entries expected at or above key
 };
 
 template <typename G>
 std::optional<SampleBound> sample_bound(const typename G::Storage* g, const typename G::Storage* r, std::int64_t n,
                                         std::int64_t k) {
-  if (n < kSampleMinNumel) return std::nullopt;
+  // Above a few percent the kept entries cost more (a 16-byte record each, then five sweeps)
+  // than the two-pass select's second read of acc.
+  if (n < kSampleMinNumel || k > n / kSampleMaxDensityInverse) return std::nullopt;
   const std::int64_t block = std::min<std::int64_t>(256, n / (kSampleBlocks * 8));
   const std::int64_t s = block * kSampleBlocks;
   const double expected = static_cast<double>(k) * static_cast<double>(s) / static_cast<double>(n);
@@ -201,7 +171,16 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
     }
   }
   std::nth_element(keys.begin(), keys.begin() + (m - 1), keys.end(), std::greater<>());
-  return SampleBound{keys[static_cast<std::size_t>(m - 1)], static_cast<double>(m) / static_cast<double>(s)};
+  const std::uint32_t lower = keys[static_cast<std::size_t>(m - 1)];
+  // The upper bound, as many standard deviations the other way: entries above it are kept in a
+  // list of sure picks that skips the exact select.
+  const auto m_hi = static_cast<std::int64_t>(std::floor(expected - 4.0 * std::sqrt(expected) - 16.0));
+  std::uint32_t upper = ~0u;
+  if (m_hi >= 1) {
+    std::nth_element(keys.begin(), keys.begin() + (m_hi - 1), keys.begin() + (m - 1), std::greater<>());
+    upper = std::max(keys[static_cast<std::size_t>(m_hi - 1)], lower);
+  }
+  return SampleBound{lower, upper, static_cast<double>(m) / static_cast<double>(s)};
 }
 
 template <typename G, typename V, typename I>
@@ -236,16 +215,6 @@ class Compressor {
   }
 
  private:
-  float accumulate(std::int64_t i) const {
-    float acc = G::load(g_[i]);
-    if (r_ != nullptr) {
-      const GS stored = G::store(acc + G::load(r_[i]));
-      r_[i] = stored;
-      acc = G::load(stored);  // rank exactly what is stored and read back
-    }
-    return acc;
-  }
-
   // acc for entries [i, i+len) into accs (and residual); true if any reaches `lower`. Written so
   // that the float32 case vectorises: no early exit, restrict pointers, a branch-free flag.
   static constexpr int kBlock = 128;
@@ -276,15 +245,30 @@ class Compressor {
 
   // One pass: accumulate, and keep every entry at or above the sampled bound. Returns false when
   // fewer than k entries reached it or a chunk kept far more than expected (heavy ties).
+  // An entry above the upper bound: its value and offset in its chunk (8 bytes, not 16).
+  struct Sure {
+    float acc;
+    std::uint32_t off;
+  };
+
+  // One pass: accumulate; entries above the upper bound go to per-chunk "sure" lists, entries
+  // between the bounds to per-chunk band lists. The exact select runs over the band alone, then
+  // each chunk merges its sure entries and its selected band entries into the output in index
+  // order. Returns false (nothing written but residual, which then holds acc) when the bounds
+  // missed: k or more sure entries, fewer than k kept, or a chunk keeping far more than expected.
   bool one_pass(const SampleBound& bound) {
-    CandidateLists lists(static_cast<std::size_t>(nchunks_));
+    const auto nl = static_cast<std::size_t>(nchunks_);
+    CandidateLists band(nl);
+    std::vector<std::vector<Sure>> sure(nl);
     std::atomic<bool> overflow{false};
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
-      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      auto& band_list = band[static_cast<std::size_t>(b / chunk_)];
+      auto& sure_list = sure[static_cast<std::size_t>(b / chunk_)];
       const auto expected = static_cast<std::size_t>(bound.expected_fraction * static_cast<double>(e - b));
       const std::size_t cap = 4 * expected + 4096;
-      list.reserve(expected + expected / 4 + 64);
-      const std::uint32_t lower = bound.key;
+      sure_list.reserve(expected + 64);
+      band_list.reserve(expected / 4 + 64);
+      const std::uint32_t lower = bound.key, upper = bound.upper;
       float accs[kBlock];
       for (std::int64_t i = b; i < e; i += kBlock) {
         const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
@@ -292,10 +276,15 @@ class Compressor {
                                        : accumulate_block<false>(i, len, accs, lower);
         if (!hit) continue;
         auto keep = [&](int j) {
-          if (list.size() < cap) {
-            list.push_back({accs[j], i + j});
-          } else {
+          if (sure_list.size() + band_list.size() >= cap) {
             overflow.store(true, std::memory_order_relaxed);
+          } else if (magnitude_key(accs[j]) > upper) {
+            sure_list.push_back({accs[j], static_cast<std::uint32_t>(i + j - b)});
+            // Selected for certain: clear its residual now, while the line is in cache (undone
+            // by restore_sure() if the bounds turn out to have missed).
+            zero_residual(i + j);
+          } else {
+            band_list.push_back({accs[j], i + j});
           }
         };
         int j = 0;
@@ -318,15 +307,63 @@ class Compressor {
         }
       }
     });
-    if (overflow.load()) return false;
-    std::int64_t total = 0;
-    for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
-    if (total < k_) return false;
-    const auto [threshold, ties] = threshold_among(lists, k_, 0, 0u, 0u);
-    pick_parallel(lists, threshold, ties, [&](std::int64_t o, const Candidate& c) {
-      vout_[o] = V::store(c.acc);
-      iout_[o] = static_cast<I>(c.idx);
-      zero_residual(c.idx);
+    // On a miss the residual must hold acc everywhere again before the exact select reads it.
+    auto restore_sure = [&] {
+      if (r_ == nullptr) return false;
+      for (std::size_t c = 0; c < nl; ++c) {
+        for (const Sure& x : sure[c]) r_[static_cast<std::int64_t>(c) * chunk_ + x.off] = G::store(x.acc);
+      }
+      return false;
+    };
+    if (overflow.load()) return restore_sure();
+    std::int64_t sure_total = 0, band_total = 0;
+    for (std::size_t c = 0; c < nl; ++c) {
+      sure_total += static_cast<std::int64_t>(sure[c].size());
+      band_total += static_cast<std::int64_t>(band[c].size());
+    }
+    if (sure_total >= k_ || sure_total + band_total < k_) return restore_sure();
+    const auto [threshold, ties] = threshold_among(band, k_ - sure_total, 0, 0u, 0u);
+
+    // Per chunk: band entries above the threshold, and at it (ties go to the lowest indices).
+    std::vector<std::int64_t> above(nl, 0), equal(nl, 0);
+    parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
+      for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
+        for (const Candidate& x : band[c]) {
+          const std::uint32_t key = magnitude_key(x.acc);
+          above[c] += key > threshold;
+          equal[c] += key == threshold;
+        }
+      }
+    });
+    std::vector<std::int64_t> out_off(nl), ties_before(nl);
+    std::int64_t o = 0, t = 0;
+    for (std::size_t c = 0; c < nl; ++c) {
+      out_off[c] = o;
+      ties_before[c] = t;
+      o += static_cast<std::int64_t>(sure[c].size()) + above[c] + std::clamp<std::int64_t>(ties - t, 0, equal[c]);
+      t += equal[c];
+    }
+    if (o != k_) AGRT_FAIL(RuntimeError, "topk_compress: selected ", o, " entries, expected ", k_);
+    parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
+      for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
+        const std::int64_t base = static_cast<std::int64_t>(c) * chunk_;
+        std::int64_t pos = out_off[c], tie = ties_before[c];
+        auto emit = [&](float acc, std::int64_t idx) {
+          vout_[pos] = V::store(acc);
+          iout_[pos] = static_cast<I>(idx);
+          ++pos;
+        };
+        const auto& sl = sure[c];
+        std::size_t si = 0;
+        for (const Candidate& x : band[c]) {
+          const std::uint32_t key = magnitude_key(x.acc);
+          if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
+          for (; si < sl.size() && base + sl[si].off < x.idx; ++si) emit(sl[si].acc, base + sl[si].off);
+          emit(x.acc, x.idx);
+          zero_residual(x.idx);  // sure entries were cleared in the pass
+        }
+        for (; si < sl.size(); ++si) emit(sl[si].acc, base + sl[si].off);
+      }
     });
     return true;
   }
@@ -338,19 +375,17 @@ class Compressor {
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
       // Four sub-histograms break the store-to-load chain when neighbours share a bin.
       std::vector<std::uint32_t> sub(4 * kBins1, 0);
-      auto digit = [&](std::int64_t j) {
-        const float acc = do_accumulate ? accumulate(j) : G::load(src_[j]);
-        return magnitude_key(acc) >> kTopkDigitShift[0];
-      };
-      std::int64_t i = b;
-      for (; i + 4 <= e; i += 4) {
-        const std::uint32_t d0 = digit(i), d1 = digit(i + 1), d2 = digit(i + 2), d3 = digit(i + 3);
-        ++sub[d0];
-        ++sub[kBins1 + d1];
-        ++sub[2 * kBins1 + d2];
-        ++sub[3 * kBins1 + d3];
+      std::uint32_t* __restrict hs = sub.data();
+      float accs[kBlock];
+      for (std::int64_t i = b; i < e; i += kBlock) {
+        const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        if (do_accumulate && r_ != nullptr) {
+          accumulate_block<true>(i, len, accs, 0);
+        } else {
+          for (int j = 0; j < len; ++j) accs[j] = G::load(src_[i + j]);
+        }
+        for (int j = 0; j < len; ++j) ++hs[(j & 3) * kBins1 + (magnitude_key(accs[j]) >> kTopkDigitShift[0])];
       }
-      for (; i < e; ++i) ++sub[digit(i)];
       std::uint32_t* h = hist.data() + (b / chunk_) * kBins1;
       for (int j = 0; j < kBins1; ++j) h[j] = sub[j] + sub[kBins1 + j] + sub[2 * kBins1 + j] + sub[3 * kBins1 + j];
     });
@@ -367,23 +402,28 @@ class Compressor {
       std::int64_t above = 0;
       for (int j = b1 + 1; j < kBins1; ++j) above += h[j];
       above_off[c + 1] = above_off[c] + above;
-      lists[static_cast<std::size_t>(c)].reserve(h[b1]);
+      lists[static_cast<std::size_t>(c)].resize(h[b1]);
     }
 
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
+      // Locals, not members, so stores through the outputs cannot force reloads.
       std::int64_t ao = above_off[b / chunk_];
-      auto& list = lists[static_cast<std::size_t>(b / chunk_)];
+      Candidate* __restrict cand = lists[static_cast<std::size_t>(b / chunk_)].data();
+      VS* __restrict vout = vout_;
+      I* __restrict iout = iout_;
+      GS* __restrict res = r_;
+      const GS* __restrict src = src_;
       const auto ub1 = static_cast<std::uint32_t>(b1);
       for (std::int64_t i = b; i < e; ++i) {
-        const float acc = G::load(src_[i]);
+        const float acc = G::load(src[i]);
         const std::uint32_t d = magnitude_key(acc) >> kTopkDigitShift[0];
         if (d > ub1) {
-          vout_[ao] = V::store(acc);
-          iout_[ao] = static_cast<I>(i);
+          vout[ao] = V::store(acc);
+          iout[ao] = static_cast<I>(i);
           ++ao;
-          zero_residual(i);
+          if (res != nullptr) res[i] = G::store(0.0f);
         } else if (d == ub1) {
-          list.push_back({acc, i});
+          *cand++ = {acc, i};
         }
       }
     });
@@ -419,6 +459,8 @@ class Compressor {
   I* iout_;
   const std::int64_t chunk_, nchunks_;
 };
+
+constexpr std::int64_t kPrefetch = 16;
 
 template <typename V, typename I, typename O>
 void decompress_cpu(const TensorView& values, const TensorView& indices, const TensorView& out, float scale) {
@@ -456,6 +498,8 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
     for (std::int64_t part = pb; part < pe; ++part) {
       const std::int64_t lo = part * span, hi = std::min(n, lo + span);
       for (std::int64_t i = 0; i < m; ++i) {
+        // Each rank's indices ascend with gaps of many cache lines: prefetch a few updates ahead.
+        if (i + kPrefetch < m) __builtin_prefetch(o + static_cast<std::int64_t>(idx[i + kPrefetch]), 1);
         const auto j = static_cast<std::int64_t>(idx[i]);
         if (j >= lo && j < hi) o[j] = O::store(O::load(o[j]) + scale * V::load(v[i]));
       }

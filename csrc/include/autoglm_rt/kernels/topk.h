@@ -32,11 +32,11 @@ constexpr DType topk_index_dtype(std::int64_t numel) noexcept {
 /// - On return residual holds acc with the k selected entries set to zero.
 /// - 1 <= k <= grad.numel, else ValueError; dtype/device mismatches raise TypeError/ValueError
 ///   before anything is written.
-/// CPU (agrt::parallel_for, deterministic for any thread count): from 2^18 elements a lower bound
-/// on the threshold is sampled from 256 spread blocks, and one pass (read grad+residual, write
-/// acc) keeps the ~k entries above it; the exact select then runs over those alone. If the bound
-/// missed (fewer than k kept, or heavy ties) or the tensor is small, an exact two-pass radix select
-/// over acc follows (so the rare worst case reads acc twice more).
+/// CPU (agrt::parallel_for, deterministic for any thread count): from 2^18 elements and for
+/// k <= numel/3, bounds on the threshold are sampled from 256 spread blocks and one pass (read
+/// grad+residual, write acc) keeps the ~k entries above the lower one; the exact select then runs
+/// over the few between the bounds. If the bounds missed (rare; heavy ties) or the tensor is small,
+/// an exact two-pass radix select over acc follows (the worst case reads acc twice more).
 /// CUDA: accumulate pass, up to two histogram passes (skipped once a bin is taken whole), a count
 /// pass and an emit pass (compiled, not yet run on a GPU).
 /// CUDA: runs on grad.stream, never synchronises the host (scratch from cudaMallocAsync).
