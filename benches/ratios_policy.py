@@ -47,37 +47,20 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 def cpu_time_compare(
     name: str, case: Callable[[], None], baseline: Callable[[], None], rounds: int
 ) -> benchmarking.Comparison:
-    """Like benchmarking.compare, but on this process's CPU time (time.process_time): on a shared,
+    """benchmarking.compare on this process's CPU time (time.process_time): on a shared,
     overloaded machine the wall clock mostly measures the other tenants; the CPU time this process
     spends does not (the torch threads are set to 1 around it so CPU time is work, not spinning)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        case()
-        baseline()
-        case_t: list[float] = []
-        base_t: list[float] = []
-        for r in range(rounds):
-            order = [(case, case_t), (baseline, base_t)]
-            if r % 2:
-                order.reverse()
-            for fn, out in order:
-                t = time.process_time()
-                fn()
-                out.append(time.process_time() - t)
+        cmp = benchmarking.compare(
+            name, case, baseline, case_label="Runtime", baseline_label="plain torch loop",
+            rounds=rounds, min_time=0.0, clock=time.process_time,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    ratios = [b / c for b, c in zip(base_t, case_t, strict=True)]
-    return benchmarking.Comparison(
-        name=name,
-        case_label="Runtime",
-        baseline_label="plain torch loop",
-        case_seconds=statistics.median(case_t),
-        baseline_seconds=statistics.median(base_t),
-        ratio=statistics.median(ratios),
-        rounds=rounds,
-        extra={"clock": "process CPU time, 1 torch thread"},
-    )
+    cmp.extra["clock"] = "process CPU time, 1 torch thread"
+    return cmp
 
 
 def compare_one(

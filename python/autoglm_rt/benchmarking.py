@@ -42,16 +42,18 @@ class Comparison:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _time_call(fn: Callable[[], Any], min_time: float, sync: Callable[[], None] | None) -> float:
-    """Seconds per call, repeating fn until min_time has passed (at least once)."""
+def _time_call(
+    fn: Callable[[], Any], min_time: float, sync: Callable[[], None] | None, clock: Callable[[], float]
+) -> float:
+    """Seconds per call on ``clock``, repeating fn until min_time has passed (at least once)."""
     calls = 0
-    start = time.perf_counter()
+    start = clock()
     while True:
         fn()
         calls += 1
         if sync is not None:
             sync()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= min_time:
             return elapsed / calls
 
@@ -68,11 +70,14 @@ def compare(
     bytes_read: int | None = None,
     read_gbps: float | None = None,
     sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Comparison:
     """Times ``case`` and ``baseline`` alternately (after one warm-up call each) for ``rounds``
     rounds, swapping which goes first every round. ``bytes_read``: bytes one case call must read,
     to report GB/s and, given ``read_gbps`` from :func:`measure_bandwidth`, the fraction of it.
-    ``sync``: called after each call (e.g. ``torch.cuda.synchronize``) so GPU work is counted."""
+    ``sync``: called after each call (e.g. ``torch.cuda.synchronize``) so GPU work is counted.
+    ``clock``: wall time by default; ``time.process_time`` measures this process's CPU time, which
+    other tenants of a shared machine disturb far less."""
     case()
     baseline()
     if sync is not None:
@@ -84,7 +89,7 @@ def compare(
         if r % 2:
             order.reverse()
         for fn, out in order:
-            out.append(_time_call(fn, min_time, sync))
+            out.append(_time_call(fn, min_time, sync, clock))
     ratios = [b / c for b, c in zip(base_t, case_t, strict=True)]
     cmp = Comparison(
         name=name,

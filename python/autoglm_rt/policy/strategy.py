@@ -40,27 +40,10 @@ from typing import Any
 
 import yaml
 
+from autoglm_rt.memory import STATS_KEYS as POOL_STATS
 from autoglm_rt.units import parse_size
 
 PHASES = ("initial", "convergence", "fine_tuning")
-POOL_STATS = (
-    "allocated_bytes",
-    "reserved_bytes",
-    "requested_bytes",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_requested_bytes",
-    "limit_bytes",
-    "num_allocs",
-    "num_frees",
-    "num_cache_hits",
-    "num_upstream_allocs",
-    "num_upstream_frees",
-    "num_ooms",
-    "num_trims",
-    "largest_free_block_bytes",
-    "fragmentation_ratio",
-)
 
 
 def _metric_kinds() -> dict[str, str]:
