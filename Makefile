@@ -37,6 +37,7 @@ pytest: install
 
 # C++ unit tests (CUDA sources compiled for one architecture only: they cannot run here anyway).
 ctest: $(VENV)/.deps-stamp
+	mkdir -p build
 	cmake -S . -B build/ctest -G Ninja -DAUTOGLM_RT_BUILD_TESTS=ON -DAUTOGLM_RT_BUILD_PYTHON=OFF \
 	  -DCMAKE_CUDA_ARCHITECTURES=90-real -DCMAKE_BUILD_TYPE=RelWithDebInfo > build/ctest.log 2>&1 \
 	  || (cat build/ctest.log; exit 1)
@@ -45,6 +46,7 @@ ctest: $(VENV)/.deps-stamp
 
 # The same tests under AddressSanitizer and UndefinedBehaviorSanitizer (CPU build).
 ctest-sanitize: $(VENV)/.deps-stamp
+	mkdir -p build
 	cmake -S . -B build/asan -G Ninja -DAUTOGLM_RT_BUILD_TESTS=ON -DAUTOGLM_RT_BUILD_PYTHON=OFF \
 	  -DAUTOGLM_RT_CUDA=OFF -DAUTOGLM_RT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > build/asan.log 2>&1 \
 	  || (cat build/asan.log; exit 1)
