@@ -352,6 +352,41 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suite", nargs="*", help="suites (default: memory grad_stats topk; see benches/ratios_*.py)")
+    p.add_argument("--all", action="store_true", help="every suite in benches/")
+    p.add_argument("--quick", action="store_true", help="small sizes and few rounds")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    p.add_argument("--out", default="autoglm_rt_bench", help="where the JSON files go (default ./autoglm_rt_bench)")
+
+
+KEY_SUITES = ("memory", "grad_stats", "topk")
+
+
+@command("bench", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    """Runs the key benchmarks side by side with their baselines and prints the ratio table."""
+    import importlib.util
+
+    runner = Path(__file__).resolve().parents[2] / "benches" / "run_ratios.py"
+    if not runner.is_file():
+        print(
+            "autoglm-rt bench: the benchmark suites live in the source checkout (benches/); "
+            "run it from an editable install of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    spec = importlib.util.spec_from_file_location("autoglm_rt_run_ratios", runner)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    suites = [] if args.all else (args.suite or list(KEY_SUITES))
+    argv = [*suites, "--device", args.device, "--out", args.out] + ["--quick"] * args.quick + ["--json"] * args.json
+    return int(module.main(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
