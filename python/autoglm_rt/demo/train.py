@@ -173,7 +173,7 @@ class _BaselineRun:
         return {"bytes_communicated": self.counters.bytes_communicated, "dense_bytes": self.counters.dense_bytes}
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the baseline holds no threads or servers."""
 
 
 def _progress(run: str, step: int, steps: int, rec: dict[str, Any]) -> None:
