@@ -316,8 +316,7 @@ def test_every_simd_path_matches_reference(simd: str) -> None:
 
 # --- property test ----------------------------------------------------------------------------
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402  (a test dependency: missing means a broken setup)
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 

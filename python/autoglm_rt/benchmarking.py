@@ -163,7 +163,7 @@ def machine_description() -> dict[str, Any]:
                     cpu = line.split(":", 1)[1].strip()
                     break
     except OSError:
-        pass
+        pass  # no /proc/cpuinfo: keep platform.processor()'s name
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -180,7 +180,7 @@ def machine_description() -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     except ImportError:
-        pass
+        pass  # torch is optional for the description
     return info
 
 

@@ -168,7 +168,7 @@ def _monitor(args: argparse.Namespace) -> int:
                 print((CLEAR if clear else "") + render(snap, sampler, host) + ("" if clear else "\n"), flush=True)
             done += 1
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C is how the live view ends; the finally block cleans up
     finally:
         sampler.close()
         if server is not None:

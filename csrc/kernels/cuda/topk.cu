@@ -156,6 +156,21 @@ __global__ void __launch_bounds__(kThreads) histogram(const typename G::Storage*
 }
 
 // Tiles are read as kItems consecutive entries per thread so block-wide scans give index order.
+// This thread's kItems entries from `base`: how many keys lie above the selected prefix and how
+// many tie with it. count_tiles and emit must count identically, so both call this.
+template <typename G>
+__device__ __forceinline__ void count_items(const typename G::Storage* __restrict__ src, long long n, long long base,
+                                            unsigned int prefix, unsigned int mask, unsigned int& above,
+                                            unsigned int& ties) {
+  for (int j = 0; j < kItems; ++j) {
+    const long long i = base + j;
+    if (i >= n) break;
+    const unsigned int km = magnitude_key(G::load(src[i])) & mask;
+    above += km > prefix;
+    ties += km == prefix;
+  }
+}
+
 template <typename G>
 __global__ void __launch_bounds__(kThreads) count_tiles(const typename G::Storage* __restrict__ src, long long n,
                                                         const State* s, unsigned int* tile_above,
@@ -165,13 +180,7 @@ __global__ void __launch_bounds__(kThreads) count_tiles(const typename G::Storag
   const unsigned int prefix = s->prefix, mask = s->mask;
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
   unsigned int above = 0, ties = 0;
-  for (int j = 0; j < kItems; ++j) {
-    const long long i = base + j;
-    if (i >= n) break;
-    const unsigned int km = magnitude_key(G::load(src[i])) & mask;
-    above += km > prefix;
-    ties += km == prefix;
-  }
+  count_items<G>(src, n, base, prefix, mask, above, ties);
   const unsigned int a = Reduce(tmp_a).Sum(above);
   const unsigned int t = Reduce(tmp_t).Sum(ties);
   if (threadIdx.x == 0) {
@@ -220,13 +229,7 @@ __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* __re
   const unsigned long long need = static_cast<unsigned long long>(s->need);
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
   unsigned int above = 0, ties = 0;
-  for (int j = 0; j < kItems; ++j) {
-    const long long i = base + j;
-    if (i >= n) break;
-    const unsigned int km = magnitude_key(G::load(src[i])) & mask;
-    above += km > prefix;
-    ties += km == prefix;
-  }
+  count_items<G>(src, n, base, prefix, mask, above, ties);
   // Pack both counts (each <= kTile < 2^16) into one scan.
   unsigned int packed = (above << 16) | ties;
   Scan(tmp).ExclusiveSum(packed, packed);
