@@ -7,7 +7,8 @@ directions, runs rank 0 in one and rank 1 in the other (gloo over the veth addre
 ``GLOO_SOCKET_IFNAME`` set), and removes the namespaces afterwards, also on failure. On loopback
 compression cannot pay; across a 1 Gbit/s link it must. Needs root (CAP_NET_ADMIN). The model is
 communication-heavy: 4 x Linear(2048, 2048) (16.8 M parameters, 67 MB of float32 gradients),
-batch 8. Writes ``benches/results/ddp_netns.json`` and prints a table.
+batch 8. ``no_comm`` (a hook that sends nothing) measures the compute floor every hook sits on.
+Writes ``benches/results/ddp_netns.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ADDR = ("10.231.77.1", "10.231.77.2")
-HOOKS = ("allreduce", "fp16_compress", "torch_topk_1pct", "autoglm_topk_1pct", "powersgd_r1", "powersgd_r4")
+HOOKS = ("no_comm", "allreduce", "fp16_compress", "torch_topk_1pct", "autoglm_topk_1pct", "powersgd_r1", "powersgd_r4")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -193,6 +194,12 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
         "return": torch.futures.Future[torch.Tensor],
     }
 
+    def no_comm_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """Sends nothing: the step time of compute alone, the floor every hook sits on."""
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
     hook_time = {"seconds": 0.0}
 
     def timed(fn: Any) -> Any:
@@ -216,7 +223,9 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
         torch.manual_seed(0)
         model = DDP(nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]))
         warm = 3
-        if hook == "allreduce":
+        if hook == "no_comm":
+            model.register_comm_hook(None, timed(no_comm_hook))
+        elif hook == "allreduce":
             model.register_comm_hook(None, timed(default_hooks.allreduce_hook))
         elif hook == "fp16_compress":
             model.register_comm_hook(None, timed(default_hooks.fp16_compress_hook))

@@ -243,13 +243,15 @@ def _compressed(
     local_sq = _sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq)
 
-    # One message per rank: [values | indices | local squared norm (float64)], as bytes.
-    value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
+    # One message per rank, as bytes: [local squared norm (float64) | indices | values]. The
+    # kernel writes straight into it; in this order every field is aligned for its dtype.
     index_dtype = index_dtype_for(numel)
     index_bytes = k * torch.empty((), dtype=index_dtype).element_size()
-    message = torch.empty(value_bytes + index_bytes + 8, dtype=torch.uint8, device=buffer.device)
-    values = torch.empty(k, dtype=state.value_dtype, device=buffer.device)
-    indices = torch.empty(k, dtype=index_dtype, device=buffer.device)
+    value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
+    message = torch.empty(8 + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
+    message[:8].view(torch.float64).copy_(local_sq)
+    indices = message[8 : 8 + index_bytes].view(index_dtype)
+    values = message[8 + index_bytes :].view(state.value_dtype)
     topk_compress(buffer, residual, k, values_out=values, indices_out=indices)
     if residual is not None:
         # NaN/Inf rank first, so values holds one iff the accumulated bucket had one. Reading the
@@ -259,9 +261,6 @@ def _compressed(
             state._clear_if(bucket.index(), nonfinite)
         else:
             state._pending_nonfinite[bucket.index()] = nonfinite
-    message[:value_bytes].copy_(values.view(torch.uint8))
-    message[value_bytes : value_bytes + index_bytes].copy_(indices.view(torch.uint8))
-    message[value_bytes + index_bytes :].copy_(local_sq.view(torch.uint8))
 
     gathered = torch.empty(world * message.numel(), dtype=torch.uint8, device=buffer.device)
     state.bytes_sent += message.numel()
@@ -272,15 +271,16 @@ def _compressed(
     def decompress(f: torch.futures.Future[Any]) -> torch.Tensor:
         f.wait()
         rows = gathered.view(world, -1)
-        all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype).reshape(-1)
-        all_indices = rows[:, value_bytes : value_bytes + index_bytes].contiguous().view(index_dtype).reshape(-1)
-        rank_sq = rows[:, value_bytes + index_bytes :].contiguous().view(torch.float64)
+        rank_sq = rows[:, :8].contiguous().view(torch.float64)
+        all_indices = rows[:, 8 : 8 + index_bytes].contiguous().view(index_dtype).reshape(-1)
+        all_values = rows[:, 8 + index_bytes :].contiguous().view(state.value_dtype).reshape(-1)
         buffer.zero_()
         topk_decompress(all_values, all_indices, buffer, scale=1.0 / world)
         norms["mean_local_sq_norm"].append(rank_sq.sum() / world)
-        # The sparse average is non-zero only at the gathered indices (sorted per rank).
-        touched = torch.unique(all_indices)
-        norms["global_sq_norm"].append(_sq_norm(buffer[touched.long()].float()))
+        # The average g is (1/W) sum_r s_r over the ranks' sparse tensors s_r, so
+        # |g|^2 = (1/W) sum_r <s_r, g>: a gather of g at the sent indices, no deduplication.
+        at_sent = buffer[all_indices.long()].double()
+        norms["global_sq_norm"].append(torch.dot(all_values.double(), at_sent).reshape(1) / world)
         return buffer
 
     return fut.then(decompress)
