@@ -221,7 +221,11 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
     results: dict[str, Any] = {}
     for hook in hooks:
         torch.manual_seed(0)
-        model = DDP(nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]))
+        # PowerSGD issues its second all_reduce from the first one's callback; with several buckets
+        # those callbacks interleave with the next bucket's collectives in a different order on
+        # each gloo rank (a size-mismatch abort), so it gets the whole model in one bucket.
+        bucket_cap_mb = 128 if hook.startswith("powersgd") else 25
+        model = DDP(nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]), bucket_cap_mb=bucket_cap_mb)
         warm = 3
         if hook == "no_comm":
             model.register_comm_hook(None, timed(no_comm_hook))
