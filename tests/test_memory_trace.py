@@ -238,9 +238,11 @@ def test_torch_allocator_under_a_training_step() -> None:
     assert out.stdout.startswith("ok")
 
 
-def test_torch_entry_points_are_exported_and_contain_errors() -> None:
-    """The symbols CUDAPluggableAllocator loads exist in _C with C linkage; without a usable
-    device an allocation returns NULL (torch then raises) instead of throwing across C."""
+def test_torch_entry_points_are_exported() -> None:
+    """The symbols CUDAPluggableAllocator loads exist in _C with C linkage. A real request is not
+    made here: torch does not check malloc's result, so without a device malloc throws (to torch,
+    which raises) rather than returning NULL, and an exception cannot cross ctypes; the C++ test
+    torch_entry_points_throw_instead_of_returning_null covers that."""
     import ctypes
 
     from autoglm_rt._native import _C
@@ -257,7 +259,6 @@ def test_torch_entry_points_are_exported_and_contain_errors() -> None:
     free = lib.agrt_torch_free
     free.restype = None
     free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    assert malloc(1024, 0, None) is None
-    assert malloc(0, 0, None) is None
+    assert malloc(0, 0, None) is None  # size 0: no memory and no device needed
     free(None, 0, 0, None)  # a no-op, as torch expects
     assert tuple(_C.torch_allocator_symbols()) == ("agrt_torch_malloc", "agrt_torch_free")
