@@ -132,17 +132,23 @@ class CudaUpstream final : public Upstream {
   bool supports_expansion() const override { return vmm_; }
   std::size_t granularity() const override { return vmm_ ? granularity_ : 0; }
 
+  // The driver calls below run with this upstream's device current (its primary context), as
+  // torch's expandable segments and RMM do: the caller's thread may have another device current,
+  // or none at all (a fresh thread), and the pool is used from any thread.
   void* reserve(std::size_t bytes) override {
+    DeviceGuard guard(device_);
     CUdeviceptr p = 0;
     if (driver().address_reserve(&p, bytes, granularity_, 0, 0) != CUDA_SUCCESS) return nullptr;
     return reinterpret_cast<void*>(p);
   }
   void release(void* base, std::size_t bytes) noexcept override {
+    DeviceGuard guard(device_);
     driver().address_free(reinterpret_cast<CUdeviceptr>(base), bytes);
   }
 
   // One physical handle per granule, so any granule-aligned tail can be unmapped later.
   bool map(void* addr, std::size_t bytes) override {
+    DeviceGuard guard(device_);
     const DriverApi& api = driver();
     const auto base = reinterpret_cast<CUdeviceptr>(addr);
     std::size_t done = 0;
@@ -175,7 +181,10 @@ class CudaUpstream final : public Upstream {
     }
     return true;
   }
+  // The caller (CachingPool) has waited for the block's stream first: unlike cudaFree, cuMemUnmap
+  // and cuMemRelease do not synchronise with work that may still use the memory.
   void unmap(void* addr, std::size_t bytes) noexcept override {
+    DeviceGuard guard(device_);
     const DriverApi& api = driver();
     const auto base = reinterpret_cast<CUdeviceptr>(addr);
     std::lock_guard<std::mutex> lock(mu_);
