@@ -119,6 +119,8 @@ def test_compress_never_waits_for_the_stream() -> None:
     residual = torch.randn(1_000_000, generator=gen)
     chosen, ref_values, ref_after = topk_reference(grad, residual, 1000)
     g, r = grad.cuda(), residual.cuda()
+    # Warm up on a copy: with lazy module loading the first launch of a kernel may synchronise.
+    ops.topk_compress(g, r.clone(), 1000)
     stream = torch.cuda.current_stream()
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the kernels
@@ -144,6 +146,22 @@ def test_decompress_accumulates_duplicates(out_dtype: torch.dtype, index_dtype: 
     expected = decompress_reference(values, indices, out, 0.5)
     got = ops.topk_decompress(values.cuda(), indices.cuda(), out.cuda(), scale=0.5)
     np.testing.assert_array_equal(got.cpu().double().numpy(), expected)
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("value_dtype", FLOAT_DTYPES)
+def test_decompress_rounds_each_update_once_like_the_cpu(out_dtype: torch.dtype, value_dtype: torch.dtype) -> None:
+    # Distinct indices (no order to depend on) and values whose scaled sums are not representable
+    # in 16 bits: a native half/bfloat16 atomicAdd would round scale*v and then the sum (two
+    # roundings); the documented rule, and the CPU twin, round the float32 sum once.
+    gen = torch.Generator().manual_seed(19)
+    n, m = 200_000, 50_000
+    out = torch.randn(n, generator=gen).to(out_dtype)
+    values = torch.randn(m, generator=gen).to(value_dtype)
+    indices = torch.randperm(n, generator=gen)[:m].to(torch.int32)
+    cpu = ops.topk_decompress(values, indices, out.clone(), scale=0.3)
+    gpu = ops.topk_decompress(values.cuda(), indices.cuda(), out.cuda(), scale=0.3)
+    assert torch.equal(gpu.cpu(), cpu)
 
 
 def test_decompress_rejects_an_out_of_range_index_and_leaves_out_unchanged() -> None:

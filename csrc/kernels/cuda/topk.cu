@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -277,30 +279,32 @@ __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* src,
   }
 }
 
-template <typename V, typename I>
-__global__ void scatter_add_f32(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                long long m, float* out, float scale) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], scale * V::load(values[i]));
-  }
+// out[idx] += scale * v with the documented rounding: the product in float32, then the sum in
+// float32 rounded once into out's dtype (as the CPU twin). A native float16/bfloat16 atomicAdd
+// would round scale * v to 16 bits first and the sum again: two roundings, results that differ
+// from the CPU's in the last bit. __fmul_rn/__fadd_rn keep nvcc from contracting into an FMA.
+__device__ __forceinline__ void add_rounded(float* out, float x) { atomicAdd(out, x); }
+
+template <typename O>
+__device__ __forceinline__ void add_rounded(unsigned short* out, float x) {
+  unsigned short seen = *out, expected;
+  do {
+    expected = seen;
+    seen = atomicCAS(out, expected, O::store(__fadd_rn(O::load(expected), x)));
+  } while (seen != expected);
 }
 
-template <typename V, typename I>
-__global__ void scatter_add_f16(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                long long m, __half* out, float scale) {
+template <typename V, typename I, typename O>
+__global__ void scatter_add(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
+                            long long m, typename O::Storage* out, float scale) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], __float2half_rn(scale * V::load(values[i])));
-  }
-}
-
-template <typename V, typename I>
-__global__ void scatter_add_bf16(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                 long long m, __nv_bfloat16* out, float scale) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], __float2bfloat16_rn(scale * V::load(values[i])));
+    const float x = __fmul_rn(scale, V::load(values[i]));
+    if constexpr (std::is_same_v<O, F32>) {
+      add_rounded(out + indices[i], x);
+    } else {
+      add_rounded<O>(out + indices[i], x);
+    }
   }
 }
 
@@ -430,10 +434,12 @@ void topk_decompress(const TensorView& values, const TensorView& indices, const 
       const auto* vp = values.as<const typename V::Storage>();
       const auto* ip = indices.as<const I>();
       switch (out.dtype) {
-        case DType::kFloat32: scatter_add_f32<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<float>(), s); break;
-        case DType::kFloat16: scatter_add_f16<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<__half>(), s); break;
+        case DType::kFloat32: scatter_add<V, I, F32><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<float>(), s); break;
+        case DType::kFloat16:
+          scatter_add<V, I, F16><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<unsigned short>(), s);
+          break;
         case DType::kBFloat16:
-          scatter_add_bf16<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<__nv_bfloat16>(), s);
+          scatter_add<V, I, BF16><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<unsigned short>(), s);
           break;
         default: AGRT_FAIL(RuntimeError, "topk_decompress: unexpected out dtype");
       }

@@ -47,7 +47,8 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
 /// computed in float32 and rounded into out's dtype (float32/float16/bfloat16).
 /// Every index must lie in [0, out.numel) (checked first: ValueError and out untouched).
 /// CPU: deterministic (per output element, updates apply in the order of `values`).
-/// CUDA: float atomics, so the summation order of duplicates is not fixed. Runs on out.stream;
+/// CUDA: atomics (float32 add; a compare-and-swap loop for float16/bfloat16 so that each update is
+/// rounded once, as on the CPU), so the summation order of duplicates is not fixed. Runs on out.stream;
 /// the index check reads one word back, so the host waits once for that stream's work up to the
 /// check (the scatter itself is queued without waiting). Hence not capturable in a CUDA graph.
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
