@@ -63,6 +63,8 @@ sys.exit(0 if ok else f'autoglm_rt cannot use CUDA here: {reason}')"; then
 fi
 
 log "pytest -m cuda"
+# One process: if a kernel faults, the first failing test is the one to read (the CUDA context
+# is lost for the tests after it). No pytest-xdist: unverified with this pytest-benchmark setup.
 timeout "$(cap_for 200)" "$PY" -m pytest -m cuda -q -ra --benchmark-disable -p no:cacheprovider \
   --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { failed=1; log "pytest -m cuda FAILED"; }
