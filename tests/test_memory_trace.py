@@ -218,12 +218,15 @@ def test_cupy_allocator_needs_cupy() -> None:
 @pytest.mark.cuda
 def test_torch_allocator_under_a_training_step() -> None:
     """In a fresh process (torch must not have initialised CUDA): install the pool, train a few
-    steps, and check that the pool, not torch, holds the memory."""
+    steps, and check that the pool, not torch, holds the memory; then an allocation over a lowered
+    limit raises an out-of-memory error in Python and leaves the CUDA context usable."""
     import subprocess
 
     code = (
-        "import torch, autoglm_rt.memory as m\n"
+        "import os, torch, autoglm_rt.memory as m\n"
+        "os.environ.pop('TORCH_NCCL_AVOID_RECORD_STREAMS', None)\n"
         "m.install_torch_allocator(limit='4Gi')\n"
+        "assert os.environ['TORCH_NCCL_AVOID_RECORD_STREAMS'] == '1'  # record_stream never reaches the pool\n"
         "net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)).cuda()\n"
         "opt = torch.optim.AdamW(net.parameters())\n"
         "for _ in range(5):\n"
@@ -231,6 +234,14 @@ def test_torch_allocator_under_a_training_step() -> None:
         "    opt.zero_grad(); loss.backward(); opt.step()\n"
         "torch.cuda.synchronize(); s = m.torch_pool(0).stats()\n"
         "assert s['allocated_bytes'] > 0 and s['num_cache_hits'] > 0, s\n"
+        "m.torch_pool(0).check()\n"
+        "from autoglm_rt.policy.batch import is_out_of_memory\n"
+        "m.set_torch_limit('64Mi')\n"
+        "try:\n"
+        "    torch.empty(2**30, device='cuda'); raise SystemExit('no error for 4 GiB under a 64 MiB limit')\n"
+        "except Exception as e:\n"
+        "    assert is_out_of_memory(e) and 'limit' in str(e), repr(e)\n"
+        "assert torch.ones(10, device='cuda').sum().item() == 10  # the CUDA context survived the OOM\n"
         "m.torch_pool(0).check(); print('ok', s['peak_reserved_bytes'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
