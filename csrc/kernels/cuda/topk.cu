@@ -234,10 +234,10 @@ __global__ void __launch_bounds__(kThreads) scan_tiles(const unsigned int* tile_
   }
 }
 
-template <typename G, typename V, typename I>
 // With error feedback `src` and `residual` are the same buffer (read, then cleared where taken),
 // so neither may be __restrict__: a restrict pointer that aliases a written one is undefined
 // behaviour and lets the compiler serve src through the read-only (non-coherent) cache.
+template <typename G, typename V, typename I>
 __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* src, typename G::Storage* residual,
                                                  long long n,
                                                  const State* s, const unsigned long long* above_off,
