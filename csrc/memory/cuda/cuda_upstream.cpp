@@ -68,12 +68,16 @@ const DriverApi& driver() {
   return api;
 }
 
-// Makes `device` current for the scope and restores the caller's device.
+// Makes `device` current for the scope and restores the caller's device. cudaSetDevice runs even
+// when cudaGetDevice already names `device`: in a thread that has not used CUDA yet,
+// cudaGetDevice answers 0 without any context being current, and the driver calls here (VMM)
+// do not initialise one the way runtime calls do; since CUDA 12, cudaSetDevice makes the
+// device's primary context current at once.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     cudaGetDevice(&prev_);
-    if (prev_ != device) cudaSetDevice(device);
+    cudaSetDevice(device);
   }
   ~DeviceGuard() {
     int now = prev_;
