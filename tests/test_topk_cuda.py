@@ -42,7 +42,7 @@ def check_on_cuda(
 @pytest.mark.parametrize("feedback", [False, True])
 def test_dtypes_with_and_without_error_feedback(dtype: torch.dtype, value_dtype: torch.dtype, feedback: bool) -> None:
     gen = torch.Generator().manual_seed(3)
-    n = 300_007  # 74 tiles of 4096 and a ragged last one
+    n = 300_007  # 73 full tiles of 4096 and a ragged last one
     grad = torch.randn(n, generator=gen).to(dtype)
     residual = (0.3 * torch.randn(n, generator=gen)).to(dtype) if feedback else None
     for k in (1, 97, n // 100, n // 3):
