@@ -58,6 +58,23 @@ def test_small_and_tile_boundary_sizes_with_every_k_extreme(n: int) -> None:
         check_on_cuda(grad, residual.clone(), k)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_views_at_odd_offsets(dtype: torch.dtype) -> None:
+    # Contiguous views that start 1..3 elements into their storage: no 16-byte alignment to rely on.
+    gen = torch.Generator().manual_seed(23)
+    big_grad = torch.randn(100_003, generator=gen).to(dtype)
+    big_res = torch.randn(100_003, generator=gen).to(dtype)
+    for off in (1, 2, 3):
+        grad, residual = big_grad[off:], big_res[off:].clone()
+        chosen, ref_values, ref_after = topk_reference(grad, residual, 1234)
+        g = big_grad.cuda()[off:]
+        r = big_res.cuda()[off:]
+        values, indices = ops.topk_compress(g, r, 1234)
+        np.testing.assert_array_equal(indices.cpu().numpy(), chosen)
+        assert torch.equal(values.cpu(), ref_values)
+        assert torch.equal(r.cpu(), ref_after)
+
+
 def test_all_equal_input_takes_a_bin_whole_or_the_lowest_indices() -> None:
     n = 100_000
     grad = torch.full((n,), 0.5)
