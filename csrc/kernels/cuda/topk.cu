@@ -173,18 +173,30 @@ __global__ void __launch_bounds__(kThreads) histogram(const typename G::Storage*
 }
 
 // Tiles are read as kItems consecutive entries per thread so block-wide scans give index order.
-// This thread's kItems entries from `base`: how many keys lie above the selected prefix and how
-// many tie with it. count_tiles and emit must count identically, so both call this.
+// This thread's kItems consecutive entries from `base` (the `count` of them below n), loaded once
+// into registers: emit counts and writes from the same values instead of reading its tile twice,
+// and count_tiles goes through the same two helpers, so both count identically.
 template <typename G>
-__device__ __forceinline__ void count_items(const typename G::Storage* __restrict__ src, long long n, long long base,
-                                            unsigned int prefix, unsigned int mask, unsigned int& above,
-                                            unsigned int& ties) {
+__device__ __forceinline__ int load_items(const typename G::Storage* src, long long n, long long base,
+                                          typename G::Storage (&raw)[kItems]) {
+  const long long left = n - base;
+  const int count = left <= 0 ? 0 : (left < kItems ? static_cast<int>(left) : kItems);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) raw[j] = j < count ? src[base + j] : typename G::Storage{};
+  return count;
+}
+
+// How many of those entries lie above the selected prefix and how many tie with it.
+template <typename G>
+__device__ __forceinline__ void count_items(const typename G::Storage (&raw)[kItems], int count, unsigned int prefix,
+                                            unsigned int mask, unsigned int& above, unsigned int& ties) {
+#pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const long long i = base + j;
-    if (i >= n) break;
-    const unsigned int km = magnitude_key(G::load(src[i])) & mask;
-    above += km > prefix;
-    ties += km == prefix;
+    if (j < count) {
+      const unsigned int km = magnitude_key(G::load(raw[j])) & mask;
+      above += km > prefix;
+      ties += km == prefix;
+    }
   }
 }
 
@@ -196,8 +208,10 @@ __global__ void __launch_bounds__(kThreads) count_tiles(const typename G::Storag
   __shared__ typename Reduce::TempStorage tmp_a, tmp_t;
   const unsigned int prefix = s->prefix, mask = s->mask;
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
+  typename G::Storage raw[kItems];
+  const int count = load_items<G>(src, n, base, raw);
   unsigned int above = 0, ties = 0;
-  count_items<G>(src, n, base, prefix, mask, above, ties);
+  count_items<G>(raw, count, prefix, mask, above, ties);
   const unsigned int a = Reduce(tmp_a).Sum(above);
   const unsigned int t = Reduce(tmp_t).Sum(ties);
   if (threadIdx.x == 0) {
@@ -236,7 +250,8 @@ __global__ void __launch_bounds__(kThreads) scan_tiles(const unsigned int* tile_
 
 // With error feedback `src` and `residual` are the same buffer (read, then cleared where taken),
 // so neither may be __restrict__: a restrict pointer that aliases a written one is undefined
-// behaviour and lets the compiler serve src through the read-only (non-coherent) cache.
+// behaviour and lets the compiler serve src through the read-only (non-coherent) cache. The tile
+// is read once, into registers, before any write.
 template <typename G, typename V, typename I>
 __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* src, typename G::Storage* residual,
                                                  long long n,
@@ -248,17 +263,20 @@ __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* src,
   const unsigned int prefix = s->prefix, mask = s->mask;
   const unsigned long long need = static_cast<unsigned long long>(s->need);
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
+  typename G::Storage raw[kItems];
+  const int count = load_items<G>(src, n, base, raw);
   unsigned int above = 0, ties = 0;
-  count_items<G>(src, n, base, prefix, mask, above, ties);
+  count_items<G>(raw, count, prefix, mask, above, ties);
   // Pack both counts (each <= kTile < 2^16) into one scan.
   unsigned int packed = (above << 16) | ties;
   Scan(tmp).ExclusiveSum(packed, packed);
   unsigned long long a_rank = above_off[blockIdx.x] + (packed >> 16);
   unsigned long long t_rank = ties_off[blockIdx.x] + (packed & 0xffffu);
+#pragma unroll
   for (int j = 0; j < kItems; ++j) {
+    if (j >= count) break;
     const long long i = base + j;
-    if (i >= n) break;
-    const float acc = G::load(src[i]);
+    const float acc = G::load(raw[j]);
     const unsigned int km = magnitude_key(acc) & mask;
     bool take = false;
     unsigned long long pos = 0;
