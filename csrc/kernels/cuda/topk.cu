@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kThreads) accumulate(const typename G::Storage
 // Finds the bin that holds the need-th largest key of this level. The block scans the histogram
 // from the top: thread t sums bins [bins - (t+1)*per, bins - t*per), an exclusive block scan gives
 // the count above its range, and the one thread whose range holds the crossing writes the state.
-// (A single thread walking up to 2048 bins costs ~1000 dependent L2 round trips, ~0.3 ms per level:
-// far more than a full pass over a 25M-element bucket at HBM bandwidth.)
+// (A single thread walking up to 2048 bins costs ~1000 dependent L2 round trips, 0.1-0.3 ms per
+// level: far more than a full pass over a 25 MiB bucket at HBM bandwidth.)
 __global__ void __launch_bounds__(kThreads) select_bin(State* s, const unsigned long long* hist, int level) {
   using Scan = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ typename Scan::TempStorage tmp;
@@ -173,9 +173,9 @@ __global__ void __launch_bounds__(kThreads) histogram(const typename G::Storage*
 }
 
 // Tiles are read as kItems consecutive entries per thread so block-wide scans give index order.
-// This thread's kItems consecutive entries from `base` (the `count` of them below n), loaded once
-// into registers: emit counts and writes from the same values instead of reading its tile twice,
-// and count_tiles goes through the same two helpers, so both count identically.
+// load_items: this thread's entries from `base` (returns how many lie below n), once, into
+// registers; emit counts and writes from the same values instead of reading its tile twice, and
+// count_tiles goes through the same two helpers, so both count identically.
 template <typename G>
 __device__ __forceinline__ int load_items(const typename G::Storage* src, long long n, long long base,
                                           typename G::Storage (&raw)[kItems]) {
