@@ -145,7 +145,17 @@ struct CachingPool::Impl {
     for (Segment* s : segments) {
       for (Block* b = s->first; b;) {
         Block* n = b->next;
-        if (b->event) up->event_wait(b->event), up->event_destroy(b->event);
+        if (b->event) {
+          // A destructor must not throw (that would terminate the process): a failed wait means
+          // the device is gone (e.g. the CUDA runtime already unloaded at exit), so nothing waits.
+          try {
+            up->event_wait(b->event);
+          } catch (const std::exception& e) {
+            std::fprintf(stderr, "autoglm_rt: CachingPool(%s): waiting for a stream event at destruction failed: %s\n",
+                         up->device().c_str(), e.what());
+          }
+          up->event_destroy(b->event);
+        }
         delete b;
         b = n;
       }

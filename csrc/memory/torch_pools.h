@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <memory>
+#include <new>
+#include <string>
 
 #include "autoglm_rt/memory/caching_pool.h"
 
@@ -17,5 +19,16 @@ void set_torch_pools_limit(std::size_t bytes);
 /// Names of the entry points, for CUDAPluggableAllocator(path, malloc_name, free_name).
 const char* torch_malloc_symbol();
 const char* torch_free_symbol();
+
+/// What agrt_torch_malloc throws when the pool is out of memory: a std::bad_alloc (so torch's
+/// error translation can raise MemoryError) whose what() is the pool's OutOfMemoryError message.
+class TorchOutOfMemory : public std::bad_alloc {
+ public:
+  explicit TorchOutOfMemory(std::string message);
+  const char* what() const noexcept override;
+
+ private:
+  std::string message_;
+};
 #endif
 }  // namespace agrt::memory

@@ -303,7 +303,14 @@ def install_torch_allocator(limit: int | str | None = None) -> None:
     before any CUDA tensor exists. Use :func:`torch_pool` for stats, limit and trim: torch's own
     ``memory_stats()``/``empty_cache()`` do not reach a pluggable allocator, and
     ``torch.backends.cudnn.benchmark`` fails on it (torch calls ``cacheInfo``), so this raises
-    ValueError when that is on."""
+    ValueError when that is on.
+
+    A pluggable allocator gets no ``record_stream`` calls (torch drops them), so a block is reused
+    in the order of the stream it was allocated on. For NCCL this sets
+    ``TORCH_NCCL_AVOID_RECORD_STREAMS=1`` unless the environment already sets it: the process group
+    then keeps collective tensors alive until their work completes instead of calling
+    ``record_stream``. Code of your own that uses a tensor on a second stream must keep it alive
+    until that stream's work is done."""
     global _installed
     limit_bytes = _limit_bytes(limit)
     import torch
@@ -326,6 +333,7 @@ def install_torch_allocator(limit: int | str | None = None) -> None:
             "install_torch_allocator: torch has already initialised CUDA (a CUDA tensor or call came "
             "first); torch can switch allocators only before that. Call it at the start of the program."
         )
+    os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     malloc_name, free_name = _C.torch_allocator_symbols()
     allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, malloc_name, free_name)
     torch.cuda.memory.change_current_allocator(allocator)

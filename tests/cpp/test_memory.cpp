@@ -12,8 +12,12 @@
 #include <vector>
 
 #include "agrt_test.h"
+#include "autoglm_rt/build_info.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/memory/caching_pool.h"
+#ifdef AGRT_WITH_CUDA
+#include "memory/torch_pools.h"
+#endif
 
 using namespace agrt;
 using namespace agrt::memory;
@@ -413,5 +417,57 @@ TEST(randomized_stress_four_threads_three_streams) {
     CHECK(up->outstanding() == 0);
   }
 }
+
+// An upstream whose event waits fail, as they do once the CUDA runtime has unloaded at exit.
+class FailingWaitUpstream : public LimitingUpstream {
+ public:
+  using LimitingUpstream::LimitingUpstream;
+  void event_wait(EventHandle) override { throw RuntimeError("event wait failed: the runtime is gone"); }
+};
+
+TEST(destruction_survives_failing_event_waits) {
+  auto up = std::make_shared<FailingWaitUpstream>(make_host_upstream(true, 64 * KiB), 1ull << 34, true);
+  {
+    CachingPool pool(up, small_arenas());
+    void* a = pool.allocate(64 * KiB, 1);
+    pool.deallocate(a, 1);
+    void* b = pool.allocate(64 * KiB, 2);  // records an event on a's block (not complete)
+    CHECK(b != a);
+    CHECK(up->live_events() >= 1);
+    pool.deallocate(b, 2);
+  }  // ~CachingPool waits for that event: the failure must not escape the destructor
+  CHECK(up->live_events() == 0);
+  CHECK(up->outstanding() == 0);
+}
+
+#ifdef AGRT_WITH_CUDA
+// The entry points torch.cuda.memory.CUDAPluggableAllocator calls. torch stores whatever malloc
+// returns without a check, so a real request must never come back as nullptr.
+extern "C" void* agrt_torch_malloc(std::size_t size, int device, void* stream);
+extern "C" void agrt_torch_free(void* ptr, std::size_t size, int device, void* stream);
+
+TEST(torch_entry_points_throw_instead_of_returning_null) {
+  CHECK(agrt_torch_malloc(0, 0, nullptr) == nullptr);  // size 0: no memory, as torch's allocators
+  agrt_torch_free(nullptr, 0, 0, nullptr);              // a no-op
+  if (build_info().cuda_device_count == 0) {
+    CHECK_THROWS(RuntimeError, agrt_torch_malloc(1024, 0, nullptr));  // no device: an error, not NULL
+    return;
+  }
+  void* p = agrt_torch_malloc(1024, 0, nullptr);
+  CHECK(p != nullptr);
+  set_torch_pools_limit(4 * MiB);
+  CHECK_THROWS(std::bad_alloc, agrt_torch_malloc(64 * MiB, 0, nullptr));  // over the limit
+  bool names_the_limit = false;
+  try {
+    agrt_torch_malloc(64 * MiB, 0, nullptr);
+  } catch (const TorchOutOfMemory& e) {
+    names_the_limit = std::string(e.what()).find("out of memory") != std::string::npos;
+  }
+  CHECK(names_the_limit);
+  set_torch_pools_limit(kNoLimit);
+  agrt_torch_free(p, 1024, 0, nullptr);
+  CHECK(torch_device_pool(0)->stats().allocated_bytes == 0);
+}
+#endif
 
 AGRT_TEST_MAIN()

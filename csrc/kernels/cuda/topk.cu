@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -112,24 +114,39 @@ __global__ void __launch_bounds__(kThreads) accumulate(const typename G::Storage
   }
 }
 
-// One thread walks the histogram from the top; cheap next to the full passes.
-__global__ void select_bin(State* s, const unsigned long long* hist, int level) {
-  if (threadIdx.x != 0 || s->done) return;
+// Finds the bin that holds the need-th largest key of this level. The block scans the histogram
+// from the top: thread t sums bins [bins - (t+1)*per, bins - t*per), an exclusive block scan gives
+// the count above its range, and the one thread whose range holds the crossing writes the state.
+// (A single thread walking up to 2048 bins costs ~1000 dependent L2 round trips, 0.1-0.3 ms per
+// level: far more than a full pass over a 25 MiB bucket at HBM bandwidth.)
+__global__ void __launch_bounds__(kThreads) select_bin(State* s, const unsigned long long* hist, int level) {
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  if (s->done) return;  // uniform: every thread reads it before anyone writes the state
   const int bins = 1 << digit_bits(level);
   const int shift = digit_shift(level);
-  long long above = 0;
-  for (int b = bins - 1; b >= 0; --b) {
-    const long long c = static_cast<long long>(hist[b]);
-    if (above + c >= s->need) {
-      s->need -= above;
+  const int per = bins / kThreads;  // 8 or 2
+  const unsigned long long need = static_cast<unsigned long long>(s->need);
+  const int hi = bins - static_cast<int>(threadIdx.x) * per;  // this thread's bins: [hi - per, hi)
+  unsigned long long mine = 0;
+  for (int b = hi - 1; b >= hi - per; --b) mine += hist[b];
+  unsigned long long above = 0;
+  Scan(tmp).ExclusiveSum(mine, above);  // all reads of *s happen before this barrier
+  if (above >= need || above + mine < need) return;
+  for (int b = hi - 1; b >= hi - per; --b) {
+    const unsigned long long c = hist[b];
+    if (above + c >= need) {
+      const unsigned long long rest = need - above;
+      s->need = static_cast<long long>(rest);
       s->prefix |= static_cast<unsigned int>(b) << shift;
       s->mask |= static_cast<unsigned int>(bins - 1) << shift;
-      if (s->need == c) s->done = 1;  // the whole bin is taken: no finer digit needed
+      if (rest == c) s->done = 1;  // the whole bin is taken: no finer digit needed
       return;
     }
     above += c;
   }
 }
+static_assert(kMaxBins % kThreads == 0 && (1 << 9) % kThreads == 0, "select_bin splits the bins evenly");
 
 template <typename G>
 __global__ void __launch_bounds__(kThreads) histogram(const typename G::Storage* __restrict__ src, long long n,
@@ -156,18 +173,30 @@ __global__ void __launch_bounds__(kThreads) histogram(const typename G::Storage*
 }
 
 // Tiles are read as kItems consecutive entries per thread so block-wide scans give index order.
-// This thread's kItems entries from `base`: how many keys lie above the selected prefix and how
-// many tie with it. count_tiles and emit must count identically, so both call this.
+// load_items: this thread's entries from `base` (returns how many lie below n), once, into
+// registers; emit counts and writes from the same values instead of reading its tile twice, and
+// count_tiles goes through the same two helpers, so both count identically.
 template <typename G>
-__device__ __forceinline__ void count_items(const typename G::Storage* __restrict__ src, long long n, long long base,
-                                            unsigned int prefix, unsigned int mask, unsigned int& above,
-                                            unsigned int& ties) {
+__device__ __forceinline__ int load_items(const typename G::Storage* src, long long n, long long base,
+                                          typename G::Storage (&raw)[kItems]) {
+  const long long left = n - base;
+  const int count = left <= 0 ? 0 : (left < kItems ? static_cast<int>(left) : kItems);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) raw[j] = j < count ? src[base + j] : typename G::Storage{};
+  return count;
+}
+
+// How many of those entries lie above the selected prefix and how many tie with it.
+template <typename G>
+__device__ __forceinline__ void count_items(const typename G::Storage (&raw)[kItems], int count, unsigned int prefix,
+                                            unsigned int mask, unsigned int& above, unsigned int& ties) {
+#pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const long long i = base + j;
-    if (i >= n) break;
-    const unsigned int km = magnitude_key(G::load(src[i])) & mask;
-    above += km > prefix;
-    ties += km == prefix;
+    if (j < count) {
+      const unsigned int km = magnitude_key(G::load(raw[j])) & mask;
+      above += km > prefix;
+      ties += km == prefix;
+    }
   }
 }
 
@@ -179,8 +208,10 @@ __global__ void __launch_bounds__(kThreads) count_tiles(const typename G::Storag
   __shared__ typename Reduce::TempStorage tmp_a, tmp_t;
   const unsigned int prefix = s->prefix, mask = s->mask;
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
+  typename G::Storage raw[kItems];
+  const int count = load_items<G>(src, n, base, raw);
   unsigned int above = 0, ties = 0;
-  count_items<G>(src, n, base, prefix, mask, above, ties);
+  count_items<G>(raw, count, prefix, mask, above, ties);
   const unsigned int a = Reduce(tmp_a).Sum(above);
   const unsigned int t = Reduce(tmp_t).Sum(ties);
   if (threadIdx.x == 0) {
@@ -217,9 +248,13 @@ __global__ void __launch_bounds__(kThreads) scan_tiles(const unsigned int* tile_
   }
 }
 
+// With error feedback `src` and `residual` are the same buffer (read, then cleared where taken),
+// so neither may be __restrict__: a restrict pointer that aliases a written one is undefined
+// behaviour and lets the compiler serve src through the read-only (non-coherent) cache. The tile
+// is read once, into registers, before any write.
 template <typename G, typename V, typename I>
-__global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* __restrict__ src,
-                                                 typename G::Storage* __restrict__ residual, long long n,
+__global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* src, typename G::Storage* residual,
+                                                 long long n,
                                                  const State* s, const unsigned long long* above_off,
                                                  const unsigned long long* ties_off,
                                                  typename V::Storage* __restrict__ values, I* __restrict__ indices) {
@@ -228,17 +263,20 @@ __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* __re
   const unsigned int prefix = s->prefix, mask = s->mask;
   const unsigned long long need = static_cast<unsigned long long>(s->need);
   const long long base = static_cast<long long>(blockIdx.x) * kTile + static_cast<long long>(threadIdx.x) * kItems;
+  typename G::Storage raw[kItems];
+  const int count = load_items<G>(src, n, base, raw);
   unsigned int above = 0, ties = 0;
-  count_items<G>(src, n, base, prefix, mask, above, ties);
+  count_items<G>(raw, count, prefix, mask, above, ties);
   // Pack both counts (each <= kTile < 2^16) into one scan.
   unsigned int packed = (above << 16) | ties;
   Scan(tmp).ExclusiveSum(packed, packed);
   unsigned long long a_rank = above_off[blockIdx.x] + (packed >> 16);
   unsigned long long t_rank = ties_off[blockIdx.x] + (packed & 0xffffu);
+#pragma unroll
   for (int j = 0; j < kItems; ++j) {
+    if (j >= count) break;
     const long long i = base + j;
-    if (i >= n) break;
-    const float acc = G::load(src[i]);
+    const float acc = G::load(raw[j]);
     const unsigned int km = magnitude_key(acc) & mask;
     bool take = false;
     unsigned long long pos = 0;
@@ -259,30 +297,32 @@ __global__ void __launch_bounds__(kThreads) emit(const typename G::Storage* __re
   }
 }
 
-template <typename V, typename I>
-__global__ void scatter_add_f32(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                long long m, float* out, float scale) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], scale * V::load(values[i]));
-  }
+// out[idx] += scale * v with the documented rounding: the product in float32, then the sum in
+// float32 rounded once into out's dtype (as the CPU twin). A native float16/bfloat16 atomicAdd
+// would round scale * v to 16 bits first and the sum again: two roundings, results that differ
+// from the CPU's in the last bit. __fmul_rn/__fadd_rn keep nvcc from contracting into an FMA.
+__device__ __forceinline__ void add_rounded(float* out, float x) { atomicAdd(out, x); }
+
+template <typename O>
+__device__ __forceinline__ void add_rounded(unsigned short* out, float x) {
+  unsigned short seen = *out, expected;
+  do {
+    expected = seen;
+    seen = atomicCAS(out, expected, O::store(__fadd_rn(O::load(expected), x)));
+  } while (seen != expected);
 }
 
-template <typename V, typename I>
-__global__ void scatter_add_f16(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                long long m, __half* out, float scale) {
+template <typename V, typename I, typename O>
+__global__ void scatter_add(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
+                            long long m, typename O::Storage* out, float scale) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], __float2half_rn(scale * V::load(values[i])));
-  }
-}
-
-template <typename V, typename I>
-__global__ void scatter_add_bf16(const typename V::Storage* __restrict__ values, const I* __restrict__ indices,
-                                 long long m, __nv_bfloat16* out, float scale) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < m;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    atomicAdd(out + indices[i], __float2bfloat16_rn(scale * V::load(values[i])));
+    const float x = __fmul_rn(scale, V::load(values[i]));
+    if constexpr (std::is_same_v<O, F32>) {
+      add_rounded(out + indices[i], x);
+    } else {
+      add_rounded<O>(out + indices[i], x);
+    }
   }
 }
 
@@ -366,10 +406,10 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
     GS* res = residual.numel > 0 ? residual.as<GS>() : nullptr;
     const GS* src = res != nullptr ? res : src_grad;
     accumulate<G><<<grid, kThreads, 0, stream>>>(src_grad, res, n, hist[0]);
-    select_bin<<<1, 32, 0, stream>>>(ws.state, hist[0], 0);
+    select_bin<<<1, kThreads, 0, stream>>>(ws.state, hist[0], 0);
     for (int level = 1; level < 3; ++level) {
       histogram<G><<<grid, kThreads, 0, stream>>>(src, n, ws.state, level, hist[level]);
-      select_bin<<<1, 32, 0, stream>>>(ws.state, hist[level], level);
+      select_bin<<<1, kThreads, 0, stream>>>(ws.state, hist[level], level);
     }
     count_tiles<G><<<grid, kThreads, 0, stream>>>(src, n, ws.state, ws.tile_above, ws.tile_ties);
     scan_tiles<<<1, kThreads, 0, stream>>>(ws.tile_above, ws.tile_ties, tiles, ws.above_off, ws.ties_off);
@@ -412,10 +452,12 @@ void topk_decompress(const TensorView& values, const TensorView& indices, const 
       const auto* vp = values.as<const typename V::Storage>();
       const auto* ip = indices.as<const I>();
       switch (out.dtype) {
-        case DType::kFloat32: scatter_add_f32<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<float>(), s); break;
-        case DType::kFloat16: scatter_add_f16<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<__half>(), s); break;
+        case DType::kFloat32: scatter_add<V, I, F32><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<float>(), s); break;
+        case DType::kFloat16:
+          scatter_add<V, I, F16><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<unsigned short>(), s);
+          break;
         case DType::kBFloat16:
-          scatter_add_bf16<V, I><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<__nv_bfloat16>(), s);
+          scatter_add<V, I, BF16><<<grid, kThreads, 0, stream>>>(vp, ip, m, out.as<unsigned short>(), s);
           break;
         default: AGRT_FAIL(RuntimeError, "topk_decompress: unexpected out dtype");
       }

@@ -68,12 +68,16 @@ const DriverApi& driver() {
   return api;
 }
 
-// Makes `device` current for the scope and restores the caller's device.
+// Makes `device` current for the scope and restores the caller's device. cudaSetDevice runs even
+// when cudaGetDevice already names `device`: in a thread that has not used CUDA yet,
+// cudaGetDevice answers 0 without any context being current, and the driver calls here (VMM)
+// do not initialise one the way runtime calls do; since CUDA 12, cudaSetDevice makes the
+// device's primary context current at once.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     cudaGetDevice(&prev_);
-    if (prev_ != device) cudaSetDevice(device);
+    cudaSetDevice(device);
   }
   ~DeviceGuard() {
     int now = prev_;
@@ -132,17 +136,23 @@ class CudaUpstream final : public Upstream {
   bool supports_expansion() const override { return vmm_; }
   std::size_t granularity() const override { return vmm_ ? granularity_ : 0; }
 
+  // The driver calls below run with this upstream's device current (its primary context), as
+  // torch's expandable segments and RMM do: the caller's thread may have another device current,
+  // or none at all (a fresh thread), and the pool is used from any thread.
   void* reserve(std::size_t bytes) override {
+    DeviceGuard guard(device_);
     CUdeviceptr p = 0;
     if (driver().address_reserve(&p, bytes, granularity_, 0, 0) != CUDA_SUCCESS) return nullptr;
     return reinterpret_cast<void*>(p);
   }
   void release(void* base, std::size_t bytes) noexcept override {
+    DeviceGuard guard(device_);
     driver().address_free(reinterpret_cast<CUdeviceptr>(base), bytes);
   }
 
   // One physical handle per granule, so any granule-aligned tail can be unmapped later.
   bool map(void* addr, std::size_t bytes) override {
+    DeviceGuard guard(device_);
     const DriverApi& api = driver();
     const auto base = reinterpret_cast<CUdeviceptr>(addr);
     std::size_t done = 0;
@@ -175,7 +185,10 @@ class CudaUpstream final : public Upstream {
     }
     return true;
   }
+  // The caller (CachingPool) has waited for the block's stream first: unlike cudaFree, cuMemUnmap
+  // and cuMemRelease do not synchronise with work that may still use the memory.
   void unmap(void* addr, std::size_t bytes) noexcept override {
+    DeviceGuard guard(device_);
     const DriverApi& api = driver();
     const auto base = reinterpret_cast<CUdeviceptr>(addr);
     std::lock_guard<std::mutex> lock(mu_);

@@ -1,13 +1,27 @@
 // The extern "C" entry points torch.cuda.memory.CUDAPluggableAllocator loads from the _C module:
 //   void* agrt_torch_malloc(size_t size, int device, cudaStream_t stream);
 //   void  agrt_torch_free(void* ptr, size_t size, int device, cudaStream_t stream);
+// (torch's MallocFuncType / FreeFuncType; torch documents ssize_t, the same ABI.)
 // Exported with default visibility although pybind11 builds the module with hidden visibility.
-// Exceptions never cross the C boundary: an out-of-memory returns nullptr (torch then raises)
-// after printing the pool's message, which names the limit and the pool's state.
+//
+// Failure: torch does not check the pointer malloc returns (CUDAPluggableAllocator::malloc stores
+// it and wraps it in a DataPtr), so a nullptr for size > 0 becomes a tensor at address 0 and the
+// first kernel on it faults, which kills the CUDA context of the whole process. So malloc never
+// returns nullptr for size > 0: it throws, as RMM's torch allocator does. An out-of-memory throws
+// a std::bad_alloc whose what() carries the pool's message ("... out of memory ..." with limit and
+// state): torch's error translation turns it into a Python MemoryError (pybind11's mapping) or a
+// RuntimeError with that text, both recognised by autoglm_rt.policy.batch.is_out_of_memory.
+// free never throws (torch calls it from deleters); a failure is printed and the block leaks.
+//
+// The pools are deliberately leaked: torch may free tensors during interpreter teardown, after
+// static destructors would have run, and destroying a pool after the CUDA runtime unloaded would
+// call into a dead runtime. The driver reclaims everything at process exit.
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
 #include <mutex>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "autoglm_rt/error.h"
@@ -17,9 +31,13 @@
 namespace agrt::memory {
 namespace {
 std::mutex g_mu;
-std::vector<std::shared_ptr<CachingPool>> g_pools;
+// Leaked on purpose (see the top of the file): never destroyed, so valid until the process ends.
+std::vector<std::shared_ptr<CachingPool>>& g_pools = *new std::vector<std::shared_ptr<CachingPool>>();
 std::size_t g_limit = kNoLimit;
 }  // namespace
+
+TorchOutOfMemory::TorchOutOfMemory(std::string message) : message_(std::move(message)) {}
+const char* TorchOutOfMemory::what() const noexcept { return message_.c_str(); }
 
 std::shared_ptr<CachingPool> torch_device_pool(int device) {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -53,13 +71,13 @@ const char* torch_free_symbol() { return "agrt_torch_free"; }
 
 extern "C" __attribute__((visibility("default"))) void* agrt_torch_malloc(std::size_t size, int device,
                                                                          cudaStream_t stream) {
-  if (size == 0) return nullptr;
+  if (size == 0) return nullptr;  // torch's own allocators give size-0 tensors no memory either
   try {
     return agrt::memory::torch_device_pool(device)->allocate(size, reinterpret_cast<std::uintptr_t>(stream));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "autoglm_rt: torch allocation of %zu bytes on cuda:%d failed: %s\n", size, device, e.what());
-    return nullptr;
+  } catch (const agrt::memory::OutOfMemoryError& e) {
+    throw agrt::memory::TorchOutOfMemory(e.what());
   }
+  // Any other exception (no usable device, a driver error) propagates as it is: never nullptr.
 }
 
 extern "C" __attribute__((visibility("default"))) void agrt_torch_free(void* ptr, std::size_t size, int device,

@@ -197,6 +197,10 @@ def _cuda_stream(torch: Any, dev: Any, stream: Any) -> Any:
     if stream is None:
         return torch.cuda.current_stream(dev)
     if isinstance(stream, torch.cuda.Stream):
+        # A stream of another device would make the launches fail with an opaque
+        # "invalid resource handle" after the inputs were borrowed.
+        if stream.device != dev:
+            raise ValueError(f"stream: expected a stream of {dev} like the tensors, got one of {stream.device}")
         return stream
     if isinstance(stream, int):
         return torch.cuda.ExternalStream(stream, device=dev)

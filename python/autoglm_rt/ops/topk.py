@@ -84,7 +84,9 @@ def topk_decompress(
     """Adds ``scale * values`` into the flattened ``out`` at ``indices`` (duplicates accumulate) and
     returns ``out``. Each update is computed in float32 and rounded into out's dtype. Every index
     must lie in ``[0, out.numel())``: otherwise ValueError and ``out`` is unchanged. On the CPU the
-    result is deterministic (per element, updates apply in the order of ``values``)."""
+    result is deterministic (per element, updates apply in the order of ``values``). On CUDA the work
+    runs on the current stream and the index check waits once for that stream (so it cannot be
+    captured in a CUDA graph); duplicates are summed by float atomics in no fixed order."""
     values = _require_tensor("values", values)
     indices = _require_tensor("indices", indices)
     out = _require_tensor("out", out)

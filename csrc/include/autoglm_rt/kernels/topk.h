@@ -38,7 +38,7 @@ constexpr DType topk_index_dtype(std::int64_t numel) noexcept {
 /// over the few between the bounds. If the bounds missed (rare; heavy ties) or the tensor is small,
 /// an exact two-pass radix select over acc follows (the worst case reads acc twice more).
 /// CUDA: accumulate pass, up to two histogram passes (skipped once a bin is taken whole), a count
-/// pass and an emit pass (compiled, not yet run on a GPU).
+/// pass and an emit pass (compiled and desk-checked, not yet run on a GPU).
 /// CUDA: runs on grad.stream, never synchronises the host (scratch from cudaMallocAsync).
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
                    const TensorView& values, const TensorView& indices);
@@ -47,7 +47,10 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
 /// computed in float32 and rounded into out's dtype (float32/float16/bfloat16).
 /// Every index must lie in [0, out.numel) (checked first: ValueError and out untouched).
 /// CPU: deterministic (per output element, updates apply in the order of `values`).
-/// CUDA: float atomics, so the summation order of duplicates is not fixed.
+/// CUDA: atomics (float32 add; a compare-and-swap loop for float16/bfloat16 so that each update is
+/// rounded once, as on the CPU), so the summation order of duplicates is not fixed. Runs on out.stream;
+/// the index check reads one word back, so the host waits once for that stream's work up to the
+/// check (the scatter itself is queued without waiting). Hence not capturable in a CUDA graph.
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
                      double scale);
 
