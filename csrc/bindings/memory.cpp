@@ -98,14 +98,16 @@ struct ThreadCpuClock {
   }
 };
 
-// Timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"), the host
+// Timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"; "pool-2mi"
+// with the 2 MiB growth granule of CUDA VMM), the host
 // upstream's segments directly ("upstream": posix_memalign/free) or its arena mapping
 // ("upstream-map": mprotect/remap of whole granules). Returns ns per pair.
 template <typename clock>
 double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& target) {
   AGRT_EXPECTS(nbytes > 0 && iters > 0, agrt::ValueError, "loop_ns: nbytes and iters must be > 0");
-  if (target == "pool") {
-    CachingPool pool(make_host_upstream(), PoolOptions{});
+  if (target == "pool" || target == "pool-2mi") {
+    // "pool-2mi": arenas growing in 2 MiB granules, as over CUDA VMM (small blocks in chunks).
+    CachingPool pool(make_host_upstream(true, target == "pool" ? 64 * 1024 : 2 * 1024 * 1024), PoolOptions{});
     pool.deallocate(pool.allocate(nbytes, 0), 0);
     const auto t0 = clock::now();
     for (std::size_t i = 0; i < iters; ++i) pool.deallocate(pool.allocate(nbytes, 0), 0);
@@ -138,7 +140,7 @@ double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& ta
     up->release(base, n);
     return ns;
   }
-  throw agrt::ValueError("loop_ns: target must be 'pool', 'upstream' or 'upstream-map', got '" + target + "'");
+  throw agrt::ValueError("loop_ns: target must be 'pool', 'pool-2mi', 'upstream' or 'upstream-map', got '" + target + "'");
 }
 
 double loop_ns(std::size_t nbytes, std::size_t iters, const std::string& target, bool cpu_time) {

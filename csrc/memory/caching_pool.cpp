@@ -34,6 +34,7 @@ struct Block {
   EventHandle event = nullptr;  // recorded lazily on `stream` when another stream wants the block
   std::uint64_t trace_id = 0;
   bool allocated = false;
+  Segment* chunk = nullptr;  // set on a large-arena block that carries a small-class chunk
 };
 
 struct BySizeAddr {
@@ -49,6 +50,7 @@ struct Segment {
   std::size_t capacity = 0;  // reserved address space (== mapped when not expandable)
   bool expandable = false;
   int cls = 0;  // 0 small, 1 large
+  Block* carrier = nullptr;  // a small-class chunk: the large-arena block it lives in (no upstream memory)
   Block* first = nullptr;
   Block* last = nullptr;
 };
@@ -133,6 +135,12 @@ struct CachingPool::Impl {
   std::pmr::unsynchronized_pool_resource node_pool;
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
+  // With arenas whose granularity is large next to the small class (CUDA VMM's 2 MiB against
+  // 256 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
+  // in chunks of `chunk_bytes` carved from the large arena instead (0: a small arena of its own).
+  // The newest chunk is the small class's growable segment: its free tail is the small class's
+  // wilderness, as an arena's is (alloc/free pairs at the top stay off the free lists).
+  std::size_t chunk_bytes = 0;
   std::vector<StreamLists*> lists;  // few streams: a short vector beats a map
   PtrTable live;
   PoolStats st;
@@ -143,6 +151,7 @@ struct CachingPool::Impl {
 
   ~Impl() {
     for (Segment* s : segments) {
+      if (s->carrier) continue;  // its blocks go below, its memory with the arena that carries it
       for (Block* b = s->first; b;) {
         Block* n = b->next;
         if (b->event) up->event_wait(b->event), up->event_destroy(b->event);
@@ -150,8 +159,17 @@ struct CachingPool::Impl {
         b = n;
       }
       give_segment_back(s);
-      delete s;
     }
+    for (Segment* s : segments) {
+      if (!s->carrier) continue;
+      for (Block* b = s->first; b;) {
+        Block* n = b->next;
+        if (b->event) up->event_wait(b->event), up->event_destroy(b->event);
+        delete b;
+        b = n;
+      }
+    }
+    for (Segment* s : segments) delete s;
     for (Block* b : spare_blocks) delete b;
     for (StreamLists* l : lists) delete l;
   }
@@ -186,7 +204,7 @@ struct CachingPool::Impl {
   // holes are filled first and the tail is used, and extended, only when no hole fits. This
   // keeps the arena's top low (measured: 1.16 -> 1.04 peak reserved / requested on the trace).
   bool is_wilderness(const Block* b) const {
-    return b->seg->expandable && b->seg == growable[b->seg->cls] && b == b->seg->last;
+    return (b->seg->expandable || b->seg->carrier) && b->seg == growable[b->seg->cls] && b == b->seg->last;
   }
   void park(Block* b) {
     if (!is_wilderness(b)) set_of(b).insert(b);
@@ -245,6 +263,67 @@ struct CachingPool::Impl {
       b = p;
     }
     park(b);
+    if (b->seg->carrier && b == b->seg->first && b == b->seg->last) chunk_emptied(b->seg);
+  }
+
+  // ---- small-class chunks carved from the large arena ---------------------------------------
+  // The newest chunk stays (its free tail serves the next requests); an older one that empties
+  // goes back to the large arena at once, so small blocks never pin more than they use.
+  void chunk_emptied(Segment* s) {
+    if (s != growable[0]) release_chunk(s);
+  }
+  bool chunk_is_empty(const Segment* s) const { return s->first == s->last && !s->first->allocated; }
+
+  Block* grow_chunk(std::size_t r, std::uintptr_t stream) {
+    if (Segment* g = growable[0]) {
+      Block* t = g->last;
+      if (!t->allocated && t->size >= r && (t->stream == stream || reusable_elsewhere(t))) {
+        drop_event(t);
+        t->stream = stream;
+        return t;
+      }
+      // Empty but busy on another stream: back to the large arena (its event goes along).
+      if (chunk_is_empty(g)) release_chunk(g);
+    }
+    Block* c = take_free(chunk_bytes, 1, stream);
+    if (!c) c = grow_arena(chunk_bytes, 1, stream);
+    if (!c) return nullptr;
+    c->allocated = true;  // before split, so the remainder does not merge back into it
+    split(c, chunk_bytes);
+    drop_event(c);
+    auto* s = new Segment();
+    s->base = c->addr;
+    s->mapped = s->capacity = chunk_bytes;
+    s->cls = 0;
+    s->carrier = c;
+    c->chunk = s;
+    segments.push_back(s);
+    Block* b = new_block();
+    b->addr = s->base;
+    b->size = chunk_bytes;
+    b->seg = s;
+    b->stream = stream;
+    s->first = s->last = b;
+    set_growable(0, s);  // the previous chunk's free tail joins the free lists
+    return b;
+  }
+
+  // An entirely free chunk goes back to the large arena as a free block (no upstream call); the
+  // block keeps the stream, and pending event, of the chunk's last use.
+  void release_chunk(Segment* s) {
+    Block* f = s->first;
+    set_of(f).erase(f);
+    Block* c = s->carrier;
+    c->stream = f->stream;
+    c->event = f->event;
+    f->event = nullptr;
+    recycle(f);
+    if (growable[0] == s) growable[0] = nullptr;
+    segments.erase(std::find(segments.begin(), segments.end(), s));
+    delete s;
+    c->chunk = nullptr;
+    c->allocated = false;
+    insert_free(c);
   }
 
   // ---- allocation ---------------------------------------------------------------------------
@@ -303,6 +382,12 @@ struct CachingPool::Impl {
   }
 
   Block* grow(std::size_t r, int cls, std::uintptr_t stream) {
+    if (expand && cls == 0 && chunk_bytes) return grow_chunk(r, stream);
+    if (expand && growable[0] && growable[0]->carrier && chunk_is_empty(growable[0])) {
+      // An empty newest chunk is a cache for small alloc/free pairs, never a reason to grow.
+      release_chunk(growable[0]);
+      if (Block* b = take_free(r, cls, stream)) return b;
+    }
     if (expand) return grow_arena(r, cls, stream);
     return grow_segment(r, cls, stream);
   }
@@ -451,10 +536,24 @@ struct CachingPool::Impl {
   // touching `keep`'s tail. Returns the bytes released.
   std::size_t release_cached(std::size_t target, Segment* keep) {
     std::size_t released = 0;
+    if (chunk_bytes && st.reserved_bytes > target) {
+      // Free chunks first: their memory returns with the arena's tail below. Never into `keep`,
+      // whose tail the caller holds.
+      std::vector<Segment*> chunks;
+      for (Segment* s : segments)
+        if (s->carrier && s->carrier->seg != keep) chunks.push_back(s);
+      for (Segment* s : chunks) {
+        consolidate(s);
+        if (chunk_is_empty(s)) {
+          wait_idle(s->first);
+          release_chunk(s);
+        }
+      }
+    }
     std::vector<Segment*> snapshot = segments;
     for (Segment* s : snapshot) {
       if (st.reserved_bytes <= target) break;
-      if (s == keep) continue;
+      if (s == keep || s->carrier) continue;
       consolidate(s);
       Block* t = s->last;
       if (!t || t->allocated) continue;
@@ -514,7 +613,10 @@ struct CachingPool::Impl {
     for (Segment* s : segments) {
       if (a < s->base || a >= s->base + s->mapped) continue;
       for (Block* b = s->first; b; b = b->next)
-        if (a >= b->addr && a < b->addr + b->size) return b;
+        if (a >= b->addr && a < b->addr + b->size) {
+          if (b->chunk) break;  // a chunk's carrier: the chunk's own segment has the answer
+          return b;
+        }
     }
     return nullptr;
   }
@@ -546,6 +648,11 @@ CachingPool::CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options
     AGRT_EXPECTS(options.arena_reserve >= m.gran, ValueError, "CachingPool: arena_reserve must be >= the granularity (",
                  m.gran, "), got ", options.arena_reserve);
     m.opt.arena_reserve = round_up(options.arena_reserve, m.gran);
+    // Chunks of 4 small_size (1 MiB by default) pay only where the granule is larger. Measured on
+    // the traces in benches/ with 2 MiB granules (benches/RESULTS.md): 4x keeps upstream calls
+    // after the first pass at 0 everywhere; 2x needed one more in transformer_train's second pass.
+    const std::size_t chunk = round_up(4 * m.opt.small_size, m.opt.round_bytes);
+    if (m.gran > chunk) m.chunk_bytes = chunk;
   }
   m.st.limit_bytes = options.limit;
 }
@@ -674,11 +781,19 @@ void CachingPool::check() const {
   std::lock_guard<std::mutex> lock(m.mu);
   auto fail = [](const std::string& what) { throw RuntimeError("CachingPool.check: " + what); };
   std::size_t reserved = 0, allocated = 0, requested = 0, live = 0, free_blocks = 0;
+  std::size_t chunks = 0, carriers = 0;
   for (const Segment* s : m.segments) {
+    if (s->carrier) {
+      ++chunks;
+      const Block* c = s->carrier;
+      if (c->chunk != s || !c->allocated || c->addr != s->base || c->size != s->mapped || s->cls != 0 ||
+          s->expandable || c->seg->cls != 1)
+        fail("a small-class chunk and its carrier block disagree");
+    }
     if (s->mapped > s->capacity) fail("segment mapped beyond its reservation");
     if (s->expandable && s->mapped % m.gran) fail("arena mapped size not a multiple of the granularity");
     if (!s->expandable && s->mapped == 0) fail("empty plain segment");
-    reserved += s->mapped;
+    if (!s->carrier) reserved += s->mapped;
     std::uintptr_t at = s->base;
     const Block* prev = nullptr;
     for (const Block* b = s->first; b; prev = b, b = b->next) {
@@ -688,7 +803,10 @@ void CachingPool::check() const {
       if (b->size == 0 || b->size % m.opt.round_bytes) fail("block size not a positive multiple of round_bytes");
       if (b->addr % m.opt.round_bytes) fail("misaligned block");
       at += b->size;
-      if (b->allocated) {
+      if (b->allocated && b->chunk) {
+        ++carriers;
+        if (b->chunk->carrier != b) fail("a carrier block points to a chunk that is not its own");
+      } else if (b->allocated) {
         ++live;
         allocated += b->size;
         requested += b->requested;
@@ -719,6 +837,9 @@ void CachingPool::check() const {
         if (b->allocated || b->stream != l->stream || b->seg->cls != c) fail("free list holds a wrong block");
       }
   if (listed != free_blocks) fail("free lists hold blocks that are not in any segment");
+  if (chunks != carriers) fail("a carrier block's chunk is not among the segments");
+  for (const Segment* s : m.segments)
+    if (s->carrier && s != m.growable[0] && m.chunk_is_empty(s)) fail("an empty chunk other than the newest is kept");
   if (live != m.live.size()) fail("pointer table size differs from live blocks");
   if (reserved != m.st.reserved_bytes) fail("reserved_bytes differs from the segments' sum");
   if (allocated != m.st.allocated_bytes) fail("allocated_bytes differs from the live blocks' sum");
