@@ -12,7 +12,10 @@ growth granule is at most 4 x small_size, e.g. the default 64 KiB host arenas): 
 256 B, a small class (<= 256 KiB) and a large class each growing one arena in `granularity` steps,
 free blocks ordered by (size, address), the arena's free tail kept out of the free lists and
 extended only when no hole fits, split on allocation, merge on free. `--compare` prints the native
-replay (autoglm_rt.memory.replay) beside it; with the model's policy they agree to the byte.
+replay (autoglm_rt.memory.replay) beside it: with the default policy they agree to the byte
+(tests/test_memory_footprint.py). With granules above 4 x small_size (`--granularity 2Mi`) the
+native pool puts small blocks into chunks carved from the large arena instead, so there the model
+shows the separate-arena layout that the chunks replace.
 
 Placement variants (`--policy`), evaluated for benches/RESULTS.md:
   best       best fit by (size, address): what the pool does
@@ -288,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             from autoglm_rt import memory
 
             native = memory.replay(path, repeat=args.repeat, granularity=gran)
+            reserved = native["peak_reserved_bytes"] / MiB
             print(
-                f"  native replay: {native['reserved_to_requested']:.4f} ({native['peak_reserved_bytes'] / MiB:.3f} MiB "
-                f"reserved), upstream allocs after the first pass {native['upstream_allocs_after_first_pass']}"
+                f"  native replay: {native['reserved_to_requested']:.4f} ({reserved:.3f} MiB reserved), "
+                f"upstream allocs after the first pass {native['upstream_allocs_after_first_pass']}"
             )
         if args.bound:
             small = m.arenas[0].mapped

@@ -246,9 +246,10 @@ def test_streams_are_separate_free_lists_on_the_host() -> None:
     pool.check()
 
 
-def test_random_operations_against_a_reference_model() -> None:
+@pytest.mark.parametrize("granularity", ["64Ki", "2Mi"])  # 2 MiB: small blocks in chunks (CUDA VMM's layout)
+def test_random_operations_against_a_reference_model(granularity: str) -> None:
     rng = random.Random(7)
-    pool = CachingPool(limit="32Mi")
+    pool = CachingPool(limit="32Mi", granularity=granularity)
     live: dict[int, tuple[int, int]] = {}
     requested = peak = 0
     for step in range(3000):

@@ -1,0 +1,95 @@
+"""The pool's footprint on the recorded traces: the Python layout model of benches/pool_layout.py
+against the native replay, the chunked small class with 2 MiB granules against the separate small
+arena it replaces, and the placement search that bounds what any hole-first policy can reach."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoglm_rt import memory
+
+MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = sorted((ROOT / "benches" / "traces").glob("*.csv")) + sorted((ROOT.parent / "shared" / "traces").glob("*.csv"))
+MLP = ROOT / "benches" / "traces" / "mlp_train.csv"
+
+
+def load_layout():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("pool_layout", ROOT / "benches" / "pool_layout.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pool_layout"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+layout = load_layout()
+
+
+def test_the_traces_are_there() -> None:
+    assert {p.name for p in TRACES} >= {"mlp_train.csv", "lstm_train.csv", "transformer_train.csv"}
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_layout_model_reproduces_the_native_replay(path: Path) -> None:
+    model = layout.Model(64 * 1024).replay(layout.read_trace(path), 3)
+    native = memory.replay(path, repeat=3)
+    assert model.peak_requested == native["peak_requested_bytes"]
+    assert model.peak_reserved == native["peak_reserved_bytes"]
+    assert model.upstream_allocs == native["upstream_allocs"]
+    assert model.after_first == native["upstream_allocs_after_first_pass"] == 0
+
+
+def test_two_mib_granules_put_small_chunks_into_the_large_arena() -> None:
+    saved = 0
+    for path in TRACES:
+        separate = layout.Model(2 * MiB).replay(layout.read_trace(path), 3)  # one arena per class
+        native = memory.replay(path, repeat=3, granularity="2Mi")
+        assert native["peak_requested_bytes"] == separate.peak_requested
+        assert native["peak_reserved_bytes"] <= separate.peak_reserved, path.name
+        assert native["upstream_allocs_after_first_pass"] == 0, path.name
+        saved += separate.peak_reserved - native["peak_reserved_bytes"]
+    assert saved >= 2 * MiB  # at least the small arena's granule on two traces
+
+
+def hand_trace() -> list[tuple[bool, int, int]]:
+    # A B C (1 MiB each), free A, D (1 MiB), free B, E (2 MiB). Filling A's hole with D leaves
+    # B's 1 MiB hole too small for E: 5 MiB. D at the end (4 MiB) lets E take A's and B's: 4 MiB.
+    return [
+        (True, 0, MiB),
+        (True, 1, MiB),
+        (True, 2, MiB),
+        (False, 0, MiB),
+        (True, 3, MiB),
+        (False, 1, MiB),
+        (True, 4, 2 * MiB),
+    ]
+
+
+def test_placement_search_on_a_trace_worked_by_hand(tmp_path: Path) -> None:
+    trace = hand_trace()
+    assert layout.best_placement(trace, 64 * 1024, hole_first=True) == (5 * MiB, [], True)
+    peak, notes, complete = layout.best_placement(trace, 64 * 1024, hole_first=False)
+    assert complete and peak == 4 * MiB
+    assert len(notes) == 1 and notes[0].startswith("id 3 ")
+    rows = [("alloc" if a else "free", i, n, 0) for a, i, n in trace]
+    native = memory.replay(memory.write_trace(rows, tmp_path / "hand.csv"), repeat=1)
+    assert native["peak_reserved_bytes"] == 5 * MiB  # the pool is hole first
+    assert native["peak_requested_bytes"] == 4 * MiB
+
+
+def test_mlp_trace_is_at_the_hole_first_bound() -> None:
+    trace = layout.read_trace(MLP)
+    model = layout.Model(64 * 1024).replay(trace, 3)
+    hole_first, _, complete = layout.best_placement(trace, 64 * 1024, hole_first=True)
+    assert complete
+    assert hole_first == model.arenas[1].peak  # no hole-first placement does better than the pool
+    assert (hole_first + model.arenas[0].peak) / model.peak_requested > 1.10
+    offline, notes, complete = layout.best_placement(trace, 64 * 1024, hole_first=False)
+    assert complete and offline < hole_first
+    assert (offline + model.arenas[0].peak) / model.peak_requested < 1.10
+    assert notes  # only by declining a hole that fits
