@@ -242,7 +242,7 @@ AGRT_BINDINGS(memory) {
 
   m.def("memory_loop_ns", &loop_ns, py::arg("nbytes"), py::arg("iters"), py::arg("target"),
         py::arg("cpu_time") = false, py::call_guard<py::gil_scoped_release>(),
-        "ns per alloc+free pair in a C++ loop: 'pool', 'upstream' (posix_memalign/free) or 'upstream-map'; "
+        "ns per alloc+free pair in a C++ loop: 'pool', 'pool-2mi' (2 MiB growth granules), 'upstream' (posix_memalign/free) or 'upstream-map'; "
         "cpu_time: the thread's CPU time instead of wall time.");
 
 #ifdef AGRT_WITH_CUDA
