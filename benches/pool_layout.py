@@ -17,7 +17,8 @@ replay (autoglm_rt.memory.replay) beside it: with the default policy they agree 
 native pool puts small blocks into chunks carved from the large arena instead, so there the model
 shows the separate-arena layout that the chunks replace.
 
-Placement variants (`--policy`), evaluated for benches/RESULTS.md:
+Placement variants (`--policy`; `--classes 4Mi` segregates a third class into its own arena),
+evaluated for benches/RESULTS.md:
   best       best fit by (size, address): what the pool does
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole
@@ -94,19 +95,23 @@ class Arena:
 class Model:
     """The pool's arena policy (separate small arena), replayed in Python."""
 
-    def __init__(self, granularity: int, policy: str = "best", high_from: int = MiB) -> None:
+    def __init__(
+        self, granularity: int, policy: str = "best", high_from: int = MiB, bounds: tuple[int, ...] = ()
+    ) -> None:
+        """`bounds`: more class boundaries above the small class's (each class its own arena)."""
         if policy not in ("best", "lowaddr", "highlarge"):
             raise ValueError(f"policy: expected best, lowaddr or highlarge, got {policy!r}")
         self.gran = granularity
         self.policy = policy
         self.high_from = high_from
-        self.arenas = [Arena(0), Arena(1)]
+        self.bounds = (SMALL, *sorted(bounds))
+        self.arenas = [Arena(c) for c in range(len(self.bounds) + 1)]
         self.reserved = self.requested = 0
         self.peak_reserved = self.peak_requested = 0
         self.upstream_allocs = 0
         self.after_first = 0
         self.where: dict[int, tuple[int, int, int]] = {}  # id -> (class, address, requested)
-        self.snapshots = ["", ""]  # per class: the layout when its arena last grew (its peak)
+        self.snapshots = ["" for _ in self.arenas]  # per class: the layout when its arena last grew
 
     def choose(self, ar: Arena, r: int) -> tuple[int, int] | None:
         """The hole (address, size) for r bytes, or None to use and extend the free tail."""
@@ -119,7 +124,7 @@ class Model:
 
     def alloc(self, ident: int, nbytes: int, where: str) -> None:
         r = round_up(nbytes, ROUND)
-        cls = 0 if r <= SMALL else 1
+        cls = bisect.bisect_left(self.bounds, r)
         ar = self.arenas[cls]
         hole = self.choose(ar, r)
         grew = 0
@@ -157,7 +162,7 @@ class Model:
             ar.peak = ar.mapped
             self.snapshots[cls] = self.describe(
                 f"{where}: alloc id {ident} of {nbytes} B ({r} rounded, "
-                f"{'small' if cls == 0 else 'large'} class) grew its arena to its peak by {grew} B"
+                f"{self.label(cls)} class) grew its arena to its peak by {grew} B"
             )
 
     def free(self, ident: int) -> None:
@@ -172,6 +177,12 @@ class Model:
             ar.size[ar.starts[i - 1]] += ar.size.pop(a)
             ar.starts.pop(i)
 
+    def label(self, cls: int) -> str:
+        if cls == 0:
+            return "small"
+        upper = f" <= {self.bounds[cls] / MiB:g} MiB" if cls < len(self.bounds) else ""
+        return f"large ({'>'} {self.bounds[cls - 1] / MiB:g} MiB{upper})" if len(self.bounds) > 1 else "large"
+
     def describe(self, why: str) -> str:
         lines = [
             why,
@@ -181,11 +192,11 @@ class Model:
         for ar in self.arenas:
             live = sum(s for _, s, i in ar.blocks() if i is not None)
             lines.append(
-                f"  {'small' if ar.cls == 0 else 'large'} arena: mapped {ar.mapped / MiB:.3f} MiB, live "
+                f"  {self.label(ar.cls)} arena: mapped {ar.mapped / MiB:.3f} MiB, live "
                 f"{live / MiB:.3f} MiB, free holes {sum(s for _, s in ar.holes()) / MiB:.3f} MiB, free tail "
                 f"{ar.tail_free() / MiB:.3f} MiB"
             )
-            if ar.cls == 1 and len(ar.starts) <= 40:
+            if ar.cls > 0 and len(ar.starts) <= 40:
                 for a, s, i in ar.blocks():
                     tag = f"live id {i}" if i is not None else "free"
                     lines.append(f"    [{a / MiB:8.3f}, {(a + s) / MiB:8.3f}) MiB {s / MiB:8.3f} MiB  {tag}")
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="best", choices=["best", "lowaddr", "highlarge"])
     ap.add_argument("--high-from", default="1Mi", help="highlarge: smallest block cut from a hole's high end")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--classes", default="", help="more class boundaries, e.g. 4Mi (a third arena above it)")
     ap.add_argument("--compare", action="store_true", help="print the native replay beside the model")
     ap.add_argument("--bound", action="store_true", help="search the best placements (hole first and any)")
     ap.add_argument("--quiet", action="store_true", help="figures only, no layout")
@@ -278,15 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     gran = parse_size(args.granularity, name="granularity")
     for path in args.trace or default_traces():
         trace = read_trace(path)
-        m = Model(gran, args.policy, parse_size(args.high_from, name="high_from")).replay(trace, args.repeat)
+        bounds = tuple(parse_size(b, name="classes") for b in args.classes.split(",") if b)
+        m = Model(gran, args.policy, parse_size(args.high_from, name="high_from"), bounds).replay(trace, args.repeat)
         print(
             f"== {path.name} ({args.policy}, granularity {gran}): peak reserved / requested = {m.ratio:.4f} "
             f"({m.peak_reserved / MiB:.3f} / {m.peak_requested / MiB:.3f} MiB), upstream allocs after the "
             f"first pass {m.after_first}"
         )
         if not args.quiet:
-            print(m.snapshots[1])
-            print(m.snapshots[0])
+            for text in reversed(m.snapshots):
+                print(text)
         if args.compare:
             from autoglm_rt import memory
 
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"upstream allocs after the first pass {native['upstream_allocs_after_first_pass']}"
             )
         if args.bound:
-            small = m.arenas[0].mapped
+            small = sum(a.peak for a in m.arenas[:-1]) if len(m.arenas) > 2 else m.arenas[0].peak
             for hole_first in (True, False):
                 peak, notes, complete = best_placement(trace, gran, hole_first)
                 total = peak + small
