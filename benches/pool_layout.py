@@ -1,7 +1,8 @@
 """Why a trace fragments the caching pool, and how far any non-moving allocator could get.
 
     PYTHONPATH=python python benches/pool_layout.py [TRACE.csv ...] [--granularity 64Ki]
-        [--policy best|lowaddr|highlarge] [--high-from 1Mi] [--compare] [--bound] [--quiet]
+        [--policy best|lowaddr|highlarge] [--high-from 1Mi] [--classes 4Mi] [--decommit]
+        [--compare] [--bound] [--quiet]
 
 For each trace (default: benches/traces/*.csv and ../shared/traces/*.csv) this replays a Python
 model of the pool's arena policy and prints, at the moment of peak reserved, the layout of each
@@ -17,8 +18,9 @@ replay (autoglm_rt.memory.replay) beside it: with the default policy they agree 
 native pool puts small blocks into chunks carved from the large arena instead, so there the model
 shows the separate-arena layout that the chunks replace.
 
-Placement variants (`--policy`; `--classes 4Mi` segregates a third class into its own arena),
-evaluated for benches/RESULTS.md:
+Variants evaluated for benches/RESULTS.md: `--classes 4Mi` segregates a third class into an arena
+of its own; `--decommit` unmaps free whole granules before the arena maps more (a model only: the
+pool does not do this); and the placement (`--policy`):
   best       best fit by (size, address): what the pool does
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole
@@ -75,6 +77,7 @@ class Arena:
     starts: list[int] = field(default_factory=list)
     size: dict[int, int] = field(default_factory=dict)
     live: dict[int, int] = field(default_factory=dict)
+    unmapped: set[int] = field(default_factory=set)  # decommitted granules (index) inside [0, mapped)
 
     def blocks(self) -> list[tuple[int, int, int | None]]:
         return [(a, self.size[a], self.live.get(a)) for a in self.starts]
@@ -96,14 +99,24 @@ class Model:
     """The pool's arena policy (separate small arena), replayed in Python."""
 
     def __init__(
-        self, granularity: int, policy: str = "best", high_from: int = MiB, bounds: tuple[int, ...] = ()
+        self,
+        granularity: int,
+        policy: str = "best",
+        high_from: int = MiB,
+        bounds: tuple[int, ...] = (),
+        decommit: bool = False,
     ) -> None:
-        """`bounds`: more class boundaries above the small class's (each class its own arena)."""
+        """`bounds`: more class boundaries above the small class's (each class its own arena).
+        `decommit`: before an arena maps memory (to grow, or to back a block placed over granules
+        unmapped earlier), the whole free granules inside its holes (and, when not growing, its
+        free tail) are unmapped (one upstream call per free block); mapping is one call per block."""
         if policy not in ("best", "lowaddr", "highlarge"):
             raise ValueError(f"policy: expected best, lowaddr or highlarge, got {policy!r}")
         self.gran = granularity
         self.policy = policy
         self.high_from = high_from
+        self.decommit = decommit
+        self.upstream_frees = 0
         self.bounds = (SMALL, *sorted(bounds))
         self.arenas = [Arena(c) for c in range(len(self.bounds) + 1)]
         self.reserved = self.requested = 0
@@ -131,6 +144,8 @@ class Model:
         if hole is None:
             have = ar.tail_free()
             need = 0 if have >= r else round_up(r - have, self.gran)
+            if need and self.decommit:
+                self.decommit_holes(ar)
             if need:
                 self.upstream_allocs += 1
                 grew = need
@@ -152,6 +167,15 @@ class Model:
                 a = cut
             else:
                 ar.size[a], ar.size[cut] = r, s - r
+        if ar.unmapped:
+            back = {k for k in range(a // self.gran, (a + r - 1) // self.gran + 1) if k in ar.unmapped}
+            if back:
+                ar.unmapped -= back
+                ar.live[a] = ident  # not free while the others are decommitted
+                self.decommit_holes(ar, tail=True)
+                del ar.live[a]
+                self.reserved += len(back) * self.gran
+                self.upstream_allocs += 1
         ar.live[a] = ident
         self.where[ident] = (cls, a, nbytes)
         self.requested += nbytes
@@ -164,6 +188,18 @@ class Model:
                 f"{where}: alloc id {ident} of {nbytes} B ({r} rounded, "
                 f"{self.label(cls)} class) grew its arena to its peak by {grew} B"
             )
+
+    def decommit_holes(self, ar: Arena, tail: bool = False) -> None:
+        free = ar.holes()
+        if tail and ar.tail_free():
+            free.append((ar.starts[-1], ar.tail_free()))
+        for a, s in free:
+            first, end = -(-a // self.gran), (a + s) // self.gran
+            gone = {k for k in range(first, end) if k not in ar.unmapped}
+            if gone:
+                ar.unmapped |= gone
+                self.reserved -= len(gone) * self.gran
+                self.upstream_frees += 1
 
     def free(self, ident: int) -> None:
         cls, a, nbytes = self.where.pop(ident)
@@ -286,16 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true", help="print the native replay beside the model")
     ap.add_argument("--bound", action="store_true", help="search the best placements (hole first and any)")
     ap.add_argument("--quiet", action="store_true", help="figures only, no layout")
+    ap.add_argument("--decommit", action="store_true", help="model: unmap free whole granules in holes before mapping")
     args = ap.parse_args(argv)
     gran = parse_size(args.granularity, name="granularity")
     for path in args.trace or default_traces():
         trace = read_trace(path)
         bounds = tuple(parse_size(b, name="classes") for b in args.classes.split(",") if b)
-        m = Model(gran, args.policy, parse_size(args.high_from, name="high_from"), bounds).replay(trace, args.repeat)
+        high_from = parse_size(args.high_from, name="high_from")
+        m = Model(gran, args.policy, high_from, bounds, args.decommit).replay(trace, args.repeat)
         print(
             f"== {path.name} ({args.policy}, granularity {gran}): peak reserved / requested = {m.ratio:.4f} "
             f"({m.peak_reserved / MiB:.3f} / {m.peak_requested / MiB:.3f} MiB), upstream allocs after the "
-            f"first pass {m.after_first}"
+            f"first pass {m.after_first}" + (f", upstream frees {m.upstream_frees}" if args.decommit else "")
         )
         if not args.quiet:
             for text in reversed(m.snapshots):

@@ -93,3 +93,13 @@ def test_mlp_trace_is_at_the_hole_first_bound() -> None:
     assert complete and offline < hole_first
     assert (offline + model.arenas[0].peak) / model.peak_requested < 1.10
     assert notes  # only by declining a hole that fits
+
+
+def test_decommit_model_trades_upstream_calls_for_footprint_on_mlp() -> None:
+    trace = layout.read_trace(MLP)
+    cached = layout.Model(64 * 1024).replay(trace, 3)
+    decommit = layout.Model(64 * 1024, decommit=True).replay(trace, 3)
+    assert decommit.peak_requested == cached.peak_requested
+    assert decommit.ratio < 1.10 < cached.ratio
+    assert cached.after_first == 0 < decommit.after_first
+    assert decommit.upstream_frees > 0
