@@ -103,3 +103,18 @@ def test_decommit_model_trades_upstream_calls_for_footprint_on_mlp() -> None:
     assert decommit.ratio < 1.10 < cached.ratio
     assert cached.after_first == 0 < decommit.after_first
     assert decommit.upstream_frees > 0
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_native_decommit_equals_the_model(path: Path) -> None:
+    model = layout.Model(64 * 1024, decommit=True).replay(layout.read_trace(path), 3)
+    native = memory.replay(path, repeat=3, decommit=True)
+    cached = memory.replay(path, repeat=3)
+    assert native["peak_reserved_bytes"] == model.peak_reserved
+    assert native["peak_reserved_bytes"] < cached["peak_reserved_bytes"]
+    assert native["upstream_allocs_after_first_pass"] > 0 == cached["upstream_allocs_after_first_pass"]
+
+
+def test_decommit_takes_mlp_below_the_target_as_an_option() -> None:
+    native = memory.replay(MLP, repeat=3, decommit=True)
+    assert native["reserved_to_requested"] < 1.10 < memory.replay(MLP, repeat=3)["reserved_to_requested"]

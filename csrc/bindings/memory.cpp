@@ -27,7 +27,7 @@ struct Config {
 
 Config make_config(std::optional<std::size_t> limit, bool expandable, std::size_t round_bytes, std::size_t small_size,
                    std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve,
-                   std::size_t granularity) {
+                   std::size_t granularity, bool decommit) {
   Config c;
   c.options.limit = limit ? *limit : kNoLimit;
   c.options.expandable = expandable;
@@ -36,6 +36,7 @@ Config make_config(std::optional<std::size_t> limit, bool expandable, std::size_
   c.options.small_segment = small_segment;
   c.options.large_segment = large_segment;
   c.options.arena_reserve = arena_reserve;
+  c.options.decommit = decommit;
   c.granularity = granularity;
   return c;
 }
@@ -156,13 +157,15 @@ AGRT_BINDINGS(memory) {
   py::class_<CachingPool, std::shared_ptr<CachingPool>>(m, "CachingPool")
       .def(py::init([](const std::string& device, std::optional<std::size_t> limit, bool expandable,
                        std::size_t round_bytes, std::size_t small_size, std::size_t small_segment,
-                       std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity) {
+                       std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity,
+                       bool decommit) {
              Config c = make_config(limit, expandable, round_bytes, small_size, small_segment, large_segment,
-                                    arena_reserve, granularity);
+                                    arena_reserve, granularity, decommit);
              return std::make_shared<CachingPool>(upstream_for(device, c), c.options);
            }),
            py::arg("device"), py::arg("limit"), py::arg("expandable"), py::arg("round_bytes"), py::arg("small_size"),
-           py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"))
+           py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
+           py::arg("decommit"))
       .def(
           "allocate",
           [](CachingPool& p, std::size_t nbytes, std::uintptr_t stream) {
@@ -208,9 +211,10 @@ AGRT_BINDINGS(memory) {
   m.def(
       "memory_replay",
       [](const std::string& path, int repeat, bool expandable, std::size_t round_bytes, std::size_t small_size,
-         std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity) {
+         std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity,
+         bool decommit) {
         Config c = make_config(std::nullopt, expandable, round_bytes, small_size, small_segment, large_segment,
-                               arena_reserve, granularity);
+                               arena_reserve, granularity, decommit);
         ReplayResult r;
         {
           py::gil_scoped_release nogil;
@@ -228,7 +232,7 @@ AGRT_BINDINGS(memory) {
       },
       py::arg("path"), py::arg("repeat"), py::arg("expandable"), py::arg("round_bytes"), py::arg("small_size"),
       py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
-      "Replays a trace CSV through a fresh host pool in a C++ loop.");
+      py::arg("decommit"), "Replays a trace CSV through a fresh host pool in a C++ loop.");
 
   m.def(
       "memory_replay_direct_ns",

@@ -51,6 +51,10 @@ struct Segment {
   bool expandable = false;
   int cls = 0;  // 0 small, 1 large
   Block* carrier = nullptr;  // a small-class chunk: the large-arena block it lives in (no upstream memory)
+  // With PoolOptions::decommit: one flag per granule of [base, base + mapped), 1 = unmapped again.
+  // Allocated blocks never overlap an unmapped granule; reserved counts mapped - off_bytes.
+  std::vector<std::uint8_t> off;
+  std::size_t off_bytes = 0;
   Block* first = nullptr;
   Block* last = nullptr;
 };
@@ -290,6 +294,11 @@ struct CachingPool::Impl {
     if (!c) return nullptr;
     c->allocated = true;  // before split, so the remainder does not merge back into it
     split(c, chunk_bytes);
+    if (c->seg->off_bytes && !recommit(c)) {
+      c->allocated = false;
+      insert_free(c);
+      return nullptr;
+    }
     drop_event(c);
     auto* s = new Segment();
     s->base = c->addr;
@@ -398,6 +407,7 @@ struct CachingPool::Impl {
     bool use_tail = tail && !tail->allocated && (tail->stream == stream || reusable_elsewhere(tail));
     const std::size_t have = use_tail ? tail->size : 0;
     std::size_t need = have >= r ? 0 : round_up(r - have, gran);
+    if (opt.decommit && g && need > 0) decommit_free(g, /*with_tail=*/false);
     if (!g || g->mapped + need > g->capacity) {
       need = round_up(r, gran);
       if (!ensure_room(need, nullptr)) return nullptr;
@@ -447,8 +457,76 @@ struct CachingPool::Impl {
   bool map_tail(Segment* g, std::size_t need) {
     if (!up->map(reinterpret_cast<void*>(g->base + g->mapped), need)) return false;
     g->mapped += need;
+    if (opt.decommit) g->off.resize(g->mapped / gran, 0);
     st.reserved_bytes += need;
     ++st.num_upstream_allocs;
+    return true;
+  }
+
+  // ---- decommit (PoolOptions::decommit) -----------------------------------------------------
+  std::size_t off_in(const Segment* s, std::size_t lo, std::size_t hi) const {  // granule offsets
+    std::size_t n = 0;
+    if (s->off_bytes)
+      for (std::size_t i = lo / gran; i < hi / gran; ++i) n += s->off[i];
+    return n * gran;
+  }
+  // Unmaps the mapped granules of [lo, hi) (offsets, multiples of the granularity), marking them
+  // off when `mark`; returns the bytes unmapped.
+  std::size_t unmap_mapped(Segment* s, std::size_t lo, std::size_t hi, bool mark) {
+    std::size_t done = 0;
+    for (std::size_t i = lo / gran, end = hi / gran; i < end;) {
+      if (s->off_bytes && s->off[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < end && !(s->off_bytes && s->off[j])) ++j;
+      up->unmap(reinterpret_cast<void*>(s->base + i * gran), (j - i) * gran);
+      if (mark) std::fill(s->off.begin() + i, s->off.begin() + j, std::uint8_t{1});
+      done += (j - i) * gran;
+      i = j;
+    }
+    return done;
+  }
+  // Unmaps the whole free granules inside the free blocks of arena s (its free tail too unless
+  // it is about to be extended).
+  void decommit_free(Segment* s, bool with_tail) {
+    for (Block* b = s->first; b; b = b->next) {
+      if (b->allocated || (!with_tail && b == s->last)) continue;
+      const std::size_t lo = round_up(b->addr - s->base, gran);
+      const std::size_t hi = (b->addr + b->size - s->base) / gran * gran;
+      if (hi <= lo || off_in(s, lo, hi) == hi - lo) continue;
+      wait_idle(b);
+      const std::size_t n = unmap_mapped(s, lo, hi, true);
+      s->off_bytes += n;
+      st.reserved_bytes -= n;
+      ++st.num_upstream_frees;
+    }
+  }
+  // Maps the unmapped granules under allocated block b (after unmapping the free ones elsewhere
+  // in its arena). False when the limit or the upstream refuses; b's granules mapped so far stay.
+  bool recommit(Block* b) {
+    Segment* s = b->seg;
+    const std::size_t lo = (b->addr - s->base) / gran * gran;
+    const std::size_t hi = round_up(b->addr + b->size - s->base, gran);
+    const std::size_t need = off_in(s, lo, hi);
+    if (need == 0) return true;
+    decommit_free(s, true);
+    if (!ensure_room(need, s)) return false;
+    for (std::size_t i = lo / gran, end = hi / gran; i < end;) {
+      if (!s->off[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < end && s->off[j]) ++j;
+      if (!up->map(reinterpret_cast<void*>(s->base + i * gran), (j - i) * gran)) return false;
+      std::fill(s->off.begin() + i, s->off.begin() + j, std::uint8_t{0});
+      s->off_bytes -= (j - i) * gran;
+      st.reserved_bytes += (j - i) * gran;
+      ++st.num_upstream_allocs;
+      i = j;
+    }
     return true;
   }
 
@@ -490,7 +568,8 @@ struct CachingPool::Impl {
   // ---- release ------------------------------------------------------------------------------
   void give_segment_back(Segment* s) {
     if (s->expandable) {
-      if (s->mapped) up->unmap(reinterpret_cast<void*>(s->base), s->mapped);
+      if (s->off_bytes) unmap_mapped(s, 0, s->mapped, false);
+      else if (s->mapped) up->unmap(reinterpret_cast<void*>(s->base), s->mapped);
       up->release(reinterpret_cast<void*>(s->base), s->capacity);
     } else {
       up->deallocate(reinterpret_cast<void*>(s->base), s->mapped);
@@ -555,6 +634,11 @@ struct CachingPool::Impl {
       if (st.reserved_bytes <= target) break;
       if (s == keep || s->carrier) continue;
       consolidate(s);
+      if (s->expandable && opt.decommit) {
+        const std::size_t before = st.reserved_bytes;
+        decommit_free(s, /*with_tail=*/true);
+        released += before - st.reserved_bytes;
+      }
       Block* t = s->last;
       if (!t || t->allocated) continue;
       if (!s->expandable) {
@@ -573,11 +657,15 @@ struct CachingPool::Impl {
       const std::size_t drop = s->base + s->mapped - cut;
       if (drop == 0) continue;
       wait_idle(t);
-      up->unmap(reinterpret_cast<void*>(cut), drop);
-      ++st.num_upstream_frees;
+      const std::size_t was_off = off_in(s, cut - s->base, s->mapped);
+      if (was_off) unmap_mapped(s, cut - s->base, s->mapped, false);
+      else up->unmap(reinterpret_cast<void*>(cut), drop);
+      if (drop > was_off) ++st.num_upstream_frees;
       s->mapped -= drop;
-      st.reserved_bytes -= drop;
-      released += drop;
+      s->off_bytes -= was_off;
+      if (opt.decommit) s->off.resize(s->mapped / gran);
+      st.reserved_bytes -= drop - was_off;
+      released += drop - was_off;
       set_of(t).erase(t);
       t->size -= drop;
       if (t->size == 0) {
@@ -681,6 +769,11 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   }
   b->allocated = true;  // before split, so the remainder does not merge back into it
   m.split(b, r);
+  if (b->seg->off_bytes && !m.recommit(b)) {
+    b->allocated = false;
+    m.insert_free(b);
+    m.throw_oom(nbytes, r, "the limit or the upstream refused to map a decommitted block again");
+  }
   b->requested = nbytes;
   m.drop_event(b);
   m.live.insert(b->addr, b);
@@ -793,7 +886,13 @@ void CachingPool::check() const {
     if (s->mapped > s->capacity) fail("segment mapped beyond its reservation");
     if (s->expandable && s->mapped % m.gran) fail("arena mapped size not a multiple of the granularity");
     if (!s->expandable && s->mapped == 0) fail("empty plain segment");
-    if (!s->carrier) reserved += s->mapped;
+    if (!s->carrier) reserved += s->mapped - s->off_bytes;
+    if (s->off_bytes || !s->off.empty()) {
+      if (!s->expandable || s->off.size() != s->mapped / m.gran) fail("decommit flags do not cover the arena");
+      std::size_t off = 0;
+      for (std::uint8_t f : s->off) off += f;
+      if (off * m.gran != s->off_bytes) fail("decommitted bytes differ from the flags");
+    }
     std::uintptr_t at = s->base;
     const Block* prev = nullptr;
     for (const Block* b = s->first; b; prev = b, b = b->next) {
@@ -803,6 +902,9 @@ void CachingPool::check() const {
       if (b->size == 0 || b->size % m.opt.round_bytes) fail("block size not a positive multiple of round_bytes");
       if (b->addr % m.opt.round_bytes) fail("misaligned block");
       at += b->size;
+      if (b->allocated && s->off_bytes &&
+          m.off_in(s, (b->addr - s->base) / m.gran * m.gran, round_up(b->addr + b->size - s->base, m.gran)))
+        fail("an allocated block lies on a decommitted granule");
       if (b->allocated && b->chunk) {
         ++carriers;
         if (b->chunk->carrier != b) fail("a carrier block points to a chunk that is not its own");

@@ -326,6 +326,63 @@ TEST(chunks_follow_the_limit_and_stream_events) {
   pool.check();
 }
 
+TEST(decommit_unmaps_free_granules_instead_of_growing) {
+  auto up = limiting(1ull << 34);
+  PoolOptions o = small_arenas();
+  o.decommit = true;
+  CachingPool pool(up, o);
+  auto* a = static_cast<char*>(pool.allocate(MiB));
+  auto* b = static_cast<char*>(pool.allocate(MiB));
+  auto* c = static_cast<char*>(pool.allocate(MiB));
+  pool.deallocate(a);
+  auto* d = static_cast<char*>(pool.allocate(MiB));  // fills a's hole
+  CHECK(d == a);
+  pool.deallocate(b);
+  // 2 MiB fit no hole: b's free megabyte is unmapped before the arena grows by 2 MiB, so
+  // reserved is 4 MiB (live 4 MiB), not 5 MiB as without decommit.
+  const auto before = pool.stats();
+  auto* e = static_cast<char*>(pool.allocate(2 * MiB));
+  CHECK(e == c + MiB);
+  auto s = pool.stats();
+  CHECK(s.reserved_bytes == 4 * MiB && up->outstanding() == 4 * MiB);
+  CHECK(s.num_upstream_frees == before.num_upstream_frees + 1);
+  pool.check();
+  std::memset(d, 1, MiB);
+  std::memset(c, 2, MiB);
+  std::memset(e, 3, 2 * MiB);
+  // A block placed over the unmapped megabyte maps it again (one upstream call).
+  pool.deallocate(d);
+  auto* f = static_cast<char*>(pool.allocate(2 * MiB));
+  CHECK(f == a);
+  s = pool.stats();
+  CHECK(s.reserved_bytes == 5 * MiB && up->outstanding() == 5 * MiB);
+  std::memset(f, 4, 2 * MiB);  // every byte of it is mapped
+  bool intact = true;
+  for (std::size_t k = 0; k < MiB; ++k) intact = intact && c[k] == 2 && e[k] == 3 && e[MiB + k] == 3;
+  CHECK(intact);
+  pool.check();
+  // Under a limit that forbids mapping it again, the request fails and the pool is unchanged.
+  pool.deallocate(f);
+  pool.deallocate(c);
+  auto* g = static_cast<char*>(pool.allocate(MiB));  // somewhere in the 3 MiB now free below e
+  pool.deallocate(g);
+  pool.set_limit(pool.stats().reserved_bytes);
+  const auto held = pool.stats();
+  auto* h = static_cast<char*>(pool.allocate(3 * MiB));  // unmaps first, so it fits the limit
+  CHECK(h == a);
+  CHECK(pool.stats().reserved_bytes <= held.limit_bytes);
+  pool.deallocate(h);
+  pool.set_limit(2 * MiB + 0);  // e alone is 2 MiB: nothing else may be mapped
+  CHECK(throws_oom_with_details(pool, MiB));
+  CHECK(pool.stats().allocated_bytes == 2 * MiB && pool.stats().num_live_blocks == 1);
+  pool.check();
+  pool.deallocate(e);
+  pool.set_limit(kNoLimit);
+  pool.trim();
+  CHECK(pool.stats().reserved_bytes == 0 && up->outstanding() == 0);
+  pool.check();
+}
+
 TEST(cross_stream_reuse_waits_for_the_event) {
   for (bool expandable : {true, false}) {
     auto up = limiting(1ull << 34, expandable, /*manual_events=*/true);
@@ -411,14 +468,23 @@ TEST(randomized_stress_four_threads_three_streams) {
   if (const char* env = std::getenv("AGRT_STRESS_OPS")) total_ops = std::strtoull(env, nullptr, 10);
   // Arenas in 64 KiB steps, arenas in 2 MiB steps (small blocks in chunks carved from the large
   // arena, as over CUDA VMM), plain segments.
-  for (const std::size_t granularity : {64 * KiB, 2 * MiB, std::size_t{0}}) {
+  // The same with decommit (64 KiB and 2 MiB steps).
+  struct Mode {
+    std::size_t granularity;
+    bool decommit;
+  };
+  for (const Mode mode : {Mode{64 * KiB, false}, Mode{2 * MiB, false}, Mode{0, false}, Mode{64 * KiB, true},
+                          Mode{2 * MiB, true}}) {
+    const std::size_t granularity = mode.granularity;
     const bool expandable = granularity != 0;
     auto up = limiting(1ull << 34, expandable, /*manual_events=*/true, expandable ? granularity : 64 * KiB);
-    CachingPool pool(up, small_arenas());
+    PoolOptions options = small_arenas();
+    options.decommit = mode.decommit;
+    CachingPool pool(up, options);
     std::atomic<std::size_t> corrupt{0}, ooms{0}, check_failures{0}, done_ops{0};
     const int threads = 4;
     auto worker = [&](int tid) {
-      std::mt19937_64 rng(1234 + tid + granularity);
+      std::mt19937_64 rng(1234 + tid + granularity + (mode.decommit ? 7 : 0));
       struct Live {
         std::uint64_t* p;
         std::size_t n;
@@ -482,9 +548,9 @@ TEST(randomized_stress_four_threads_three_streams) {
     for (auto& t : ts) t.join();
     pool.check();
     const auto s = pool.stats();
-    std::printf("  stress(%s): %zu ops, %zu ooms, %llu upstream allocs, peak reserved %zu\n",
-                !expandable ? "segments" : granularity == 64 * KiB ? "arena" : "arena, 2 MiB, chunks", done_ops.load(),
-                ooms.load(),
+    std::printf("  stress(%s%s): %zu ops, %zu ooms, %llu upstream allocs, peak reserved %zu\n",
+                !expandable ? "segments" : granularity == 64 * KiB ? "arena" : "arena, 2 MiB, chunks",
+                mode.decommit ? ", decommit" : "", done_ops.load(), ooms.load(),
                 static_cast<unsigned long long>(s.num_upstream_allocs), s.peak_reserved_bytes);
     CHECK(done_ops.load() == total_ops / threads * threads);
     CHECK(corrupt.load() == 0);

@@ -50,6 +50,11 @@ struct PoolOptions {
   std::size_t large_segment = 20 * 1024 * 1024;  // minimum large segment below 10 MiB (segment mode)
   std::size_t arena_reserve = std::size_t{64} << 30;  // address space reserved per arena
   bool expandable = true;                    // use the upstream's expansion when it has one
+  // Arenas only: before an arena maps more memory (to grow, or to back a block placed over
+  // granules unmapped earlier), unmap the whole free granules inside its free blocks. Trades
+  // upstream calls on every step (and, on CUDA, waits for the freed blocks' streams) for a
+  // footprint near the live bytes; off by default (benches/RESULTS.md).
+  bool decommit = false;
 };
 
 struct PoolStats {
