@@ -19,8 +19,8 @@ native pool puts small blocks into chunks carved from the large arena instead, s
 shows the separate-arena layout that the chunks replace.
 
 Variants evaluated for benches/RESULTS.md: `--classes 4Mi` segregates a third class into an arena
-of its own; `--decommit` unmaps free whole granules before the arena maps more (a model only: the
-pool does not do this); and the placement (`--policy`):
+of its own; `--decommit` unmaps free whole granules before the arena maps more (the pool's
+`decommit=True` option; its peaks equal the model's); and the placement (`--policy`):
   best       best fit by (size, address): what the pool does
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole

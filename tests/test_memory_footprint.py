@@ -5,12 +5,14 @@ arena it replaces, and the placement search that bounds what any hole-first poli
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from autoglm_rt import memory
+from autoglm_rt.cli import main as cli_main
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,13 @@ def test_native_decommit_equals_the_model(path: Path) -> None:
 def test_decommit_takes_mlp_below_the_target_as_an_option() -> None:
     native = memory.replay(MLP, repeat=3, decommit=True)
     assert native["reserved_to_requested"] < 1.10 < memory.replay(MLP, repeat=3)["reserved_to_requested"]
+
+
+def test_cli_replay_with_decommit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["replay", str(MLP), "--json"]) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert cli_main(["replay", str(MLP), "--decommit", "--json"]) == 0
+    decommit = json.loads(capsys.readouterr().out)
+    assert decommit["peak_requested_bytes"] == cached["peak_requested_bytes"]
+    assert decommit["peak_reserved_bytes"] < cached["peak_reserved_bytes"]
+    assert decommit["upstream_allocs_after_first_pass"] > cached["upstream_allocs_after_first_pass"] == 0

@@ -7,7 +7,10 @@
 // allocation and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
 // otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
-// `large_segment` below 10 MiB, else rounded to 2 MiB).
+// `large_segment` below 10 MiB, else rounded to 2 MiB). Where the upstream's granularity exceeds
+// 4 * small_size (CUDA VMM: 2 MiB), small blocks live in chunks of 4 * small_size carved from the
+// large arena instead of an arena of their own. PoolOptions::decommit unmaps free granules inside
+// the arenas before mapping more (smaller footprint, upstream calls on every step).
 //
 // Streams: a block freed on stream s is reusable on s at once (stream order). Another stream
 // takes it only once an event recorded on s has completed; the event is recorded lazily, when
