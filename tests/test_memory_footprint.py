@@ -4,6 +4,7 @@ arena it replaces, and the placement search that bounds what any hole-first poli
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import sys
@@ -130,3 +131,27 @@ def test_cli_replay_with_decommit(capsys: pytest.CaptureFixture[str]) -> None:
     assert decommit["peak_requested_bytes"] == cached["peak_requested_bytes"]
     assert decommit["peak_reserved_bytes"] < cached["peak_reserved_bytes"]
     assert decommit["upstream_allocs_after_first_pass"] > cached["upstream_allocs_after_first_pass"] == 0
+
+
+def test_decommit_pool_keeps_stats_in_range_and_data_intact() -> None:
+    pool = memory.CachingPool(decommit=True)
+    a, b, c = (pool.allocate(MiB) for _ in range(3))
+    pool.deallocate(a)
+    d = pool.allocate(MiB)
+    pool.deallocate(b)
+    e = pool.allocate(2 * MiB)  # b's megabyte goes back to the host before the arena grows
+    s = pool.stats()
+    assert s["reserved_bytes"] == s["allocated_bytes"] == 4 * MiB
+    assert 0.0 <= s["fragmentation_ratio"] <= 1.0
+    for ptr, n, tag in ((c, MiB, 3), (d, MiB, 4), (e, 2 * MiB, 5)):
+        ctypes.memset(ptr, tag, n)
+    pool.deallocate(d)
+    f = pool.allocate(2 * MiB)  # over the unmapped megabyte: mapped again
+    ctypes.memset(f, 6, 2 * MiB)
+    assert ctypes.string_at(c, MiB) == bytes([3]) * MiB
+    assert ctypes.string_at(e, 2 * MiB) == bytes([5]) * (2 * MiB)
+    pool.check()
+    for ptr in (c, e, f):
+        pool.deallocate(ptr)
+    assert pool.trim() > 0 and pool.stats()["reserved_bytes"] == 0
+    pool.check()

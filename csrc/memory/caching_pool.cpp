@@ -852,7 +852,9 @@ PoolStats CachingPool::stats() const {
   PoolStats s = m.st;
   s.largest_free_block_bytes = m.largest_free();
   const std::size_t cached = s.reserved_bytes - s.allocated_bytes;
-  s.fragmentation_ratio = cached == 0 ? 0.0 : 1.0 - double(s.largest_free_block_bytes) / double(cached);
+  // With decommit a free block may span unmapped granules and outgrow the cached bytes: clamp.
+  s.fragmentation_ratio =
+      cached == 0 ? 0.0 : std::max(0.0, 1.0 - double(s.largest_free_block_bytes) / double(cached));
   s.num_segments = m.segments.size();
   s.num_live_blocks = m.live.size();
   for (const StreamLists* l : m.lists) s.num_free_blocks += l->sets[0].size() + l->sets[1].size();

@@ -346,6 +346,7 @@ TEST(decommit_unmaps_free_granules_instead_of_growing) {
   auto s = pool.stats();
   CHECK(s.reserved_bytes == 4 * MiB && up->outstanding() == 4 * MiB);
   CHECK(s.num_upstream_frees == before.num_upstream_frees + 1);
+  CHECK(s.fragmentation_ratio >= 0.0 && s.fragmentation_ratio <= 1.0);
   pool.check();
   std::memset(d, 1, MiB);
   std::memset(c, 2, MiB);
@@ -375,6 +376,7 @@ TEST(decommit_unmaps_free_granules_instead_of_growing) {
   pool.set_limit(2 * MiB + 0);  // e alone is 2 MiB: nothing else may be mapped
   CHECK(throws_oom_with_details(pool, MiB));
   CHECK(pool.stats().allocated_bytes == 2 * MiB && pool.stats().num_live_blocks == 1);
+  CHECK(pool.stats().fragmentation_ratio >= 0.0 && pool.stats().fragmentation_ratio <= 1.0);
   pool.check();
   pool.deallocate(e);
   pool.set_limit(kNoLimit);
