@@ -1,10 +1,12 @@
 """The caching pool against what a user would otherwise use, side by side in one process:
 
-- cached alloc+free pairs in a C++ loop vs. calling the host upstream directly (posix_memalign/free);
+- cached alloc+free pairs in a C++ loop vs. calling the host upstream directly (posix_memalign/free),
+  with the pair cost of the pool growing in 2 MiB granules (small blocks in chunks) in `extra`;
 - the Python-level alloc+free cost vs. torch.empty on the CPU (torch's own caching-free allocator);
 - replay of each trace in benches/traces/ and ../shared/traces/ vs. posix_memalign/free per request,
   with the footprint (peak reserved / peak requested, upstream calls after the first pass) of this
-  pool and of PyTorch's default block policy (benches/torch_policy_sim.py) in `extra`.
+  pool (default, 2 MiB granules, the decommit option) and of PyTorch's default block policy
+  (benches/torch_policy_sim.py) in `extra`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             "upstream_ns_per_pair_best_of_5": min(_C.memory_loop_ns(size, n, "upstream") for _ in range(5)),
             "pool_cpu_ns_per_pair_best_of_5": min(_C.memory_loop_ns(size, n, "pool", True) for _ in range(5)),
             "upstream_cpu_ns_per_pair_best_of_5": min(_C.memory_loop_ns(size, n, "upstream", True) for _ in range(5)),
+            # The same pool growing in 2 MiB granules (CUDA VMM's layout: small blocks in chunks).
+            "pool_2mib_granule_cpu_ns_per_pair_best_of_5": min(
+                _C.memory_loop_ns(size, n, "pool-2mi", True) for _ in range(5)
+            ),
         }
         out.append(cmp)
 
@@ -81,6 +87,8 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
     repeat = 10 if ctx.quick else 50  # enough passes that the loop, not CSV parsing, dominates
     for path in traces():
         ours = memory.replay(path, repeat=repeat)
+        two_mib = memory.replay(path, repeat=3, granularity="2Mi")
+        decommit = memory.replay(path, repeat=3, decommit=True)
         torch_like = torch_policy_sim.replay(memory.read_trace(path), repeat=3)
         cmp = benchmarking.compare(
             f"replay {path.name} x{repeat}",
@@ -100,9 +108,14 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             "pool_segments_reserved_to_requested": memory.replay(path, repeat=3, expandable=False)[
                 "reserved_to_requested"
             ],
-            "pool_2mib_granule_reserved_to_requested": memory.replay(path, repeat=3, granularity="2Mi")[
-                "reserved_to_requested"
-            ],
+            "pool_2mib_granule_reserved_to_requested": two_mib["reserved_to_requested"],
+            "pool_2mib_granule_upstream_allocs_after_first_pass": two_mib["upstream_allocs_after_first_pass"],
+            # The decommit option: footprint for upstream calls in every pass.
+            "pool_decommit_reserved_to_requested": decommit["reserved_to_requested"],
+            "pool_decommit_upstream_allocs_after_first_pass": decommit["upstream_allocs_after_first_pass"],
+            "pool_decommit_ns_per_op_best_of_5": min(
+                memory.replay(path, repeat=repeat, decommit=True)["ns_per_op"] for _ in range(5)
+            ),
             "torch_policy_peak_reserved_bytes": torch_like["peak_reserved_bytes"],
             "torch_policy_reserved_to_requested": torch_like["reserved_to_requested"],
             "torch_policy_upstream_allocs_after_first_pass": torch_like["upstream_allocs_after_first_pass"],

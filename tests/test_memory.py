@@ -228,6 +228,8 @@ def test_bad_limits_devices_and_options() -> None:
         CachingPool(round_bytes=100)
     with pytest.raises(TypeError, match="expandable"):
         CachingPool(expandable="yes")
+    with pytest.raises(TypeError, match="decommit: expected a bool"):
+        CachingPool(decommit=1)
     pool = CachingPool(limit="1Gi")
     with pytest.raises(ValueError, match="limit"):
         pool.set_limit("lots")
@@ -246,9 +248,11 @@ def test_streams_are_separate_free_lists_on_the_host() -> None:
     pool.check()
 
 
-def test_random_operations_against_a_reference_model() -> None:
+@pytest.mark.parametrize("decommit", [False, True])
+@pytest.mark.parametrize("granularity", ["64Ki", "2Mi"])  # 2 MiB: small blocks in chunks (CUDA VMM's layout)
+def test_random_operations_against_a_reference_model(granularity: str, decommit: bool) -> None:
     rng = random.Random(7)
-    pool = CachingPool(limit="32Mi")
+    pool = CachingPool(limit="32Mi", granularity=granularity, decommit=decommit)
     live: dict[int, tuple[int, int]] = {}
     requested = peak = 0
     for step in range(3000):

@@ -27,7 +27,7 @@ struct Config {
 
 Config make_config(std::optional<std::size_t> limit, bool expandable, std::size_t round_bytes, std::size_t small_size,
                    std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve,
-                   std::size_t granularity) {
+                   std::size_t granularity, bool decommit) {
   Config c;
   c.options.limit = limit ? *limit : kNoLimit;
   c.options.expandable = expandable;
@@ -36,6 +36,7 @@ Config make_config(std::optional<std::size_t> limit, bool expandable, std::size_
   c.options.small_segment = small_segment;
   c.options.large_segment = large_segment;
   c.options.arena_reserve = arena_reserve;
+  c.options.decommit = decommit;
   c.granularity = granularity;
   return c;
 }
@@ -98,14 +99,16 @@ struct ThreadCpuClock {
   }
 };
 
-// Timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"), the host
+// Timing of `iters` alloc+free pairs of `nbytes` through one of: the pool ("pool"; "pool-2mi"
+// with the 2 MiB growth granule of CUDA VMM), the host
 // upstream's segments directly ("upstream": posix_memalign/free) or its arena mapping
 // ("upstream-map": mprotect/remap of whole granules). Returns ns per pair.
 template <typename clock>
 double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& target) {
   AGRT_EXPECTS(nbytes > 0 && iters > 0, agrt::ValueError, "loop_ns: nbytes and iters must be > 0");
-  if (target == "pool") {
-    CachingPool pool(make_host_upstream(), PoolOptions{});
+  if (target == "pool" || target == "pool-2mi") {
+    // "pool-2mi": arenas growing in 2 MiB granules, as over CUDA VMM (small blocks in chunks).
+    CachingPool pool(make_host_upstream(true, target == "pool" ? 64 * 1024 : 2 * 1024 * 1024), PoolOptions{});
     pool.deallocate(pool.allocate(nbytes, 0), 0);
     const auto t0 = clock::now();
     for (std::size_t i = 0; i < iters; ++i) pool.deallocate(pool.allocate(nbytes, 0), 0);
@@ -138,7 +141,7 @@ double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& ta
     up->release(base, n);
     return ns;
   }
-  throw agrt::ValueError("loop_ns: target must be 'pool', 'upstream' or 'upstream-map', got '" + target + "'");
+  throw agrt::ValueError("loop_ns: target must be 'pool', 'pool-2mi', 'upstream' or 'upstream-map', got '" + target + "'");
 }
 
 double loop_ns(std::size_t nbytes, std::size_t iters, const std::string& target, bool cpu_time) {
@@ -154,13 +157,15 @@ AGRT_BINDINGS(memory) {
   py::class_<CachingPool, std::shared_ptr<CachingPool>>(m, "CachingPool")
       .def(py::init([](const std::string& device, std::optional<std::size_t> limit, bool expandable,
                        std::size_t round_bytes, std::size_t small_size, std::size_t small_segment,
-                       std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity) {
+                       std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity,
+                       bool decommit) {
              Config c = make_config(limit, expandable, round_bytes, small_size, small_segment, large_segment,
-                                    arena_reserve, granularity);
+                                    arena_reserve, granularity, decommit);
              return std::make_shared<CachingPool>(upstream_for(device, c), c.options);
            }),
            py::arg("device"), py::arg("limit"), py::arg("expandable"), py::arg("round_bytes"), py::arg("small_size"),
-           py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"))
+           py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
+           py::arg("decommit"))
       .def(
           "allocate",
           [](CachingPool& p, std::size_t nbytes, std::uintptr_t stream) {
@@ -206,9 +211,10 @@ AGRT_BINDINGS(memory) {
   m.def(
       "memory_replay",
       [](const std::string& path, int repeat, bool expandable, std::size_t round_bytes, std::size_t small_size,
-         std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity) {
+         std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity,
+         bool decommit) {
         Config c = make_config(std::nullopt, expandable, round_bytes, small_size, small_segment, large_segment,
-                               arena_reserve, granularity);
+                               arena_reserve, granularity, decommit);
         ReplayResult r;
         {
           py::gil_scoped_release nogil;
@@ -226,7 +232,7 @@ AGRT_BINDINGS(memory) {
       },
       py::arg("path"), py::arg("repeat"), py::arg("expandable"), py::arg("round_bytes"), py::arg("small_size"),
       py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
-      "Replays a trace CSV through a fresh host pool in a C++ loop.");
+      py::arg("decommit"), "Replays a trace CSV through a fresh host pool in a C++ loop.");
 
   m.def(
       "memory_replay_direct_ns",
@@ -240,7 +246,7 @@ AGRT_BINDINGS(memory) {
 
   m.def("memory_loop_ns", &loop_ns, py::arg("nbytes"), py::arg("iters"), py::arg("target"),
         py::arg("cpu_time") = false, py::call_guard<py::gil_scoped_release>(),
-        "ns per alloc+free pair in a C++ loop: 'pool', 'upstream' (posix_memalign/free) or 'upstream-map'; "
+        "ns per alloc+free pair in a C++ loop: 'pool', 'pool-2mi' (2 MiB growth granules), 'upstream' (posix_memalign/free) or 'upstream-map'; "
         "cpu_time: the thread's CPU time instead of wall time.");
 
 #ifdef AGRT_WITH_CUDA

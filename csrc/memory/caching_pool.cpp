@@ -34,6 +34,7 @@ struct Block {
   EventHandle event = nullptr;  // recorded lazily on `stream` when another stream wants the block
   std::uint64_t trace_id = 0;
   bool allocated = false;
+  Segment* chunk = nullptr;  // set on a large-arena block that carries a small-class chunk
 };
 
 struct BySizeAddr {
@@ -49,6 +50,11 @@ struct Segment {
   std::size_t capacity = 0;  // reserved address space (== mapped when not expandable)
   bool expandable = false;
   int cls = 0;  // 0 small, 1 large
+  Block* carrier = nullptr;  // a small-class chunk: the large-arena block it lives in (no upstream memory)
+  // With PoolOptions::decommit: one flag per granule of [base, base + mapped), 1 = unmapped again.
+  // Allocated blocks never overlap an unmapped granule; reserved counts mapped - off_bytes.
+  std::vector<std::uint8_t> off;
+  std::size_t off_bytes = 0;
   Block* first = nullptr;
   Block* last = nullptr;
 };
@@ -133,6 +139,12 @@ struct CachingPool::Impl {
   std::pmr::unsynchronized_pool_resource node_pool;
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
+  // With arenas whose granularity is large next to the small class (CUDA VMM's 2 MiB against
+  // 256 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
+  // in chunks of `chunk_bytes` carved from the large arena instead (0: a small arena of its own).
+  // The newest chunk is the small class's growable segment: its free tail is the small class's
+  // wilderness, as an arena's is (alloc/free pairs at the top stay off the free lists).
+  std::size_t chunk_bytes = 0;
   std::vector<StreamLists*> lists;  // few streams: a short vector beats a map
   PtrTable live;
   PoolStats st;
@@ -143,6 +155,7 @@ struct CachingPool::Impl {
 
   ~Impl() {
     for (Segment* s : segments) {
+      if (s->carrier) continue;  // its blocks go below, its memory with the arena that carries it
       for (Block* b = s->first; b;) {
         Block* n = b->next;
         if (b->event) {
@@ -160,8 +173,17 @@ struct CachingPool::Impl {
         b = n;
       }
       give_segment_back(s);
-      delete s;
     }
+    for (Segment* s : segments) {
+      if (!s->carrier) continue;
+      for (Block* b = s->first; b;) {
+        Block* n = b->next;
+        if (b->event) up->event_wait(b->event), up->event_destroy(b->event);
+        delete b;
+        b = n;
+      }
+    }
+    for (Segment* s : segments) delete s;
     for (Block* b : spare_blocks) delete b;
     for (StreamLists* l : lists) delete l;
   }
@@ -196,7 +218,7 @@ struct CachingPool::Impl {
   // holes are filled first and the tail is used, and extended, only when no hole fits. This
   // keeps the arena's top low (measured: 1.16 -> 1.04 peak reserved / requested on the trace).
   bool is_wilderness(const Block* b) const {
-    return b->seg->expandable && b->seg == growable[b->seg->cls] && b == b->seg->last;
+    return (b->seg->expandable || b->seg->carrier) && b->seg == growable[b->seg->cls] && b == b->seg->last;
   }
   void park(Block* b) {
     if (!is_wilderness(b)) set_of(b).insert(b);
@@ -255,6 +277,72 @@ struct CachingPool::Impl {
       b = p;
     }
     park(b);
+    if (b->seg->carrier && b == b->seg->first && b == b->seg->last) chunk_emptied(b->seg);
+  }
+
+  // ---- small-class chunks carved from the large arena ---------------------------------------
+  // The newest chunk stays (its free tail serves the next requests); an older one that empties
+  // goes back to the large arena at once, so small blocks never pin more than they use.
+  void chunk_emptied(Segment* s) {
+    if (s != growable[0]) release_chunk(s);
+  }
+  bool chunk_is_empty(const Segment* s) const { return s->first == s->last && !s->first->allocated; }
+
+  Block* grow_chunk(std::size_t r, std::uintptr_t stream) {
+    if (Segment* g = growable[0]) {
+      Block* t = g->last;
+      if (!t->allocated && t->size >= r && (t->stream == stream || reusable_elsewhere(t))) {
+        drop_event(t);
+        t->stream = stream;
+        return t;
+      }
+      // Empty but busy on another stream: back to the large arena (its event goes along).
+      if (chunk_is_empty(g)) release_chunk(g);
+    }
+    Block* c = take_free(chunk_bytes, 1, stream);
+    if (!c) c = grow_arena(chunk_bytes, 1, stream);
+    if (!c) return nullptr;
+    c->allocated = true;  // before split, so the remainder does not merge back into it
+    split(c, chunk_bytes);
+    if (c->seg->off_bytes && !recommit(c)) {
+      c->allocated = false;
+      insert_free(c);
+      return nullptr;
+    }
+    drop_event(c);
+    auto* s = new Segment();
+    s->base = c->addr;
+    s->mapped = s->capacity = chunk_bytes;
+    s->cls = 0;
+    s->carrier = c;
+    c->chunk = s;
+    segments.push_back(s);
+    Block* b = new_block();
+    b->addr = s->base;
+    b->size = chunk_bytes;
+    b->seg = s;
+    b->stream = stream;
+    s->first = s->last = b;
+    set_growable(0, s);  // the previous chunk's free tail joins the free lists
+    return b;
+  }
+
+  // An entirely free chunk goes back to the large arena as a free block (no upstream call); the
+  // block keeps the stream, and pending event, of the chunk's last use.
+  void release_chunk(Segment* s) {
+    Block* f = s->first;
+    set_of(f).erase(f);
+    Block* c = s->carrier;
+    c->stream = f->stream;
+    c->event = f->event;
+    f->event = nullptr;
+    recycle(f);
+    if (growable[0] == s) growable[0] = nullptr;
+    segments.erase(std::find(segments.begin(), segments.end(), s));
+    delete s;
+    c->chunk = nullptr;
+    c->allocated = false;
+    insert_free(c);
   }
 
   // ---- allocation ---------------------------------------------------------------------------
@@ -313,6 +401,12 @@ struct CachingPool::Impl {
   }
 
   Block* grow(std::size_t r, int cls, std::uintptr_t stream) {
+    if (expand && cls == 0 && chunk_bytes) return grow_chunk(r, stream);
+    if (expand && growable[0] && growable[0]->carrier && chunk_is_empty(growable[0])) {
+      // An empty newest chunk is a cache for small alloc/free pairs, never a reason to grow.
+      release_chunk(growable[0]);
+      if (Block* b = take_free(r, cls, stream)) return b;
+    }
     if (expand) return grow_arena(r, cls, stream);
     return grow_segment(r, cls, stream);
   }
@@ -323,6 +417,7 @@ struct CachingPool::Impl {
     bool use_tail = tail && !tail->allocated && (tail->stream == stream || reusable_elsewhere(tail));
     const std::size_t have = use_tail ? tail->size : 0;
     std::size_t need = have >= r ? 0 : round_up(r - have, gran);
+    if (opt.decommit && g && need > 0) decommit_free(g, /*with_tail=*/false);
     if (!g || g->mapped + need > g->capacity) {
       need = round_up(r, gran);
       if (!ensure_room(need, nullptr)) return nullptr;
@@ -372,8 +467,76 @@ struct CachingPool::Impl {
   bool map_tail(Segment* g, std::size_t need) {
     if (!up->map(reinterpret_cast<void*>(g->base + g->mapped), need)) return false;
     g->mapped += need;
+    if (opt.decommit) g->off.resize(g->mapped / gran, 0);
     st.reserved_bytes += need;
     ++st.num_upstream_allocs;
+    return true;
+  }
+
+  // ---- decommit (PoolOptions::decommit) -----------------------------------------------------
+  std::size_t off_in(const Segment* s, std::size_t lo, std::size_t hi) const {  // granule offsets
+    std::size_t n = 0;
+    if (s->off_bytes)
+      for (std::size_t i = lo / gran; i < hi / gran; ++i) n += s->off[i];
+    return n * gran;
+  }
+  // Unmaps the mapped granules of [lo, hi) (offsets, multiples of the granularity), marking them
+  // off when `mark`; returns the bytes unmapped.
+  std::size_t unmap_mapped(Segment* s, std::size_t lo, std::size_t hi, bool mark) {
+    std::size_t done = 0;
+    for (std::size_t i = lo / gran, end = hi / gran; i < end;) {
+      if (s->off_bytes && s->off[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < end && !(s->off_bytes && s->off[j])) ++j;
+      up->unmap(reinterpret_cast<void*>(s->base + i * gran), (j - i) * gran);
+      if (mark) std::fill(s->off.begin() + i, s->off.begin() + j, std::uint8_t{1});
+      done += (j - i) * gran;
+      i = j;
+    }
+    return done;
+  }
+  // Unmaps the whole free granules inside the free blocks of arena s (its free tail too unless
+  // it is about to be extended).
+  void decommit_free(Segment* s, bool with_tail) {
+    for (Block* b = s->first; b; b = b->next) {
+      if (b->allocated || (!with_tail && b == s->last)) continue;
+      const std::size_t lo = round_up(b->addr - s->base, gran);
+      const std::size_t hi = (b->addr + b->size - s->base) / gran * gran;
+      if (hi <= lo || off_in(s, lo, hi) == hi - lo) continue;
+      wait_idle(b);
+      const std::size_t n = unmap_mapped(s, lo, hi, true);
+      s->off_bytes += n;
+      st.reserved_bytes -= n;
+      ++st.num_upstream_frees;
+    }
+  }
+  // Maps the unmapped granules under allocated block b (after unmapping the free ones elsewhere
+  // in its arena). False when the limit or the upstream refuses; b's granules mapped so far stay.
+  bool recommit(Block* b) {
+    Segment* s = b->seg;
+    const std::size_t lo = (b->addr - s->base) / gran * gran;
+    const std::size_t hi = round_up(b->addr + b->size - s->base, gran);
+    const std::size_t need = off_in(s, lo, hi);
+    if (need == 0) return true;
+    decommit_free(s, true);
+    if (!ensure_room(need, s)) return false;
+    for (std::size_t i = lo / gran, end = hi / gran; i < end;) {
+      if (!s->off[i]) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < end && s->off[j]) ++j;
+      if (!up->map(reinterpret_cast<void*>(s->base + i * gran), (j - i) * gran)) return false;
+      std::fill(s->off.begin() + i, s->off.begin() + j, std::uint8_t{0});
+      s->off_bytes -= (j - i) * gran;
+      st.reserved_bytes += (j - i) * gran;
+      ++st.num_upstream_allocs;
+      i = j;
+    }
     return true;
   }
 
@@ -415,7 +578,8 @@ struct CachingPool::Impl {
   // ---- release ------------------------------------------------------------------------------
   void give_segment_back(Segment* s) {
     if (s->expandable) {
-      if (s->mapped) up->unmap(reinterpret_cast<void*>(s->base), s->mapped);
+      if (s->off_bytes) unmap_mapped(s, 0, s->mapped, false);
+      else if (s->mapped) up->unmap(reinterpret_cast<void*>(s->base), s->mapped);
       up->release(reinterpret_cast<void*>(s->base), s->capacity);
     } else {
       up->deallocate(reinterpret_cast<void*>(s->base), s->mapped);
@@ -461,11 +625,30 @@ struct CachingPool::Impl {
   // touching `keep`'s tail. Returns the bytes released.
   std::size_t release_cached(std::size_t target, Segment* keep) {
     std::size_t released = 0;
+    if (chunk_bytes && st.reserved_bytes > target) {
+      // Free chunks first: their memory returns with the arena's tail below. Never into `keep`,
+      // whose tail the caller holds.
+      std::vector<Segment*> chunks;
+      for (Segment* s : segments)
+        if (s->carrier && s->carrier->seg != keep) chunks.push_back(s);
+      for (Segment* s : chunks) {
+        consolidate(s);
+        if (chunk_is_empty(s)) {
+          wait_idle(s->first);
+          release_chunk(s);
+        }
+      }
+    }
     std::vector<Segment*> snapshot = segments;
     for (Segment* s : snapshot) {
       if (st.reserved_bytes <= target) break;
-      if (s == keep) continue;
+      if (s == keep || s->carrier) continue;
       consolidate(s);
+      if (s->expandable && opt.decommit) {
+        const std::size_t before = st.reserved_bytes;
+        decommit_free(s, /*with_tail=*/true);
+        released += before - st.reserved_bytes;
+      }
       Block* t = s->last;
       if (!t || t->allocated) continue;
       if (!s->expandable) {
@@ -484,11 +667,15 @@ struct CachingPool::Impl {
       const std::size_t drop = s->base + s->mapped - cut;
       if (drop == 0) continue;
       wait_idle(t);
-      up->unmap(reinterpret_cast<void*>(cut), drop);
-      ++st.num_upstream_frees;
+      const std::size_t was_off = off_in(s, cut - s->base, s->mapped);
+      if (was_off) unmap_mapped(s, cut - s->base, s->mapped, false);
+      else up->unmap(reinterpret_cast<void*>(cut), drop);
+      if (drop > was_off) ++st.num_upstream_frees;
       s->mapped -= drop;
-      st.reserved_bytes -= drop;
-      released += drop;
+      s->off_bytes -= was_off;
+      if (opt.decommit) s->off.resize(s->mapped / gran);
+      st.reserved_bytes -= drop - was_off;
+      released += drop - was_off;
       set_of(t).erase(t);
       t->size -= drop;
       if (t->size == 0) {
@@ -524,7 +711,10 @@ struct CachingPool::Impl {
     for (Segment* s : segments) {
       if (a < s->base || a >= s->base + s->mapped) continue;
       for (Block* b = s->first; b; b = b->next)
-        if (a >= b->addr && a < b->addr + b->size) return b;
+        if (a >= b->addr && a < b->addr + b->size) {
+          if (b->chunk) break;  // a chunk's carrier: the chunk's own segment has the answer
+          return b;
+        }
     }
     return nullptr;
   }
@@ -556,6 +746,11 @@ CachingPool::CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options
     AGRT_EXPECTS(options.arena_reserve >= m.gran, ValueError, "CachingPool: arena_reserve must be >= the granularity (",
                  m.gran, "), got ", options.arena_reserve);
     m.opt.arena_reserve = round_up(options.arena_reserve, m.gran);
+    // Chunks of 4 small_size (1 MiB by default) pay only where the granule is larger. Measured on
+    // the traces in benches/ with 2 MiB granules (benches/RESULTS.md): 4x keeps upstream calls
+    // after the first pass at 0 everywhere; 2x needed one more in transformer_train's second pass.
+    const std::size_t chunk = round_up(4 * m.opt.small_size, m.opt.round_bytes);
+    if (m.gran > chunk) m.chunk_bytes = chunk;
   }
   m.st.limit_bytes = options.limit;
 }
@@ -584,6 +779,11 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   }
   b->allocated = true;  // before split, so the remainder does not merge back into it
   m.split(b, r);
+  if (b->seg->off_bytes && !m.recommit(b)) {
+    b->allocated = false;
+    m.insert_free(b);
+    m.throw_oom(nbytes, r, "the limit or the upstream refused to map a decommitted block again");
+  }
   b->requested = nbytes;
   m.drop_event(b);
   m.live.insert(b->addr, b);
@@ -662,7 +862,9 @@ PoolStats CachingPool::stats() const {
   PoolStats s = m.st;
   s.largest_free_block_bytes = m.largest_free();
   const std::size_t cached = s.reserved_bytes - s.allocated_bytes;
-  s.fragmentation_ratio = cached == 0 ? 0.0 : 1.0 - double(s.largest_free_block_bytes) / double(cached);
+  // With decommit a free block may span unmapped granules and outgrow the cached bytes: clamp.
+  s.fragmentation_ratio =
+      cached == 0 ? 0.0 : std::max(0.0, 1.0 - double(s.largest_free_block_bytes) / double(cached));
   s.num_segments = m.segments.size();
   s.num_live_blocks = m.live.size();
   for (const StreamLists* l : m.lists) s.num_free_blocks += l->sets[0].size() + l->sets[1].size();
@@ -684,11 +886,25 @@ void CachingPool::check() const {
   std::lock_guard<std::mutex> lock(m.mu);
   auto fail = [](const std::string& what) { throw RuntimeError("CachingPool.check: " + what); };
   std::size_t reserved = 0, allocated = 0, requested = 0, live = 0, free_blocks = 0;
+  std::size_t chunks = 0, carriers = 0;
   for (const Segment* s : m.segments) {
+    if (s->carrier) {
+      ++chunks;
+      const Block* c = s->carrier;
+      if (c->chunk != s || !c->allocated || c->addr != s->base || c->size != s->mapped || s->cls != 0 ||
+          s->expandable || c->seg->cls != 1)
+        fail("a small-class chunk and its carrier block disagree");
+    }
     if (s->mapped > s->capacity) fail("segment mapped beyond its reservation");
     if (s->expandable && s->mapped % m.gran) fail("arena mapped size not a multiple of the granularity");
     if (!s->expandable && s->mapped == 0) fail("empty plain segment");
-    reserved += s->mapped;
+    if (!s->carrier) reserved += s->mapped - s->off_bytes;
+    if (s->off_bytes || !s->off.empty()) {
+      if (!s->expandable || s->off.size() != s->mapped / m.gran) fail("decommit flags do not cover the arena");
+      std::size_t off = 0;
+      for (std::uint8_t f : s->off) off += f;
+      if (off * m.gran != s->off_bytes) fail("decommitted bytes differ from the flags");
+    }
     std::uintptr_t at = s->base;
     const Block* prev = nullptr;
     for (const Block* b = s->first; b; prev = b, b = b->next) {
@@ -698,7 +914,13 @@ void CachingPool::check() const {
       if (b->size == 0 || b->size % m.opt.round_bytes) fail("block size not a positive multiple of round_bytes");
       if (b->addr % m.opt.round_bytes) fail("misaligned block");
       at += b->size;
-      if (b->allocated) {
+      if (b->allocated && s->off_bytes &&
+          m.off_in(s, (b->addr - s->base) / m.gran * m.gran, round_up(b->addr + b->size - s->base, m.gran)))
+        fail("an allocated block lies on a decommitted granule");
+      if (b->allocated && b->chunk) {
+        ++carriers;
+        if (b->chunk->carrier != b) fail("a carrier block points to a chunk that is not its own");
+      } else if (b->allocated) {
         ++live;
         allocated += b->size;
         requested += b->requested;
@@ -729,6 +951,9 @@ void CachingPool::check() const {
         if (b->allocated || b->stream != l->stream || b->seg->cls != c) fail("free list holds a wrong block");
       }
   if (listed != free_blocks) fail("free lists hold blocks that are not in any segment");
+  if (chunks != carriers) fail("a carrier block's chunk is not among the segments");
+  for (const Segment* s : m.segments)
+    if (s->carrier && s != m.growable[0] && m.chunk_is_empty(s)) fail("an empty chunk other than the newest is kept");
   if (live != m.live.size()) fail("pointer table size differs from live blocks");
   if (reserved != m.st.reserved_bytes) fail("reserved_bytes differs from the segments' sum");
   if (allocated != m.st.allocated_bytes) fail("allocated_bytes differs from the live blocks' sum");

@@ -184,6 +184,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--small-size", default=None, help="largest request of the small class (default 256Ki, 1Mi with --segments)"
     )
+    p.add_argument(
+        "--decommit", action="store_true", help="unmap free granules before mapping more (smaller, more upstream calls)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -199,6 +202,7 @@ def _replay(args: argparse.Namespace) -> int:
         expandable=not args.segments,
         granularity=args.granularity,
         small_size=args.small_size,
+        decommit=args.decommit,
     )
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -58,6 +58,7 @@ _DEFAULTS: dict[str, Any] = {
     "large_segment": 20 * 2**20,
     "arena_reserve": 64 * 2**30,
     "granularity": 64 * 1024,
+    "decommit": False,
 }
 
 
@@ -70,9 +71,9 @@ def _pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         if key == "small_size" and value is None:
             out[key] = None
-        elif key == "expandable":
+        elif key in ("expandable", "decommit"):
             if not isinstance(value, bool):
-                raise TypeError(f"expandable: expected a bool, got {type(value).__name__}")
+                raise TypeError(f"{key}: expected a bool, got {type(value).__name__}")
             out[key] = value
         else:
             out[key] = parse_size(value, name=key)
@@ -107,7 +108,9 @@ class CachingPool:
     default 256), ``small_size`` (requests up to this share the small arena; default 256 KiB with arenas,
     1 MiB with segments),
     ``small_segment``/``large_segment`` (segment sizes without expansion), ``arena_reserve``
-    (address space per arena), ``granularity`` (host arena growth step, default 64 KiB)."""
+    (address space per arena), ``granularity`` (host arena growth step, default 64 KiB),
+    ``decommit`` (arenas only, default False: before an arena maps more memory, unmap the whole free
+    granules inside it; a smaller footprint for upstream calls on every step, see docs/memory.md)."""
 
     def __init__(self, device: str = "cpu", limit: int | str | None = None, **options: Any) -> None:
         opts = _pool_options(options)

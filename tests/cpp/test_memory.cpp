@@ -26,8 +26,9 @@ namespace {
 
 constexpr std::size_t KiB = 1024, MiB = 1024 * 1024;
 
-std::shared_ptr<LimitingUpstream> limiting(std::size_t capacity, bool expandable = true, bool events = false) {
-  return std::make_shared<LimitingUpstream>(make_host_upstream(expandable, 64 * KiB), capacity, events);
+std::shared_ptr<LimitingUpstream> limiting(std::size_t capacity, bool expandable = true, bool events = false,
+                                           std::size_t granularity = 64 * KiB) {
+  return std::make_shared<LimitingUpstream>(make_host_upstream(expandable, granularity), capacity, events);
 }
 
 PoolOptions small_arenas() {
@@ -250,6 +251,144 @@ TEST(bad_input_raises_and_leaves_pool_intact) {
   CHECK_THROWS(ValueError, CachingPool(nullptr));
 }
 
+TEST(two_mib_granules_carve_small_chunks_from_the_large_arena) {
+  auto up = limiting(1ull << 34, true, /*manual_events=*/false, 2 * MiB);
+  CachingPool pool(up, small_arenas());
+  auto* s1 = static_cast<char*>(pool.allocate(4 * KiB));
+  CHECK(pool.stats().reserved_bytes == 2 * MiB);  // one granule, not one per size class
+  auto* l1 = static_cast<char*>(pool.allocate(512 * KiB));
+  CHECK(pool.stats().reserved_bytes == 2 * MiB);
+  CHECK(l1 == s1 + MiB);  // after the 1 MiB chunk, in the same granule
+  std::vector<char*> quarter;
+  for (int i = 0; i < 3; ++i) quarter.push_back(static_cast<char*>(pool.allocate(256 * KiB)));
+  CHECK(quarter[0] == s1 + 4 * KiB && quarter[2] == s1 + 4 * KiB + 512 * KiB);
+  pool.check();
+  // The chunk is full: a second one comes from the large arena's tail (one more granule).
+  auto* s2 = static_cast<char*>(pool.allocate(256 * KiB));
+  CHECK(s2 == l1 + 512 * KiB);
+  CHECK(pool.stats().reserved_bytes == 4 * MiB);
+  std::string msg;
+  try {
+    pool.deallocate(s2 + 256);
+  } catch (const ValueError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("points inside a block") != std::string::npos);
+  pool.deallocate(s2);  // the newest chunk stays, empty, for the next small requests
+  msg.clear();
+  try {
+    pool.deallocate(s2);
+  } catch (const ValueError& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("double free") != std::string::npos);
+  pool.check();
+  // Emptying the older chunk gives its megabyte back to the large class at once.
+  pool.deallocate(s1);
+  for (char* q : quarter) pool.deallocate(q);
+  pool.check();
+  auto* l2 = static_cast<char*>(pool.allocate(MiB));
+  CHECK(l2 == s1);
+  CHECK(pool.stats().reserved_bytes == 4 * MiB && pool.stats().num_upstream_allocs == 2);
+  // Small blocks and large ones never overlap: fill all, verify all.
+  std::vector<std::pair<char*, std::size_t>> blocks{{l1, 512 * KiB}, {l2, MiB}};
+  for (int i = 0; i < 40; ++i) {
+    const std::size_t n = (i % 5 == 0) ? 300 * KiB : (KiB << (i % 8));
+    blocks.emplace_back(static_cast<char*>(pool.allocate(n)), n);
+  }
+  for (std::size_t i = 0; i < blocks.size(); ++i) std::memset(blocks[i].first, int(i), blocks[i].second);
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    bool intact = true;
+    for (std::size_t k = 0; k < blocks[i].second; ++k) intact = intact && blocks[i].first[k] == char(i);
+    CHECK(intact);
+  }
+  pool.check();
+  for (auto& b : blocks) pool.deallocate(b.first);
+  pool.check();
+  const std::size_t reserved = pool.stats().reserved_bytes;
+  CHECK(pool.trim() == reserved);  // the newest chunk goes too: everything returns
+  CHECK(pool.stats().reserved_bytes == 0 && up->outstanding() == 0);
+  pool.check();
+}
+
+TEST(chunks_follow_the_limit_and_stream_events) {
+  auto up = limiting(1ull << 34, true, /*manual_events=*/true, 2 * MiB);
+  CachingPool pool(up, small_arenas());
+  void* a = pool.allocate(8 * KiB, /*stream=*/1);
+  pool.deallocate(a, 1);
+  void* b = pool.allocate(8 * KiB, 2);  // stream 1's event is not done: not the same bytes
+  CHECK(b != a);
+  pool.check();
+  pool.deallocate(b, 2);
+  pool.set_limit(0);  // releases every chunk and the arena's free tail, waiting for the events
+  CHECK(pool.stats().reserved_bytes == 0 && up->outstanding() == 0);
+  CHECK_THROWS(OutOfMemoryError, pool.allocate(8 * KiB));
+  pool.set_limit(kNoLimit);
+  void* c = pool.allocate(8 * KiB, 2);
+  CHECK(pool.stats().reserved_bytes == 2 * MiB);
+  pool.deallocate(c, 2);
+  pool.check();
+}
+
+TEST(decommit_unmaps_free_granules_instead_of_growing) {
+  auto up = limiting(1ull << 34);
+  PoolOptions o = small_arenas();
+  o.decommit = true;
+  CachingPool pool(up, o);
+  auto* a = static_cast<char*>(pool.allocate(MiB));
+  auto* b = static_cast<char*>(pool.allocate(MiB));
+  auto* c = static_cast<char*>(pool.allocate(MiB));
+  pool.deallocate(a);
+  auto* d = static_cast<char*>(pool.allocate(MiB));  // fills a's hole
+  CHECK(d == a);
+  pool.deallocate(b);
+  // 2 MiB fit no hole: b's free megabyte is unmapped before the arena grows by 2 MiB, so
+  // reserved is 4 MiB (live 4 MiB), not 5 MiB as without decommit.
+  const auto before = pool.stats();
+  auto* e = static_cast<char*>(pool.allocate(2 * MiB));
+  CHECK(e == c + MiB);
+  auto s = pool.stats();
+  CHECK(s.reserved_bytes == 4 * MiB && up->outstanding() == 4 * MiB);
+  CHECK(s.num_upstream_frees == before.num_upstream_frees + 1);
+  CHECK(s.fragmentation_ratio >= 0.0 && s.fragmentation_ratio <= 1.0);
+  pool.check();
+  std::memset(d, 1, MiB);
+  std::memset(c, 2, MiB);
+  std::memset(e, 3, 2 * MiB);
+  // A block placed over the unmapped megabyte maps it again (one upstream call).
+  pool.deallocate(d);
+  auto* f = static_cast<char*>(pool.allocate(2 * MiB));
+  CHECK(f == a);
+  s = pool.stats();
+  CHECK(s.reserved_bytes == 5 * MiB && up->outstanding() == 5 * MiB);
+  std::memset(f, 4, 2 * MiB);  // every byte of it is mapped
+  bool intact = true;
+  for (std::size_t k = 0; k < MiB; ++k) intact = intact && c[k] == 2 && e[k] == 3 && e[MiB + k] == 3;
+  CHECK(intact);
+  pool.check();
+  // Under a limit that forbids mapping it again, the request fails and the pool is unchanged.
+  pool.deallocate(f);
+  pool.deallocate(c);
+  auto* g = static_cast<char*>(pool.allocate(MiB));  // somewhere in the 3 MiB now free below e
+  pool.deallocate(g);
+  pool.set_limit(pool.stats().reserved_bytes);
+  const auto held = pool.stats();
+  auto* h = static_cast<char*>(pool.allocate(3 * MiB));  // unmaps first, so it fits the limit
+  CHECK(h == a);
+  CHECK(pool.stats().reserved_bytes <= held.limit_bytes);
+  pool.deallocate(h);
+  pool.set_limit(2 * MiB + 0);  // e alone is 2 MiB: nothing else may be mapped
+  CHECK(throws_oom_with_details(pool, MiB));
+  CHECK(pool.stats().allocated_bytes == 2 * MiB && pool.stats().num_live_blocks == 1);
+  CHECK(pool.stats().fragmentation_ratio >= 0.0 && pool.stats().fragmentation_ratio <= 1.0);
+  pool.check();
+  pool.deallocate(e);
+  pool.set_limit(kNoLimit);
+  pool.trim();
+  CHECK(pool.stats().reserved_bytes == 0 && up->outstanding() == 0);
+  pool.check();
+}
+
 TEST(cross_stream_reuse_waits_for_the_event) {
   for (bool expandable : {true, false}) {
     auto up = limiting(1ull << 34, expandable, /*manual_events=*/true);
@@ -333,13 +472,25 @@ TEST(randomized_stress_four_threads_three_streams) {
   std::size_t total_ops = 1000000;
 #endif
   if (const char* env = std::getenv("AGRT_STRESS_OPS")) total_ops = std::strtoull(env, nullptr, 10);
-  for (bool expandable : {true, false}) {
-    auto up = limiting(1ull << 34, expandable, /*manual_events=*/true);
-    CachingPool pool(up, small_arenas());
+  // Arenas in 64 KiB steps, arenas in 2 MiB steps (small blocks in chunks carved from the large
+  // arena, as over CUDA VMM), plain segments.
+  // The same with decommit (64 KiB and 2 MiB steps).
+  struct Mode {
+    std::size_t granularity;
+    bool decommit;
+  };
+  for (const Mode mode : {Mode{64 * KiB, false}, Mode{2 * MiB, false}, Mode{0, false}, Mode{64 * KiB, true},
+                          Mode{2 * MiB, true}}) {
+    const std::size_t granularity = mode.granularity;
+    const bool expandable = granularity != 0;
+    auto up = limiting(1ull << 34, expandable, /*manual_events=*/true, expandable ? granularity : 64 * KiB);
+    PoolOptions options = small_arenas();
+    options.decommit = mode.decommit;
+    CachingPool pool(up, options);
     std::atomic<std::size_t> corrupt{0}, ooms{0}, check_failures{0}, done_ops{0};
     const int threads = 4;
     auto worker = [&](int tid) {
-      std::mt19937_64 rng(1234 + tid + (expandable ? 100 : 0));
+      std::mt19937_64 rng(1234 + tid + granularity + (mode.decommit ? 7 : 0));
       struct Live {
         std::uint64_t* p;
         std::size_t n;
@@ -403,8 +554,9 @@ TEST(randomized_stress_four_threads_three_streams) {
     for (auto& t : ts) t.join();
     pool.check();
     const auto s = pool.stats();
-    std::printf("  stress(%s): %zu ops, %zu ooms, %llu upstream allocs, peak reserved %zu\n",
-                expandable ? "arena" : "segments", done_ops.load(), ooms.load(),
+    std::printf("  stress(%s%s): %zu ops, %zu ooms, %llu upstream allocs, peak reserved %zu\n",
+                !expandable ? "segments" : granularity == 64 * KiB ? "arena" : "arena, 2 MiB, chunks",
+                mode.decommit ? ", decommit" : "", done_ops.load(), ooms.load(),
                 static_cast<unsigned long long>(s.num_upstream_allocs), s.peak_reserved_bytes);
     CHECK(done_ops.load() == total_ops / threads * threads);
     CHECK(corrupt.load() == 0);

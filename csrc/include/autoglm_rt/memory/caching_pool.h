@@ -7,7 +7,10 @@
 // allocation and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
 // otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
-// `large_segment` below 10 MiB, else rounded to 2 MiB).
+// `large_segment` below 10 MiB, else rounded to 2 MiB). Where the upstream's granularity exceeds
+// 4 * small_size (CUDA VMM: 2 MiB), small blocks live in chunks of 4 * small_size carved from the
+// large arena instead of an arena of their own. PoolOptions::decommit unmaps free granules inside
+// the arenas before mapping more (smaller footprint, upstream calls on every step).
 //
 // Streams: a block freed on stream s is reusable on s at once (stream order). Another stream
 // takes it only once an event recorded on s has completed; the event is recorded lazily, when
@@ -50,6 +53,11 @@ struct PoolOptions {
   std::size_t large_segment = 20 * 1024 * 1024;  // minimum large segment below 10 MiB (segment mode)
   std::size_t arena_reserve = std::size_t{64} << 30;  // address space reserved per arena
   bool expandable = true;                    // use the upstream's expansion when it has one
+  // Arenas only: before an arena maps more memory (to grow, or to back a block placed over
+  // granules unmapped earlier), unmap the whole free granules inside its free blocks. Trades
+  // upstream calls on every step (and, on CUDA, waits for the freed blocks' streams) for a
+  // footprint near the live bytes; off by default (benches/RESULTS.md).
+  bool decommit = false;
 };
 
 struct PoolStats {

@@ -1,0 +1,157 @@
+"""The pool's footprint on the recorded traces: the Python layout model of benches/pool_layout.py
+against the native replay, the chunked small class with 2 MiB granules against the separate small
+arena it replaces, and the placement search that bounds what any hole-first policy can reach."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoglm_rt import memory
+from autoglm_rt.cli import main as cli_main
+
+MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = sorted((ROOT / "benches" / "traces").glob("*.csv")) + sorted((ROOT.parent / "shared" / "traces").glob("*.csv"))
+MLP = ROOT / "benches" / "traces" / "mlp_train.csv"
+
+
+def load_layout():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("pool_layout", ROOT / "benches" / "pool_layout.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pool_layout"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+layout = load_layout()
+
+
+def test_the_traces_are_there() -> None:
+    assert {p.name for p in TRACES} >= {"mlp_train.csv", "lstm_train.csv", "transformer_train.csv"}
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_layout_model_reproduces_the_native_replay(path: Path) -> None:
+    model = layout.Model(64 * 1024).replay(layout.read_trace(path), 3)
+    native = memory.replay(path, repeat=3)
+    assert model.peak_requested == native["peak_requested_bytes"]
+    assert model.peak_reserved == native["peak_reserved_bytes"]
+    assert model.upstream_allocs == native["upstream_allocs"]
+    assert model.after_first == native["upstream_allocs_after_first_pass"] == 0
+
+
+def test_two_mib_granules_put_small_chunks_into_the_large_arena() -> None:
+    saved = 0
+    for path in TRACES:
+        separate = layout.Model(2 * MiB).replay(layout.read_trace(path), 3)  # one arena per class
+        native = memory.replay(path, repeat=3, granularity="2Mi")
+        assert native["peak_requested_bytes"] == separate.peak_requested
+        assert native["peak_reserved_bytes"] <= separate.peak_reserved, path.name
+        assert native["upstream_allocs_after_first_pass"] == 0, path.name
+        saved += separate.peak_reserved - native["peak_reserved_bytes"]
+    assert saved >= 2 * MiB  # at least the small arena's granule on two traces
+
+
+def hand_trace() -> list[tuple[bool, int, int]]:
+    # A B C (1 MiB each), free A, D (1 MiB), free B, E (2 MiB). Filling A's hole with D leaves
+    # B's 1 MiB hole too small for E: 5 MiB. D at the end (4 MiB) lets E take A's and B's: 4 MiB.
+    return [
+        (True, 0, MiB),
+        (True, 1, MiB),
+        (True, 2, MiB),
+        (False, 0, MiB),
+        (True, 3, MiB),
+        (False, 1, MiB),
+        (True, 4, 2 * MiB),
+    ]
+
+
+def test_placement_search_on_a_trace_worked_by_hand(tmp_path: Path) -> None:
+    trace = hand_trace()
+    assert layout.best_placement(trace, 64 * 1024, hole_first=True) == (5 * MiB, [], True)
+    peak, notes, complete = layout.best_placement(trace, 64 * 1024, hole_first=False)
+    assert complete and peak == 4 * MiB
+    assert len(notes) == 1 and notes[0].startswith("id 3 ")
+    rows = [("alloc" if a else "free", i, n, 0) for a, i, n in trace]
+    native = memory.replay(memory.write_trace(rows, tmp_path / "hand.csv"), repeat=1)
+    assert native["peak_reserved_bytes"] == 5 * MiB  # the pool is hole first
+    assert native["peak_requested_bytes"] == 4 * MiB
+
+
+def test_mlp_trace_is_at_the_hole_first_bound() -> None:
+    trace = layout.read_trace(MLP)
+    model = layout.Model(64 * 1024).replay(trace, 3)
+    hole_first, _, complete = layout.best_placement(trace, 64 * 1024, hole_first=True)
+    assert complete
+    assert hole_first == model.arenas[1].peak  # no hole-first placement does better than the pool
+    assert (hole_first + model.arenas[0].peak) / model.peak_requested > 1.10
+    offline, notes, complete = layout.best_placement(trace, 64 * 1024, hole_first=False)
+    assert complete and offline < hole_first
+    assert (offline + model.arenas[0].peak) / model.peak_requested < 1.10
+    assert notes  # only by declining a hole that fits
+
+
+def test_decommit_model_trades_upstream_calls_for_footprint_on_mlp() -> None:
+    trace = layout.read_trace(MLP)
+    cached = layout.Model(64 * 1024).replay(trace, 3)
+    decommit = layout.Model(64 * 1024, decommit=True).replay(trace, 3)
+    assert decommit.peak_requested == cached.peak_requested
+    assert decommit.ratio < 1.10 < cached.ratio
+    assert cached.after_first == 0 < decommit.after_first
+    assert decommit.upstream_frees > 0
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_native_decommit_equals_the_model(path: Path) -> None:
+    model = layout.Model(64 * 1024, decommit=True).replay(layout.read_trace(path), 3)
+    native = memory.replay(path, repeat=3, decommit=True)
+    cached = memory.replay(path, repeat=3)
+    assert native["peak_reserved_bytes"] == model.peak_reserved
+    assert native["peak_reserved_bytes"] < cached["peak_reserved_bytes"]
+    assert native["upstream_allocs_after_first_pass"] > 0 == cached["upstream_allocs_after_first_pass"]
+
+
+def test_decommit_takes_mlp_below_the_target_as_an_option() -> None:
+    native = memory.replay(MLP, repeat=3, decommit=True)
+    assert native["reserved_to_requested"] < 1.10 < memory.replay(MLP, repeat=3)["reserved_to_requested"]
+
+
+def test_cli_replay_with_decommit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["replay", str(MLP), "--json"]) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert cli_main(["replay", str(MLP), "--decommit", "--json"]) == 0
+    decommit = json.loads(capsys.readouterr().out)
+    assert decommit["peak_requested_bytes"] == cached["peak_requested_bytes"]
+    assert decommit["peak_reserved_bytes"] < cached["peak_reserved_bytes"]
+    assert decommit["upstream_allocs_after_first_pass"] > cached["upstream_allocs_after_first_pass"] == 0
+
+
+def test_decommit_pool_keeps_stats_in_range_and_data_intact() -> None:
+    pool = memory.CachingPool(decommit=True)
+    a, b, c = (pool.allocate(MiB) for _ in range(3))
+    pool.deallocate(a)
+    d = pool.allocate(MiB)
+    pool.deallocate(b)
+    e = pool.allocate(2 * MiB)  # b's megabyte goes back to the host before the arena grows
+    s = pool.stats()
+    assert s["reserved_bytes"] == s["allocated_bytes"] == 4 * MiB
+    assert 0.0 <= s["fragmentation_ratio"] <= 1.0
+    for ptr, n, tag in ((c, MiB, 3), (d, MiB, 4), (e, 2 * MiB, 5)):
+        ctypes.memset(ptr, tag, n)
+    pool.deallocate(d)
+    f = pool.allocate(2 * MiB)  # over the unmapped megabyte: mapped again
+    ctypes.memset(f, 6, 2 * MiB)
+    assert ctypes.string_at(c, MiB) == bytes([3]) * MiB
+    assert ctypes.string_at(e, 2 * MiB) == bytes([5]) * (2 * MiB)
+    pool.check()
+    for ptr in (c, e, f):
+        pool.deallocate(ptr)
+    assert pool.trim() > 0 and pool.stats()["reserved_bytes"] == 0
+    pool.check()
