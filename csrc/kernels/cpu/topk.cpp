@@ -12,14 +12,20 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AGRT_TOPK_X86 1
 #endif
 
+#include "autoglm_rt/build_info.h"
 #include "autoglm_rt/detail/half.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
@@ -89,13 +95,13 @@ struct Candidate {
 using CandidateLists = std::vector<std::vector<Candidate>>;  // one list per chunk, index order
 
 // Finishes the radix select among candidates that all match `prefix` under `mask`: returns the
-// exact key of the k-th largest entry and how many entries at that key are taken. The per-list
-// histograms run on all threads when there are many candidates.
-std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lists, std::int64_t need, int level,
+// exact key of the k-th largest entry and how many entries at that key are taken. The candidates
+// are `nlists` lists (`total` entries in all); for_each_acc(l, f) calls f(acc) for each entry of
+// list l. The per-list histograms run on all threads when there are many candidates.
+template <typename ForEachAcc>
+std::pair<std::uint32_t, std::int64_t> threshold_among(std::int64_t nlists, std::int64_t total,
+                                                        const ForEachAcc& for_each_acc, std::int64_t need, int level,
                                                         std::uint32_t prefix, std::uint32_t mask) {
-  std::int64_t total = 0;
-  for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
-  const auto nlists = static_cast<std::int64_t>(lists.size());
   const std::int64_t grain = total > (std::int64_t{1} << 16) ? 1 : nlists;
   for (; level < 3; ++level) {
     const int bins = 1 << kTopkDigitBits[level];
@@ -104,10 +110,10 @@ std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lis
     parallel_for(0, nlists, grain, [&](std::int64_t lb, std::int64_t le) {
       for (std::int64_t l = lb; l < le; ++l) {
         std::uint32_t* h = per_list.data() + l * bins;
-        for (const Candidate& c : lists[static_cast<std::size_t>(l)]) {
-          const std::uint32_t key = magnitude_key(c.acc);
+        for_each_acc(l, [&](float acc) {
+          const std::uint32_t key = magnitude_key(acc);
           if ((key & mask) == prefix) ++h[(key >> shift) & static_cast<std::uint32_t>(bins - 1)];
-        }
+        });
       }
     });
     std::vector<std::int64_t> h(static_cast<std::size_t>(bins), 0);
@@ -120,6 +126,18 @@ std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lis
     mask |= static_cast<std::uint32_t>(bins - 1) << shift;
   }
   return {prefix, need};
+}
+
+std::pair<std::uint32_t, std::int64_t> threshold_among(const CandidateLists& lists, std::int64_t need, int level,
+                                                        std::uint32_t prefix, std::uint32_t mask) {
+  std::int64_t total = 0;
+  for (const auto& list : lists) total += static_cast<std::int64_t>(list.size());
+  return threshold_among(
+      static_cast<std::int64_t>(lists.size()), total,
+      [&](std::int64_t l, auto&& f) {
+        for (const Candidate& c : lists[static_cast<std::size_t>(l)]) f(c.acc);
+      },
+      need, level, prefix, mask);
 }
 
 // Calls take(candidate) for every selected candidate, in index order.
@@ -147,6 +165,7 @@ struct SampleBound {
   std::uint32_t key;          // lower bound: usually at least k entries are >= key
   std::uint32_t upper;        // entries with a key above it are (usually) fewer than k: all selected
   double expected_fraction;   // of all entries expected at or above key
+  double sure_fraction;       // of all entries expected above upper
 };
 
 template <typename G>
@@ -180,8 +199,139 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
     std::nth_element(keys.begin(), keys.begin() + (m_hi - 1), keys.begin() + (m - 1), std::greater<>());
     upper = std::max(keys[static_cast<std::size_t>(m_hi - 1)], lower);
   }
-  return SampleBound{lower, upper, static_cast<double>(m) / static_cast<double>(s)};
+  return SampleBound{lower, upper, static_cast<double>(m) / static_cast<double>(s),
+                     static_cast<double>(std::max<std::int64_t>(m_hi, 0)) / static_cast<double>(s)};
 }
+
+// One chunk's entries kept by the one pass, in index order: their acc and offset in the chunk, as
+// two arrays so that eight of them are written with two vector stores. Writers may store up to
+// kKeptSlack entries past `size` (branch-free compaction), so the arrays hold cap + kKeptSlack.
+constexpr std::int64_t kKeptSlack = 8;
+
+struct KeptList {
+  std::unique_ptr<float[]> acc;
+  std::unique_ptr<std::uint32_t[]> off;
+  std::int64_t size = 0;
+  std::int64_t cap = 0;
+
+  // Room for `more` further entries; false (nothing changed) when that would exceed `limit`.
+  bool make_room(std::int64_t more, std::int64_t limit) {
+    if (size + more <= cap) return true;
+    if (size + more > limit) return false;
+    const std::int64_t new_cap = std::min(limit, std::max(2 * cap, size + more));
+    // Uninitialised on purpose: only the part written is ever touched (no page faults for slack).
+    std::unique_ptr<float[]> a(new float[static_cast<std::size_t>(new_cap + kKeptSlack)]);
+    std::unique_ptr<std::uint32_t[]> o(new std::uint32_t[static_cast<std::size_t>(new_cap + kKeptSlack)]);
+    if (size > 0) {
+      std::memcpy(a.get(), acc.get(), static_cast<std::size_t>(size) * sizeof(float));
+      std::memcpy(o.get(), off.get(), static_cast<std::size_t>(size) * sizeof(std::uint32_t));
+    }
+    acc = std::move(a);
+    off = std::move(o);
+    cap = new_cap;
+    return true;
+  }
+};
+
+// Appends one entry to the sure list (key above upper) or the band list (between the bounds)
+// without a data-dependent branch: both slots are written, only the matching count advances.
+// Returns whether it is a sure entry.
+inline bool keep_branch_free(float acc, std::uint32_t off, std::uint32_t lower, std::uint32_t upper,
+                             KeptList& sure, KeptList& band) noexcept {
+  const std::uint32_t key = magnitude_key(acc);
+  const bool is_sure = key > upper;
+  const bool is_band = key >= lower && !is_sure;
+  sure.acc[static_cast<std::size_t>(sure.size)] = acc;
+  sure.off[static_cast<std::size_t>(sure.size)] = off;
+  sure.size += is_sure;
+  band.acc[static_cast<std::size_t>(band.size)] = acc;
+  band.off[static_cast<std::size_t>(band.size)] = off;
+  band.size += is_band;
+  return is_sure;
+}
+
+// Whether the float32 one pass may use its AVX2 loop: the CPU has AVX2 and
+// AUTOGLM_RT_TOPK_SIMD is not "scalar" (read on every call, so a test can compare both paths).
+bool topk_use_avx2() noexcept {
+#ifdef AGRT_TOPK_X86
+  const char* cap = std::getenv("AUTOGLM_RT_TOPK_SIMD");
+  if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return false;
+  return cpu_has_avx2() && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+#ifdef AGRT_TOPK_X86
+// Left-packing table: row m lists, in order, the lanes whose bit is set in the 8-bit mask m.
+struct LeftPackTable {
+  std::uint8_t lane[256][8];
+};
+constexpr LeftPackTable make_left_pack_table() {
+  LeftPackTable t{};
+  for (int m = 0; m < 256; ++m) {
+    int p = 0;
+    for (int j = 0; j < 8; ++j) {
+      if ((m >> j) & 1) t.lane[m][p++] = static_cast<std::uint8_t>(j);
+    }
+  }
+  return t;
+}
+alignas(64) constexpr LeftPackTable kLeftPack = make_left_pack_table();
+
+// The float32 one pass over [0, len) of g (and r), eight entries per step and no branch on the
+// data: acc = g + r; residual = acc, or 0 above `upper` (a sure pick); the entries above `upper`
+// and those in [lower, upper] are left-packed (a table permutation, then a popcount advance) onto
+// the two lists with offsets off0 + j. Both lists need room for len entries (plus the slack).
+// NaN keys are clamped to kTopkNanKey before the compares, as magnitude_key() does.
+template <bool kResidual>
+__attribute__((target("avx2,popcnt"))) void scan_f32_avx2(const float* __restrict g, float* __restrict r, int len,
+                                                         std::uint32_t off0, std::uint32_t lower,
+                                                         std::uint32_t upper, KeptList& sure, KeptList& band) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i nan_key = _mm256_set1_epi32(static_cast<std::int32_t>(kTopkNanKey));
+  // Keys are < 2^31, so signed compares are exact; `lower - 1` is -1 when lower is 0 (keep all),
+  // and an upper bound beyond every key (~0u: none sure) becomes 0x7fffffff.
+  const __m256i below = _mm256_set1_epi32(static_cast<std::int32_t>(lower) - 1);
+  const __m256i up = _mm256_set1_epi32(static_cast<std::int32_t>(std::min(upper, 0x7fffffffu)));
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<std::int32_t>(off0)),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  float* __restrict sa = sure.acc.get();
+  std::uint32_t* __restrict so = sure.off.get();
+  float* __restrict ba = band.acc.get();
+  std::uint32_t* __restrict bo = band.off.get();
+  std::int64_t ns = sure.size, nb = band.size;
+  int j = 0;
+  for (; j + 8 <= len; j += 8) {
+    __m256 acc = _mm256_loadu_ps(g + j);
+    if constexpr (kResidual) acc = _mm256_add_ps(acc, _mm256_loadu_ps(r + j));
+    const __m256i key = _mm256_min_epu32(_mm256_and_si256(_mm256_castps_si256(acc), abs_mask), nan_key);
+    const __m256i is_sure = _mm256_cmpgt_epi32(key, up);
+    const __m256i is_kept = _mm256_cmpgt_epi32(key, below);
+    if constexpr (kResidual) _mm256_storeu_ps(r + j, _mm256_andnot_ps(_mm256_castsi256_ps(is_sure), acc));
+    const auto ms = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(is_sure)));
+    const auto mb = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(is_sure, is_kept))));
+    const __m256i ps = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.lane[ms])));
+    _mm256_storeu_ps(sa + ns, _mm256_permutevar8x32_ps(acc, ps));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(so + ns), _mm256_permutevar8x32_epi32(idx, ps));
+    ns += _mm_popcnt_u32(ms);
+    const __m256i pb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.lane[mb])));
+    _mm256_storeu_ps(ba + nb, _mm256_permutevar8x32_ps(acc, pb));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bo + nb), _mm256_permutevar8x32_epi32(idx, pb));
+    nb += _mm_popcnt_u32(mb);
+    idx = _mm256_add_epi32(idx, step);
+  }
+  sure.size = ns;
+  band.size = nb;
+  for (; j < len; ++j) {
+    const float acc = kResidual ? g[j] + r[j] : g[j];
+    const bool is_sure = keep_branch_free(acc, off0 + static_cast<std::uint32_t>(j), lower, upper, sure, band);
+    if constexpr (kResidual) r[j] = is_sure ? 0.0f : acc;
+  }
+}
+#endif  // AGRT_TOPK_X86
+
 
 template <typename G, typename V, typename I>
 class Compressor {
@@ -243,67 +393,74 @@ class Compressor {
     if (r_ != nullptr) r_[i] = G::store(0.0f);
   }
 
-  // One pass: accumulate, and keep every entry at or above the sampled bound. Returns false when
-  // fewer than k entries reached it or a chunk kept far more than expected (heavy ties).
-  // An entry above the upper bound: its value and offset in its chunk (8 bytes, not 16).
-  struct Sure {
-    float acc;
-    std::uint32_t off;
-  };
+  // One block of the one pass without the AVX2 loop (other dtypes, or no AVX2): accumulate, then,
+  // only if some entry reached `lower`, append the kept entries branch-free and clear the
+  // residual of the sure ones. Both lists need room for len entries (plus the slack).
+  template <bool kResidual>
+  void scan_block_scalar(std::int64_t i, int len, std::uint32_t off0, std::uint32_t lower, std::uint32_t upper,
+                         KeptList& sure, KeptList& band) const {
+    float accs[kBlock];
+    if (!accumulate_block<kResidual>(i, len, accs, lower)) return;
+    GS* r = kResidual ? r_ + i : nullptr;
+    for (int j = 0; j < len; ++j) {
+      const bool is_sure = keep_branch_free(accs[j], off0 + static_cast<std::uint32_t>(j), lower, upper, sure, band);
+      // Selected for certain: clear its residual now, while the line is in cache (undone by
+      // restore_sure() if the bounds turn out to have missed).
+      if constexpr (kResidual) r[j] = is_sure ? G::store(0.0f) : r[j];
+    }
+  }
 
-  // One pass: accumulate; entries above the upper bound go to per-chunk "sure" lists, entries
-  // between the bounds to per-chunk band lists. The exact select runs over the band alone, then
-  // each chunk merges its sure entries and its selected band entries into the output in index
-  // order. Returns false (nothing written but residual, which then holds acc) when the bounds
-  // missed: k or more sure entries, fewer than k kept, or a chunk keeping far more than expected.
+  template <bool kResidual>
+  void scan_block(bool avx2, std::int64_t i, int len, std::uint32_t off0, std::uint32_t lower, std::uint32_t upper,
+                  KeptList& sure, KeptList& band) const {
+#ifdef AGRT_TOPK_X86
+    if constexpr (std::is_same_v<G, F32>) {
+      if (avx2) return scan_f32_avx2<kResidual>(g_ + i, kResidual ? r_ + i : nullptr, len, off0, lower, upper, sure,
+                                                band);
+    }
+#endif
+    (void)avx2;
+    scan_block_scalar<kResidual>(i, len, off0, lower, upper, sure, band);
+  }
+
+  // One pass: accumulate; entries above the upper bound go to per-chunk "sure" lists (their
+  // residual cleared at once), entries between the bounds to per-chunk band lists, both without a
+  // branch per kept entry. The exact select runs over the band alone, then each chunk merges its
+  // sure entries and its selected band entries into the output in index order. Returns false
+  // (nothing written but residual, which then holds acc) when the bounds missed: k or more sure
+  // entries, fewer than k kept, or a chunk keeping far more than expected.
   bool one_pass(const SampleBound& bound) {
     const auto nl = static_cast<std::size_t>(nchunks_);
-    CandidateLists band(nl);
-    std::vector<std::vector<Sure>> sure(nl);
+    std::vector<KeptList> sure(nl), band(nl);
     std::atomic<bool> overflow{false};
+    const bool avx2 = topk_use_avx2();
+    const std::uint32_t lower = bound.key, upper = bound.upper;
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
-      auto& band_list = band[static_cast<std::size_t>(b / chunk_)];
-      auto& sure_list = sure[static_cast<std::size_t>(b / chunk_)];
-      const auto expected = static_cast<std::size_t>(bound.expected_fraction * static_cast<double>(e - b));
-      const std::size_t cap = 4 * expected + 4096;
-      sure_list.reserve(expected + 64);
-      band_list.reserve(expected / 4 + 64);
-      const std::uint32_t lower = bound.key, upper = bound.upper;
-      float accs[kBlock];
+      KeptList& sl = sure[static_cast<std::size_t>(b / chunk_)];
+      KeptList& bl = band[static_cast<std::size_t>(b / chunk_)];
+      const auto len = static_cast<double>(e - b);
+      // At most this many kept entries per chunk (heavy ties, or a bound far off): then the
+      // exact two-pass select takes over.
+      const auto limit = static_cast<std::int64_t>(4.0 * bound.expected_fraction * len) + 4096;
+      const auto sure_guess = static_cast<std::int64_t>(1.25 * bound.sure_fraction * len) + 1024;
+      const auto band_guess =
+          static_cast<std::int64_t>(1.5 * (bound.expected_fraction - bound.sure_fraction) * len) + 1024;
+      bool full = !sl.make_room(std::min(sure_guess, limit), limit) || !bl.make_room(std::min(band_guess, limit), limit);
       for (std::int64_t i = b; i < e; i += kBlock) {
-        const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
-        const bool hit = r_ != nullptr ? accumulate_block<true>(i, len, accs, lower)
-                                       : accumulate_block<false>(i, len, accs, lower);
-        if (!hit) continue;
-        auto keep = [&](int j) {
-          if (sure_list.size() + band_list.size() >= cap) {
-            overflow.store(true, std::memory_order_relaxed);
-          } else if (magnitude_key(accs[j]) > upper) {
-            sure_list.push_back({accs[j], static_cast<std::uint32_t>(i + j - b)});
-            // Selected for certain: clear its residual now, while the line is in cache (undone
-            // by restore_sure() if the bounds turn out to have missed).
-            zero_residual(i + j);
-          } else {
-            band_list.push_back({accs[j], i + j});
-          }
-        };
-        int j = 0;
-#if defined(__SSE2__)
-        // Four compares per instruction and a bit mask, so the scan costs per entry kept rather
-        // than per entry looked at. `lower - 1` as signed: keys are < 2^31, lower 0 keeps all.
-        const __m128i below = _mm_set1_epi32(static_cast<std::int32_t>(lower) - 1);
-        const __m128i abs_mask = _mm_set1_epi32(0x7fffffff);
-        for (; j + 4 <= len; j += 4) {
-          const __m128i bits = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(accs + j)), abs_mask);
-          unsigned m = static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(bits, below))));
-          while (m != 0) {
-            keep(j + __builtin_ctz(m));
-            m &= m - 1;
-          }
+        const int blen = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        full = full || sl.size + bl.size + blen > limit || !sl.make_room(blen, limit) || !bl.make_room(blen, limit);
+        if (full) {
+          // Keep accumulating so that the residual holds acc everywhere for the exact select.
+          overflow.store(true, std::memory_order_relaxed);
+          float accs[kBlock];
+          if (r_ != nullptr) accumulate_block<true>(i, blen, accs, lower);
+          continue;
         }
-#endif
-        for (; j < len; ++j) {
-          if (magnitude_key(accs[j]) >= lower) keep(j);
+        const auto off0 = static_cast<std::uint32_t>(i - b);
+        if (r_ != nullptr) {
+          scan_block<true>(avx2, i, blen, off0, lower, upper, sl, bl);
+        } else {
+          scan_block<false>(avx2, i, blen, off0, lower, upper, sl, bl);
         }
       }
     });
@@ -311,25 +468,34 @@ class Compressor {
     auto restore_sure = [&] {
       if (r_ == nullptr) return false;
       for (std::size_t c = 0; c < nl; ++c) {
-        for (const Sure& x : sure[c]) r_[static_cast<std::int64_t>(c) * chunk_ + x.off] = G::store(x.acc);
+        const std::int64_t base = static_cast<std::int64_t>(c) * chunk_;
+        for (std::int64_t j = 0; j < sure[c].size; ++j) {
+          r_[base + sure[c].off[static_cast<std::size_t>(j)]] = G::store(sure[c].acc[static_cast<std::size_t>(j)]);
+        }
       }
       return false;
     };
     if (overflow.load()) return restore_sure();
     std::int64_t sure_total = 0, band_total = 0;
     for (std::size_t c = 0; c < nl; ++c) {
-      sure_total += static_cast<std::int64_t>(sure[c].size());
-      band_total += static_cast<std::int64_t>(band[c].size());
+      sure_total += sure[c].size;
+      band_total += band[c].size;
     }
     if (sure_total >= k_ || sure_total + band_total < k_) return restore_sure();
-    const auto [threshold, ties] = threshold_among(band, k_ - sure_total, 0, 0u, 0u);
+    const auto [threshold, ties] = threshold_among(
+        nchunks_, band_total,
+        [&](std::int64_t l, auto&& f) {
+          const KeptList& list = band[static_cast<std::size_t>(l)];
+          for (std::int64_t j = 0; j < list.size; ++j) f(list.acc[static_cast<std::size_t>(j)]);
+        },
+        k_ - sure_total, 0, 0u, 0u);
 
     // Per chunk: band entries above the threshold, and at it (ties go to the lowest indices).
     std::vector<std::int64_t> above(nl, 0), equal(nl, 0);
     parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
       for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
-        for (const Candidate& x : band[c]) {
-          const std::uint32_t key = magnitude_key(x.acc);
+        for (std::int64_t j = 0; j < band[c].size; ++j) {
+          const std::uint32_t key = magnitude_key(band[c].acc[static_cast<std::size_t>(j)]);
           above[c] += key > threshold;
           equal[c] += key == threshold;
         }
@@ -340,29 +506,39 @@ class Compressor {
     for (std::size_t c = 0; c < nl; ++c) {
       out_off[c] = o;
       ties_before[c] = t;
-      o += static_cast<std::int64_t>(sure[c].size()) + above[c] + std::clamp<std::int64_t>(ties - t, 0, equal[c]);
+      o += sure[c].size + above[c] + std::clamp<std::int64_t>(ties - t, 0, equal[c]);
       t += equal[c];
     }
     if (o != k_) AGRT_FAIL(RuntimeError, "topk_compress: selected ", o, " entries, expected ", k_);
     parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
       for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
         const std::int64_t base = static_cast<std::int64_t>(c) * chunk_;
-        std::int64_t pos = out_off[c], tie = ties_before[c];
-        auto emit = [&](float acc, std::int64_t idx) {
-          vout_[pos] = V::store(acc);
-          iout_[pos] = static_cast<I>(idx);
-          ++pos;
+        // Locals, not members, so stores through the outputs cannot force reloads.
+        VS* __restrict vout = vout_ + out_off[c];
+        I* __restrict iout = iout_ + out_off[c];
+        const float* __restrict sa = sure[c].acc.get();
+        const std::uint32_t* __restrict so = sure[c].off.get();
+        const std::int64_t ns = sure[c].size;
+        std::int64_t pos = 0, si = 0, tie = ties_before[c];
+        // Copies the sure entries with offsets below `end` (a run the branch predictor follows).
+        auto emit_sure_until = [&](std::uint64_t end) {
+          for (; si < ns && so[si] < end; ++si, ++pos) {
+            vout[pos] = V::store(sa[si]);
+            iout[pos] = static_cast<I>(base + so[si]);
+          }
         };
-        const auto& sl = sure[c];
-        std::size_t si = 0;
-        for (const Candidate& x : band[c]) {
-          const std::uint32_t key = magnitude_key(x.acc);
+        for (std::int64_t j = 0; j < band[c].size; ++j) {
+          const float acc = band[c].acc[static_cast<std::size_t>(j)];
+          const std::uint32_t key = magnitude_key(acc);
           if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
-          for (; si < sl.size() && base + sl[si].off < x.idx; ++si) emit(sl[si].acc, base + sl[si].off);
-          emit(x.acc, x.idx);
-          zero_residual(x.idx);  // sure entries were cleared in the pass
+          const std::uint32_t off = band[c].off[static_cast<std::size_t>(j)];
+          emit_sure_until(off);
+          vout[pos] = V::store(acc);
+          iout[pos] = static_cast<I>(base + off);
+          ++pos;
+          zero_residual(base + off);  // sure entries were cleared in the pass
         }
-        for (; si < sl.size(); ++si) emit(sl[si].acc, base + sl[si].off);
+        emit_sure_until(~std::uint64_t{0});
       }
     });
     return true;
