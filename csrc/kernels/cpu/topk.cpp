@@ -15,7 +15,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -102,14 +104,19 @@ template <typename ForEachAcc>
 std::pair<std::uint32_t, std::int64_t> threshold_among(std::int64_t nlists, std::int64_t total,
                                                         const ForEachAcc& for_each_acc, std::int64_t need, int level,
                                                         std::uint32_t prefix, std::uint32_t mask) {
-  const std::int64_t grain = total > (std::int64_t{1} << 16) ? 1 : nlists;
+  // A few runs of lists per thread, each with its own histogram (counts add up to the same
+  // totals in any order, so the result does not depend on the split).
+  const std::int64_t runs = total > (std::int64_t{1} << 16) ? std::min<std::int64_t>(nlists, 4 * num_threads()) : 1;
+  const std::int64_t grain = (nlists + runs - 1) / runs;
+  const std::int64_t run_len = parallel_chunk_size(0, nlists, grain);
+  const std::int64_t nruns = (nlists + run_len - 1) / run_len;
   for (; level < 3; ++level) {
     const int bins = 1 << kTopkDigitBits[level];
     const int shift = kTopkDigitShift[level];
-    std::vector<std::uint32_t> per_list(static_cast<std::size_t>(nlists * bins), 0);
+    std::vector<std::uint32_t> per_run(static_cast<std::size_t>(nruns * bins), 0);
     parallel_for(0, nlists, grain, [&](std::int64_t lb, std::int64_t le) {
+      std::uint32_t* h = per_run.data() + (lb / run_len) * bins;
       for (std::int64_t l = lb; l < le; ++l) {
-        std::uint32_t* h = per_list.data() + l * bins;
         for_each_acc(l, [&](float acc) {
           const std::uint32_t key = magnitude_key(acc);
           if ((key & mask) == prefix) ++h[(key >> shift) & static_cast<std::uint32_t>(bins - 1)];
@@ -117,8 +124,8 @@ std::pair<std::uint32_t, std::int64_t> threshold_among(std::int64_t nlists, std:
       }
     });
     std::vector<std::int64_t> h(static_cast<std::size_t>(bins), 0);
-    for (std::int64_t l = 0; l < nlists; ++l) {
-      for (int j = 0; j < bins; ++j) h[static_cast<std::size_t>(j)] += per_list[static_cast<std::size_t>(l * bins + j)];
+    for (std::int64_t l = 0; l < nruns; ++l) {
+      for (int j = 0; j < bins; ++j) h[static_cast<std::size_t>(j)] += per_run[static_cast<std::size_t>(l * bins + j)];
     }
     const auto [bin, above] = select_bin(h.data(), bins, need);
     need -= above;
@@ -208,29 +215,89 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
 // kKeptSlack entries past `size` (branch-free compaction), so the arrays hold cap + kKeptSlack.
 constexpr std::int64_t kKeptSlack = 8;
 
+// Memory for the kept lists, kept between calls: a fresh page costs a fault and a kernel zeroing
+// at first touch, which at N = 1e8 and density 0.1 (~90 MB of lists) cost about half as much as
+// the pass itself. Lists hand their buffers back when a call ends; at most kScratchCacheBytes stay
+// cached (process-wide, thread-safe), the rest is freed.
+constexpr std::size_t kScratchCacheBytes = std::size_t{256} << 20;
+
+class ScratchCache {
+ public:
+  struct Buffer {
+    std::unique_ptr<unsigned char[]> data;
+    std::size_t bytes = 0;
+  };
+
+  static ScratchCache& instance() {
+    static ScratchCache cache;
+    return cache;
+  }
+
+  // A buffer of at least `bytes` (a cached one if one fits without wasting much), uninitialised.
+  Buffer take(std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes + (std::size_t{64} << 10)) {
+        Buffer b = std::move(it->second);
+        free_.erase(it);
+        cached_ -= b.bytes;
+        return b;
+      }
+    }
+    return Buffer{std::unique_ptr<unsigned char[]>(new unsigned char[bytes]), bytes};
+  }
+
+  void give(Buffer b) {
+    if (!b.data) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cached_ + b.bytes > kScratchCacheBytes) return;  // freed as `b` goes out of scope
+    cached_ += b.bytes;
+    free_.emplace(b.bytes, std::move(b));
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<std::size_t, Buffer> free_;
+  std::size_t cached_ = 0;
+};
+
 struct KeptList {
-  std::unique_ptr<float[]> acc;
-  std::unique_ptr<std::uint32_t[]> off;
+  float* acc = nullptr;
+  std::uint32_t* off = nullptr;
   std::int64_t size = 0;
   std::int64_t cap = 0;
+
+  KeptList() = default;
+  KeptList(const KeptList&) = delete;
+  KeptList& operator=(const KeptList&) = delete;
+  ~KeptList() { ScratchCache::instance().give(std::move(buf_)); }
 
   // Room for `more` further entries; false (nothing changed) when that would exceed `limit`.
   bool make_room(std::int64_t more, std::int64_t limit) {
     if (size + more <= cap) return true;
     if (size + more > limit) return false;
-    const std::int64_t new_cap = std::min(limit, std::max(2 * cap, size + more));
-    // Uninitialised on purpose: only the part written is ever touched (no page faults for slack).
-    std::unique_ptr<float[]> a(new float[static_cast<std::size_t>(new_cap + kKeptSlack)]);
-    std::unique_ptr<std::uint32_t[]> o(new std::uint32_t[static_cast<std::size_t>(new_cap + kKeptSlack)]);
+    const std::int64_t want = std::min(limit, std::max(2 * cap, size + more));
+    constexpr std::size_t kEntryBytes = sizeof(float) + sizeof(std::uint32_t);
+    ScratchCache::Buffer b = ScratchCache::instance().take(static_cast<std::size_t>(want + kKeptSlack) * kEntryBytes);
+    // Uninitialised on purpose: only the part written is ever touched.
+    const auto fits = static_cast<std::int64_t>(b.bytes / kEntryBytes) - kKeptSlack;
+    auto* a = reinterpret_cast<float*>(b.data.get());
+    auto* o = reinterpret_cast<std::uint32_t*>(a + fits + kKeptSlack);
     if (size > 0) {
-      std::memcpy(a.get(), acc.get(), static_cast<std::size_t>(size) * sizeof(float));
-      std::memcpy(o.get(), off.get(), static_cast<std::size_t>(size) * sizeof(std::uint32_t));
+      std::memcpy(a, acc, static_cast<std::size_t>(size) * sizeof(float));
+      std::memcpy(o, off, static_cast<std::size_t>(size) * sizeof(std::uint32_t));
     }
-    acc = std::move(a);
-    off = std::move(o);
-    cap = new_cap;
+    ScratchCache::instance().give(std::move(buf_));
+    buf_ = std::move(b);
+    acc = a;
+    off = o;
+    cap = fits;
     return true;
   }
+
+ private:
+  ScratchCache::Buffer buf_;
 };
 
 // Appends one entry to the sure list (key above upper) or the band list (between the bounds)
@@ -297,10 +364,10 @@ __attribute__((target("avx2,popcnt"))) void scan_f32_avx2(const float* __restric
   const __m256i step = _mm256_set1_epi32(8);
   __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<std::int32_t>(off0)),
                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  float* __restrict sa = sure.acc.get();
-  std::uint32_t* __restrict so = sure.off.get();
-  float* __restrict ba = band.acc.get();
-  std::uint32_t* __restrict bo = band.off.get();
+  float* __restrict sa = sure.acc;
+  std::uint32_t* __restrict so = sure.off;
+  float* __restrict ba = band.acc;
+  std::uint32_t* __restrict bo = band.off;
   std::int64_t ns = sure.size, nb = band.size;
   int j = 0;
   for (; j + 8 <= len; j += 8) {
@@ -402,11 +469,19 @@ class Compressor {
     float accs[kBlock];
     if (!accumulate_block<kResidual>(i, len, accs, lower)) return;
     GS* r = kResidual ? r_ + i : nullptr;
-    for (int j = 0; j < len; ++j) {
-      const bool is_sure = keep_branch_free(accs[j], off0 + static_cast<std::uint32_t>(j), lower, upper, sure, band);
-      // Selected for certain: clear its residual now, while the line is in cache (undone by
-      // restore_sure() if the bounds turn out to have missed).
-      if constexpr (kResidual) r[j] = is_sure ? G::store(0.0f) : r[j];
+    // Groups of eight with nothing kept are skipped (most of them at low density).
+    for (int j0 = 0; j0 < len; j0 += 8) {
+      const int je = std::min(len, j0 + 8);
+      bool any = false;
+      for (int j = j0; j < je; ++j) any |= magnitude_key(accs[j]) >= lower;
+      if (!any) continue;
+      for (int j = j0; j < je; ++j) {
+        const bool is_sure =
+            keep_branch_free(accs[j], off0 + static_cast<std::uint32_t>(j), lower, upper, sure, band);
+        // Selected for certain: clear its residual now, while the line is in cache (undone by
+        // restore_sure() if the bounds turn out to have missed).
+        if constexpr (kResidual) r[j] = is_sure ? G::store(0.0f) : r[j];
+      }
     }
   }
 
@@ -516,11 +591,12 @@ class Compressor {
         // Locals, not members, so stores through the outputs cannot force reloads.
         VS* __restrict vout = vout_ + out_off[c];
         I* __restrict iout = iout_ + out_off[c];
-        const float* __restrict sa = sure[c].acc.get();
-        const std::uint32_t* __restrict so = sure[c].off.get();
+        const float* __restrict sa = sure[c].acc;
+        const std::uint32_t* __restrict so = sure[c].off;
         const std::int64_t ns = sure[c].size;
         std::int64_t pos = 0, si = 0, tie = ties_before[c];
-        // Copies the sure entries with offsets below `end` (a run the branch predictor follows).
+        // Copies the sure entries with offsets below `end` (runs of ~k/band entries: the branch
+        // predictor follows them; a binary search mispredicts more than this loop does).
         auto emit_sure_until = [&](std::uint64_t end) {
           for (; si < ns && so[si] < end; ++si, ++pos) {
             vout[pos] = V::store(sa[si]);
