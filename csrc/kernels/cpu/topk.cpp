@@ -201,16 +201,27 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
       keys[static_cast<std::size_t>(j * block + t)] = magnitude_key(acc);
     }
   }
-  std::nth_element(keys.begin(), keys.begin() + (m - 1), keys.end(), std::greater<>());
-  const std::uint32_t lower = keys[static_cast<std::size_t>(m - 1)];
+  // The m-th largest key by a histogram of the first digit, then nth_element within its bin only
+  // (this runs on one thread before the pass: a full nth_element cost ~5% of the call).
+  std::vector<std::uint32_t> hist(kBins1, 0);
+  for (const std::uint32_t key : keys) ++hist[key >> kTopkDigitShift[0]];
+  std::vector<std::uint32_t> in_bin;
+  auto largest = [&](std::int64_t rank) {  // rank 1 = the largest
+    const auto [bin, above] = select_bin(hist.data(), kBins1, rank);
+    in_bin.clear();
+    for (const std::uint32_t key : keys) {
+      if ((key >> kTopkDigitShift[0]) == static_cast<std::uint32_t>(bin)) in_bin.push_back(key);
+    }
+    const auto nth = in_bin.begin() + (rank - above - 1);
+    std::nth_element(in_bin.begin(), nth, in_bin.end(), std::greater<>());
+    return *nth;
+  };
+  const std::uint32_t lower = largest(m);
   // The upper bound, as many standard deviations the other way: entries above it are kept in a
   // list of sure picks that skips the exact select.
   const auto m_hi = static_cast<std::int64_t>(std::floor(expected - 4.0 * std::sqrt(expected) - 16.0));
   std::uint32_t upper = ~0u;
-  if (m_hi >= 1) {
-    std::nth_element(keys.begin(), keys.begin() + (m_hi - 1), keys.begin() + (m - 1), std::greater<>());
-    upper = std::max(keys[static_cast<std::size_t>(m_hi - 1)], lower);
-  }
+  if (m_hi >= 1) upper = std::max(largest(m_hi), lower);
   return SampleBound{lower, upper, static_cast<double>(m) / static_cast<double>(s),
                      static_cast<double>(std::max<std::int64_t>(m_hi, 0)) / static_cast<double>(s)};
 }
@@ -219,6 +230,7 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
 // two arrays so that eight of them are written with two vector stores. Writers may store up to
 // kKeptSlack entries past `size` (branch-free compaction), so the arrays hold cap + kKeptSlack.
 constexpr std::int64_t kKeptSlack = 8;
+constexpr std::int64_t kPrefetchBand = 8;
 
 // Memory for the kept lists, kept between calls: a fresh page costs a fault and a kernel zeroing
 // at first touch, which at N = 1e8 and density 0.1 (~90 MB of lists) cost about half as much as
@@ -402,7 +414,32 @@ __attribute__((target("avx2,popcnt"))) void scan_f32_avx2(const float* __restric
     if constexpr (kResidual) r[j] = is_sure ? 0.0f : acc;
   }
 }
+
+// The first t in [si, ns) with off[t] >= end (ns if none), off ascending: eight offsets per
+// compare. Reads up to 7 entries past ns (the lists' slack; what is there does not matter).
+__attribute__((target("avx2,bmi"))) std::int64_t run_end_avx2(const std::uint32_t* off, std::int64_t si,
+                                                              std::int64_t ns, std::uint32_t end) {
+  // Offsets and end are unsigned: flip the top bit so the signed compare orders them right.
+  const __m256i flip = _mm256_set1_epi32(static_cast<std::int32_t>(0x80000000u));
+  const __m256i e = _mm256_xor_si256(_mm256_set1_epi32(static_cast<std::int32_t>(end)), flip);
+  std::int64_t t = si;
+  while (t < ns) {
+    const __m256i o = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + t)), flip);
+    const auto below = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(e, o))));
+    if (below != 0xffu) {
+      t += static_cast<std::int64_t>(_tzcnt_u32(~below));  // the entries below end are a prefix
+      break;
+    }
+    t += 8;
+  }
+  return std::min(t, ns);
+}
 #endif  // AGRT_TOPK_X86
+
+std::int64_t run_end_scalar(const std::uint32_t* off, std::int64_t si, std::int64_t ns, std::uint32_t end) {
+  while (si < ns && off[si] < end) ++si;
+  return si;
+}
 
 
 template <typename G, typename V, typename I>
@@ -600,26 +637,42 @@ class Compressor {
         const std::uint32_t* __restrict so = sure[c].off;
         const std::int64_t ns = sure[c].size;
         std::int64_t pos = 0, si = 0, tie = ties_before[c];
-        // Copies the sure entries with offsets below `end` (runs of ~k/band entries: the branch
-        // predictor follows them; a binary search mispredicts more than this loop does).
-        auto emit_sure_until = [&](std::uint64_t end) {
-          for (; si < ns && so[si] < end; ++si, ++pos) {
-            vout[pos] = V::store(sa[si]);
-            iout[pos] = static_cast<I>(base + so[si]);
+        // Copies the sure entries [si, stop): a loop without a compare per entry.
+        auto emit_sure_until = [&](std::int64_t stop) {
+          VS* __restrict v = vout + pos;
+          I* __restrict ix = iout + pos;
+          const std::int64_t count = stop - si;
+          for (std::int64_t t = 0; t < count; ++t) {
+            v[t] = V::store(sa[si + t]);
+            ix[t] = static_cast<I>(base + so[si + t]);
           }
+          pos += count;
+          si = stop;
         };
-        for (std::int64_t j = 0; j < band[c].size; ++j) {
+        // Where the run of sure entries before offset `end` stops (runs average ~sure/band long).
+        auto run_end = [&](std::uint32_t end) {
+#ifdef AGRT_TOPK_X86
+          if (avx2) return run_end_avx2(so, si, ns, end);
+#endif
+          return run_end_scalar(so, si, ns, end);
+        };
+        const std::int64_t nb = band[c].size;
+        for (std::int64_t j = 0; j < nb; ++j) {
+          // The residual lines of band entries left the cache long ago: ask for them early.
+          if (r_ != nullptr && j + kPrefetchBand < nb) {
+            __builtin_prefetch(r_ + base + band[c].off[static_cast<std::size_t>(j + kPrefetchBand)], 1);
+          }
           const float acc = band[c].acc[static_cast<std::size_t>(j)];
           const std::uint32_t key = magnitude_key(acc);
           if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
           const std::uint32_t off = band[c].off[static_cast<std::size_t>(j)];
-          emit_sure_until(off);
+          emit_sure_until(run_end(off));
           vout[pos] = V::store(acc);
           iout[pos] = static_cast<I>(base + off);
           ++pos;
           zero_residual(base + off);  // sure entries were cleared in the pass
         }
-        emit_sure_until(~std::uint64_t{0});
+        emit_sure_until(ns);
       }
     });
     return true;
