@@ -230,7 +230,6 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
 // two arrays so that eight of them are written with two vector stores. Writers may store up to
 // kKeptSlack entries past `size` (branch-free compaction), so the arrays hold cap + kKeptSlack.
 constexpr std::int64_t kKeptSlack = 8;
-constexpr std::int64_t kPrefetchBand = 8;
 
 // Memory for the kept lists, kept between calls: a fresh page costs a fault and a kernel zeroing
 // at first touch, which at N = 1e8 and density 0.1 (~90 MB of lists) cost about half as much as
@@ -658,10 +657,6 @@ class Compressor {
         };
         const std::int64_t nb = band[c].size;
         for (std::int64_t j = 0; j < nb; ++j) {
-          // The residual lines of band entries left the cache long ago: ask for them early.
-          if (r_ != nullptr && j + kPrefetchBand < nb) {
-            __builtin_prefetch(r_ + base + band[c].off[static_cast<std::size_t>(j + kPrefetchBand)], 1);
-          }
           const float acc = band[c].acc[static_cast<std::size_t>(j)];
           const std::uint32_t key = magnitude_key(acc);
           if (!(key > threshold || (key == threshold && tie++ < ties))) continue;
