@@ -94,5 +94,5 @@ def test_both_inner_loops_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -
         res = residual.clone()
         values, indices = ops.topk_compress(g, res, N // 10)
         results.append((values, indices, res))
-    for a, b in zip(results[0], results[1]):
+    for a, b in zip(results[0], results[1], strict=True):
         assert torch.equal(a, b)

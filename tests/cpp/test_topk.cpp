@@ -99,7 +99,8 @@ TEST(compress_both_inner_loops_match_brute_force) {
   std::vector<float> g(static_cast<std::size_t>(n)), r(static_cast<std::size_t>(n));
   for (auto& x : g) x = normal(rng);
   for (auto& x : r) x = 0.1f * normal(rng);
-  for (std::size_t i = 0; i < g.size(); i += 997) g[i] = (i / 997) % 3 == 0 ? NAN : ((i / 997) % 3 == 1 ? INFINITY : -INFINITY);
+  const float specials[3] = {NAN, INFINITY, -INFINITY};
+  for (std::size_t i = 0; i < g.size(); i += 997) g[i] = specials[(i / 997) % 3];
   for (const char* loop : {"auto", "scalar"}) {
     if (std::string(loop) == "scalar") {
       setenv("AUTOGLM_RT_TOPK_SIMD", "scalar", 1);
