@@ -230,6 +230,7 @@ std::optional<SampleBound> sample_bound(const typename G::Storage* g, const type
 // two arrays so that eight of them are written with two vector stores. Writers may store up to
 // kKeptSlack entries past `size` (branch-free compaction), so the arrays hold cap + kKeptSlack.
 constexpr std::int64_t kKeptSlack = 8;
+constexpr double kSparseKeptFraction = 0.02;
 
 // Memory for the kept lists, kept between calls: a fresh page costs a fault and a kernel zeroing
 // at first touch, which at N = 1e8 and density 0.1 (~90 MB of lists) cost about half as much as
@@ -367,7 +368,9 @@ alignas(64) constexpr LeftPackTable kLeftPack = make_left_pack_table();
 // and those in [lower, upper] are left-packed (a table permutation, then a popcount advance) onto
 // the two lists with offsets off0 + j. Both lists need room for len entries (plus the slack).
 // NaN keys are clamped to kTopkNanKey before the compares, as magnitude_key() does.
-template <bool kResidual>
+// kSkipEmpty: skip the packing for groups that keep nothing, a branch that is cheaper when few
+// groups keep anything (low density) and mispredicts when many do.
+template <bool kResidual, bool kSkipEmpty>
 __attribute__((target("avx2,popcnt"))) void scan_f32_avx2(const float* __restrict g, float* __restrict r, int len,
                                                          std::uint32_t off0, std::uint32_t lower,
                                                          std::uint32_t upper, KeptList& sure, KeptList& band) {
@@ -395,6 +398,12 @@ __attribute__((target("avx2,popcnt"))) void scan_f32_avx2(const float* __restric
     if constexpr (kResidual) _mm256_storeu_ps(r + j, _mm256_andnot_ps(_mm256_castsi256_ps(is_sure), acc));
     const auto ms = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(is_sure)));
     const auto mb = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(is_sure, is_kept))));
+    if constexpr (kSkipEmpty) {
+      if ((ms | mb) == 0) {
+        idx = _mm256_add_epi32(idx, step);
+        continue;
+      }
+    }
     const __m256i ps = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.lane[ms])));
     _mm256_storeu_ps(sa + ns, _mm256_permutevar8x32_ps(acc, ps));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(so + ns), _mm256_permutevar8x32_epi32(idx, ps));
@@ -527,15 +536,17 @@ class Compressor {
   }
 
   template <bool kResidual>
-  void scan_block(bool avx2, std::int64_t i, int len, std::uint32_t off0, std::uint32_t lower, std::uint32_t upper,
-                  KeptList& sure, KeptList& band) const {
+  void scan_block(bool avx2, bool sparse, std::int64_t i, int len, std::uint32_t off0, std::uint32_t lower,
+                  std::uint32_t upper, KeptList& sure, KeptList& band) const {
 #ifdef AGRT_TOPK_X86
     if constexpr (std::is_same_v<G, F32>) {
-      if (avx2) return scan_f32_avx2<kResidual>(g_ + i, kResidual ? r_ + i : nullptr, len, off0, lower, upper, sure,
-                                                band);
+      GS* r = kResidual ? r_ + i : nullptr;
+      if (avx2 && sparse) return scan_f32_avx2<kResidual, true>(g_ + i, r, len, off0, lower, upper, sure, band);
+      if (avx2) return scan_f32_avx2<kResidual, false>(g_ + i, r, len, off0, lower, upper, sure, band);
     }
 #endif
     (void)avx2;
+    (void)sparse;
     scan_block_scalar<kResidual>(i, len, off0, lower, upper, sure, band);
   }
 
@@ -550,6 +561,8 @@ class Compressor {
     std::vector<KeptList> sure(nl), band(nl);
     std::atomic<bool> overflow{false};
     const bool avx2 = topk_use_avx2();
+    // Below ~2% kept, most groups of eight keep nothing: skipping them beats packing every group.
+    const bool sparse = bound.expected_fraction < kSparseKeptFraction;
     const std::uint32_t lower = bound.key, upper = bound.upper;
     parallel_for(0, n_, kGrain, [&](std::int64_t b, std::int64_t e) {
       KeptList& sl = sure[static_cast<std::size_t>(b / chunk_)];
@@ -574,9 +587,9 @@ class Compressor {
         }
         const auto off0 = static_cast<std::uint32_t>(i - b);
         if (r_ != nullptr) {
-          scan_block<true>(avx2, i, blen, off0, lower, upper, sl, bl);
+          scan_block<true>(avx2, sparse, i, blen, off0, lower, upper, sl, bl);
         } else {
-          scan_block<false>(avx2, i, blen, off0, lower, upper, sl, bl);
+          scan_block<false>(avx2, sparse, i, blen, off0, lower, upper, sl, bl);
         }
       }
     });
