@@ -279,7 +279,9 @@ class ScratchCache {
   std::size_t cached_ = 0;
 };
 
-struct KeptList {
+// One cache line each: threads fill neighbouring chunks' lists, and sharing a line made every
+// block's count update bounce between cores.
+struct alignas(64) KeptList {
   float* acc = nullptr;
   std::uint32_t* off = nullptr;
   std::int64_t size = 0;
@@ -623,11 +625,15 @@ class Compressor {
     std::vector<std::int64_t> above(nl, 0), equal(nl, 0);
     parallel_for(0, nchunks_, 1, [&](std::int64_t cb, std::int64_t ce) {
       for (auto c = static_cast<std::size_t>(cb); c < static_cast<std::size_t>(ce); ++c) {
+        // Counted in locals: neighbouring chunks' counters share a cache line across threads.
+        std::int64_t a = 0, q = 0;
         for (std::int64_t j = 0; j < band[c].size; ++j) {
           const std::uint32_t key = magnitude_key(band[c].acc[static_cast<std::size_t>(j)]);
-          above[c] += key > threshold;
-          equal[c] += key == threshold;
+          a += key > threshold;
+          q += key == threshold;
         }
+        above[c] = a;
+        equal[c] = q;
       }
     });
     std::vector<std::int64_t> out_off(nl), ties_before(nl);
