@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from autoglm_rt import ops
@@ -25,11 +26,13 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, generator=gen), 0.1 * torch.randn(N, generator=gen)
 
 
-def test_topk_compress(benchmark) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("density", [0.01, 0.1])
+def test_topk_compress(benchmark, density: float) -> None:  # type: ignore[no-untyped-def]
     grad, residual = _inputs()
     acc = grad + residual
-    values, indices = benchmark.pedantic(ops.topk_compress, args=(grad, residual.clone(), K), rounds=3, iterations=1)
-    expected = np.sort(torch.topk(acc.abs(), K).indices.numpy())  # continuous data: no ties
+    k = int(N * density)
+    values, indices = benchmark.pedantic(ops.topk_compress, args=(grad, residual.clone(), k), rounds=3, iterations=1)
+    expected = np.sort(torch.topk(acc.abs(), k).indices.numpy())  # continuous data: no ties
     np.testing.assert_array_equal(indices.numpy(), expected)
     assert torch.equal(values, acc[expected])
 

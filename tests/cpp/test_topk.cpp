@@ -5,6 +5,8 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
+#include <cstdlib>
 #include <vector>
 
 #include "agrt_test.h"
@@ -85,6 +87,29 @@ TEST(compress_ties_nan_inf) {
   for (std::int64_t k = 1; k <= 10; ++k) check_case(g, std::vector<float>(g.size(), 0.0f), k);
   std::vector<float> same(300000, 3.0f);  // every entry ties: the sampled bound overflows
   check_case(same, std::vector<float>(same.size(), 0.0f), 777);
+}
+
+// The one-pass path (>= 2^18 elements) at DDP densities, through the AVX2 float32 loop (where the
+// CPU has it) and through the portable loop AUTOGLM_RT_TOPK_SIMD=scalar forces; NaN and Inf among
+// the kept entries, and a length that leaves a tail in the last block.
+TEST(compress_both_inner_loops_match_brute_force) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  const std::int64_t n = 300003;
+  std::vector<float> g(static_cast<std::size_t>(n)), r(static_cast<std::size_t>(n));
+  for (auto& x : g) x = normal(rng);
+  for (auto& x : r) x = 0.1f * normal(rng);
+  const float specials[3] = {NAN, INFINITY, -INFINITY};
+  for (std::size_t i = 0; i < g.size(); i += 997) g[i] = specials[(i / 997) % 3];
+  for (const char* loop : {"auto", "scalar"}) {
+    if (std::string(loop) == "scalar") {
+      setenv("AUTOGLM_RT_TOPK_SIMD", "scalar", 1);
+    } else {
+      unsetenv("AUTOGLM_RT_TOPK_SIMD");
+    }
+    for (std::int64_t k : {n / 1000, n / 100, n / 10}) check_case(g, r, k);
+  }
+  unsetenv("AUTOGLM_RT_TOPK_SIMD");
 }
 
 TEST(compress_half_residual_is_rounded_acc) {

@@ -37,6 +37,10 @@ constexpr DType topk_index_dtype(std::int64_t numel) noexcept {
 /// grad+residual, write acc) keeps the ~k entries above the lower one; the exact select then runs
 /// over the few between the bounds. If the bounds missed (rare; heavy ties) or the tensor is small,
 /// an exact two-pass radix select over acc follows (the worst case reads acc twice more).
+/// The float32 pass uses an AVX2 loop with no branch per kept entry where the CPU has AVX2
+/// (checked at run time); AUTOGLM_RT_TOPK_SIMD=scalar (read on each call) forces the portable
+/// loop, which gives the same bits. Buffers for the kept entries (~8 bytes per kept entry) are
+/// cached between calls, at most 256 MiB per process.
 /// CUDA: accumulate pass, up to two histogram passes (skipped once a bin is taken whole), a count
 /// pass and an emit pass (compiled and desk-checked, not yet run on a GPU).
 /// CUDA: runs on grad.stream, never synchronises the host (scratch from cudaMallocAsync).
