@@ -263,3 +263,29 @@ def test_missed_bound_restores_the_entries_it_already_cleared() -> None:
         g[start : start + block] = ramp
     check_against_reference(g, torch.zeros(n), 100_000)
     check_against_reference(g, 0.001 * torch.randn(n, generator=torch.Generator().manual_seed(3)), 100_000)
+
+
+def test_decompress_unchecked_skips_out_of_range_indices() -> None:
+    out = torch.arange(10, dtype=torch.float32)
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    indices = torch.tensor([3, 10, -1, 3, 9], dtype=torch.int32)
+    ops.topk_decompress(values, indices, out, scale=0.5, check_indices=False)
+    expected = torch.arange(10, dtype=torch.float32)
+    expected[3] += 0.5 + 4.0
+    expected[9] += 8.0
+    assert torch.equal(out, expected)
+    # The same call checked raises and writes nothing.
+    with pytest.raises(ValueError, match="outside out"):
+        ops.topk_decompress(values, indices, out)
+    assert torch.equal(out, expected)
+    with pytest.raises(TypeError, match="check_indices"):
+        ops.topk_decompress(values, indices, out, check_indices=1)  # type: ignore[arg-type]
+
+
+def test_decompress_unchecked_matches_checked_on_valid_indices() -> None:
+    gen = torch.Generator().manual_seed(21)
+    indices = torch.randint(0, 50_000, (2_000_000,), generator=gen, dtype=torch.int32)  # threaded sweep
+    values = torch.randn(2_000_000, generator=gen)
+    checked = ops.topk_decompress(values, indices, torch.zeros(50_000))
+    unchecked = ops.topk_decompress(values, indices, torch.zeros(50_000), check_indices=False)
+    assert torch.equal(checked, unchecked)

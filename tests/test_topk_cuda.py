@@ -200,3 +200,23 @@ def test_round_trip_identity_on_cuda() -> None:
     values, indices = ops.topk_compress(grad, residual, 5000)
     dense = ops.topk_decompress(values, indices, torch.zeros_like(grad))
     assert torch.equal(dense + residual, before)
+
+
+def test_decompress_unchecked_skips_bad_indices_and_never_waits() -> None:
+    gen = torch.Generator().manual_seed(23)
+    n, m = 100_000, 20_000
+    values = torch.randn(m, generator=gen)
+    indices = torch.randperm(n, generator=gen)[:m].to(torch.int32)
+    indices[::1000] = n + 5  # out of range: skipped
+    indices[1::1000] = -3
+    valid = (indices >= 0) & (indices < n)
+    expected = ops.topk_decompress(values[valid], indices[valid], torch.zeros(n), scale=0.5)
+    v, i, out = values.cuda(), indices.cuda(), torch.zeros(n, device="cuda")
+    ops.topk_decompress(v, i, out.clone(), scale=0.5, check_indices=False)  # warm-up (lazy loading)
+    stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    ops.topk_decompress(v, i, out, scale=0.5, check_indices=False)
+    assert not stream.query(), "topk_decompress(check_indices=False) waited for the stream"
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), expected)

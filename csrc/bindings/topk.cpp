@@ -35,7 +35,7 @@ AGRT_BINDINGS(topk) {
       "Fused top-k of |grad + residual| into values/indices (index order); residual updated in place.");
   m.def(
       "topk_decompress",
-      [](py::handle values, py::handle indices, py::handle out, double scale, py::handle stream) {
+      [](py::handle values, py::handle indices, py::handle out, double scale, py::handle stream, bool check_indices) {
         const auto s = agrt::bindings::parse_stream(stream);
         auto v = borrow_tensor(values, "values", Access::kRead, kFloatingTypes, s);
         auto i = borrow_tensor(indices, "indices", Access::kRead, kIndexTypes, s);
@@ -43,8 +43,9 @@ AGRT_BINDINGS(topk) {
         agrt::bindings::require_same_device(o, "out", v, "values");
         agrt::bindings::require_same_device(o, "out", i, "indices");
         py::gil_scoped_release nogil;
-        agrt::kernels::topk_decompress(v.view, i.view, o.view, scale);
+        agrt::kernels::topk_decompress(v.view, i.view, o.view, scale, check_indices);
       },
       py::arg("values"), py::arg("indices"), py::arg("out"), py::arg("scale") = 1.0, py::arg("stream") = py::none(),
-      "out[indices] += scale * values (duplicates accumulate).");
+      py::arg("check_indices") = true,
+      "out[indices] += scale * values (duplicates accumulate); unchecked, indices outside out are skipped.");
 }

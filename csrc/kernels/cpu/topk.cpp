@@ -839,17 +839,9 @@ class Compressor {
 
 constexpr std::int64_t kPrefetch = 16;
 
-template <typename V, typename I, typename O>
-void decompress_cpu(const TensorView& values, const TensorView& indices, const TensorView& out, float scale) {
-  using VS = typename V::Storage;
-  using OS = typename O::Storage;
-  const VS* v = values.as<const VS>();
-  const I* idx = indices.as<const I>();
-  OS* o = out.as<OS>();
-  const std::int64_t m = values.numel;
-  const std::int64_t n = out.numel;
-
-  // Validate every index first so a bad one leaves `out` untouched.
+// Throws ValueError naming the first chunk's bad index, before anything is written.
+template <typename I>
+void check_decompress_indices(const I* idx, std::int64_t m, std::int64_t n) {
   const std::int64_t chunk = parallel_chunk_size(0, m, kGrain);
   std::vector<std::int64_t> bad((static_cast<std::size_t>(m / std::max<std::int64_t>(chunk, 1)) + 1), -1);
   parallel_for(0, m, kGrain, [&](std::int64_t b, std::int64_t e) {
@@ -865,6 +857,22 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
     AGRT_EXPECTS(i < 0, ValueError, "topk_decompress: indices[", i, "] = ", static_cast<std::int64_t>(idx[i]),
                  " is outside out (", n, " elements)");
   }
+}
+
+template <typename V, typename I, typename O>
+void decompress_cpu(const TensorView& values, const TensorView& indices, const TensorView& out, float scale,
+                    bool check_indices) {
+  using VS = typename V::Storage;
+  using OS = typename O::Storage;
+  const VS* v = values.as<const VS>();
+  const I* idx = indices.as<const I>();
+  OS* o = out.as<OS>();
+  const std::int64_t m = values.numel;
+  const std::int64_t n = out.numel;
+
+  // Validate every index first so a bad one leaves `out` untouched. Unchecked, the sweep below
+  // skips indices outside [0, n) anyway: each part writes only inside its own slice.
+  if (check_indices) check_decompress_indices(idx, m, n);
 
   // Each thread owns a slice of `out` and applies, in order, the updates that land in it: no
   // races, and duplicates accumulate in the order of `values` whatever the thread count.
@@ -876,7 +884,10 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
       const std::int64_t lo = part * span, hi = std::min(n, lo + span);
       for (std::int64_t i = 0; i < m; ++i) {
         // Each rank's indices ascend with gaps of many cache lines: prefetch a few updates ahead.
-        if (i + kPrefetch < m) __builtin_prefetch(o + static_cast<std::int64_t>(idx[i + kPrefetch]), 1);
+        if (i + kPrefetch < m) {
+          const auto ahead = static_cast<std::int64_t>(idx[i + kPrefetch]);
+          if (ahead >= 0 && ahead < n) __builtin_prefetch(o + ahead, 1);
+        }
         const auto j = static_cast<std::int64_t>(idx[i]);
         if (j >= lo && j < hi) o[j] = O::store(O::load(o[j]) + scale * V::load(v[i]));
       }
@@ -951,12 +962,13 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
   });
 }
 
-void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out, double scale) {
+void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out, double scale,
+                     bool check_indices) {
   check_decompress_args(values, indices, out);
   if (values.numel == 0) return;
   if (out.device.type == DeviceType::kCUDA) {
 #ifdef AGRT_WITH_CUDA
-    return cuda::topk_decompress(values, indices, out, scale);
+    return cuda::topk_decompress(values, indices, out, scale, check_indices);
 #else
     AGRT_EXPECTS(false, ValueError, "topk_decompress: out is on ", out.device.str(),
                  " but this build of autoglm_rt has no CUDA kernels");
@@ -965,7 +977,8 @@ void topk_decompress(const TensorView& values, const TensorView& indices, const 
   dispatch_float(values.dtype, [&](auto v) {
     dispatch_index(indices.dtype, [&](auto i) {
       dispatch_float(out.dtype, [&](auto o) {
-        decompress_cpu<decltype(v), decltype(i), decltype(o)>(values, indices, out, static_cast<float>(scale));
+        decompress_cpu<decltype(v), decltype(i), decltype(o)>(values, indices, out, static_cast<float>(scale),
+                                                              check_indices);
       });
     });
   });

@@ -79,18 +79,28 @@ def topk_compress(
 
 
 def topk_decompress(
-    values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, *, scale: float = 1.0
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Adds ``scale * values`` into the flattened ``out`` at ``indices`` (duplicates accumulate) and
     returns ``out``. Each update is computed in float32 and rounded into out's dtype. Every index
     must lie in ``[0, out.numel())``: otherwise ValueError and ``out`` is unchanged. On the CPU the
     result is deterministic (per element, updates apply in the order of ``values``). On CUDA the work
     runs on the current stream and the index check waits once for that stream (so it cannot be
-    captured in a CUDA graph); duplicates are summed by float atomics in no fixed order."""
+    captured in a CUDA graph); duplicates are summed by float atomics in no fixed order.
+    ``check_indices=False`` skips that check: an index outside ``out`` is then skipped (never
+    written) instead of raising, and on CUDA the host never waits. For indices that come from
+    ``topk_compress`` on a tensor of out's size, as in the DDP hook."""
     values = _require_tensor("values", values)
     indices = _require_tensor("indices", indices)
     out = _require_tensor("out", out)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    _C.topk_decompress(values, indices, out, float(scale), _stream_of(out))
+    if not isinstance(check_indices, bool):
+        raise TypeError(f"check_indices: expected a bool, got {type(check_indices).__name__}")
+    _C.topk_decompress(values, indices, out, float(scale), _stream_of(out), check_indices)
     return out

@@ -49,21 +49,25 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
 
 /// out[indices[i]] += scale * values[i] for every i; duplicate indices accumulate. Each update is
 /// computed in float32 and rounded into out's dtype (float32/float16/bfloat16).
-/// Every index must lie in [0, out.numel) (checked first: ValueError and out untouched).
+/// With check_indices (the default) every index must lie in [0, out.numel) (checked first:
+/// ValueError and out untouched); without it an index outside out is skipped (never written) and
+/// nothing is checked up front, so on CUDA the host does not wait at all (for callers whose
+/// indices come from topk_compress, such as the DDP hook).
 /// CPU: deterministic (per output element, updates apply in the order of `values`).
 /// CUDA: atomics (float32 add; a compare-and-swap loop for float16/bfloat16 so that each update is
 /// rounded once, as on the CPU), so the summation order of duplicates is not fixed. Runs on out.stream;
 /// the index check reads one word back, so the host waits once for that stream's work up to the
-/// check (the scatter itself is queued without waiting). Hence not capturable in a CUDA graph.
+/// check (the scatter itself is queued without waiting). Hence not capturable in a CUDA graph
+/// unless check_indices is false.
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
-                     double scale);
+                     double scale, bool check_indices = true);
 
 #ifdef AGRT_WITH_CUDA
 namespace cuda {
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
                    const TensorView& values, const TensorView& indices);
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
-                     double scale);
+                     double scale, bool check_indices);
 }  // namespace cuda
 #endif
 
