@@ -189,6 +189,21 @@ struct CachingPool::Impl {
   }
 
   // ---- small helpers ------------------------------------------------------------------------
+  // A new segment of `size` bytes at `base`, fully mapped, held by one block on `stream`.
+  Block* new_segment(std::uintptr_t base, std::size_t size, int cls, std::uintptr_t stream) {
+    auto* s = new Segment();
+    s->base = base;
+    s->mapped = s->capacity = size;
+    s->cls = cls;
+    segments.push_back(s);
+    Block* b = new_block();
+    b->addr = base;
+    b->size = size;
+    b->seg = s;
+    b->stream = stream;
+    s->first = s->last = b;
+    return b;
+  }
   Block* new_block() {
     if (spare_blocks.empty()) return new Block();
     Block* b = spare_blocks.back();
@@ -310,20 +325,10 @@ struct CachingPool::Impl {
       return nullptr;
     }
     drop_event(c);
-    auto* s = new Segment();
-    s->base = c->addr;
-    s->mapped = s->capacity = chunk_bytes;
-    s->cls = 0;
-    s->carrier = c;
-    c->chunk = s;
-    segments.push_back(s);
-    Block* b = new_block();
-    b->addr = s->base;
-    b->size = chunk_bytes;
-    b->seg = s;
-    b->stream = stream;
-    s->first = s->last = b;
-    set_growable(0, s);  // the previous chunk's free tail joins the free lists
+    Block* b = new_segment(c->addr, chunk_bytes, 0, stream);
+    b->seg->carrier = c;
+    c->chunk = b->seg;
+    set_growable(0, b->seg);  // the previous chunk's free tail joins the free lists
     return b;
   }
 
@@ -561,18 +566,7 @@ struct CachingPool::Impl {
     if (!p) return nullptr;
     ++st.num_upstream_allocs;
     st.reserved_bytes += size;
-    auto* s = new Segment();
-    s->base = reinterpret_cast<std::uintptr_t>(p);
-    s->mapped = s->capacity = size;
-    s->cls = cls;
-    segments.push_back(s);
-    Block* b = new_block();
-    b->addr = s->base;
-    b->size = size;
-    b->seg = s;
-    b->stream = stream;
-    s->first = s->last = b;
-    return b;
+    return new_segment(reinterpret_cast<std::uintptr_t>(p), size, cls, stream);
   }
 
   // ---- release ------------------------------------------------------------------------------
