@@ -96,3 +96,52 @@ def test_both_inner_loops_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -
         results.append((values, indices, res))
     for a, b in zip(results[0], results[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_forked_child_can_compress_while_parent_threads_do() -> None:
+    # The kept-list cache's lock may be held by another thread at the moment of a fork; the child
+    # must start with a fresh cache rather than wait forever on a lock no thread will release.
+    import os
+    import threading
+    import time
+
+    grad = torch.randn(1 << 20)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        residual = torch.zeros_like(grad)
+        while not stop.is_set():
+            ops.topk_compress(grad, residual, 10_000)
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:  # child: one compress, checked against the parent-independent reference
+                try:
+                    import faulthandler
+
+                    faulthandler.dump_traceback_later(20, exit=True)
+                    values, indices = ops.topk_compress(grad, None, 1000)
+                    # numpy, not torch: torch's OpenMP pool is not usable in a forked child.
+                    mags = np.abs(grad.numpy())
+                    ref = np.sort(np.argsort(-mags, kind="stable")[:1000])
+                    ok = np.array_equal(indices.numpy(), ref) and np.array_equal(values.numpy(), grad.numpy()[ref])
+                    os._exit(0 if ok else 1)
+                finally:
+                    os._exit(2)
+            deadline = time.monotonic() + 30
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    raise AssertionError("the forked child hung in topk_compress")
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        worker.join()

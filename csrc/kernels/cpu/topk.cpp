@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <pthread.h>
 #include <type_traits>
 #include <vector>
 
@@ -253,12 +254,13 @@ class ScratchCache {
   // A buffer of at least `bytes` (a cached one if one fits without wasting much), uninitialised.
   Buffer take(std::size_t bytes) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      const auto it = free_.lower_bound(bytes);
-      if (it != free_.end() && it->first <= 2 * bytes + (std::size_t{64} << 10)) {
+      State& st = *state_;
+      std::lock_guard<std::mutex> lock(st.mu);
+      const auto it = st.free.lower_bound(bytes);
+      if (it != st.free.end() && it->first <= 2 * bytes + (std::size_t{64} << 10)) {
         Buffer b = std::move(it->second);
-        free_.erase(it);
-        cached_ -= b.bytes;
+        st.free.erase(it);
+        st.cached -= b.bytes;
         return b;
       }
     }
@@ -267,16 +269,27 @@ class ScratchCache {
 
   void give(Buffer b) {
     if (!b.data) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    if (cached_ + b.bytes > kScratchCacheBytes) return;  // freed as `b` goes out of scope
-    cached_ += b.bytes;
-    free_.emplace(b.bytes, std::move(b));
+    State& st = *state_;
+    std::lock_guard<std::mutex> lock(st.mu);
+    if (st.cached + b.bytes > kScratchCacheBytes) return;  // freed as `b` goes out of scope
+    st.cached += b.bytes;
+    st.free.emplace(b.bytes, std::move(b));
   }
 
  private:
-  std::mutex mu_;
-  std::multimap<std::size_t, Buffer> free_;
-  std::size_t cached_ = 0;
+  struct State {
+    std::mutex mu;
+    std::multimap<std::size_t, Buffer> free;
+    std::size_t cached = 0;
+  };
+
+  ScratchCache() { pthread_atfork(nullptr, nullptr, &reset_after_fork); }
+
+  // The child of a fork has only the forking thread; another thread of the parent may have held
+  // the lock or been inside the map. Start over with a fresh state (the old one is leaked).
+  static void reset_after_fork() { instance().state_ = new State(); }
+
+  State* state_ = new State();  // never freed: a thread may still use it during exit
 };
 
 // One cache line each: threads fill neighbouring chunks' lists, and sharing a line made every
