@@ -154,34 +154,13 @@ struct CachingPool::Impl {
   std::vector<Block*> spare_blocks;  // recycled Block objects: no heap traffic on the hot path
 
   ~Impl() {
+    // Chunks first: their blocks live in arena memory that the second loop gives back.
+    for (Segment* s : segments)
+      if (s->carrier) delete_blocks(s);
     for (Segment* s : segments) {
-      if (s->carrier) continue;  // its blocks go below, its memory with the arena that carries it
-      for (Block* b = s->first; b;) {
-        Block* n = b->next;
-        if (b->event) {
-          // A destructor must not throw (that would terminate the process): a failed wait means
-          // the device is gone (e.g. the CUDA runtime already unloaded at exit), so nothing waits.
-          try {
-            up->event_wait(b->event);
-          } catch (const std::exception& e) {
-            std::fprintf(stderr, "autoglm_rt: CachingPool(%s): waiting for a stream event at destruction failed: %s\n",
-                         up->device().c_str(), e.what());
-          }
-          up->event_destroy(b->event);
-        }
-        delete b;
-        b = n;
-      }
+      if (s->carrier) continue;
+      delete_blocks(s);
       give_segment_back(s);
-    }
-    for (Segment* s : segments) {
-      if (!s->carrier) continue;
-      for (Block* b = s->first; b;) {
-        Block* n = b->next;
-        if (b->event) up->event_wait(b->event), up->event_destroy(b->event);
-        delete b;
-        b = n;
-      }
     }
     for (Segment* s : segments) delete s;
     for (Block* b : spare_blocks) delete b;
@@ -189,6 +168,26 @@ struct CachingPool::Impl {
   }
 
   // ---- small helpers ------------------------------------------------------------------------
+  // Destruction only: waits for each block's pending stream event, then frees the Block objects.
+  // Never throws (a destructor that throws terminates the process): a failed wait means the
+  // device is gone (e.g. the CUDA runtime already unloaded at exit), so nothing is left to wait for.
+  void delete_blocks(Segment* s) noexcept {
+    for (Block* b = s->first; b;) {
+      Block* n = b->next;
+      if (b->event) {
+        try {
+          up->event_wait(b->event);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "autoglm_rt: CachingPool(%s): waiting for a stream event at destruction failed: %s\n",
+                       up->device().c_str(), e.what());
+        }
+        up->event_destroy(b->event);
+      }
+      delete b;
+      b = n;
+    }
+  }
+
   // A new segment of `size` bytes at `base`, fully mapped, held by one block on `stream`.
   Block* new_segment(std::uintptr_t base, std::size_t size, int cls, std::uintptr_t stream) {
     auto* s = new Segment();
