@@ -113,7 +113,7 @@ def run_pair(link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pass
+        pass  # a hung pair: the finally kills it and its hooks are reported as unfinished below
     finally:
         for p in procs:
             if p.poll() is None:

@@ -140,7 +140,7 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, exporter_server: A
                     if r.status == 200:
                         break
             except OSError:
-                pass
+                pass  # not listening yet: retry until the deadline below
             assert time.monotonic() < deadline, "prometheus did not become ready"
             time.sleep(0.2)
 

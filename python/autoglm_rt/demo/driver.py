@@ -45,7 +45,7 @@ def _run_one(run: str, cfg: DemoConfig, out: Path, show_progress: bool) -> dict[
     previous = signal.signal(signal.SIGTERM, forward)
     try:
         while not ctx.join(timeout=1.0):
-            pass
+            pass  # join in short waits so the SIGTERM handler runs between them
     finally:
         signal.signal(signal.SIGTERM, previous)
     if terminated or not result_path.exists():
