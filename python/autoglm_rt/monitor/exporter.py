@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
+from autoglm_rt.constants import PHASES, UNLIMITED_BYTES
 from autoglm_rt.monitor.load import LoadLevel
 from autoglm_rt.monitor.probes import GpuReading, hostname
 
@@ -43,8 +44,6 @@ PREFIX = "autoglm_rt_"
 DEFAULT_PORT = 9500
 #: Step-time buckets: 5 ms doubling up to ~11 minutes (0.005 * 2**k, k = 0..17).
 STEP_BUCKETS: tuple[float, ...] = tuple(0.005 * 2**k for k in range(18))
-PHASES = ("initial", "convergence", "fine_tuning")
-_NO_LIMIT = 2**63  # the pool reports "no limit" as SIZE_MAX; anything this large means unlimited
 
 
 @dataclass(frozen=True)
@@ -424,7 +423,7 @@ class MetricsExporter:
             raise TypeError(f"field {key!r}: expected a number, got {type(raw).__name__}")
         if spec.kind == "bool":
             number = float(bool(number))
-        if key == "limit_bytes" and number >= _NO_LIMIT:
+        if key == "limit_bytes" and number >= UNLIMITED_BYTES:
             return
         if spec.kind == "counter" and not (math.isfinite(number) and number >= 0):
             raise ValueError(f"field {key!r}: a counter must be finite and >= 0, got {raw!r}")

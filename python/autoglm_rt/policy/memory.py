@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from autoglm_rt.constants import PHASES
 from autoglm_rt.units import parse_size
 
-PHASES = ("initial", "convergence", "fine_tuning")
 DEFAULT_LIMITS: dict[str, float | int | str] = {"initial": 0.9, "convergence": 0.6, "fine_tuning": 0.3}
 DEFAULT_THREADS: dict[str, int] = {"initial": 16, "convergence": 8, "fine_tuning": 4}
 REFERENCE_CORES = 16

@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("initial", "convergence", "fine_tuning")
+from autoglm_rt.constants import PHASES
 
 
 @dataclass(frozen=True)

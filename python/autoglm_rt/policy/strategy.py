@@ -40,10 +40,9 @@ from typing import Any
 
 import yaml
 
+from autoglm_rt.constants import PHASES, PRECISIONS
 from autoglm_rt.memory import STATS_KEYS as POOL_STATS
 from autoglm_rt.units import parse_size
-
-PHASES = ("initial", "convergence", "fine_tuning")
 
 
 def _metric_kinds() -> dict[str, str]:
@@ -81,7 +80,6 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "set_precision": ("precision", "precision"),
     "alert": ("text", "alert"),
 }
-PRECISIONS = ("bfloat16", "float16", "float32")
 
 _RULE_KEYS = ("name", "description", "trigger", "for", "clear", "cooldown", "actions")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
