@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from autoglm_rt.stateful import Stateful
+
 
 @dataclass(frozen=True)
 class NoiseEstimate:
@@ -62,7 +64,7 @@ def _check_norm(name: str, value: float) -> None:
         raise ValueError(f"{name}: expected a finite squared norm >= 0, got {value!r}")
 
 
-class NoiseScale:
+class NoiseScale(Stateful):
     """Running gradient noise scale from (small-batch, big-batch) squared-norm pairs.
 
     ``beta``: the EMA's decay (0 <= beta < 1; 0 keeps only the latest update). Both averages are
@@ -71,6 +73,8 @@ class NoiseScale:
     ``global_batch`` of the first update. Updates with a non-finite norm (an overflowed step)
     raise ValueError and change nothing.
     """
+
+    _state_fields = ("_base_batch", "_updates", "_sqnorm_ema", "_trace_ema", "_weight")
 
     def __init__(self, beta: float = 0.99, base_batch: float | None = None) -> None:
         if not (0.0 <= float(beta) < 1.0):

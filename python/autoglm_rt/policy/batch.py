@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from autoglm_rt.stateful import Stateful
+
 LR_RULES = ("adascale", "sqrt", "linear", "none")
 
 
@@ -90,8 +92,21 @@ def lr_factor(rule: str, batch: float, base_batch: float, noise_scale: float | N
     return 1.0
 
 
-class BatchController:
+class BatchController(Stateful):
     """Holds the micro-batch plan (see the module docstring). Not thread-safe."""
+
+    _state_fields = (
+        "base_batch",
+        "effective_batch",
+        "micro_batch",
+        "preferred_micro_batch",
+        "changes",
+        "num_ooms",
+        "_calm",
+        "_failed_micro",
+        "_failed_limit",
+        "_timings",
+    )
 
     def __init__(
         self,

@@ -18,8 +18,10 @@ import math
 import numbers
 import time
 
+from autoglm_rt.stateful import Stateful
 
-class PID:
+
+class PID(Stateful):
     """```output = kp * e + integral(ki * e dt) - kd * d(measurement)/dt``, with ``e = setpoint -
     measurement``, clamped to ``output_limits``. Negative gains make it reverse-acting (more
     output when the measurement is above the setpoint, e.g. threads when steps are too slow).
@@ -29,6 +31,8 @@ class PID:
     and integrates over ``sample_time`` (or nothing when ``sample_time`` is None). Non-finite
     measurements raise ValueError and leave the controller's state untouched.
     """
+
+    _state_fields = ("_integral", "_last_time", "_last_measurement", "_last_output", "terms")
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from autoglm_rt.constants import PHASES
+from autoglm_rt.stateful import Stateful
 from autoglm_rt.units import parse_size
 
 DEFAULT_LIMITS: dict[str, float | int | str] = {"initial": 0.9, "convergence": 0.6, "fine_tuning": 0.3}
@@ -54,7 +55,7 @@ def default_thread_setter(n: int) -> None:
         torch.set_num_threads(n)
 
 
-class MemoryPolicy:
+class MemoryPolicy(Stateful):
     """Maps a phase to a pool limit and a CPU thread count and applies them.
 
     ``capacity``: the device memory the fractions refer to (bytes or "80Gi"; required when a limit
@@ -63,6 +64,8 @@ class MemoryPolicy:
     lower phase limit never forces the working set out. ``threads``: per phase, scaled by
     ``cores / 16`` (at least 1); ``None`` leaves threads alone. ``thread_setter`` applies them.
     """
+
+    _state_fields = ("decisions", "peak_bytes")
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoglm_rt.constants import PHASES
+from autoglm_rt.stateful import Stateful
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,30 @@ class PhaseState:
     events: tuple[PhaseEvent, ...] = ()
 
 
-class PhaseDetector:
+class PhaseDetector(Stateful):
     """See the module docstring. ``update`` is O(window) and allocation-light; not thread-safe."""
+
+    _state_fields = (
+        "phase",
+        "unstable",
+        "step",
+        "events",
+        "_losses",
+        "_norms",
+        "_noise_ema",
+        "_noise_updates",
+        "_var_ema",
+        "_loss_mean",
+        "_loss_var",
+        "_loss_count",
+        "_peak_improvement",
+        "_smoothed",
+        "_candidate",
+        "_candidate_count",
+        "_phase_since",
+        "_clean_steps",
+        "signals",
+    )
 
     def __init__(
         self,

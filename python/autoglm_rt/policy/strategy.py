@@ -228,6 +228,7 @@ class Strategy:
         self.source = source
         self._states = {r.name: _RuleState() for r in self.rules}
         self._last_now: float | None = None
+        self._rebase: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def from_yaml(cls, text_or_path: str | bytes | os.PathLike[str]) -> Strategy:
@@ -269,6 +270,44 @@ class Strategy:
         """Forgets every rule's state (as if no metric had been seen)."""
         self._states = {r.name: _RuleState() for r in self.rules}
         self._last_now = None
+        self._rebase = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each rule's state with its times as ages before the last evaluation, so a resumed run
+        (whose clock starts anew) continues the same ``for``/``cooldown`` countdowns."""
+        last = self._last_now
+        rules: dict[str, Any] = {}
+        for name, st in self._states.items():
+            rules[name] = {
+                "state": st.state,
+                "pending_age": None if last is None or st.state != "pending" else last - st.pending_since,
+                "fired_age": None if last is None or st.last_fired is None else last - st.last_fired,
+            }
+        return {"rules": rules}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output; the ages are counted from the next ``evaluate``.
+        Raises ValueError (changing nothing) when the rules differ from this strategy's."""
+        rules = state.get("rules") if isinstance(state, Mapping) else None
+        if not isinstance(rules, Mapping) or set(rules) != set(self._states):
+            have = sorted(rules) if isinstance(rules, Mapping) else rules
+            raise ValueError(f"Strategy.load_state_dict: expected the rules {sorted(self._states)}, got {have}")
+        for name, saved in rules.items():
+            if saved.get("state") not in ("inactive", "pending", "firing"):
+                raise ValueError(f"Strategy.load_state_dict: rule {name!r} has an unknown state {saved.get('state')!r}")
+        self._rebase = {name: dict(saved) for name, saved in rules.items()}
+        self._states = {r.name: _RuleState() for r in self.rules}
+        self._last_now = None
+
+    def _apply_rebase(self, now: float) -> None:
+        for name, saved in self._rebase.items():
+            st = self._states[name]
+            st.state = saved["state"]
+            if saved["pending_age"] is not None:
+                st.pending_since = now - saved["pending_age"]
+            if saved["fired_age"] is not None:
+                st.last_fired = now - saved["fired_age"]
+        self._rebase = {}
 
     def evaluate(self, metrics: Mapping[str, Any], now: float) -> list[Action]:
         """Feeds one observation of the metrics at time ``now`` (seconds, non-decreasing) and returns
@@ -279,6 +318,8 @@ class Strategy:
         if self._last_now is not None and now < self._last_now:
             raise ValueError(f"now: time went backwards ({now} < {self._last_now})")
         self._last_now = now
+        if self._rebase:
+            self._apply_rebase(now)
         actions: list[Action] = []
         for rule in self.rules:
             st = self._states[rule.name]
