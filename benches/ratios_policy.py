@@ -18,7 +18,7 @@ from torch import nn
 
 from autoglm_rt import benchmarking
 from autoglm_rt.policy import PhaseDetector, Strategy, bundled_strategy
-from autoglm_rt.runtime import Runtime
+from autoglm_rt.runtime import BatchConfig, Hooks, Runtime
 
 
 def make_cnn() -> nn.Module:
@@ -82,10 +82,10 @@ def compare_one(
         rt_model,
         torch.optim.AdamW(rt_model.parameters(), lr=1e-3),
         strategy=Strategy.from_yaml(bundled_strategy("phase_aware")),
-        micro_batch=micro,
         precision_by_phase={},
         phase_detector=PhaseDetector(),
-        metrics_source=lambda: {"gpu_utilization": 0.5, "cpu_usage": 0.5, "load_1min": 1.0},
+        batch=BatchConfig(micro_batch=micro),
+        hooks=Hooks(metrics_source=lambda: {"gpu_utilization": 0.5, "cpu_usage": 0.5, "load_1min": 1.0}),
     )
     overheads: list[float] = []
     step_times: list[float] = []

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autoglm_rt import ddp
-from autoglm_rt.runtime import Runtime
+from autoglm_rt.runtime import BatchConfig, Runtime
 from autoglm_rt.stats import NoiseScale
 
 
@@ -21,7 +21,11 @@ def topk_runtime(rank: int) -> dict[str, Any]:
     state = ddp.TopKState(density=0.25, start_iter=1, min_numel=0)
     model.register_comm_hook(state, ddp.topk_hook)
     rt = Runtime(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), comm_state=state, micro_batch=16, precision_by_phase={}
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        comm_state=state,
+        precision_by_phase={},
+        batch=BatchConfig(micro_batch=16),
     )
     g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     ref = NoiseScale()

@@ -97,13 +97,25 @@ def make_sampler() -> tuple[Sampler, FakePsutil, list[FakeGpu]]:
     s.sample_once()
     return s, ps, gpus
 
+COMPRESSION = {
+    "bytes_sent": 1000,
+    "dense_bytes": 100_000,
+    "ratio": 100.0,
+    "density": 0.01,
+    "compressed_buckets": 30,
+    "dense_buckets": 5,
+    "residual_resets": 1,
+    "nonfinite_resets": 0,
+    "iterations": 12,
+}
+
 
 def full_exporter(**kw: Any) -> MetricsExporter:
     sampler, _, _ = make_sampler()
     e = MetricsExporter(sampler=sampler, rank=0, host_metrics=True, **kw)
     e.add_source("pool", lambda: POOL, labels={"device": "cuda:0"})
     e.add_source("stats", lambda: {"grad_norm": 1.5, "nonfinite_steps": 1, "nonfinite_elements": 12})
-    e.add_source("compression", lambda: {"bytes_sent": 1000, "dense_bytes": 100_000, "ratio": 0.01})
+    e.add_source("compression", lambda: COMPRESSION)
     e.add_source(
         "policy",
         lambda: {
@@ -113,6 +125,10 @@ def full_exporter(**kw: Any) -> MetricsExporter:
             "accumulation": 4,
             "effective_batch": 512,
             "noise_scale": 1234.5,
+            "steps": 40,
+            "skipped_steps": 2,
+            "ooms_recovered": 1,
+            "actions": {("shrink_micro_batch", "true"): 3, ("migrate_task", "false"): 1},
         },
     )
     e.add_source("energy", lambda: {"cpu_joules": 10.0, "cpu_estimated": True, "gpu_joules": 500.0, "co2e_grams": 0.07})
@@ -158,7 +174,7 @@ def test_sources_become_metrics() -> None:
     assert value(s, "autoglm_rt_grad_nonfinite_elements_total", **r) == 12
     assert value(s, "autoglm_rt_compression_sent_bytes_total", **r) == 1000
     assert value(s, "autoglm_rt_compression_dense_bytes_total", **r) == 100_000
-    assert value(s, "autoglm_rt_compression_ratio", **r) == 0.01
+    assert value(s, "autoglm_rt_compression_ratio", **r) == 100.0
     assert value(s, "autoglm_rt_training_phase", phase="fine_tuning", **r) == 1
     assert value(s, "autoglm_rt_training_phase", phase="initial", **r) == 0
     assert value(s, "autoglm_rt_training_unstable", **r) == 1
@@ -166,6 +182,13 @@ def test_sources_become_metrics() -> None:
     assert value(s, "autoglm_rt_accumulation_steps", **r) == 4
     assert value(s, "autoglm_rt_effective_batch_size", **r) == 512
     assert value(s, "autoglm_rt_gradient_noise_scale", **r) == 1234.5
+    assert value(s, "autoglm_rt_compression_density_ratio", **r) == 0.01
+    assert value(s, "autoglm_rt_compression_compressed_buckets_total", **r) == 30
+    assert value(s, "autoglm_rt_compression_iterations_total", **r) == 12
+    assert value(s, "autoglm_rt_optimizer_steps_total", **r) == 40
+    assert value(s, "autoglm_rt_skipped_steps_total", **r) == 2
+    assert value(s, "autoglm_rt_actions_total", action="shrink_micro_batch", applied="true", **r) == 3
+    assert value(s, "autoglm_rt_actions_total", action="migrate_task", applied="false", **r) == 1
     assert value(s, "autoglm_rt_energy_gpu_joules_total", **r) == 500.0
     assert value(s, "autoglm_rt_energy_cpu_estimated", **r) == 1
 
@@ -211,7 +234,9 @@ def test_unlimited_pool_none_fields_and_derived_compression_ratio() -> None:
     assert "autoglm_rt_pool_limit_bytes" not in names(s)
     assert "autoglm_rt_pool_reserved_bytes" not in names(s)
     assert value(s, "autoglm_rt_pool_allocated_bytes", rank="0") == 5
-    assert value(s, "autoglm_rt_compression_ratio", rank="0") == 0.25
+    assert (
+        value(s, "autoglm_rt_compression_ratio", rank="0") == 4.0
+    )  # dense / sent: the one definition (ddp.TopKState.compression_ratio)
 
 
 def test_broken_sources_are_counted_not_fatal(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ import autoglm_rt
 from autoglm_rt.memory import CachingPool
 from autoglm_rt.policy import Strategy
 from autoglm_rt.policy.phase import PhaseDetector
-from autoglm_rt.runtime import Runtime, StepReport
+from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime, StepReport, ThreadConfig
 
 MiB = 2**20
 
@@ -78,7 +78,9 @@ def test_accumulation_matches_float64_full_batch_sgd_and_estimates_noise() -> No
     x, y = make_data(64 * 30)
     model = make_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch=16, precision_by_phase={})
+    rt = Runtime(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), precision_by_phase={}, batch=BatchConfig(micro_batch=16)
+    )
     for _, batch in rt.batches(loader(x, y, 64)):
         rt.forward_backward(batch, mse)
         report = rt.step()
@@ -147,13 +149,13 @@ def test_oom_under_a_real_pool_limit_is_recovered_with_every_sample_counted_once
 def test_batches_rechunks_to_the_effective_batch_without_losing_samples() -> None:
     ids = torch.arange(100)
     model = make_model()
-    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), effective_batch=32)
+    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), batch=BatchConfig(effective_batch=32))
     got = [
         b["id"] for _, b in rt.batches([{"id": ids[i : i + 10], "x": ids[i : i + 10] * 2} for i in range(0, 100, 10)])
     ]
     assert [len(b) for b in got] == [32, 32, 32, 4]
     assert torch.equal(torch.cat(got), ids)
-    rt2 = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), effective_batch=10)
+    rt2 = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), batch=BatchConfig(effective_batch=10))
     items = [(ids[i : i + 10],) for i in range(0, 30, 10)]
     passed = [b for _, b in rt2.batches(items)]
     assert all(a is b for a, b in zip(passed, items, strict=True))  # same size: untouched
@@ -189,9 +191,8 @@ def test_phase_change_sets_the_pool_limit_and_bfloat16_autocast() -> None:
         model,
         torch.optim.SGD(model.parameters(), lr=0.0),  # a flat loss: a plateau from the start
         pool=pool,
-        capacity="64Mi",
-        threads_by_phase=False,
         phase_detector=PhaseDetector(window=5, confirm=1, min_dwell=0),
+        memory=MemoryConfig(capacity="64Mi", threads_by_phase=False),
     )
     x, y = make_data(32)
     phases = []
@@ -230,12 +231,13 @@ strategies:
         torch.optim.SGD(model.parameters(), lr=0.1),
         strategy=strategy,
         pool=pool,
-        capacity="64Mi",
-        memory_limits={"initial": "48Mi", "convergence": "32Mi", "fine_tuning": "16Mi"},
-        threads_by_phase=False,
-        micro_batch=32,
-        alert=lambda a: alerts.append(a.value),
-        metrics_source=lambda: {"gpu_utilization": 0.1},
+        batch=BatchConfig(micro_batch=32),
+        memory=MemoryConfig(
+            capacity="64Mi",
+            limits={"initial": "48Mi", "convergence": "32Mi", "fine_tuning": "16Mi"},
+            threads_by_phase=False,
+        ),
+        hooks=Hooks(alert=lambda a: alerts.append(a.value), metrics_source=lambda: {"gpu_utilization": 0.1}),
     )
     pool.set_limit("48Mi")
     x, y = make_data(32)
@@ -249,16 +251,48 @@ strategies:
     assert names == ["scale_up_replicas", "adjust_gpu_memory_limit", "set_precision", "shrink_micro_batch", "alert"]
     assert rt.controller.micro_batch == 16 and rt.controller.effective_batch == 32
     assert alerts == ["steps are slow"]
-    assert pool.limit == 32 * MiB
     assert rt.precision == "float16"
-    assert [(kind, v) for _, kind, v, _ in rt.actuators.scheduler.requests] == [("scale", 2)]  # type: ignore[attr-defined]
+    applied = {r.action.name: (r.applied, r.detail) for r in rt.actuators.history}
+    # Nothing here can scale replicas, and the pool holds none of the model's memory (torch's CPU
+    # tensors live outside it): both say so instead of claiming success, and change nothing.
+    assert applied["scale_up_replicas"][0] is False and "no scheduler" in applied["scale_up_replicas"][1]
+    assert applied["adjust_gpu_memory_limit"][0] is False and "holds none" in applied["adjust_gpu_memory_limit"][1]
+    assert pool.limit == 48 * MiB
+    assert all(applied[n][0] for n in ("set_precision", "shrink_micro_batch", "alert"))
     assert report.metrics["gpu_utilization"] == 0.1 and "pool.limit_bytes" in report.metrics
+    counts = rt.policy_metrics()["actions"]
+    assert counts[("scale_up_replicas", "false")] == 1 and counts[("shrink_micro_batch", "true")] == 1
+
+
+def test_memory_limit_action_applies_to_a_pool_that_holds_the_model() -> None:
+    pool = CachingPool("cpu")
+    model = PoolBackedNet(pool)
+    strategy = Strategy.from_yaml(
+        """
+strategy:
+  name: cap
+  trigger: {phase: initial}
+  actions: [{adjust_gpu_memory_limit: "40Mi"}]
+"""
+    )
+    rt = Runtime(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        strategy=strategy,
+        pool=pool,
+        precision_by_phase={},
+        memory=MemoryConfig(capacity="64Mi", threads_by_phase=False),
+    )
+    x, y = make_data(32)
+    rt.forward_backward((x, y), mse)
+    (result,) = rt.step().actions
+    assert result.applied and pool.limit == 40 * MiB, result.detail
 
 
 def test_metrics_sink_and_the_monitor_policy_source() -> None:
     seen: list[StepReport] = []
     model = make_model()
-    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), metrics_sink=seen.append)
+    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=Hooks(metrics_sink=seen.append))
     x, y = make_data(32)
     for _ in range(3):
         rt.forward_backward((x, y), mse)
@@ -272,6 +306,10 @@ def test_metrics_sink_and_the_monitor_policy_source() -> None:
         "accumulation": 1,
         "effective_batch": 32,
         "noise_scale": None,
+        "steps": 3,
+        "skipped_steps": 0,
+        "ooms_recovered": 0,
+        "actions": {},
     }
 
 
@@ -331,7 +369,11 @@ def test_goodput_mode_grows_the_batch_on_a_noisy_gradient_and_rescales_the_lr() 
     y = torch.randn(32 * 200, 1, generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rt = Runtime(
-        model, opt, micro_batch=8, goodput=True, max_effective_batch=256, precision_by_phase={}, clock=lambda: now[0]
+        model,
+        opt,
+        precision_by_phase={},
+        batch=BatchConfig(micro_batch=8, goodput=True, max_effective_batch=256),
+        hooks=Hooks(clock=lambda: now[0]),
     )
     sizes = []
 
@@ -364,10 +406,11 @@ def test_memory_pressure_shrinks_then_a_raised_limit_lets_the_micro_batch_grow_b
         model,
         torch.optim.SGD(model.parameters(), lr=0.01),
         pool=pool,
-        memory_limits={"initial": "4352Ki", "convergence": "4352Ki", "fine_tuning": "4352Ki"},
-        threads_by_phase=False,
         phase_detector=PhaseDetector(window=1000),
         precision_by_phase={},
+        memory=MemoryConfig(
+            limits={"initial": "4352Ki", "convergence": "4352Ki", "fine_tuning": "4352Ki"}, threads_by_phase=False
+        ),
     )
     assert pool.limit == 4352 * 1024  # the starting phase's limit holds from construction
     x, y = make_data(32)
@@ -405,7 +448,9 @@ def test_expanded_gradients_are_accumulated_correctly(micro: int) -> None:
     ref = WithOffset()
     ref.load_state_dict(model.state_dict())
     ref.double()
-    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch=micro, precision_by_phase={})
+    rt = Runtime(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), precision_by_phase={}, batch=BatchConfig(micro_batch=micro)
+    )
     for _, batch in rt.batches(loader(x, y, 32)):
         rt.forward_backward(batch, mse)
         rt.step()
@@ -428,10 +473,8 @@ def test_step_time_target_is_held_by_the_thread_pid() -> None:
         model,
         torch.optim.SGD(model.parameters(), lr=0.01),
         precision_by_phase={},
-        clock=lambda: now[0],
-        step_time_target=0.3,
-        thread_setter=applied.append,
-        max_threads=8,
+        threads=ThreadConfig(step_time_target=0.3, setter=applied.append, max_threads=8),
+        hooks=Hooks(clock=lambda: now[0]),
     )
     x, y = make_data(16)
     times = []
@@ -445,4 +488,4 @@ def test_step_time_target_is_held_by_the_thread_pid() -> None:
     assert times[-20:] == [pytest.approx(0.3)] * 20  # settled, no limit cycle
     assert all(1 <= n <= 8 for n in applied)
     with pytest.raises(ValueError, match="step_time_target"):
-        Runtime(model, torch.optim.SGD(model.parameters(), lr=0.01), step_time_target=0.0)
+        Runtime(model, torch.optim.SGD(model.parameters(), lr=0.01), threads=ThreadConfig(step_time_target=0.0))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoglm_rt.runtime import Runtime
+from autoglm_rt.runtime import BatchConfig, Runtime
 
 pytestmark = pytest.mark.distributed
 
@@ -54,7 +54,9 @@ def test_ddp_accumulation_and_oom_restart_match_full_batch_sgd(process_group: No
     ref.load_state_dict(net.state_dict())
     ref.double()
     model = nn.parallel.DistributedDataParallel(net)
-    rt = Runtime(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch=32, precision_by_phase={})
+    rt = Runtime(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), precision_by_phase={}, batch=BatchConfig(micro_batch=32)
+    )
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64 * 4, 8, generator=g)
     y = torch.sin(x.sum(1, keepdim=True))

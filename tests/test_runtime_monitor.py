@@ -10,7 +10,7 @@ from autoglm_rt.memory import CachingPool
 from autoglm_rt.monitor.exporter import MetricsExporter
 from autoglm_rt.monitor.sampler import Sampler, strategy_metrics
 from autoglm_rt.policy import Strategy
-from autoglm_rt.runtime import Runtime
+from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime
 
 
 def test_sampler_feeds_the_strategy_and_the_exporter_publishes_the_runtime() -> None:
@@ -39,11 +39,9 @@ strategy:
         torch.optim.SGD(model.parameters(), lr=0.1),
         strategy=strategy,
         pool=pool,
-        capacity="64Mi",
-        threads_by_phase=False,
-        micro_batch=8,
-        metrics_source=source,
-        metrics_sink=lambda r: exporter.observe_step(r.step_seconds or 0.0),
+        batch=BatchConfig(micro_batch=8),
+        memory=MemoryConfig(capacity="64Mi", threads_by_phase=False),
+        hooks=Hooks(metrics_source=source, metrics_sink=lambda r: exporter.observe_step(r.step_seconds or 0.0)),
     )
     exporter.add_source("policy", rt.policy_metrics)
     exporter.add_source("pool", pool.stats)

@@ -129,16 +129,18 @@ class TopKState:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """The counters under Prometheus names (``autoglm_rt_ddp_*``)."""
+        """The ``compression`` source of ``autoglm_rt.monitor.MetricsExporter`` (cumulative
+        counters; ``ratio`` = dense_bytes / bytes_sent, ``density`` of the last iteration)."""
         return {
-            "autoglm_rt_ddp_bytes_sent_total": float(self.bytes_sent),
-            "autoglm_rt_ddp_dense_bytes_total": float(self.dense_bytes),
-            "autoglm_rt_ddp_compression_ratio": self.compression_ratio,
-            "autoglm_rt_ddp_compressed_buckets_total": float(self.compressed_buckets),
-            "autoglm_rt_ddp_dense_buckets_total": float(self.dense_buckets),
-            "autoglm_rt_ddp_residual_resets_total": float(self.residual_resets),
-            "autoglm_rt_ddp_nonfinite_resets_total": float(self.nonfinite_resets),
-            "autoglm_rt_ddp_iterations_total": float(self.iter),
+            "bytes_sent": float(self.bytes_sent),
+            "dense_bytes": float(self.dense_bytes),
+            "ratio": self.compression_ratio,
+            "density": self.density_at(max(self.iter - 1, 0)),
+            "compressed_buckets": float(self.compressed_buckets),
+            "dense_buckets": float(self.dense_buckets),
+            "residual_resets": float(self.residual_resets),
+            "nonfinite_resets": float(self.nonfinite_resets),
+            "iterations": float(self.iter),
         }
 
     # -- internals ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class AutoglmRun:
         from autoglm_rt.ddp import TopKState, topk_hook
         from autoglm_rt.memory import CachingPool, torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
-        from autoglm_rt.runtime import Runtime
+        from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime
 
         self.cfg = cfg
         self.comm = TopKState(density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps)
@@ -59,13 +59,12 @@ class AutoglmRun:
             strategy=bundled_strategy(),
             comm_state=self.comm,
             pool=self.pool,
-            capacity=capacity,
-            effective_batch=cfg.batch,
-            threads_by_phase=False,  # each rank keeps its one thread: 2 ranks on 2 cores
-            metrics_source=metrics,
+            batch=BatchConfig(effective_batch=cfg.batch),
+            # threads_by_phase=False: each rank keeps its one thread (2 ranks on 2 cores)
+            memory=MemoryConfig(capacity=capacity, threads_by_phase=False),
+            hooks=Hooks(metrics_source=metrics),
+            exporter=self.exporter,
         )
-        self.exporter.add_source("pool", self.pool.stats)
-        self.exporter.add_source("compression", self.comm.metrics)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, dict[str, Any]]:
         loss = self.runtime.forward_backward(batch, loss_fn)

@@ -215,6 +215,7 @@ class QueueRunner:
         env["AUTOGLM_RT_SLOTS"] = ",".join(str(d) for d in devices)
         env["AUTOGLM_RT_CHECKPOINT_DIR"] = str(jdir / "checkpoint")
         env["AUTOGLM_RT_JOB_NAME"] = job.name
+        env["AUTOGLM_RT_QUEUE_STATE"] = str(self.store.path.resolve())  # the job's Runtime asks this queue
         env["AUTOGLM_RT_JOB_ATTEMPT"] = str(attempt)
         if not self.spec.uses_gpus:
             env.setdefault("OMP_NUM_THREADS", str(len(devices)))

@@ -49,11 +49,13 @@ STEP_BUCKETS: tuple[float, ...] = tuple(0.005 * 2**k for k in range(18))
 @dataclass(frozen=True)
 class FieldSpec:
     """How one field of a source becomes a metric: ``kind`` is ``gauge``, ``counter``,
-    ``phase`` (a phase name -> one series per phase, 1 for the current) or ``bool``."""
+    ``phase`` (a phase name -> one series per phase, 1 for the current), ``bool`` or
+    ``labelled_counter`` (a dict from a tuple of ``labels`` values to a count)."""
 
     metric: str
     kind: str
     help: str
+    labels: tuple[str, ...] = ()
 
 
 def _pool_fields() -> dict[str, FieldSpec]:
@@ -104,7 +106,19 @@ SOURCE_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "dense_bytes": FieldSpec(
             "compression_dense_bytes_total", "counter", "Bytes a dense all-reduce would have sent for the same buckets."
         ),
-        "ratio": FieldSpec("compression_ratio", "gauge", "bytes_sent / dense_bytes (0..1; lower is smaller)."),
+        "ratio": FieldSpec(
+            "compression_ratio", "gauge", "dense_bytes / bytes_sent: how many times fewer bytes were sent (1 = dense)."
+        ),
+        "density": FieldSpec("compression_density_ratio", "gauge", "Fraction of entries sent in the last iteration."),
+        "compressed_buckets": FieldSpec("compression_compressed_buckets_total", "counter", "Buckets sent compressed."),
+        "dense_buckets": FieldSpec("compression_dense_buckets_total", "counter", "Buckets all-reduced densely."),
+        "residual_resets": FieldSpec(
+            "compression_residual_resets_total", "counter", "Error-feedback residuals dropped (bucket layout changed)."
+        ),
+        "nonfinite_resets": FieldSpec(
+            "compression_nonfinite_resets_total", "counter", "Residuals cleared because they held NaN or Inf."
+        ),
+        "iterations": FieldSpec("compression_iterations_total", "counter", "Iterations the hook has run."),
     },
     "policy": {
         "phase": FieldSpec("training_phase", "phase", "1 for the current training phase, 0 for the others."),
@@ -113,6 +127,21 @@ SOURCE_FIELDS: dict[str, dict[str, FieldSpec]] = {
         "accumulation": FieldSpec("accumulation_steps", "gauge", "Micro-batches accumulated per optimizer step."),
         "effective_batch": FieldSpec("effective_batch_size", "gauge", "Samples per optimizer step (all ranks)."),
         "noise_scale": FieldSpec("gradient_noise_scale", "gauge", "Estimated gradient noise scale (B_simple)."),
+        "steps": FieldSpec(
+            "optimizer_steps_total", "counter", "Optimizer steps taken by the Runtime (skipped ones too)."
+        ),
+        "skipped_steps": FieldSpec(
+            "skipped_steps_total", "counter", "Optimizer steps skipped because a gradient held NaN or Inf."
+        ),
+        "ooms_recovered": FieldSpec(
+            "ooms_recovered_total", "counter", "Out-of-memory errors recovered by a smaller micro-batch."
+        ),
+        "actions": FieldSpec(
+            "actions_total",
+            "labelled_counter",
+            "Strategy actions by action and whether something carried them out (applied).",
+            ("action", "applied"),
+        ),
     },
     "energy": {
         "cpu_joules": FieldSpec("energy_cpu_joules_total", "counter", "CPU energy since the meter started."),
@@ -399,8 +428,8 @@ class MetricsExporter:
                     self._error(src.kind, str(exc))
             if src.kind == "compression" and "ratio" not in data:
                 sent, dense = data.get("bytes_sent"), data.get("dense_bytes")
-                if isinstance(sent, (int, float)) and isinstance(dense, (int, float)) and dense > 0:
-                    self._add_field(families, fields["ratio"], names, values, "ratio", sent / dense)
+                if isinstance(sent, (int, float)) and isinstance(dense, (int, float)) and sent > 0:
+                    self._add_field(families, fields["ratio"], names, values, "ratio", dense / sent)
         yield from families.values()
 
     @staticmethod
@@ -408,6 +437,21 @@ class MetricsExporter:
         families: dict[str, _Family], spec: FieldSpec, names: list[str], values: list[str], key: str, raw: Any
     ) -> None:
         full = PREFIX + spec.metric
+        if spec.kind == "labelled_counter":
+            if not isinstance(raw, Mapping):
+                raise TypeError(f"field {key!r}: expected a dict of label values to counts, got {type(raw).__name__}")
+            fam = families.get(full)
+            if fam is None:
+                fam = families[full] = CounterMetricFamily(full, spec.help, labels=[*names, *spec.labels])
+            for label_values, count in raw.items():
+                if not isinstance(label_values, tuple) or len(label_values) != len(spec.labels):
+                    raise ValueError(
+                        f"field {key!r}: expected keys of {len(spec.labels)} label values, got {label_values!r}"
+                    )
+                if isinstance(count, bool) or not isinstance(count, (int, float)) or not count >= 0:
+                    raise ValueError(f"field {key!r}: a counter must be a number >= 0, got {count!r}")
+                fam.add_metric([*values, *(str(v) for v in label_values)], float(count))
+            return
         if spec.kind == "phase":
             if raw not in PHASES:
                 raise ValueError(f"field {key!r}: expected one of {', '.join(PHASES)}, got {raw!r}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from autoglm_rt.policy.actuators import ActionResult, Actuators, RecordingScheduler
+from autoglm_rt.policy.actuators import ActionResult, Actuators, scheduler_from_environment
 from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, run_step, statistical_efficiency
 from autoglm_rt.policy.control import PID
 from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
@@ -50,7 +50,6 @@ __all__ = [
     "PhaseEvent",
     "PhaseState",
     "PriorityScheduler",
-    "RecordingScheduler",
     "Rule",
     "SchedulerError",
     "Strategy",
@@ -60,6 +59,7 @@ __all__ = [
     "lr_factor",
     "read_metrics_csv",
     "run_step",
+    "scheduler_from_environment",
     "simulate",
     "statistical_efficiency",
 ]

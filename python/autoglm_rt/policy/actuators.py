@@ -4,16 +4,17 @@ Targets: ``pool`` (memory limit through :class:`~autoglm_rt.policy.memory.Memory
 ``batch`` (:class:`~autoglm_rt.policy.batch.BatchController` shrink/grow), ``threads``,
 ``precision`` (autocast dtype), ``scheduler`` (task migration and replica scaling) and ``alert``.
 
-The scheduler that really migrates tasks and scales replicas is a later issue; until it exists,
-:class:`RecordingScheduler` records what was asked, so a run's report shows every scheduling
-decision instead of dropping it. An action whose target has no actuator is recorded as not
-applied, with the reason.
+An action is reported ``applied=True`` only when something carried it out; otherwise the result
+says ``applied=False`` and why (no scheduler attached, a pool that holds none of the job's memory,
+a bound already reached...). :func:`scheduler_from_environment` finds the queue a job runs under
+(``autoglm-rt queue`` sets ``AUTOGLM_RT_QUEUE_STATE`` and ``AUTOGLM_RT_JOB_NAME``), so a job's
+migrate requests reach the real runner by default.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,20 +42,15 @@ class ActionResult:
     detail: str
 
 
-class RecordingScheduler:
-    """Records scale and migrate requests (``requests``: ``(time, kind, value, strategy)``) without
-    acting on them: a stand-in until the scheduler issue lands."""
+def scheduler_from_environment(env: Mapping[str, str]) -> Scheduler | None:
+    """The scheduler of the queue this process runs under (``AUTOGLM_RT_QUEUE_STATE`` and
+    ``AUTOGLM_RT_JOB_NAME``, set by ``autoglm-rt queue``), or None when there is none."""
+    state, job = env.get("AUTOGLM_RT_QUEUE_STATE"), env.get("AUTOGLM_RT_JOB_NAME")
+    if not state or not job:
+        return None
+    from autoglm_rt.jobqueue.job_side import QueueJobScheduler  # the jobs layer, only when under a queue
 
-    def __init__(self) -> None:
-        self.requests: list[tuple[float, str, int, str]] = []
-
-    def scale_replicas(self, delta: int, action: Action) -> str:
-        self.requests.append((action.time, "scale", delta, action.strategy))
-        return f"recorded: scale replicas by {delta:+d} (no scheduler attached)"
-
-    def migrate(self, action: Action) -> str:
-        self.requests.append((action.time, "migrate", 1, action.strategy))
-        return "recorded: migrate task (no scheduler attached)"
+    return QueueJobScheduler(state, job)
 
 
 class Actuators:
@@ -74,7 +70,7 @@ class Actuators:
         self.batch = batch
         self.threads = threads
         self.precision = precision
-        self.scheduler = scheduler if scheduler is not None else RecordingScheduler()
+        self.scheduler = scheduler
         self.alert = alert
         self.history: list[ActionResult] = []
 
@@ -88,16 +84,23 @@ class Actuators:
 
     def _apply(self, action: Action) -> tuple[bool, str]:
         name, value = action.name, action.value
-        if name in ("scale_up_replicas", "scale_down_replicas"):
+        if name in ("scale_up_replicas", "scale_down_replicas", "migrate_task"):
+            if self.scheduler is None:
+                return False, "not carried out: no scheduler attached (run under autoglm-rt queue or pass scheduler=)"
+            if name == "migrate_task":
+                return _answer(self.scheduler.migrate(action))
             delta = int(value) if name == "scale_up_replicas" else -int(value)
-            return True, self.scheduler.scale_replicas(delta, action)
-        if name == "migrate_task":
-            return True, self.scheduler.migrate(action)
+            return _answer(self.scheduler.scale_replicas(delta, action))
         if name == "adjust_gpu_memory_limit":
             if self.memory is None:
-                return False, "no pool attached"
+                return False, "not carried out: no pool attached"
+            if not _holds_memory(self.memory.pool):
+                return False, (
+                    "not carried out: the pool holds none of this job's memory "
+                    "(on CPU torch's tensors live outside it; give a cgroup memory signal as pool=)"
+                )
             limit = self.memory.set_limit(value)
-            return True, f"pool limit set to {limit} bytes"
+            return True, f"memory limit set to {limit} bytes"
         if name == "trim_pool":
             trim: Any = getattr(self.memory.pool, "trim", None) if self.memory is not None else None
             if trim is None:
@@ -130,3 +133,17 @@ class Actuators:
             log.warning("alert from %s: %s", action.strategy, value)
             return True, f"alert: {value}"
         return False, f"unknown action {name!r}"
+
+
+def _answer(detail: str) -> tuple[bool, str]:
+    """A scheduler's answer: carried out unless it starts with "not " (its convention)."""
+    return not detail.startswith("not "), detail
+
+
+def _holds_memory(pool: Any) -> bool:
+    """Whether anything was ever allocated through ``pool`` (a limit on an empty pool limits
+    nothing). Memory signals without allocation counters are taken to hold the job's memory."""
+    stats = pool.stats()
+    if "num_allocs" not in stats and "peak_allocated_bytes" not in stats:
+        return True
+    return bool(stats.get("num_allocs", 0) or stats.get("peak_allocated_bytes", 0) or stats.get("allocated_bytes", 0))
