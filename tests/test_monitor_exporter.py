@@ -97,6 +97,7 @@ def make_sampler() -> tuple[Sampler, FakePsutil, list[FakeGpu]]:
     s.sample_once()
     return s, ps, gpus
 
+
 COMPRESSION = {
     "bytes_sent": 1000,
     "dense_bytes": 100_000,

@@ -74,8 +74,8 @@ def read_memory(signal: Any) -> MemoryReading:
     its peak so the next reading is the next step's peak. ``signal=None``: an empty reading."""
     if signal is None:
         return MemoryReading()
-    stats = dict(signal.stats())
-    peak = int(stats.get("peak_allocated_bytes", stats.get("allocated_bytes", 0)))
+    stats: dict[str, Any] = dict(signal.stats())
+    peak = int(stats.get("peak_allocated_bytes", stats.get("allocated_bytes", 0)) or 0)
     reset = getattr(signal, "reset_peak_stats", None)
     if callable(reset):
         reset()
