@@ -25,15 +25,16 @@ import torch
 from autoglm_rt.constants import limit_or_none
 from autoglm_rt.policy.actuators import Actuators, Scheduler, scheduler_from_environment
 from autoglm_rt.policy.batch import BatchController
-from autoglm_rt.policy.memory import MemoryPolicy, available_cores, default_thread_setter
+from autoglm_rt.policy.memory import MemoryPolicy, default_thread_setter
 from autoglm_rt.policy.phase import PhaseDetector
 from autoglm_rt.policy.strategy import Strategy
 from autoglm_rt.runtime.accumulation import Accumulator, LossFn
+from autoglm_rt.runtime.assembly import build_memory_policy, build_thread_control
 from autoglm_rt.runtime.batching import Batch, batch_size, rebatch
 from autoglm_rt.runtime.config import BatchConfig, Hooks, MemoryConfig, ThreadConfig
 from autoglm_rt.runtime.metrics import RuntimeMetrics, attach
 from autoglm_rt.runtime.observation import Observation, noise_pair, read_gradients, read_memory
-from autoglm_rt.runtime.pipeline import Decision, PolicyPipeline, ThreadControl
+from autoglm_rt.runtime.pipeline import Decision, PolicyPipeline
 from autoglm_rt.runtime.precision import Precision
 from autoglm_rt.runtime.report import StepReport
 
@@ -80,14 +81,14 @@ class Runtime:
         self.precision_policy = Precision(self.device.type, precision_by_phase)
 
         detector = phase_detector if phase_detector is not None else PhaseDetector()
-        memory_policy = self._memory_policy(pool, memory if memory is not None else MemoryConfig(), threads)
+        memory_policy = build_memory_policy(pool, memory if memory is not None else MemoryConfig(), threads)
         if memory_policy is not None:
             memory_policy.apply(detector.phase, threads=False)  # the starting phase's limit holds from the start
         self.pipeline = PolicyPipeline(
             detector,
             memory=memory_policy,
             strategy=strategy if isinstance(strategy, Strategy) or strategy is None else Strategy.from_yaml(strategy),
-            threads=self._thread_control(threads),
+            threads=build_thread_control(threads),
         )
         self._thread_setter = (threads.setter if threads is not None else None) or default_thread_setter
         if self.batch_config.effective_batch is not None:
@@ -110,28 +111,6 @@ class Runtime:
         self._samples = 0
         self._compute_seconds = 0.0
         self._last_step_end: float | None = None
-
-    # -- construction ------------------------------------------------------------------------------
-    def _memory_policy(self, pool: Any, cfg: MemoryConfig, threads: ThreadConfig | None) -> MemoryPolicy | None:
-        if pool is None:
-            return None
-        kwargs: dict[str, Any] = {"capacity": cfg.capacity if cfg.capacity is not None else _default_capacity(pool)}
-        if cfg.limits is not None:
-            kwargs["limits"] = cfg.limits
-        if cfg.threads_by_phase is False or threads is not None:
-            kwargs["thread_setter"] = None  # a step-time target owns the thread count
-        elif isinstance(cfg.threads_by_phase, Mapping):
-            kwargs["threads"] = cfg.threads_by_phase
-        return MemoryPolicy(pool, **kwargs)
-
-    @staticmethod
-    def _thread_control(cfg: ThreadConfig | None) -> ThreadControl | None:
-        if cfg is None:
-            return None
-        cores = available_cores() if cfg.max_threads is None else cfg.max_threads
-        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-            raise ValueError(f"max_threads: expected a positive int, got {cfg.max_threads!r}")
-        return ThreadControl(cfg.step_time_target, cores, max(torch.get_num_threads(), 1))
 
     def _make_controller(self, effective_batch: int) -> BatchController:
         controller = BatchController(
@@ -330,19 +309,6 @@ class Runtime:
         self.metrics.load_state_dict(state["metrics"])
         self.step_count = int(state["step"])
         self._last_step_end = None  # the first step after a resume has no step time
-
-
-def _default_capacity(pool: Any) -> int:
-    limit = limit_or_none(pool.stats().get("limit_bytes"))
-    if limit:
-        return limit
-    device = str(getattr(pool, "device", "cpu"))
-    if device.startswith("cuda") and torch.cuda.is_available():
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return int(torch.cuda.get_device_properties(index).total_memory)
-    import psutil
-
-    return int(psutil.virtual_memory().total)
 
 
 __all__ = ["Runtime"]
