@@ -17,6 +17,7 @@ import pytest
 
 from autoglm_rt.demo.corpus import HELD_OUT_EVERY, load_corpus, stdlib_files
 from autoglm_rt.demo.report import PLOTS, REQUIRED_RUN_FIELDS
+from tests.listeners import ListenerWatch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -56,8 +57,14 @@ def test_corpus_is_deterministic_with_a_held_out_split() -> None:
 
 def test_smoke_demo_writes_the_report_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    res = run_cli("--smoke", "--out", str(out), "--no-progress")
-    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "autoglm_rt.cli", "demo", "--smoke", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ListenerWatch(proc.pid) as listeners:
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    # Process-group stores, gloo and the metrics endpoint: loopback only, never every interface.
+    assert "127.0.0.1" in {addr for _, addr, _ in listeners.seen}
+    assert not listeners.wildcard(), listeners.seen
     doc = json.loads((out / "report.json").read_text())
     assert set(doc["runs"]) == {"autoglm_rt", "baseline"}
     for name, run in doc["runs"].items():

@@ -18,6 +18,7 @@ import torch
 
 from autoglm_rt.elastic import ElasticError, ElasticJob, scale_down_replicas, scale_up_replicas
 from autoglm_rt.trainers import elastic_trainer as trainer
+from tests.listeners import ListenerWatch
 
 SCRIPT = Path(trainer.__file__)
 FEATURES, BATCH, MICRO, LR = 8, 64, 16, 0.05
@@ -87,7 +88,7 @@ def make_job(tmp_path: Path, **kwargs: Any) -> ElasticJob:
 @pytest.mark.distributed
 def test_scale_from_one_to_two_agents_and_back_keeps_every_step(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    with make_job(tmp_path, min_nodes=1, max_nodes=2) as job:
+    with ListenerWatch(os.getpid()) as listeners, make_job(tmp_path, min_nodes=1, max_nodes=2) as job:
         job.start()
         wait_until(job, "3 steps with 1 agent", lambda: len(history(ckpt)) >= 3, 60)
         assert scale_up_replicas(job) == 2
@@ -104,6 +105,9 @@ def test_scale_from_one_to_two_agents_and_back_keeps_every_step(tmp_path: Path) 
     worlds = [r["world_size"] for r in hist]
     changes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
     assert changes == [1, 2, 1]
+    # The rendezvous store, the agents' and the workers' stores and gloo: loopback only.
+    assert "127.0.0.1" in {addr for _, addr, _ in listeners.seen}
+    assert not listeners.wildcard(), listeners.seen
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ agents on one c10d rendezvous while the job trains.
     scale_down_replicas(job)     # one agent leaves; workers restart with world size 1
     job.wait()
 
-This process hosts the rendezvous' TCP store on 127.0.0.1 (agents get ``is_host=false``), so any
+This process hosts the rendezvous' TCP store, listening on 127.0.0.1 only (agents get ``is_host=false``), so any
 agent, including the first, can leave without taking the rendezvous down. Scaling up starts
 another agent on the same endpoint: TorchElastic sees a node waiting and restarts every worker
 group with the new world size (membership changes do not use up ``--max-restarts``). Scaling down
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoglm_rt.distributed import bind_address, create_store
+
 __all__ = ["ElasticError", "ElasticJob", "scale_down_replicas", "scale_up_replicas"]
 
 
@@ -53,7 +55,9 @@ class ElasticJob:
     ``min_nodes``/``max_nodes``: the ``--nnodes=MIN:MAX`` range. ``max_restarts``: failures each
     agent may recover from. ``rdzv_conf``: extra rendezvous settings; the defaults make membership
     changes take seconds rather than TorchElastic's defaults of 30 s and more. ``log_dir``: where
-    each agent's output goes (``agent-<i>.log``)."""
+    each agent's output goes (``agent-<i>.log``). ``host``: the one address the rendezvous store,
+    the agents and rank 0's worker store listen on (default ``$AUTOGLM_RT_BIND_ADDR`` or 127.0.0.1;
+    see :mod:`autoglm_rt.distributed`)."""
 
     def __init__(
         self,
@@ -69,6 +73,7 @@ class ElasticJob:
         env: Mapping[str, str] | None = None,
         rdzv_conf: Mapping[str, Any] | None = None,
         run_id: str | None = None,
+        host: str | None = None,
     ) -> None:
         for name, value in (("min_nodes", min_nodes), ("max_nodes", max_nodes), ("nproc_per_node", nproc_per_node)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,6 +106,7 @@ class ElasticJob:
             "is_host": "false",
         }
         self.run_id = run_id or f"agrt-{uuid.uuid4().hex[:8]}"
+        self.host = bind_address() if host is None else host
         self._store: Any = None
         self._agents: list[_Agent] = []
         self._next_index = 0
@@ -109,10 +115,10 @@ class ElasticJob:
 
     @property
     def endpoint(self) -> str:
-        """``127.0.0.1:PORT`` of the rendezvous (valid after :meth:`start`)."""
+        """``HOST:PORT`` of the rendezvous (valid after :meth:`start`)."""
         if self._store is None:
             raise ElasticError("the job has not been started")
-        return f"127.0.0.1:{self._store.port}"
+        return f"{self.host}:{self._store.port}"
 
     def start(self, nodes: int | None = None) -> None:
         """Hosts the rendezvous store and starts ``nodes`` agents (default ``min_nodes``)."""
@@ -123,11 +129,9 @@ class ElasticJob:
             raise ValueError(f"nodes: expected {self.min_nodes}..{self.max_nodes}, got {nodes}")
         from datetime import timedelta
 
-        import torch.distributed as dist
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._store = dist.TCPStore(
-            "127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True, timeout=timedelta(seconds=60)
+        self._store = create_store(
+            self.host, 0, is_master=True, wait_for_workers=False, multi_tenant=True, timeout=timedelta(seconds=60)
         )
         for _ in range(nodes):
             self._spawn()
@@ -147,7 +151,7 @@ class ElasticJob:
             f"--rdzv-conf={conf}",
             f"--max-restarts={self.max_restarts}",
             f"--monitor-interval={self.monitor_interval:g}",
-            "--local-addr=127.0.0.1",
+            f"--local-addr={self.host}",
             str(self.script),
             *self.args,
         ]

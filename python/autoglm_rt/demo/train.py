@@ -200,7 +200,9 @@ def worker(rank: int, run: str, cfg: DemoConfig, out: str, port: int, show_progr
         device, backend = torch.device("cuda", rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=cfg.world, timeout=timedelta(seconds=300))
+    from autoglm_rt.distributed import init_process_group
+
+    init_process_group(backend, rank=rank, world_size=cfg.world, port=port, timeout=timedelta(seconds=300))
     try:
         _train(rank, run, cfg, Path(out) / run, device, show_progress)
     finally:

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from autoglm_rt.distributed import init_process_group_from_env
+
 CHECKPOINT = "checkpoint.pt"
 STEP_LOG = "steps.jsonl"
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    # Rank 0's worker store listens on MASTER_ADDR only (torchrun's env:// store would bind every interface).
+    init_process_group_from_env("gloo", timeout=datetime.timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.global_batch < world:
         raise SystemExit(f"--global-batch {args.global_batch} is smaller than the world size {world}")
