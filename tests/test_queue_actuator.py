@@ -23,6 +23,15 @@ class SleepingAgents(ElasticJob):
         return ["sleep", "60"]
 
 
+def close_and_kill(runner: QueueRunner, job: str) -> None:
+    """Closes the runner and kills what is left of ``job``'s process group."""
+    pid = runner.store.job(job).pid
+    runner.close()
+    if pid is not None:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 def test_scale_replicas_stays_within_min_and_max(tmp_path: Path) -> None:
     job = SleepingAgents(Path(elastic_trainer.__file__), min_nodes=1, max_nodes=3, log_dir=tmp_path)
     act = SchedulingActuator(elastic_job=job)
@@ -59,11 +68,7 @@ def test_migrate_moves_the_queue_job_or_says_why_not(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert runner.store.job("m").devices != first
     finally:
-        pid = runner.store.job("m").pid
-        runner.close()
-        if pid is not None:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        close_and_kill(runner, "m")
     assert SchedulingActuator().migrate() == "not migrated: no queue attached"
     with pytest.raises(ValueError, match="both"):
         SchedulingActuator(queue=runner)
@@ -92,11 +97,7 @@ def test_a_queue_jobs_strategy_migrates_it_through_the_runner(tmp_path: Path) ->
             time.sleep(0.1)
         assert runner.store.job("mover").devices != first
     finally:
-        pid = runner.store.job("mover").pid
-        runner.close()
-        if pid is not None:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        close_and_kill(runner, "mover")
     (result,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["attempt"] == "1" and result["applied"], result
     assert "requested from the queue runner" in result["detail"]
