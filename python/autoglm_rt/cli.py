@@ -110,11 +110,9 @@ def _strategy(args: argparse.Namespace) -> int:
     try:
         strategy = Strategy.from_yaml(Path(args.file))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"{exc}, see docs/policy.md for the format") from exc
     except OSError as exc:
-        print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}, give a strategy YAML file") from exc
     if args.strategy_command == "check":
         print(f"{args.file}: {len(strategy.rules)} strategy rule(s), OK")
         for rule in strategy.rules:
@@ -131,8 +129,7 @@ def _strategy(args: argparse.Namespace) -> int:
     try:
         series = read_metrics_csv(args.metrics)
     except (MetricsFileError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"{exc}, give a CSV with a time column and one column per metric") from exc
     actions = simulate(strategy, series)
     for a in actions:
         if args.json:
