@@ -594,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args._run(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("autoglm-rt: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if debug:
             raise

@@ -106,6 +106,7 @@ def create_store(
             wait_for_workers=wait_for_workers,
             multi_tenant=multi_tenant,
             master_listen_fd=sock.fileno(),
+            use_libuv=_libuv_takes_a_listen_fd(),
         )
     except BaseException:
         sock.close()
@@ -153,6 +154,15 @@ def init_process_group_from_env(backend: str, *, timeout: timedelta = timedelta(
     return init_process_group(
         backend, rank=rank, world_size=world, port=port, host=values["MASTER_ADDR"], timeout=timeout
     )
+
+
+def _libuv_takes_a_listen_fd() -> bool:
+    """torch's libuv store server listens on a given descriptor from 2.8 on (pytorch#150215);
+    before, only the classic server does."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
 
 
 def _check_host(host: str, what: str) -> None:
