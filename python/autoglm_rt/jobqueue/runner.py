@@ -255,6 +255,8 @@ class QueueRunner:
                 self._fail_pending(dependent, now, scheduler_knows=True)
 
     def _spawn(self, job: JobRow, devices: Sequence[int], now: float) -> None:
+        """The wrapper leads the job's own process group (pgid == its pid, a new session): that
+        group is the job, and stopping the job means signalling it."""
         attempt = job.attempt + 1
         jdir = self.job_dir(job.name)
         (jdir / "checkpoint").mkdir(parents=True, exist_ok=True)
@@ -285,8 +287,7 @@ class QueueRunner:
         with open(log, "ab") as fh:
             fh.write(f"--- attempt {attempt} on slots {list(devices)} ---\n".encode())
         # posix_spawn in a new session: no Popen object to outlive, and a restarted runner treats
-        # its predecessor's jobs exactly like its own. The wrapper leads the job's process group
-        # (pgid == its pid): stopping the job means signalling that group.
+        # its predecessor's jobs exactly like its own.
         pid = os.posix_spawn(
             sys.executable,
             [sys.executable, "-S", str(_WRAPPER), str(exit_file), str(pid_file), "--", *job.spec.command],
