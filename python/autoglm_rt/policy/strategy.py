@@ -23,8 +23,12 @@ ends when the trigger stops holding), ``cooldown`` (the least time between two f
 or a list of names. A rule fires once per episode (edge-triggered): its actions are emitted when
 it enters the firing state, not on every evaluation.
 
-Anything malformed (bad YAML, unknown metric or action, bad threshold, wrong type, duplicate key)
-raises :class:`ConfigError`, which names the file, the line and the field.
+Anything malformed (bad YAML, unknown metric or action, bad threshold, wrong type, duplicate key,
+a value outside what its actuator accepts) raises :class:`ConfigError`, which names the file, the
+line and the field. Strategy files are untrusted input: a document may hold at most
+:data:`MAX_NODES` values once its YAML aliases (``*name``) are expanded, so a small file cannot
+expand into a huge tree (an "alias bomb"); an alias cycle is refused, nesting is limited to
+:data:`MAX_DEPTH` levels and documents to :data:`MAX_DOCUMENT_BYTES`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from autoglm_rt.constants import PHASES, PRECISIONS
+from autoglm_rt.constants import PHASES, PRECISIONS, UNLIMITED_BYTES
 from autoglm_rt.memory import STATS_KEYS as POOL_STATS
 from autoglm_rt.units import parse_size
 
@@ -80,6 +84,16 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "set_precision": ("precision", "precision"),
     "alert": ("text", "alert"),
 }
+
+#: Limits on a strategy document: bytes of text, and nesting depth of mappings and lists.
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_DEPTH = 32
+#: Most values (scalars, lists, mappings) a document may hold once its aliases are expanded.
+MAX_NODES = 20_000
+#: Largest values actions accept (what the actuators can carry out): GPU memory limits stay below
+#: UNLIMITED_BYTES (which means "no limit"), thread counts and replica steps below these.
+MAX_CPU_THREADS = 4096
+MAX_REPLICA_STEP = 1024
 
 _RULE_KEYS = ("name", "description", "trigger", "for", "clear", "cooldown", "actions")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -345,6 +359,70 @@ class Strategy:
         return actions
 
 
+class _RefusedYAML(Exception):
+    def __init__(self, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(message)
+        self.message, self.mark = message, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that composes no nesting deeper than MAX_DEPTH (the composer recurses per level)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _RefusedYAML(f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Aliases make the composed tree a graph: refuses a cycle, more than MAX_NODES values once
+    every alias is expanded, or nesting deeper than MAX_DEPTH through aliases. Linear in the
+    number of distinct nodes (sizes and heights are memoized), so an alias bomb costs nothing."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in on_path:
+            raise _RefusedYAML("an alias refers to a value that contains it (a cycle)", node.start_mark)
+        if key in size:
+            if depth + height[key] > MAX_DEPTH:
+                raise _RefusedYAML(f"nested more than {MAX_DEPTH} levels deep (through aliases)", node.start_mark)
+            return size[key]
+        if depth > MAX_DEPTH:
+            raise _RefusedYAML(f"nested more than {MAX_DEPTH} levels deep (through aliases)", node.start_mark)
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        on_path.add(key)
+        total, tallest = 1, 0
+        for child in children:
+            total += visit(child, depth + 1)
+            tallest = max(tallest, height[id(child)] + 1)
+            if total > MAX_NODES:
+                raise _RefusedYAML(
+                    f"expands to more than {MAX_NODES} values (through aliases); strategy files are smaller",
+                    node.start_mark,
+                )
+        on_path.discard(key)
+        size[key], height[key] = total, tallest
+        return total
+
+    visit(root, 1)
+
+
 class _Parser:
     """Walks the composed YAML node tree so every error can name its line."""
 
@@ -358,12 +436,24 @@ class _Parser:
         return ConfigError(message, source=self.source, line=line, field=fld)
 
     def parse(self) -> list[Rule]:
+        if len(self.text) > MAX_DOCUMENT_BYTES:
+            raise ConfigError(
+                f"document of {len(self.text)} characters; strategy files are at most {MAX_DOCUMENT_BYTES}",
+                source=self.source,
+                line=None,
+                field="<document>",
+            )
         try:
-            self.loader = yaml.SafeLoader(self.text)
+            self.loader = _StrictLoader(self.text)
             try:
                 root = self.loader.get_single_node()
             finally:
                 self.loader.dispose()
+            if root is not None:
+                _check_expansion(root)
+        except _RefusedYAML as exc:
+            line = exc.mark.line + 1 if exc.mark is not None else None
+            raise ConfigError(exc.message, source=self.source, line=line, field="<document>") from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else None
@@ -426,8 +516,10 @@ class _Parser:
         assert self.loader is not None
         try:
             return self.loader.construct_object(node)
-        except (yaml.YAMLError, ValueError, OverflowError) as exc:
-            raise self.error(f"cannot read value {node.value!r} ({exc.__class__.__name__})", node, fld) from None
+        except (yaml.YAMLError, ValueError, OverflowError, TypeError, AttributeError, LookupError) as exc:
+            # AttributeError/TypeError/KeyError: a tag such as !!map, !!set or !!bool on a value it cannot read.
+            why = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or str(exc).splitlines()[0]
+            raise self.error(f"cannot read value {node.value!r} with tag {node.tag!r}: {why}", node, fld) from None
 
     def rule(self, node: yaml.Node, fld: str, index: int) -> Rule:
         entries = self.mapping(node, fld)
@@ -586,8 +678,9 @@ class _Parser:
         kind = ACTIONS[name][0]
         value = self.scalar(node, fld)
         if kind == "positive_int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise self.error(f"expected a positive integer, got {value!r}", node, fld)
+            top = MAX_CPU_THREADS if name == "adjust_cpu_threads" else MAX_REPLICA_STEP
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise self.error(f"expected a positive integer (1..{top}), got {value!r}", node, fld)
             return value
         if kind == "bool":
             if not isinstance(value, bool):
@@ -607,8 +700,10 @@ class _Parser:
                 size = parse_size(value, name=fld)
             except (TypeError, ValueError) as exc:
                 raise self.error(str(exc), node, fld) from None
-            if size <= 0:
-                raise self.error(f"expected a positive size, got {value!r}", node, fld)
+            if not 0 < size < UNLIMITED_BYTES:
+                raise self.error(
+                    f"expected a positive size below {UNLIMITED_BYTES} bytes (4194304Ti), got {value!r}", node, fld
+                )
             return size
         if kind == "precision":
             if value not in PRECISIONS:
