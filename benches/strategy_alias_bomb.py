@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoglm_rt.policy.strategy import ConfigError, Strategy
+from autoglm_rt.policy import ConfigError, Strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_strategy_hostile import alias_bomb

@@ -105,7 +105,7 @@ def _strategy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autoglm_rt.policy.simulate import MetricsFileError, read_metrics_csv, simulate
-    from autoglm_rt.policy.strategy import ConfigError, Strategy
+    from autoglm_rt.policy import ConfigError, Strategy
 
     try:
         strategy = Strategy.from_yaml(Path(args.file))
@@ -155,7 +155,7 @@ def _strategy(args: argparse.Namespace) -> int:
 
 
 def _describe_trigger(trigger: object) -> str:
-    from autoglm_rt.policy.strategy import Trigger
+    from autoglm_rt.policy.strategy_rules import Trigger
 
     assert isinstance(trigger, Trigger)
     parts = [str(c) for c in trigger.conditions]
