@@ -104,8 +104,8 @@ def _strategy(args: argparse.Namespace) -> int:
     """Checks a strategy file, or simulates it over a recorded metric series."""
     from pathlib import Path
 
-    from autoglm_rt.policy.simulate import MetricsFileError, read_metrics_csv, simulate
     from autoglm_rt.policy import ConfigError, Strategy
+    from autoglm_rt.policy.simulate import MetricsFileError, read_metrics_csv, simulate
 
     try:
         strategy = Strategy.from_yaml(Path(args.file))

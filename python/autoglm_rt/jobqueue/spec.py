@@ -91,17 +91,18 @@ class QueueSpec:
 
 def load_queue_spec(path: str | Path) -> QueueSpec:
     """Reads and checks a queue file. Raises QueueSpecError (a ValueError) naming what is wrong."""
-    import yaml
+    from autoglm_rt.untrusted_yaml import UntrustedYAMLError, load_untrusted
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_untrusted(path.read_text())  # bounded: a jobs file is untrusted input too
     except OSError as exc:
         raise QueueSpecError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise QueueSpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except yaml.YAMLError as exc:
-        raise QueueSpecError(f"{path}: not valid YAML: {exc}") from exc
+    except UntrustedYAMLError as exc:
+        where = f"{path}:{exc.line}" if exc.line is not None else str(path)
+        raise QueueSpecError(f"{where}: not a valid queue file: {exc.message}") from None
     return parse_queue_spec(doc, source=str(path))
 
 
