@@ -166,12 +166,19 @@ class _SourceEntry:
     labels: dict[str, str]
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
+def _env_rank(name: str) -> int:
+    """An ``int >= 0`` from the environment variable ``name`` (0 when unset or empty). Raises
+    ValueError for anything else, so a mistyped ``RANK``/``LOCAL_RANK`` is not silently 0."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return 0
     try:
-        return int(value) if value is not None else None
+        value = int(raw)
     except ValueError:
-        return None
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={raw!r}: expected an int >= 0 (the rank torchrun sets)")
+    return value
 
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -204,11 +211,11 @@ class MetricsExporter:
         step_buckets: Iterable[float] = STEP_BUCKETS,
     ) -> None:
         if rank is None:
-            rank = _env_int("RANK") or 0
+            rank = _env_rank("RANK")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank: expected an int >= 0, got {rank!r}")
         if host_metrics is None:
-            host_metrics = (_env_int("LOCAL_RANK") or 0) == 0
+            host_metrics = _env_rank("LOCAL_RANK") == 0
         self.rank = rank
         self.host_metrics = bool(host_metrics)
         self.sampler = sampler
@@ -553,27 +560,13 @@ def start_metrics_server(
         raise ValueError(f"max_concurrent: expected an int >= 1, got {max_concurrent!r}")
     if exporter is None:
         exporter = MetricsExporter()
-    local_rank = _local_rank() if offset_by_local_rank else 0  # checked even when port=0
+    local_rank = _env_rank("LOCAL_RANK") if offset_by_local_rank else 0  # checked even when port=0
     if port and local_rank:
         port += local_rank
         if port > 65535:
             raise ValueError(f"port: port + LOCAL_RANK ({port}) exceeds 65535")
     server, thread = _serve(exporter.registry, addr, port, float(header_timeout), max_concurrent)
     return MetricsServer(exporter, addr, int(server.server_port), server, thread)
-
-
-def _local_rank() -> int:
-    """``LOCAL_RANK`` (0 when unset). Raises ValueError for anything but an int >= 0."""
-    raw = os.environ.get("LOCAL_RANK")
-    if raw is None or raw.strip() == "":
-        return 0
-    try:
-        rank = int(raw)
-    except ValueError:
-        rank = -1
-    if rank < 0:
-        raise ValueError(f"LOCAL_RANK={raw!r}: expected an int >= 0 (the local rank torchrun sets)")
-    return rank
 
 
 def _serve(registry: CollectorRegistry, addr: str, port: int, header_timeout: float, max_concurrent: int) -> Any:
