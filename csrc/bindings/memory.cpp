@@ -15,6 +15,7 @@
 #include "autoglm_rt/memory/caching_pool.h"
 #include "autoglm_rt/memory/upstream.h"
 #include "bindings/registry.h"
+#include "core/scratch_stats.h"
 #include "memory/torch_pools.h"
 
 namespace py = pybind11;
@@ -236,7 +237,8 @@ AGRT_BINDINGS(memory) {
              return out;
            })
       .def("device", [](const CachingPool& p) { return p.upstream().device(); })
-      .def("upstream_name", [](const CachingPool& p) { return p.upstream().name(); });
+      .def("upstream_name", [](const CachingPool& p) { return p.upstream().name(); })
+      .def("upstream_fallback_reason", [](const CachingPool& p) { return p.upstream().fallback_reason(); });
 
   m.def(
       "memory_replay",
@@ -290,5 +292,14 @@ AGRT_BINDINGS(memory) {
       [](std::optional<std::size_t> limit) { set_torch_pools_limit(limit ? *limit : kNoLimit); },
       py::arg("limit"));
   m.def("torch_allocator_symbols", [] { return py::make_tuple(torch_malloc_symbol(), torch_free_symbol()); });
+  m.def("cuda_scratch_stats", [] {
+    const agrt::cuda::ScratchStats s = agrt::cuda::scratch_stats();
+    py::dict d;
+    d["live_bytes"] = s.live_bytes;
+    d["peak_bytes"] = s.peak_bytes;
+    d["allocations"] = s.allocations;
+    d["keep_bytes"] = s.keep_bytes;
+    return d;
+  });
 #endif
 }

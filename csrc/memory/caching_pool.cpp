@@ -173,6 +173,17 @@ struct CachingPool::Impl {
   std::vector<Block*> spare_blocks;  // recycled Block objects: no heap traffic on the hot path
 
   ~Impl() {
+    // Work queued on the blocks' streams may still use the memory (a live block, or a free one
+    // whose event was never recorded: events are recorded lazily), and unlike cudaFree,
+    // cuMemUnmap does not wait for it. One device synchronisation covers every stream.
+    if (!segments.empty() && up->has_events()) {
+      try {
+        up->synchronize();
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "autoglm_rt: CachingPool(%s): synchronising the device at destruction failed: %s\n",
+                     up->device().c_str(), e.what());
+      }
+    }
     // Chunks first: their blocks live in arena memory that the second loop gives back.
     for (Segment* s : segments)
       if (s->carrier) delete_blocks(s);

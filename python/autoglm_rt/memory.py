@@ -148,6 +148,14 @@ class CachingPool:
         """Where memory comes from: 'host-mmap', 'host', 'cuda-vmm' or 'cuda-malloc'."""
         return str(self._native.upstream_name())
 
+    @property
+    def upstream_fallback_reason(self) -> str:
+        """Why the upstream runs without something it was asked for, '' when it does not: e.g.
+        the CUDA virtual-memory probe (reserve, create, map, set access, unmap one granule) failed
+        for a reason other than out-of-memory, so the pool takes cudaMalloc segments instead of
+        growable arenas."""
+        return str(self._native.upstream_fallback_reason())
+
     def allocate(self, nbytes: int, stream: int = 0) -> int:
         """Address of a block of at least ``nbytes`` (aligned to ``round_bytes``) usable on
         ``stream`` (a cudaStream_t as an int; 0 is the default stream)."""
@@ -415,6 +423,15 @@ def torch_pool(device: int = 0) -> CachingPool:
     return CachingPool._wrap(_C.torch_pool(device))
 
 
+def cuda_scratch_stats() -> dict[str, int]:
+    """Counters of the CUDA kernels' stream-ordered scratch memory (top-k, grad_stats), which
+    comes from each device's default memory pool, not from a CachingPool: ``live_bytes``,
+    ``peak_bytes``, ``allocations`` and ``keep_bytes`` (the release threshold set once per device,
+    so freed scratch up to that size stays mapped across synchronisations). Process-wide."""
+    _require_cuda_build()
+    return {str(k): int(v) for k, v in _C.cuda_scratch_stats().items()}
+
+
 def explain_torch_error(exc: BaseException) -> str | None:
     """If ``exc`` is one of torch's known failures under a pluggable allocator, says why and what
     to do instead; None otherwise."""
@@ -465,6 +482,7 @@ __all__ = [
     "TRACE_MAX_RECORDS",
     "CachingPool",
     "OutOfMemoryError",
+    "cuda_scratch_stats",
     "cupy_allocator",
     "explain_torch_error",
     "install_torch_allocator",

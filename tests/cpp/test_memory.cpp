@@ -763,6 +763,42 @@ TEST(destruction_survives_failing_event_waits) {
   CHECK(up->outstanding() == 0);
 }
 
+// Counts what goes back to the upstream before the first device synchronisation.
+class SyncOrderUpstream : public LimitingUpstream {
+ public:
+  using LimitingUpstream::LimitingUpstream;
+  void deallocate(void* p, std::size_t n) noexcept override {
+    if (synchronize_calls() == 0) ++released_before_sync;
+    LimitingUpstream::deallocate(p, n);
+  }
+  void unmap(void* p, std::size_t n) noexcept override {
+    if (synchronize_calls() == 0) ++released_before_sync;
+    LimitingUpstream::unmap(p, n);
+  }
+  long released_before_sync = 0;
+};
+
+TEST(destruction_synchronises_the_device_before_giving_memory_back) {
+  // Live blocks and free blocks without an event: work queued on their streams may still use them,
+  // and cuMemUnmap does not wait for it as cudaFree does.
+  for (bool expandable : {true, false}) {
+    auto up = std::make_shared<SyncOrderUpstream>(make_host_upstream(expandable, 64 * KiB), 1ull << 34, true);
+    {
+      CachingPool pool(up, small_arenas());
+      pool.allocate(MiB, 1);                    // still live at destruction
+      pool.deallocate(pool.allocate(3 * MiB, 2), 2);  // free, no event ever recorded
+      CHECK(up->live_events() == 0);
+    }
+    CHECK(up->synchronize_calls() == 1);
+    CHECK(up->released_before_sync == 0);
+    CHECK(up->outstanding() == 0);
+  }
+  // Without events (the host) there is nothing to wait for.
+  auto host = std::make_shared<SyncOrderUpstream>(make_host_upstream(true, 64 * KiB), 1ull << 34, false);
+  { CachingPool(host, small_arenas()).allocate(MiB); }
+  CHECK(host->synchronize_calls() == 0 && host->outstanding() == 0);
+}
+
 #ifdef AGRT_WITH_CUDA
 // The entry points torch.cuda.memory.CUDAPluggableAllocator calls. torch stores whatever malloc
 // returns without a check, so a real request must never come back as nullptr.
