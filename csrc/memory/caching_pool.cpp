@@ -146,7 +146,7 @@ struct CachingPool::Impl {
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
   // With arenas whose granularity is large next to the small class (CUDA VMM's 2 MiB against
-  // 256 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
+  // 128 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
   // in chunks of `chunk_bytes` carved from the large arena instead (0: a small arena of its own).
   // The newest chunk is the small class's growable segment: its free tail is the small class's
   // wilderness, as an arena's is (alloc/free pairs at the top stay off the free lists).
@@ -811,10 +811,11 @@ CachingPool::CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options
   AGRT_EXPECTS(upstream != nullptr, ValueError, "CachingPool: upstream is null");
   AGRT_EXPECTS(is_pow2(options.round_bytes) && options.round_bytes >= 256, ValueError,
                "CachingPool: round_bytes must be a power of two >= 256, got ", options.round_bytes);
-  // Measured on the traces in benches/: 256 KiB suits growable arenas, torch's 1 MiB suits
-  // fixed 2 MiB / 20 MiB segments (benches/RESULTS.md).
+  // Measured on the six traces in benches/ (benches/RESULTS.md, issue 17): 128 KiB suits growable
+  // arenas (every value from 96 to 160 KiB gives the same footprints, at or below 256 KiB's on
+  // every trace, 64 KiB costs cnn and mlp), torch's 1 MiB suits fixed 2 MiB / 20 MiB segments.
   if (options.small_size == 0)
-    options.small_size = (options.expandable && upstream && upstream->supports_expansion()) ? 256 * 1024 : 1024 * 1024;
+    options.small_size = (options.expandable && upstream && upstream->supports_expansion()) ? 128 * 1024 : 1024 * 1024;
   AGRT_EXPECTS(options.small_size >= options.round_bytes, ValueError,
                "CachingPool: small_size must be >= round_bytes (", options.round_bytes, "), got ", options.small_size);
   AGRT_EXPECTS(options.small_segment >= options.small_size && options.small_segment % options.round_bytes == 0,

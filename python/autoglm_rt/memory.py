@@ -121,7 +121,7 @@ class CachingPool:
     """A caching allocator on ``device`` ("cpu", "cuda" or "cuda:N") with an optional hard
     ``limit`` (bytes or a string like "12Gi"). Options: ``expandable`` (grow one arena per size
     class in place; default True where the device supports it), ``round_bytes`` (block alignment,
-    default 256), ``small_size`` (requests up to this share the small arena; default 256 KiB with arenas,
+    default 256), ``small_size`` (requests up to this share the small arena; default 128 KiB with arenas,
     1 MiB with segments),
     ``small_segment``/``large_segment`` (segment sizes without expansion), ``arena_reserve``
     (address space per arena), ``granularity`` (host arena growth step, default 64 KiB),

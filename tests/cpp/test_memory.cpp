@@ -253,7 +253,9 @@ TEST(bad_input_raises_and_leaves_pool_intact) {
 
 TEST(two_mib_granules_carve_small_chunks_from_the_large_arena) {
   auto up = limiting(1ull << 34, true, /*manual_events=*/false, 2 * MiB);
-  CachingPool pool(up, small_arenas());
+  PoolOptions o = small_arenas();
+  o.small_size = 256 * KiB;  // chunks of 4 x 256 KiB = 1 MiB (the default 128 KiB makes 512 KiB)
+  CachingPool pool(up, o);
   auto* s1 = static_cast<char*>(pool.allocate(4 * KiB));
   CHECK(pool.stats().reserved_bytes == 2 * MiB);  // one granule, not one per size class
   auto* l1 = static_cast<char*>(pool.allocate(512 * KiB));

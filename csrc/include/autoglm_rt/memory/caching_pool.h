@@ -1,6 +1,6 @@
 // CachingPool: a device-agnostic caching allocator over an Upstream.
 //
-// Sizes are rounded up to `round_bytes`; requests up to `small_size` (default: 256 KiB with
+// Sizes are rounded up to `round_bytes`; requests up to `small_size` (default: 128 KiB with
 // arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
 // (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
