@@ -288,10 +288,19 @@ struct CachingPool::Impl {
   void list_erase(Block* b) {
     StreamLists* l = find_list(b->stream);
     if (!l || l->sets[b->seg->cls].erase(b) == 0) return;
+    list_erased(*l, b);
+  }
+  // The same for the block at `it` in l's set of its class: no second search of the tree.
+  void list_erase_at(StreamLists& l, FreeSet::iterator it) {
+    Block* b = *it;
+    l.sets[b->seg->cls].erase(it);
+    list_erased(l, b);
+  }
+  void list_erased(StreamLists& l, Block* b) {
     if (indexed) all_free[b->seg->cls].erase(b);
-    if (l->sets[0].empty() && l->sets[1].empty()) {
-      if (empty_list && empty_list != l) drop_list(empty_list);
-      empty_list = l;
+    if (l.sets[0].empty() && l.sets[1].empty()) {
+      if (empty_list && empty_list != &l) drop_list(empty_list);
+      empty_list = &l;
     }
   }
   void drop_list(StreamLists* l) {
@@ -430,7 +439,7 @@ struct CachingPool::Impl {
       auto it = own->sets[cls].lower_bound(&probe);
       if (it != own->sets[cls].end()) {
         Block* b = *it;
-        list_erase(b);
+        list_erase_at(*own, it);
         return b;
       }
     }
