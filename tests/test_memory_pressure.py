@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_rt import memory
+from autoglm_rt import build_info, memory
 from autoglm_rt.memory import CachingPool
 
 MiB = 2**20
@@ -178,3 +178,22 @@ def test_ctrl_c_stops_a_long_replay_within_a_second(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 3 and "interrupted" in out
     assert waited < 1.0, f"replay took {waited:.2f} s to stop after SIGINT"
+
+
+def test_out_of_range_handles_and_sizes_are_value_errors_not_binding_dumps() -> None:
+    pool = CachingPool("cpu")
+    for call in (
+        lambda: pool.allocate(64, stream=2**64),
+        lambda: pool.allocate(64, stream=-1),
+        lambda: pool.deallocate(2**70),
+        lambda: pool.deallocate(256, stream=2**64),
+        lambda: pool.block_size(2**64),
+        lambda: CachingPool("cpu", arena_reserve=2**64),
+        lambda: CachingPool("cpu", granularity="4194304Ti"),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert "incompatible function arguments" not in str(info.value)
+    if not build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            memory.cuda_scratch_stats()

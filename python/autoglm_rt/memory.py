@@ -84,6 +84,8 @@ def _pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = value
         else:
             out[key] = parse_size(value, name=key)
+            if out[key] >= _MAX_OPTION_BYTES:
+                raise ValueError(f"{key}: {out[key]} bytes is absurd (expected below 2**62)")
     return out
 
 
@@ -109,6 +111,18 @@ def _check_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     return value
+
+
+def _check_stream(value: object) -> int:
+    """A stream handle: an int in 0 .. 2**64 - 1 (a cudaStream_t as an int; 0 the default stream)."""
+    stream = _check_int(value, "stream")
+    if not 0 <= stream < 2**64:
+        raise ValueError(f"stream: expected a stream handle in 0 .. 2**64 - 1, got {stream}")
+    return stream
+
+
+#: Pool option sizes above this are refused (far above any machine; the native side takes 64 bits).
+_MAX_OPTION_BYTES = 2**62
 
 
 def _parse_device(device: str) -> str:
@@ -164,10 +178,7 @@ class CachingPool:
             raise ValueError(f"nbytes: expected a positive byte count, got {nbytes}")
         if nbytes > _MAX_REQUEST:
             raise ValueError(f"nbytes: {nbytes} is absurd (more than 2**48 bytes)")
-        stream = _check_int(stream, "stream")
-        if stream < 0:
-            raise ValueError(f"stream: expected a non-negative stream handle, got {stream}")
-        return int(self._native.allocate(nbytes, stream))
+        return int(self._native.allocate(nbytes, _check_stream(stream)))
 
     def deallocate(self, ptr: int, stream: int | None = None) -> None:
         """Returns a block. ``stream``, if given, must be the one it was allocated on. A pointer
@@ -175,11 +186,7 @@ class CachingPool:
         ptr = _check_int(ptr, "ptr")
         if not 0 < ptr < 2**64:
             raise ValueError(f"ptr: {ptr} was not allocated by this pool")
-        if stream is not None:
-            stream = _check_int(stream, "stream")
-            if stream < 0:
-                raise ValueError(f"stream: expected a non-negative stream handle, got {stream}")
-        self._native.deallocate(ptr, stream)
+        self._native.deallocate(ptr, None if stream is None else _check_stream(stream))
 
     def set_limit(self, limit: int | str | None) -> None:
         """Sets the hard limit (None: no limit). Cached free memory above it is released at once
@@ -211,7 +218,10 @@ class CachingPool:
 
     def block_size(self, ptr: int) -> int:
         """Usable bytes of the live block at ``ptr`` (its rounded size)."""
-        return int(self._native.block_size(_check_int(ptr, "ptr")))
+        ptr = _check_int(ptr, "ptr")
+        if not 0 < ptr < 2**64:
+            raise ValueError(f"ptr: {ptr} is not a live block of this pool")
+        return int(self._native.block_size(ptr))
 
     def record_trace(self, on: bool = True, max_records: int = TRACE_MAX_RECORDS) -> None:
         """Starts (or stops) recording every allocate/deallocate for :meth:`dump_trace`. The
