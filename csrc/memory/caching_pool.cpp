@@ -260,6 +260,11 @@ struct CachingPool::Impl {
   }
   StreamLists& lists_for(std::uintptr_t stream) {
     if (StreamLists* l = find_list(stream)) return *l;
+    // The kept empty list goes first, so two lists mean two streams that hold free blocks.
+    if (empty_list) {
+      drop_list(empty_list);
+      empty_list = nullptr;
+    }
     StreamLists* l;
     if (spare_lists.empty()) {
       l = new StreamLists(stream, &node_pool);
