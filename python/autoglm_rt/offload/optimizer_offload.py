@@ -200,8 +200,9 @@ class OptimizerOffload:
             return False
         pairs = []
         for _, p in self._params():
-            s = self.optimizer.state[p]
-            pairs.append((s, {key: _copy_out(s[key], p.device) for key in _MOMENTS}))
+            s = self.optimizer.state.get(p)
+            if s:
+                pairs.append((s, {key: _copy_out(s[key], p.device) for key in _MOMENTS}))
         for s, moved in pairs:
             s.update(moved)
         if self._store is not None:
