@@ -246,3 +246,27 @@ def test_escalation_rejects_bad_numbers():
         esc.decide(usage_bytes=1, limit_bytes=10, micro_batch=0, offloaded=False)
     with pytest.raises(ValueError, match="usage_bytes"):
         esc.decide(usage_bytes=-1, limit_bytes=10, micro_batch=1, offloaded=False)
+
+
+# ------------------------------------------------------------------------- strategy and actuator
+def test_strategy_action_offloads_through_the_actuator(tmp_path):
+    from autoglm_rt.policy.actuators import Actuators
+    from autoglm_rt.policy.strategy import Strategy
+
+    strategy = Strategy.from_yaml(
+        "strategy:\n  name: tight\n  trigger:\n    memory_usage: '>90%'\n  actions:\n    - offload_optimizer_state: true\n"
+    )
+    (rule,) = strategy.rules
+    assert [(a.name, a.value, a.target) for a in rule.actions] == [("offload_optimizer_state", True, "offload")]
+    (action,) = strategy.evaluate({"memory_usage": 0.95}, now=0.0)
+    model, opt, off, _ = _train("AdamW", tmp_path, {}, steps=1)
+    assert not Actuators().dispatch(action).applied  # nothing attached: says so
+    act = Actuators(offload=off.set_offloaded)
+    first, second = act.dispatch(action), act.dispatch(action)
+    assert first.applied and first.detail == "optimizer state offloaded" and off.offloaded
+    assert not second.applied and second.detail == "optimizer state already offloaded"
+    with pytest.raises(ValueError, match="offload_optimizer_state"):
+        Strategy.from_yaml(
+            "strategy:\n  name: t\n  trigger:\n    memory_usage: '>90%'\n  actions:\n    - offload_optimizer_state: 3\n"
+        )
+    off.close()

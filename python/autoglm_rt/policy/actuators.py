@@ -2,7 +2,7 @@
 
 Targets: ``pool`` (memory limit through :class:`~autoglm_rt.policy.memory.MemoryPolicy`, trim),
 ``batch`` (:class:`~autoglm_rt.policy.batch.BatchController` shrink/grow), ``threads``,
-``precision`` (autocast dtype), ``scheduler`` (task migration and replica scaling) and ``alert``.
+``precision`` (autocast dtype), ``offload`` (optimizer state to a slower tier), ``scheduler`` (task migration and replica scaling) and ``alert``.
 
 The scheduler that really migrates tasks and scales replicas is a later issue; until it exists,
 :class:`RecordingScheduler` records what was asked, so a run's report shows every scheduling
@@ -69,6 +69,7 @@ class Actuators:
         precision: Callable[[str], None] | None = None,
         scheduler: Scheduler | None = None,
         alert: Callable[[Action], None] | None = None,
+        offload: Callable[[bool], bool] | None = None,
     ) -> None:
         self.memory = memory
         self.batch = batch
@@ -76,6 +77,7 @@ class Actuators:
         self.precision = precision
         self.scheduler = scheduler if scheduler is not None else RecordingScheduler()
         self.alert = alert
+        self.offload = offload  # OptimizerOffload.set_offloaded: True when state moved
         self.history: list[ActionResult] = []
 
     def dispatch(self, action: Action) -> ActionResult:
@@ -124,6 +126,13 @@ class Actuators:
                 return False, "no precision setter attached"
             self.precision(str(value))
             return True, f"precision set to {value}"
+        if name == "offload_optimizer_state":
+            if self.offload is None:
+                return False, "no optimizer offload attached"
+            on = bool(value)
+            if not self.offload(on):
+                return False, f"optimizer state already {'offloaded' if on else 'resident'}"
+            return True, "optimizer state offloaded" if on else "optimizer state restored"
         if name == "alert":
             if self.alert is not None:
                 self.alert(action)

@@ -77,6 +77,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "adjust_cpu_threads": ("positive_int", "threads"),
     "shrink_micro_batch": ("bool", "batch"),
     "grow_micro_batch": ("bool", "batch"),
+    "offload_optimizer_state": ("bool", "offload"),
     "set_precision": ("precision", "precision"),
     "alert": ("text", "alert"),
 }
