@@ -55,10 +55,8 @@ def adam_step(
         if weight_decay != 0 and not decoupled:
             g = fma32(p, np.full_like(p, f32(weight_decay)), g)
         w = f32(1 - beta1)
-        if abs(w) < 0.5:
-            m = fma32(np.full_like(m, w), g - m, m)
-        else:
-            m = fma32(np.full_like(m, w - f32(1)), g - m, g)
+        # torch's vectorised lerp: the small-weight branch from m, the other from g.
+        m = fma32(np.full_like(m, w), g - m, m) if abs(w) < 0.5 else fma32(np.full_like(m, w - f32(1)), g - m, g)
         v = fma32(f32(1 - beta2) * g, g, v * f32(beta2))
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step

@@ -26,26 +26,63 @@ def _case(n: int, seed: int) -> tuple[np.ndarray, ...]:
 def _native(p, g, m, v, step, *, weight_decay, decoupled, maximize=False, scalar=False, beta1=0.9):
     t = [torch.from_numpy(x.copy()) for x in (p, g, m, v)]
     h = dict(HYPER, beta1=beta1)
-    _C.adam_step([t[0]], [t[1]], [t[2]], [t[3]], [step], h["lr"], h["beta1"], h["beta2"], h["eps"],
-                 weight_decay, decoupled, maximize, scalar)
+    _C.adam_step(
+        [t[0]],
+        [t[1]],
+        [t[2]],
+        [t[3]],
+        [step],
+        h["lr"],
+        h["beta1"],
+        h["beta2"],
+        h["eps"],
+        weight_decay,
+        decoupled,
+        maximize,
+        scalar,
+    )
     return t[0].numpy(), t[2].numpy(), t[3].numpy()
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
 @pytest.mark.parametrize(
     ("weight_decay", "decoupled", "maximize", "beta1"),
-    [(0.01, True, False, 0.9), (0.0, True, False, 0.9), (0.05, False, False, 0.9), (0.01, True, True, 0.9),
-     (0.01, True, False, 0.2)],
+    [
+        (0.01, True, False, 0.9),
+        (0.0, True, False, 0.9),
+        (0.05, False, False, 0.9),
+        (0.01, True, True, 0.9),
+        (0.01, True, False, 0.2),
+    ],
     ids=["adamw", "no-decay", "adam-l2", "maximize", "large-lerp-weight"],
 )
 def test_kernel_matches_reference_bit_for_bit(scalar, weight_decay, decoupled, maximize, beta1):
     for i, n in enumerate(SIZES):
         p, g, m, v = _case(n, i)
         for step in (1.0, 2.0, 1000.0):
-            got = _native(p, g, m, v, step, weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
-                          scalar=scalar, beta1=beta1)
-            want = ref_step(p, g, m, v, step, **dict(HYPER, beta1=beta1), weight_decay=weight_decay,
-                            decoupled=decoupled, maximize=maximize)
+            got = _native(
+                p,
+                g,
+                m,
+                v,
+                step,
+                weight_decay=weight_decay,
+                decoupled=decoupled,
+                maximize=maximize,
+                scalar=scalar,
+                beta1=beta1,
+            )
+            want = ref_step(
+                p,
+                g,
+                m,
+                v,
+                step,
+                **dict(HYPER, beta1=beta1),
+                weight_decay=weight_decay,
+                decoupled=decoupled,
+                maximize=maximize,
+            )
             for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want, strict=True):
                 np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=f"{name} n={n} step={step}")
 
@@ -172,9 +209,9 @@ def test_rejects_mismatched_lengths_sizes_and_steps():
 
 def test_bad_input_writes_nothing():
     p, g, m, v = [torch.ones(4)], [torch.ones(4)], [torch.ones(4)], [torch.ones(4)]
-    p2, g2 = p + [torch.ones(3)], g + [torch.ones(3, dtype=torch.float64)]
+    p2, g2 = [*p, torch.ones(3)], [*g, torch.ones(3, dtype=torch.float64)]
     with pytest.raises(TypeError):
-        _call(p2, g2, m + [torch.ones(3)], v + [torch.ones(3)], steps=(1.0, 1.0))
+        _call(p2, g2, [*m, torch.ones(3)], [*v, torch.ones(3)], steps=(1.0, 1.0))
     assert all(torch.equal(t[0], torch.ones(4)) for t in (p, m, v))
 
 
@@ -185,7 +222,7 @@ def test_empty_list_is_a_no_op():
 def test_fused_adam_step_rejects_other_optimizers_and_options():
     w = torch.zeros(3, requires_grad=True)
     w.grad = torch.ones(3)
-    with pytest.raises(TypeError, match="expected a torch.optim.Adam or torch.optim.AdamW, got SGD"):
+    with pytest.raises(TypeError, match=r"expected a torch\.optim\.Adam or torch\.optim\.AdamW, got SGD"):
         fused_adam_step(torch.optim.SGD([w], lr=0.1))
     with pytest.raises(ValueError, match="amsgrad=True is not supported"):
         fused_adam_step(torch.optim.AdamW([w], amsgrad=True))

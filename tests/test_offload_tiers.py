@@ -20,8 +20,9 @@ from autoglm_rt.offload import optimizer_offload as oo
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48),
-                               torch.nn.Tanh(), torch.nn.Linear(48, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(), torch.nn.Linear(48, 3)
+    )
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +35,9 @@ def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     # Two groups with different hyper-parameters, Adam's L2 decay.
     params = list(model.parameters())
-    return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "betas": (0.8, 0.95)}],
-                            lr=1e-2, weight_decay=1e-3)
+    return torch.optim.Adam(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "betas": (0.8, 0.95)}], lr=1e-2, weight_decay=1e-3
+    )
 
 
 def _train(kind, tmp_path, moves: dict[int, str], steps: int = 20, block_bytes: int = 4096):
@@ -84,7 +86,7 @@ def test_trajectory_bit_identical_with_and_without_offload(kind, tmp_path):
 
 
 def test_disk_tier_file_holds_the_state_and_resident_bytes_drop(tmp_path):
-    model, opt, off, _ = _train("AdamW", tmp_path, {}, steps=2)
+    model, _, off, _ = _train("AdamW", tmp_path, {}, steps=2)
     state_bytes = sum(2 * p.numel() * 4 for p in model.parameters())
     assert off.resident_bytes() == state_bytes
     assert off.offload() and not off.offload()
@@ -100,8 +102,9 @@ def test_checkpoint_in_either_state_resumes_bit_identically(tmp_path):
     base, _, _, _ = _train("AdamW", tmp_path / "base", {}, steps=12)
     x, y = _data()
     for offloaded_at_save in (False, True):
-        model, opt, off, _ = _train("AdamW", tmp_path / f"s{offloaded_at_save}", {0: "offload"} if offloaded_at_save else {},
-                                    steps=6)
+        model, _, off, _ = _train(
+            "AdamW", tmp_path / f"s{offloaded_at_save}", {0: "offload"} if offloaded_at_save else {}, steps=6
+        )
         ckpt = tmp_path / f"ckpt{offloaded_at_save}.pt"
         torch.save({"model": model.state_dict(), "offload": off.state_dict()}, ckpt)
         saved = torch.load(ckpt, weights_only=True)
@@ -165,14 +168,14 @@ def test_interrupted_offload_loses_nothing(tmp_path, monkeypatch):
 
 def test_bad_arguments(tmp_path):
     model = _model()
-    with pytest.raises(TypeError, match="expected a torch.optim.Adam or torch.optim.AdamW, got SGD"):
+    with pytest.raises(TypeError, match=r"expected a torch\.optim\.Adam or torch\.optim\.AdamW, got SGD"):
         OptimizerOffload(torch.optim.SGD(model.parameters(), lr=0.1))
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="tier: expected one of host, disk, got 'nvme'"):
         OptimizerOffload(opt, tier="nvme")
     with pytest.raises(ValueError, match="block_bytes"):
         OptimizerOffload(opt, tier="disk", block_bytes=0)
-    with pytest.raises(ValueError, match="tier='host' moves optimizer state off a CUDA device.*use tier='disk'"):
+    with pytest.raises(ValueError, match=r"tier='host' moves optimizer state off a CUDA device.*use tier='disk'"):
         OptimizerOffload(opt, tier="host").offload()
     (tmp_path / "f").write_text("not a directory")
     with pytest.raises(OSError):
@@ -202,8 +205,14 @@ def test_default_directory_is_removed_by_close():
 
 # ----------------------------------------------------------------------------- escalation policy
 def _decide(esc, ratio, micro_batch=4, offloaded=False, state=0, oom=False):
-    return esc.decide(usage_bytes=int(ratio * 1000), limit_bytes=1000, micro_batch=micro_batch,
-                      offloaded=offloaded, state_bytes=state, oom=oom).step
+    return esc.decide(
+        usage_bytes=int(ratio * 1000),
+        limit_bytes=1000,
+        micro_batch=micro_batch,
+        offloaded=offloaded,
+        state_bytes=state,
+        oom=oom,
+    ).step
 
 
 def test_escalation_order_shrink_then_offload_then_fail():
@@ -212,9 +221,12 @@ def test_escalation_order_shrink_then_offload_then_fail():
     assert _decide(esc, 0.95, micro_batch=1) is MemoryStep.OFFLOAD
     assert _decide(esc, 0.95, micro_batch=1, offloaded=True) is MemoryStep.FAIL
     assert _decide(esc, 0.1, micro_batch=1, oom=True) is MemoryStep.OFFLOAD
-    assert MemoryEscalation(can_offload=False).decide(
-        usage_bytes=999, limit_bytes=1000, micro_batch=1, offloaded=False
-    ).step is MemoryStep.FAIL
+    assert (
+        MemoryEscalation(can_offload=False)
+        .decide(usage_bytes=999, limit_bytes=1000, micro_batch=1, offloaded=False)
+        .step
+        is MemoryStep.FAIL
+    )
     assert _decide(esc, 0.5, micro_batch=4, offloaded=False) is MemoryStep.NONE
     assert esc.decide(usage_bytes=10**12, limit_bytes=None, micro_batch=1, offloaded=False).step is MemoryStep.NONE
 
@@ -253,20 +265,17 @@ def test_strategy_action_offloads_through_the_actuator(tmp_path):
     from autoglm_rt.policy.actuators import Actuators
     from autoglm_rt.policy.strategy import Strategy
 
-    strategy = Strategy.from_yaml(
-        "strategy:\n  name: tight\n  trigger:\n    memory_usage: '>90%'\n  actions:\n    - offload_optimizer_state: true\n"
-    )
+    rule_yaml = "strategy:\n  name: tight\n  trigger:\n    memory_usage: '>90%'\n  actions:\n"
+    strategy = Strategy.from_yaml(rule_yaml + "    - offload_optimizer_state: true\n")
     (rule,) = strategy.rules
     assert [(a.name, a.value, a.target) for a in rule.actions] == [("offload_optimizer_state", True, "offload")]
     (action,) = strategy.evaluate({"memory_usage": 0.95}, now=0.0)
-    model, opt, off, _ = _train("AdamW", tmp_path, {}, steps=1)
+    _, _, off, _ = _train("AdamW", tmp_path, {}, steps=1)
     assert not Actuators().dispatch(action).applied  # nothing attached: says so
     act = Actuators(offload=off.set_offloaded)
     first, second = act.dispatch(action), act.dispatch(action)
     assert first.applied and first.detail == "optimizer state offloaded" and off.offloaded
     assert not second.applied and second.detail == "optimizer state already offloaded"
     with pytest.raises(ValueError, match="offload_optimizer_state"):
-        Strategy.from_yaml(
-            "strategy:\n  name: t\n  trigger:\n    memory_usage: '>90%'\n  actions:\n    - offload_optimizer_state: 3\n"
-        )
+        Strategy.from_yaml(rule_yaml + "    - offload_optimizer_state: 3\n")
     off.close()

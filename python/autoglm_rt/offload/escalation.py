@@ -37,7 +37,8 @@ class EscalationConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.low_ratio < self.high_ratio <= 1.0:
             raise ValueError(
-                f"expected 0 < low_ratio < high_ratio <= 1, got low_ratio={self.low_ratio}, high_ratio={self.high_ratio}"
+                "expected 0 < low_ratio < high_ratio <= 1, "
+                f"got low_ratio={self.low_ratio}, high_ratio={self.high_ratio}"
             )
         if self.calm_steps < 1:
             raise ValueError(f"calm_steps: expected >= 1, got {self.calm_steps}")
@@ -92,8 +93,12 @@ class MemoryEscalation:
                 return Decision(MemoryStep.SHRINK_MICRO_BATCH, why)
             if self.can_offload and not offloaded:
                 return Decision(MemoryStep.OFFLOAD, f"{why} at the smallest micro-batch")
-            return Decision(MemoryStep.FAIL, f"{why} at the smallest micro-batch with the optimizer state offloaded"
-                            if offloaded else f"{why} at the smallest micro-batch and nothing to offload")
+            return Decision(
+                MemoryStep.FAIL,
+                f"{why} at the smallest micro-batch with the optimizer state offloaded"
+                if offloaded
+                else f"{why} at the smallest micro-batch and nothing to offload",
+            )
         if ratio > cfg.low_ratio:
             self._calm = 0
             return Decision(MemoryStep.NONE, f"usage {ratio:.2f} between the thresholds")

@@ -14,7 +14,7 @@ own results do not depend on the thread count or on AVX2 versus the scalar path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +58,7 @@ class AdamHyper:
 def check_adam(optimizer: Any) -> bool:
     """True for AdamW semantics, False for Adam; TypeError for any other optimizer."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(
-            f"expected a torch.optim.Adam or torch.optim.AdamW, got {type(optimizer).__qualname__}"
-        )
+        raise TypeError(f"expected a torch.optim.Adam or torch.optim.AdamW, got {type(optimizer).__qualname__}")
     return isinstance(optimizer, torch.optim.AdamW)
 
 
@@ -122,6 +120,32 @@ def step_params(
     )
 
 
+def apply_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[float],
+    hyper: AdamHyper,
+) -> None:
+    """The native kernel on explicit tensors (pieces of parameters are fine: every element is
+    updated by itself); ``steps`` are the counts after this step."""
+    _C.adam_step(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(steps),
+        hyper.lr,
+        hyper.beta1,
+        hyper.beta2,
+        hyper.eps,
+        hyper.weight_decay,
+        hyper.decoupled_weight_decay,
+        hyper.maximize,
+    )
+
+
 def fused_adam_step(optimizer: Any, *, scalar: bool = False) -> None:
     """One Adam/AdamW step of ``optimizer`` with the native kernel (float32 CPU tensors).
 
@@ -137,13 +161,3 @@ def fused_adam_step(optimizer: Any, *, scalar: bool = False) -> None:
             for p in params:
                 init_state(optimizer, p)
             step_params(optimizer, params, hyper, scalar=scalar)
-
-
-def state_tensors(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """exp_avg and exp_avg_sq of every parameter that has state, in order."""
-    out = []
-    for p in params:
-        s = optimizer.state.get(p)
-        if s:
-            out.extend((s["exp_avg"], s["exp_avg_sq"]))
-    return out

@@ -22,6 +22,8 @@ swapped; :meth:`restore` copies everything back before it swaps and only then de
 
 from __future__ import annotations
 
+import contextlib
+import math
 import mmap
 import os
 import shutil
@@ -34,6 +36,7 @@ import torch
 
 from autoglm_rt.offload.fused_adam import (
     AdamHyper,
+    apply_step,
     check_adam,
     init_state,
     params_with_grad,
@@ -52,19 +55,38 @@ def _align(n: int) -> int:
 
 
 @dataclass
+class _Piece:
+    """Elements [begin, end) of a parameter; its moments start at m_offset and v_offset."""
+
+    param: torch.Tensor
+    begin: int
+    end: int
+    m_offset: int
+    v_offset: int
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(off + 4 * self.begin, off + 4 * self.end) for off in (self.m_offset, self.v_offset)]
+
+
+@dataclass
 class _Block:
-    """Consecutive parameters of one group whose moments lie in [start, end) of the state file."""
+    """Pieces of one group's parameters holding about block_bytes of moments: the unit the disk
+    tier steps, prefetches and releases."""
 
     group: int
-    params: list[torch.Tensor] = field(default_factory=list)
-    start: int = 0
-    end: int = 0
+    pieces: list[_Piece] = field(default_factory=list)
+    nbytes: int = 0
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [r for piece in self.pieces for r in piece.ranges()]
 
 
 class _DiskStore:
     """The state file: every parameter's moments at page-aligned offsets, in group order."""
 
-    def __init__(self, path: str, tensors: list[torch.Tensor], offsets: list[int], size: int) -> None:
+    def __init__(self, path: str, tensors: list[torch.Tensor | None], offsets: list[int], size: int) -> None:
+        """Writes ``tensors`` at ``offsets`` (None: zeros, left as a hole in the file) and maps
+        the file; the file appears under ``path`` only once complete and synced."""
         self.path = path
         self.size = size
         tmp = path + ".tmp"
@@ -72,6 +94,8 @@ class _DiskStore:
             # Large sequential writes from the tensors' own memory; nothing is swapped yet.
             with open(tmp, "wb") as f:
                 for t, off in zip(tensors, offsets, strict=True):
+                    if t is None or t.numel() == 0:
+                        continue
                     f.seek(off)
                     f.write(_bytes_of(t))
                 f.truncate(size)
@@ -81,35 +105,47 @@ class _DiskStore:
         except BaseException:
             _remove_quietly(tmp)
             raise
-        with open(path, "r+b") as f:
-            self.map = mmap.mmap(f.fileno(), size) if size else None
+        self.file = open(path, "r+b")  # noqa: SIM115 - kept open for posix_fadvise
+        self.map = mmap.mmap(self.file.fileno(), size) if size else None
 
-    def view(self, like: torch.Tensor, offset: int) -> torch.Tensor:
-        """A float32 tensor of like's shape over the file at offset (RAM for an empty tensor)."""
-        if like.numel() == 0 or self.map is None:
-            return torch.empty_like(like, device="cpu")
-        flat = torch.frombuffer(self.map, dtype=like.dtype, count=like.numel(), offset=offset)
-        return flat.view(like.shape)
+    def view(self, shape: torch.Size, offset: int) -> torch.Tensor:
+        """A float32 tensor of ``shape`` over the file at offset (RAM for an empty tensor)."""
+        numel = math.prod(shape)
+        if numel == 0 or self.map is None:
+            return torch.empty(shape, dtype=torch.float32)
+        return torch.frombuffer(self.map, dtype=torch.float32, count=numel, offset=offset).view(shape)
 
-    def advise(self, advice: int, start: int, end: int) -> None:
-        if self.map is not None and end > start:
-            self.map.madvise(advice, start, end - start)
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Asks the kernel to read these byte ranges ahead (returns at once)."""
+        for start, end in ranges:
+            if self.map is not None and end > start:
+                aligned = start - start % _PAGE
+                self.map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+
+    def release(self, ranges: list[tuple[int, int]]) -> None:
+        """Drops these byte ranges from the process and starts writing them back without waiting,
+        so the page cache holds little dirty state (which a memory cgroup cannot reclaim fast)."""
+        for start, end in ranges:
+            if self.map is None or end <= start:
+                continue
+            aligned = start - start % _PAGE
+            self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+            os.posix_fadvise(self.file.fileno(), aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
     def discard(self) -> None:
         """Deletes the file. Tensors still viewing it stay valid (the mapping outlives the name)."""
         _remove_quietly(self.path)
+        self.file.close()
         self.map = None
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().cpu().contiguous().numpy()).cast("B")
+    return t.detach().cpu().contiguous().numpy().view("uint8").data
 
 
 def _remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _copy_out(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -224,8 +260,9 @@ class OptimizerOffload:
         with torch.no_grad():
             for _, p in self._params():
                 s = init_state(self.optimizer, p)
-                moved.append((s, {key: s[key].to("cpu", copy=True).pin_memory() if pinned else s[key].cpu()
-                                  for key in _MOMENTS}))
+                moved.append(
+                    (s, {key: s[key].to("cpu", copy=True).pin_memory() if pinned else s[key].cpu() for key in _MOMENTS})
+                )
         for s, m in moved:
             s.update(m)
 
@@ -235,35 +272,43 @@ class OptimizerOffload:
             directory = tempfile.mkdtemp(prefix="autoglm_rt_offload_")
             self._directory = directory
         os.makedirs(directory, exist_ok=True)
-        with torch.no_grad():
-            entries = [(gi, p, init_state(self.optimizer, p)) for gi, p in self._params()]
-        tensors: list[torch.Tensor] = []
+        entries = list(self._params())
+        for _, p in entries:
+            if p.dtype != torch.float32:
+                raise TypeError(f"tier='disk': expected float32 parameters, got {p.dtype}")
+        tensors: list[torch.Tensor | None] = []
         offsets: list[int] = []
         blocks: list[_Block] = []
         pos = 0
-        for gi, p, s in entries:
-            size = sum(_align(s[key].numel() * s[key].element_size()) for key in _MOMENTS)
-            if not blocks or blocks[-1].group != gi or (blocks[-1].end - blocks[-1].start + size > self.block_bytes
-                                                        and blocks[-1].params):
-                blocks.append(_Block(group=gi, start=pos, end=pos))
-            for key in _MOMENTS:
-                t = s[key]
-                if t.dtype != torch.float32:
-                    raise TypeError(f"tier='disk': expected float32 optimizer state, got {t.dtype} for {key}")
-                tensors.append(t)
-                offsets.append(pos)
-                pos += _align(t.numel() * t.element_size())
-            blocks[-1].params.append(p)
-            blocks[-1].end = pos
+        per_block = max(1, self.block_bytes // 8)  # elements per block: 4 bytes in each moment
+        for gi, p in entries:
+            # A parameter without state gets torch's initial state (zeros) directly in the file,
+            # never in RAM: offloading before the first step costs no memory.
+            s = self.optimizer.state.get(p) or None
+            m_off, v_off = pos, pos + _align(p.numel() * 4)
+            for key, off in zip(_MOMENTS, (m_off, v_off), strict=True):
+                tensors.append(s[key] if s is not None else None)
+                offsets.append(off)
+            pos = v_off + _align(p.numel() * 4)
+            for begin in range(0, max(p.numel(), 1), per_block):
+                end = min(p.numel(), begin + per_block)
+                last = blocks[-1] if blocks else None
+                if last is None or last.group != gi or last.nbytes + 8 * (end - begin) > self.block_bytes:
+                    blocks.append(_Block(group=gi))
+                blocks[-1].pieces.append(_Piece(p, begin, end, m_off, v_off))
+                blocks[-1].nbytes += 8 * (end - begin)
         store = _DiskStore(os.path.join(directory, STATE_FILE), tensors, offsets, pos)
-        views = [store.view(t, off) for t, off in zip(tensors, offsets, strict=True)]
         # The file is complete and synced: only now does the optimizer see it.
-        it = iter(views)
-        for _, p, s in entries:
+        i = 0
+        for _, p in entries:
+            s = self.optimizer.state[p]
+            if not s:
+                s["step"] = torch.tensor(0.0, dtype=torch.float32)
             for key in _MOMENTS:
-                s[key] = next(it)
+                s[key] = store.view(p.shape, offsets[i])
+                i += 1
         for b in blocks:
-            store.advise(mmap.MADV_DONTNEED, b.start, b.end)
+            store.release(b.ranges())
         self._store = store
         self._blocks = blocks
 
@@ -292,22 +337,45 @@ class OptimizerOffload:
     def _step_disk(self, hypers: list[AdamHyper]) -> None:
         store = self._store
         assert store is not None  # offloaded to disk implies a store
-        known = {id(p) for b in self._blocks for p in b.params}
+        known = {id(piece.param) for b in self._blocks for piece in b.pieces}
+        stepping = []
         for gi, group in enumerate(self.optimizer.param_groups):
-            if any(p.grad is not None and id(p) not in known for p in group["params"]):
-                raise RuntimeError(
-                    f"param_groups[{gi}] has parameters added after offload(); call restore() and offload() again"
-                )
+            for p in params_with_grad(group):
+                if id(p) not in known:
+                    raise RuntimeError(
+                        f"param_groups[{gi}] has parameters added after offload(); call restore() and offload() again"
+                    )
+                stepping.append(p)
+        steps = {}
+        for p in stepping:
+            s = self.optimizer.state[p]
+            s["step"] += 1
+            steps[id(p)] = float(s["step"])
         for i, block in enumerate(self._blocks):
             if i + 1 < len(self._blocks):
-                nxt = self._blocks[i + 1]
-                store.advise(mmap.MADV_WILLNEED, nxt.start, nxt.end)
-            params = [p for p in block.params if p.grad is not None]
-            if params and params[0].is_cuda:
-                self._step_staged(params, hypers[block.group])
-            else:
-                step_params(self.optimizer, params, hypers[block.group])
-            store.advise(mmap.MADV_DONTNEED, block.start, block.end)
+                store.prefetch(self._blocks[i + 1].ranges())
+            pieces = [piece for piece in block.pieces if id(piece.param) in steps and piece.end > piece.begin]
+            if pieces:
+                self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
+            store.release(block.ranges())
+
+    def _step_pieces(self, pieces: list[_Piece], steps: list[float], hyper: AdamHyper) -> None:
+        params, grads, ms, vs, back = [], [], [], [], []
+        for piece in pieces:
+            p, s = piece.param, self.optimizer.state[piece.param]
+            flat = p.detach().view(-1)[piece.begin : piece.end]
+            grad = p.grad.reshape(-1)[piece.begin : piece.end]  # type: ignore[union-attr]
+            if p.is_cuda:
+                host = flat.to("cpu", copy=True)
+                back.append((flat, host))
+                flat, grad = host, grad.to("cpu", copy=True)
+            params.append(flat)
+            grads.append(grad)
+            ms.append(s["exp_avg"].view(-1)[piece.begin : piece.end])
+            vs.append(s["exp_avg_sq"].view(-1)[piece.begin : piece.end])
+        apply_step(params, grads, ms, vs, steps, hyper)
+        for device_view, host in back:
+            device_view.copy_(host)
 
     def _step_staged(self, params: list[torch.Tensor], hyper: AdamHyper) -> None:
         """CUDA parameters with host state: copy down, step on the host, copy the parameter back."""

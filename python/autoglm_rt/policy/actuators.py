@@ -2,7 +2,8 @@
 
 Targets: ``pool`` (memory limit through :class:`~autoglm_rt.policy.memory.MemoryPolicy`, trim),
 ``batch`` (:class:`~autoglm_rt.policy.batch.BatchController` shrink/grow), ``threads``,
-``precision`` (autocast dtype), ``offload`` (optimizer state to a slower tier), ``scheduler`` (task migration and replica scaling) and ``alert``.
+``precision`` (autocast dtype),
+``offload`` (optimizer state to a slower tier), ``scheduler`` (task migration and replica scaling) and ``alert``.
 
 The scheduler that really migrates tasks and scales replicas is a later issue; until it exists,
 :class:`RecordingScheduler` records what was asked, so a run's report shows every scheduling
