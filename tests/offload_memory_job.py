@@ -19,13 +19,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--directory", required=True)
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--keep-page-cache", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # Filled, not just allocated: a fresh allocation's pages are not resident until written.
     w = torch.nn.Parameter(torch.empty(args.numel).fill_(0.5))
     w.grad = torch.empty_like(w).fill_(0.0)
     opt = torch.optim.AdamW([w], lr=1e-3)
-    off = OptimizerOffload(opt, tier="disk", directory=args.directory, block_bytes="16Mi")
+    off = OptimizerOffload(opt, tier="disk", directory=args.directory, block_bytes="16Mi", drop_page_cache=not args.keep_page_cache)
     if args.offload:
         off.offload()
     print("ready", flush=True)

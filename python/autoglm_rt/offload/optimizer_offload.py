@@ -122,15 +122,17 @@ class _DiskStore:
                 aligned = start - start % _PAGE
                 self.map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
-    def release(self, ranges: list[tuple[int, int]]) -> None:
-        """Drops these byte ranges from the process and starts writing them back without waiting,
-        so the page cache holds little dirty state (which a memory cgroup cannot reclaim fast)."""
+    def release(self, ranges: list[tuple[int, int]], drop_page_cache: bool) -> None:
+        """Drops these byte ranges from the process; with ``drop_page_cache`` also starts writing
+        them back without waiting and evicts what is clean, so the page cache holds little dirty
+        state (which a memory cgroup reclaims slowly) at the price of reading it back next step."""
         for start, end in ranges:
             if self.map is None or end <= start:
                 continue
             aligned = start - start % _PAGE
             self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
-            os.posix_fadvise(self.file.fileno(), aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+            if drop_page_cache:
+                os.posix_fadvise(self.file.fileno(), aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
     def discard(self) -> None:
         """Deletes the file. Tensors still viewing it stay valid (the mapping outlives the name)."""
@@ -158,6 +160,9 @@ class OptimizerOffload:
 
     ``directory``: where the disk tier's file lives (default: a new temporary directory, removed
     by :meth:`close`). ``block_bytes``: size of the disk tier's stepping blocks (int or "64Mi").
+    ``drop_page_cache``: after stepping a block, also start its writeback and evict it from the
+    page cache (bounded memory under a cgroup limit; each step then reads the state back).
+    False keeps it cached: faster while memory is plentiful (see benches/RESULTS.md).
     Use :meth:`step` instead of ``optimizer.step()`` while this object manages the optimizer.
     """
 
@@ -167,12 +172,14 @@ class OptimizerOffload:
         tier: str = "host",
         directory: str | os.PathLike[str] | None = None,
         block_bytes: int | str = "64Mi",
+        drop_page_cache: bool = True,
     ) -> None:
         self._decoupled = check_adam(optimizer)
         if tier not in TIERS:
             raise ValueError(f"tier: expected one of {', '.join(TIERS)}, got {tier!r}")
         self.optimizer = optimizer
         self.tier = tier
+        self.drop_page_cache = drop_page_cache
         self.block_bytes = parse_size(block_bytes, name="block_bytes")
         if self.block_bytes <= 0:
             raise ValueError(f"block_bytes: expected a positive size, got {block_bytes!r}")
@@ -308,7 +315,7 @@ class OptimizerOffload:
                 s[key] = store.view(p.shape, offsets[i])
                 i += 1
         for b in blocks:
-            store.release(b.ranges())
+            store.release(b.ranges(), self.drop_page_cache)
         self._store = store
         self._blocks = blocks
 
@@ -357,7 +364,7 @@ class OptimizerOffload:
             pieces = [piece for piece in block.pieces if id(piece.param) in steps and piece.end > piece.begin]
             if pieces:
                 self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
-            store.release(block.ranges())
+            store.release(block.ranges(), self.drop_page_cache)
 
     def _step_pieces(self, pieces: list[_Piece], steps: list[float], hyper: AdamHyper) -> None:
         params, grads, ms, vs, back = [], [], [], [], []
