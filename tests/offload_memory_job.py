@@ -6,6 +6,7 @@ gradients exist, waits for a line on stdin (the test sets the memory limit then)
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 
 import torch
@@ -36,7 +37,8 @@ def main() -> None:
         w.grad.uniform_(-1.0, 1.0, generator=gen)
         off.step()
     # No restore() at the end: the state would not fit in RAM under the limit (that is the point).
-    print(f"done {float(w.detach()[:4].sum()):.6e} resident={off.resident_bytes()}", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"done {float(w.detach()[:4].sum()):.6e} resident={off.resident_bytes()} peak_rss={peak}", flush=True)
 
 
 if __name__ == "__main__":
