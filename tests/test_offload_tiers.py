@@ -279,3 +279,15 @@ def test_strategy_action_offloads_through_the_actuator(tmp_path):
     with pytest.raises(ValueError, match="offload_optimizer_state"):
         Strategy.from_yaml(rule_yaml + "    - offload_optimizer_state: 3\n")
     off.close()
+
+
+def test_loading_a_bad_state_dict_keeps_the_offloaded_state(tmp_path):
+    model, opt, off, _ = _train("AdamW", tmp_path, {0: "offload"}, steps=3)
+    before = {id(p): opt.state[p]["exp_avg"].clone() for p in model.parameters()}
+    bad = off.state_dict()
+    bad["optimizer"]["param_groups"][0]["params"] = bad["optimizer"]["param_groups"][0]["params"][:1]
+    with pytest.raises(ValueError):
+        off.load_state_dict(bad)
+    assert off.offloaded and (tmp_path / oo.STATE_FILE).exists()
+    assert all(torch.equal(opt.state[p]["exp_avg"], before[id(p)]) for p in model.parameters())
+    off.close()

@@ -402,11 +402,11 @@ class OptimizerOffload:
         """Loads an optimizer state (from this class or a plain ``optimizer.state_dict()``); the
         current tier placement is kept: an offloaded object offloads the loaded state again."""
         inner = state_dict.get("optimizer", state_dict) if "offload" in state_dict else state_dict
-        was = self._offloaded
-        if was:
-            self._drop_store()
+        # torch copies the loaded state into fresh tensors and checks it before changing anything,
+        # so a bad state dict leaves the current (possibly offloaded) state as it was.
         self.optimizer.load_state_dict(inner)
-        if was:
+        if self._offloaded:
+            self._drop_store()
             self.offload()
 
     def _drop_store(self) -> None:
