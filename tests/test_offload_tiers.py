@@ -291,3 +291,28 @@ def test_loading_a_bad_state_dict_keeps_the_offloaded_state(tmp_path):
     assert off.offloaded and (tmp_path / oo.STATE_FILE).exists()
     assert all(torch.equal(opt.state[p]["exp_avg"], before[id(p)]) for p in model.parameters())
     off.close()
+
+
+@pytest.mark.cuda
+def test_host_tier_steps_cuda_parameters_on_the_host():
+    """CUDA parameters, moments in pinned host memory: the step equals the fused CPU step applied
+    to host copies of the same parameters and gradients."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in ((64, 33), (129,))]
+    twins = [p.detach().cpu().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    twin_opt = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    off = OptimizerOffload(opt, tier="host")
+    assert off.offload() and off.resident_bytes() == 0
+    for s in (opt.state[p] for p in params):
+        assert s["exp_avg"].device.type == "cpu" and s["exp_avg"].is_pinned()
+    for _ in range(5):
+        for p, t in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.cpu()
+        off.step()
+        fused_adam_step(twin_opt)
+    for p, t in zip(params, twins, strict=True):
+        assert torch.equal(p.detach().cpu(), t.detach())
+    assert off.restore() and opt.state[params[0]]["exp_avg"].is_cuda
+    assert off.resident_bytes() == sum(2 * p.numel() * 4 for p in params)
