@@ -28,7 +28,7 @@ def main() -> None:
     w.grad = torch.empty_like(w).fill_(0.0)
     opt = torch.optim.AdamW([w], lr=1e-3)
     off = OptimizerOffload(
-        opt, tier="disk", directory=args.directory, block_bytes="16Mi", drop_page_cache=not args.keep_page_cache
+        opt, tier="disk", directory=args.directory, block_bytes="4Mi", drop_page_cache=not args.keep_page_cache
     )
     if args.offload:
         off.offload()

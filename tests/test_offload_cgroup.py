@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-NUMEL = 24 * 2**20  # 96 MiB per float32 tensor: params + grads 192 MiB, AdamW state 192 MiB
+NUMEL = 8 * 2**20  # 32 MiB per float32 tensor: params + grads 64 MiB, AdamW state 64 MiB
 STATE_BYTES = 2 * NUMEL * 4
 REPO = Path(__file__).resolve().parent.parent
 
