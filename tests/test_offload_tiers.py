@@ -316,3 +316,20 @@ def test_host_tier_steps_cuda_parameters_on_the_host():
         assert torch.equal(p.detach().cpu(), t.detach())
     assert off.restore() and opt.state[params[0]]["exp_avg"].is_cuda
     assert off.resident_bytes() == sum(2 * p.numel() * 4 for p in params)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_a_bad_gradient_changes_nothing(tmp_path, offloaded):
+    model, opt, off, _ = _train("Adam", tmp_path, {0: "offload"} if offloaded else {}, steps=2, block_bytes=512)
+    params = list(model.parameters())
+    snapshot = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad_dtype = None  # torch refuses a float64 gradient otherwise
+    params[-1].grad = torch.ones_like(params[-1], dtype=torch.float64)  # last group, last block
+    with pytest.raises(TypeError, match=r"params\[\d+\]: expected float32 parameter and gradient"):
+        off.step()
+    for p, (value, state) in zip(params, snapshot, strict=True):
+        assert torch.equal(p.detach(), value)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    off.close()

@@ -72,14 +72,28 @@ def init_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[st
     return state
 
 
-def params_with_grad(group: dict[str, Any]) -> list[torch.Tensor]:
-    """The group's parameters that have a gradient, in group order; TypeError for sparse ones."""
+def params_with_grad(group: dict[str, Any], *, cuda_ok: bool = False) -> list[torch.Tensor]:
+    """The group's parameters that have a gradient, in group order, checked before anything is
+    changed: dense float32 parameter and gradient of one shape, on the CPU (or CUDA when
+    ``cuda_ok``: the host tier stages those). TypeError/ValueError otherwise."""
     out = []
-    for p in group["params"]:
-        if p.grad is None:
+    for i, p in enumerate(group["params"]):
+        grad = p.grad
+        if grad is None:
             continue
-        if p.grad.is_sparse:
-            raise TypeError("fused_adam_step: sparse gradients are not supported; expected dense gradients")
+        name = f"params[{i}]"
+        if grad.is_sparse:
+            raise TypeError(f"{name}: sparse gradients are not supported; expected dense gradients")
+        if p.dtype != torch.float32 or grad.dtype != torch.float32:
+            raise TypeError(f"{name}: expected float32 parameter and gradient, got {p.dtype} and {grad.dtype}")
+        if grad.shape != p.shape:
+            raise ValueError(
+                f"{name}: gradient shape {tuple(grad.shape)} differs from the parameter's {tuple(p.shape)}"
+            )
+        if p.device.type != "cpu" and not (cuda_ok and p.is_cuda):
+            raise TypeError(f"{name}: expected a CPU parameter, got one on {p.device}")
+        if not p.is_contiguous():
+            raise TypeError(f"{name}: expected a contiguous parameter (it is updated in place)")
         out.append(p)
     return out
 
@@ -99,13 +113,12 @@ def step_params(
     if not params:
         return
     states = [optimizer.state[p] for p in params]
-    steps = []
-    for s in states:
-        s["step"] += 1
-        steps.append(float(s["step"]))
+    # The counts after this step, in float32 as torch keeps them; stored only once the kernel ran.
+    after = [s["step"] + 1 for s in states]
+    steps = [float(t) for t in after]
     _C.adam_step(
         list(host_params) if host_params is not None else [p.detach() for p in params],
-        list(host_grads) if host_grads is not None else [p.grad for p in params],
+        list(host_grads) if host_grads is not None else [p.grad.contiguous() for p in params],  # type: ignore[union-attr]
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         steps,
@@ -118,6 +131,8 @@ def step_params(
         hyper.maximize,
         scalar,
     )
+    for s, t in zip(states, after, strict=True):
+        s["step"].copy_(t)
 
 
 def apply_step(
@@ -154,10 +169,10 @@ def fused_adam_step(optimizer: Any, *, scalar: bool = False) -> None:
     Steps are taken under ``torch.no_grad()``.
     """
     decoupled = check_adam(optimizer)
+    # Every group is checked before any is stepped, so bad input changes nothing.
+    plan = [(params_with_grad(g), AdamHyper.of_group(g, decoupled)) for g in optimizer.param_groups]
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            hyper = AdamHyper.of_group(group, decoupled)
-            params = params_with_grad(group)
+        for params, hyper in plan:
             for p in params:
                 init_state(optimizer, p)
             step_params(optimizer, params, hyper, scalar=scalar)

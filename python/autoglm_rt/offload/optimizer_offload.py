@@ -28,6 +28,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,8 +106,10 @@ class _DiskStore:
         except BaseException:
             _remove_quietly(tmp)
             raise
-        self.file = open(path, "r+b")  # noqa: SIM115 - kept open for posix_fadvise
-        self.map = mmap.mmap(self.file.fileno(), size) if size else None
+        # A descriptor kept for posix_fadvise, closed by discard() or when the store is collected.
+        self.fd = os.open(path, os.O_RDWR)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
+        self.map = mmap.mmap(self.fd, size) if size else None
 
     def view(self, shape: torch.Size, offset: int) -> torch.Tensor:
         """A float32 tensor of ``shape`` over the file at offset (RAM for an empty tensor)."""
@@ -132,12 +135,12 @@ class _DiskStore:
             aligned = start - start % _PAGE
             self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
             if drop_page_cache:
-                os.posix_fadvise(self.file.fileno(), aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
     def discard(self) -> None:
         """Deletes the file. Tensors still viewing it stay valid (the mapping outlives the name)."""
         _remove_quietly(self.path)
-        self.file.close()
+        self._close_fd()
         self.map = None
 
 
@@ -328,18 +331,18 @@ class OptimizerOffload:
             return
         hypers = [AdamHyper.of_group(g, self._decoupled) for g in self.optimizer.param_groups]
         with torch.no_grad():
-            if not self._offloaded:
-                for group, hyper in zip(self.optimizer.param_groups, hypers, strict=True):
-                    params = params_with_grad(group)
-                    for p in params:
-                        init_state(self.optimizer, p)
-                    step_params(self.optimizer, params, hyper)
+            if self._offloaded and self.tier == "disk":
+                self._step_disk(hypers)
                 return
-            if self.tier == "host":
-                for group, hyper in zip(self.optimizer.param_groups, hypers, strict=True):
-                    self._step_staged(params_with_grad(group), hyper)
-                return
-            self._step_disk(hypers)
+            # Every group is checked before any is stepped, so bad input changes nothing.
+            groups = [params_with_grad(g, cuda_ok=self._offloaded) for g in self.optimizer.param_groups]
+            for params, hyper in zip(groups, hypers, strict=True):
+                if self._offloaded:  # host tier
+                    self._step_staged(params, hyper)
+                    continue
+                for p in params:
+                    init_state(self.optimizer, p)
+                step_params(self.optimizer, params, hyper)
 
     def _step_disk(self, hypers: list[AdamHyper]) -> None:
         store = self._store
@@ -347,17 +350,14 @@ class OptimizerOffload:
         known = {id(piece.param) for b in self._blocks for piece in b.pieces}
         stepping = []
         for gi, group in enumerate(self.optimizer.param_groups):
-            for p in params_with_grad(group):
+            for p in params_with_grad(group, cuda_ok=True):
                 if id(p) not in known:
                     raise RuntimeError(
                         f"param_groups[{gi}] has parameters added after offload(); call restore() and offload() again"
                     )
                 stepping.append(p)
-        steps = {}
-        for p in stepping:
-            s = self.optimizer.state[p]
-            s["step"] += 1
-            steps[id(p)] = float(s["step"])
+        after = {id(p): self.optimizer.state[p]["step"] + 1 for p in stepping}
+        steps = {key: float(t) for key, t in after.items()}
         for i, block in enumerate(self._blocks):
             if i + 1 < len(self._blocks):
                 store.prefetch(self._blocks[i + 1].ranges())
@@ -365,6 +365,8 @@ class OptimizerOffload:
             if pieces:
                 self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
             store.release(block.ranges(), self.drop_page_cache)
+        for p in stepping:
+            self.optimizer.state[p]["step"].copy_(after[id(p)])
 
     def _step_pieces(self, pieces: list[_Piece], steps: list[float], hyper: AdamHyper) -> None:
         params, grads, ms, vs, back = [], [], [], [], []
