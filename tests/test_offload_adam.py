@@ -87,6 +87,45 @@ def test_kernel_matches_reference_bit_for_bit(scalar, weight_decay, decoupled, m
                 np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=f"{name} n={n} step={step}")
 
 
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (independent of the kernel)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    quiet = ((u >> 16) | 0x40).astype(np.uint16)
+    return np.where((u & 0x7FFFFFFF) > 0x7F800000, quiet, rounded)
+
+
+def _from_bf16(h: np.ndarray) -> np.ndarray:
+    return (h.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_bfloat16_params_match_reference_bit_for_bit(scalar):
+    for i, n in enumerate([1, 9, 65537]):
+        p, g, m, v = _case(n, 20 + i)
+        p[: min(n, 3)] = [np.nan, np.inf, -0.0][: min(n, 3)]
+        p16, g16 = _to_bf16(p), _to_bf16(g)
+        tp, tg = (torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16) for x in (p16, g16))
+        tm, tv = torch.from_numpy(m.copy()), torch.from_numpy(v.copy())
+        _C.adam_step([tp], [tg], [tm], [tv], [5.0], 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, scalar)
+        want_p, want_m, want_v = ref_step(
+            _from_bf16(p16), _from_bf16(g16), m, v, 5.0, **HYPER, weight_decay=0.01, decoupled=True
+        )
+        np.testing.assert_array_equal(tp.view(torch.int16).numpy().view(np.uint16), _to_bf16(want_p))
+        np.testing.assert_array_equal(tm.numpy().view(np.int32), want_m.view(np.int32))
+        np.testing.assert_array_equal(tv.numpy().view(np.int32), want_v.view(np.int32))
+
+
+def test_fused_adam_step_keeps_float32_moments_for_bfloat16_params():
+    w = torch.randn(100).to(torch.bfloat16).requires_grad_(True)
+    w.grad = torch.randn(100).to(torch.bfloat16)
+    before = w.detach().clone()
+    opt = torch.optim.AdamW([w], lr=0.1)
+    fused_adam_step(opt)
+    assert opt.state[w]["exp_avg"].dtype == torch.float32 and w.dtype == torch.bfloat16
+    assert not torch.equal(w.detach(), before)
+
+
 def test_nonfinite_values_propagate_like_reference():
     p, g, m, v = _case(64, 3)
     g[[1, 9, 17]] = [np.nan, np.inf, -np.inf]
@@ -177,8 +216,10 @@ def test_rejects_wrong_dtype():
     p, g, m, v = _lists()
     with pytest.raises(TypeError, match=r"grads\[0\].*float32.*float64"):
         _call(p, [torch.zeros(4, dtype=torch.float64)], m, v)
-    with pytest.raises(TypeError, match=r"params\[0\].*float32.*bfloat16"):
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected dtype bfloat16 like params\[0\], got float32"):
         _call([torch.zeros(4, dtype=torch.bfloat16)], g, m, v)
+    with pytest.raises(TypeError, match=r"exp_avgs\[0\].*float32.*bfloat16"):
+        _call(p, g, [torch.zeros(4, dtype=torch.bfloat16)], v)
 
 
 def test_rejects_non_contiguous_and_read_only():
@@ -232,5 +273,5 @@ def test_fused_adam_step_rejects_other_optimizers_and_options():
         fused_adam_step(torch.optim.Adam([s]))
     h = torch.zeros(3, dtype=torch.float16, requires_grad=True)
     h.grad = torch.ones(3, dtype=torch.float16)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
         fused_adam_step(torch.optim.Adam([h]))

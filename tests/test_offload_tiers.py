@@ -327,7 +327,9 @@ def test_a_bad_gradient_changes_nothing(tmp_path, offloaded):
         p.grad = torch.ones_like(p)
     params[-1].grad_dtype = None  # torch refuses a float64 gradient otherwise
     params[-1].grad = torch.ones_like(params[-1], dtype=torch.float64)  # last group, last block
-    with pytest.raises(TypeError, match=r"params\[\d+\]: expected float32 parameter and gradient"):
+    with pytest.raises(
+        TypeError, match=r"params\[\d+\]: expected float32 or bfloat16 parameter and a gradient of the same dtype"
+    ):
         off.step()
     for p, (value, state) in zip(params, snapshot, strict=True):
         assert torch.equal(p.detach(), value)

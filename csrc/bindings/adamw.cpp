@@ -15,13 +15,13 @@ using agrt::bindings::Access;
 
 namespace {
 
-std::vector<agrt::TensorView> borrow_list(py::handle seq, const char* name, Access access,
+std::vector<agrt::TensorView> borrow_list(py::handle seq, const char* name, Access access, agrt::bindings::DTypeSet dtypes,
                                           std::vector<agrt::bindings::BorrowedTensor>& keep) {
   if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq) || py::hasattr(seq, "__dlpack__")) {
     throw agrt::TypeError(std::string(name) + ": expected a list or tuple of tensors, got " +
                           std::string(py::str(py::type::handle_of(seq).attr("__qualname__"))));
   }
-  auto borrowed = agrt::bindings::borrow_tensor_list(seq, name, access, {agrt::DType::kFloat32});
+  auto borrowed = agrt::bindings::borrow_tensor_list(seq, name, access, dtypes);
   std::vector<agrt::TensorView> views;
   views.reserve(borrowed.size());
   for (auto& b : borrowed) {
@@ -35,10 +35,12 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
                const std::vector<double>& steps, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool decoupled_weight_decay, bool maximize, bool scalar) {
   std::vector<agrt::bindings::BorrowedTensor> keep;
-  const auto p = borrow_list(params, "params", Access::kWrite, keep);
-  const auto g = borrow_list(grads, "grads", Access::kRead, keep);
-  const auto m = borrow_list(exp_avgs, "exp_avgs", Access::kWrite, keep);
-  const auto v = borrow_list(exp_avg_sqs, "exp_avg_sqs", Access::kWrite, keep);
+  const agrt::bindings::DTypeSet param_types{agrt::DType::kFloat32, agrt::DType::kBFloat16};
+  const agrt::bindings::DTypeSet moment_types{agrt::DType::kFloat32};
+  const auto p = borrow_list(params, "params", Access::kWrite, param_types, keep);
+  const auto g = borrow_list(grads, "grads", Access::kRead, param_types, keep);
+  const auto m = borrow_list(exp_avgs, "exp_avgs", Access::kWrite, moment_types, keep);
+  const auto v = borrow_list(exp_avg_sqs, "exp_avg_sqs", Access::kWrite, moment_types, keep);
   agrt::kernels::AdamConfig config;
   config.lr = lr;
   config.beta1 = beta1;
@@ -61,6 +63,6 @@ AGRT_BINDINGS(adamw) {
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("steps"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled_weight_decay"), py::arg("maximize") = false, py::arg("scalar") = false,
-        "Fused in-place Adam/AdamW step over lists of float32 CPU tensors (torch's formula and rounding "
+        "Fused in-place Adam/AdamW step over lists of CPU tensors (params/grads float32 or bfloat16, moments float32) (torch's formula and rounding "
         "order); scalar=True forces the scalar oracle path. See autoglm_rt.offload.fused_adam_step.");
 }

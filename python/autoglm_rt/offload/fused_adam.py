@@ -63,12 +63,13 @@ def check_adam(optimizer: Any) -> bool:
 
 
 def init_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
-    """The parameter's state, created as torch's Adam creates it on its first step."""
+    """The parameter's state, created as torch's Adam creates it on its first step, except that
+    a bfloat16 parameter gets float32 moments."""
     state = optimizer.state[param]
     if len(state) == 0:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
     return state
 
 
@@ -84,8 +85,11 @@ def params_with_grad(group: dict[str, Any], *, cuda_ok: bool = False) -> list[to
         name = f"params[{i}]"
         if grad.is_sparse:
             raise TypeError(f"{name}: sparse gradients are not supported; expected dense gradients")
-        if p.dtype != torch.float32 or grad.dtype != torch.float32:
-            raise TypeError(f"{name}: expected float32 parameter and gradient, got {p.dtype} and {grad.dtype}")
+        if p.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != p.dtype:
+            raise TypeError(
+                f"{name}: expected float32 or bfloat16 parameter and a gradient of the same dtype, "
+                f"got {p.dtype} and {grad.dtype}"
+            )
         if grad.shape != p.shape:
             raise ValueError(
                 f"{name}: gradient shape {tuple(grad.shape)} differs from the parameter's {tuple(p.shape)}"
@@ -162,9 +166,10 @@ def apply_step(
 
 
 def fused_adam_step(optimizer: Any, *, scalar: bool = False) -> None:
-    """One Adam/AdamW step of ``optimizer`` with the native kernel (float32 CPU tensors).
+    """One Adam/AdamW step of ``optimizer`` with the native kernel (CPU tensors; parameters
+    float32, or bfloat16 with float32 moments computed in float32 and rounded once per step).
 
-    Raises TypeError for another optimizer, non-float32, CUDA or sparse tensors, ValueError for
+    Raises TypeError for another optimizer, other dtypes, CUDA or sparse tensors, ValueError for
     ``amsgrad``/``capturable``/``differentiable``. ``scalar=True`` runs the scalar oracle path.
     Steps are taken under ``torch.no_grad()``.
     """

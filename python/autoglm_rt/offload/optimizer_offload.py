@@ -284,8 +284,8 @@ class OptimizerOffload:
         os.makedirs(directory, exist_ok=True)
         entries = list(self._params())
         for _, p in entries:
-            if p.dtype != torch.float32:
-                raise TypeError(f"tier='disk': expected float32 parameters, got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"tier='disk': expected float32 or bfloat16 parameters, got {p.dtype}")
         tensors: list[torch.Tensor | None] = []
         offsets: list[int] = []
         blocks: list[_Block] = []

@@ -36,7 +36,11 @@ struct AdamConfig {
 /// (see docs/offload.md for the exceptions), identical between the scalar and the AVX2 path,
 /// and independent of the thread count (every element is computed alone).
 ///
-/// Inputs: CPU tensors, float32, contiguous, writable, params[i]/grads[i]/exp_avgs[i]/
+/// bfloat16 parameters (with bfloat16 gradients) are read into float32, stepped by the same
+/// formula and rounded to nearest even on store; their moments stay float32.
+///
+/// Inputs: CPU tensors, contiguous, writable; params and grads all float32 or all bfloat16,
+/// exp_avgs and exp_avg_sqs float32; params[i]/grads[i]/exp_avgs[i]/
 /// exp_avg_sqs[i] of equal numel; the four lists and steps of equal length. Throws TypeError or
 /// ValueError naming the first offending argument; nothing is written then.
 /// Threads: spread over the thread pool (parallel_for); the caller must not touch the tensors
