@@ -335,3 +335,37 @@ def test_a_bad_gradient_changes_nothing(tmp_path, offloaded):
         assert torch.equal(p.detach(), value)
         assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
     off.close()
+
+
+def test_escalation_drives_a_real_offload(tmp_path):
+    """The policy's decisions carried out on a real OptimizerOffload, as the Runtime will."""
+    _, _, off, _ = _train("AdamW", tmp_path, {}, steps=1)
+    esc = MemoryEscalation(EscalationConfig(high_ratio=0.9, low_ratio=0.5, calm_steps=2))
+    micro_batch, limit = 2, 1_000_000
+    usage = [950_000, 950_000, 950_000, 600_000, 300_000, 300_000, 300_000]
+    seen = []
+    for used in usage:
+        state = off.state_dict()["offload"]
+        d = esc.decide(
+            usage_bytes=used,
+            limit_bytes=limit,
+            micro_batch=micro_batch,
+            offloaded=state["offloaded"],
+            state_bytes=sum(p.numel() * 8 for g in off.optimizer.param_groups for p in g["params"]),
+        )
+        seen.append(d.step)
+        if d.step is MemoryStep.SHRINK_MICRO_BATCH:
+            micro_batch //= 2
+        elif d.step in (MemoryStep.OFFLOAD, MemoryStep.RESTORE):
+            assert off.set_offloaded(d.step is MemoryStep.OFFLOAD)
+    assert seen == [
+        MemoryStep.SHRINK_MICRO_BATCH,
+        MemoryStep.OFFLOAD,
+        MemoryStep.FAIL,
+        MemoryStep.NONE,
+        MemoryStep.NONE,
+        MemoryStep.RESTORE,
+        MemoryStep.NONE,
+    ]
+    assert not off.offloaded and off.resident_bytes() > 0
+    off.close()
