@@ -7,6 +7,9 @@ no device is usable, so a CPU-only machine runs everything that can run.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 import autoglm_rt
@@ -45,3 +48,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup_memory_status() -> str | None:
+    """None when a cgroup v1 memory controller is writable here, else why not."""
+    if not (CGROUP_V1_MEMORY / "memory.limit_in_bytes").exists():
+        return f"no cgroup v1 memory controller at {CGROUP_V1_MEMORY}"
+    if not os.access(CGROUP_V1_MEMORY, os.W_OK):
+        return f"{CGROUP_V1_MEMORY} is not writable (needs root)"
+    return None
+
+
+@pytest.fixture
+def cgroup_memory_root() -> Path:
+    """The writable cgroup v1 memory hierarchy; skips with the reason where there is none."""
+    reason = _cgroup_memory_status()
+    if reason is not None:
+        pytest.skip(f"cgroup memory limits unavailable: {reason}")
+    return CGROUP_V1_MEMORY

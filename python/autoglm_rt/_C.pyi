@@ -12,6 +12,23 @@ def inspect_tensor_list(seq: Sequence[Any], name: str = "tensors", writable: boo
 def read_checksum(buffer: Any) -> int: ...
 def parallel_copy(dst: Any, src: Any) -> None: ...
 
+# fused Adam/AdamW (csrc/bindings/adamw.cpp)
+def adam_step(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    exp_avgs: Sequence[Any],
+    exp_avg_sqs: Sequence[Any],
+    steps: Sequence[float],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool = False,
+    scalar: bool = False,
+) -> None: ...
+
 # grad_stats (csrc/bindings/grad_stats.cpp)
 def grad_stats_fields() -> int: ...
 def grad_stats_workspace_bytes(tensors: Sequence[Any]) -> int: ...

@@ -2,7 +2,8 @@
 
 Targets: ``pool`` (memory limit through :class:`~autoglm_rt.policy.memory.MemoryPolicy`, trim),
 ``batch`` (:class:`~autoglm_rt.policy.batch.BatchController` shrink/grow), ``threads``,
-``precision`` (autocast dtype), ``scheduler`` (task migration and replica scaling) and ``alert``.
+``precision`` (autocast dtype),
+``offload`` (optimizer state to a slower tier), ``scheduler`` (task migration and replica scaling) and ``alert``.
 
 An action is reported ``applied=True`` only when something carried it out; otherwise the result
 says ``applied=False`` and why (no scheduler attached, a pool that holds none of the job's memory,
@@ -72,6 +73,7 @@ class Actuators:
         precision: Callable[[str], None] | None = None,
         scheduler: Scheduler | None = None,
         alert: Callable[[Action], None] | None = None,
+        offload: Callable[[bool], bool] | None = None,
     ) -> None:
         self.memory = memory
         self.batch = batch
@@ -79,6 +81,7 @@ class Actuators:
         self.precision = precision
         self.scheduler = scheduler
         self.alert = alert
+        self.offload = offload  # OptimizerOffload.set_offloaded: True when state moved
         self.history: list[ActionResult] = []
 
     def dispatch(self, action: Action) -> ActionResult:
@@ -134,6 +137,13 @@ class Actuators:
                 return False, "no precision setter attached"
             self.precision(str(value))
             return True, f"precision set to {value}"
+        if name == "offload_optimizer_state":
+            if self.offload is None:
+                return False, "no optimizer offload attached"
+            on = bool(value)
+            if not self.offload(on):
+                return False, f"optimizer state already {'offloaded' if on else 'resident'}"
+            return True, "optimizer state offloaded" if on else "optimizer state restored"
         if name == "alert":
             if self.alert is not None:
                 self.alert(action)

@@ -48,6 +48,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "grow_micro_batch": ("bool", "batch"),
     "set_precision": ("precision", "precision"),
     "alert": ("text", "alert"),
+    "offload_optimizer_state": ("bool", "offload"),
 }
 
 OPS: dict[str, Callable[[Any, Any], bool]] = {
