@@ -39,6 +39,7 @@
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
 #include "autoglm_rt/parallel.h"
+#include "kernels/topk_dtypes.h"
 
 namespace agrt::kernels {
 namespace {
@@ -46,26 +47,10 @@ namespace {
 constexpr std::int64_t kGrain = 1 << 16;
 constexpr int kBins1 = 1 << kTopkDigitBits[0];
 
-// Element access by storage type: float, or the raw 16 bits of a half/bfloat16.
-struct F32 {
-  using Storage = float;
-  static float load(float v) noexcept { return v; }
-  static float store(float f) noexcept { return f; }
-};
-struct F16 {
-  using Storage = std::uint16_t;
-  static float load(std::uint16_t v) noexcept { return detail::fp16_to_float(v); }
-  static std::uint16_t store(float f) noexcept { return detail::float_to_fp16(f); }
-};
-struct BF16 {
-  using Storage = std::uint16_t;
-  static float load(std::uint16_t v) noexcept { return detail::bf16_to_float(v); }
-  static std::uint16_t store(float f) noexcept { return detail::float_to_bf16(f); }
-};
-
-inline std::uint32_t magnitude_key(float f) noexcept {
-  return std::min(detail::float_to_bits(f) & 0x7fffffffu, kTopkNanKey);
-}
+using topk_detail::BF16;
+using topk_detail::F16;
+using topk_detail::F32;
+using topk_detail::magnitude_key;
 
 template <typename Fn>
 void dispatch_float(DType t, Fn&& fn) {

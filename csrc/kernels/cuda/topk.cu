@@ -23,6 +23,7 @@
 
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
+#include "kernels/topk_dtypes.h"
 
 namespace agrt::kernels::cuda {
 namespace {
@@ -40,21 +41,9 @@ constexpr int kMaxBins = 1 << 11;
                 cudaGetErrorString(agrt_err));                                                 \
   } while (0)
 
-struct F32 {
-  using Storage = float;
-  static __device__ float load(float v) { return v; }
-  static __device__ float store(float f) { return f; }
-};
-struct F16 {
-  using Storage = unsigned short;
-  static __device__ float load(unsigned short v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ unsigned short store(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-struct BF16 {
-  using Storage = unsigned short;
-  static __device__ float load(unsigned short v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
-  static __device__ unsigned short store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-};
+using topk_detail::BF16;
+using topk_detail::F16;
+using topk_detail::F32;
 
 struct State {
   unsigned int prefix;  // key bits fixed so far
@@ -78,9 +67,7 @@ __device__ __forceinline__ int digit_shift(int level) { return level == 0 ? 20 :
 static_assert(kTopkDigitBits[0] == 11 && kTopkDigitBits[1] == 11 && kTopkDigitBits[2] == 9, "digit split");
 static_assert(kTopkDigitShift[0] == 20 && kTopkDigitShift[1] == 9 && kTopkDigitShift[2] == 0, "digit split");
 
-__device__ __forceinline__ unsigned int magnitude_key(float f) {
-  return min(__float_as_uint(f) & 0x7fffffffu, kTopkNanKey);
-}
+using topk_detail::magnitude_key;
 
 __global__ void init_state(State* s, long long k) {
   s->prefix = 0;
