@@ -23,21 +23,6 @@ def _mlp(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-class _Wide(nn.Module):
-    """One weight matrix (~33k entries) behind a fixed non-linearity: DDP's first-iteration
-    bucket (model order) and its rebuilt bucket (gradient-ready order) have the same layout only
-    for a single parameter, and a resumed DDP starts with the first one."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(64, 512) / 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.tanh(x @ self.w)[:, :10]
-        return out
-
-
 def _state() -> ddp.TopKState:
     controller = DensityController(DensityControllerConfig(floor=0.01, ceiling=0.2, interval=3, threshold=0.05))
     return ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
@@ -54,14 +39,16 @@ def _train(model: DDP, opt: torch.optim.Optimizer, rank: int, steps: range) -> N
 
 def resume(rank: int) -> dict[str, Any]:
     """12 steps in one go vs 7 steps, state saved through bytes, a fresh model/optimizer/state
-    loaded, 5 more steps: parameters, hook state and metrics must be identical."""
-    full = DDP(_Wide(0))
+    loaded, 5 more steps: parameters, hook state and metrics must be identical. The resumed DDP's
+    first bucket lists the parameters in model order, the saved one in gradient-ready order: the
+    residuals and velocities must be carried over per parameter."""
+    full = DDP(_mlp(0))
     full_state = _state()
     full.register_comm_hook(full_state, ddp.topk_hook)
     full_opt = torch.optim.SGD(full.parameters(), lr=0.05)
     _train(full, full_opt, rank, range(12))
 
-    first = DDP(_Wide(0))
+    first = DDP(_mlp(0))
     first_state = _state()
     first.register_comm_hook(first_state, ddp.topk_hook)
     first_opt = torch.optim.SGD(first.parameters(), lr=0.05)
@@ -73,7 +60,7 @@ def resume(rank: int) -> dict[str, Any]:
     buf.seek(0)
     saved = torch.load(buf, weights_only=False)
 
-    resumed = DDP(_Wide(1))  # different initial weights: everything must come from the checkpoint
+    resumed = DDP(_mlp(1))  # different initial weights: everything must come from the checkpoint
     resumed.module.load_state_dict(saved["model"])
     resumed_state = _state()
     resumed_state.load_state_dict(saved["comm"])

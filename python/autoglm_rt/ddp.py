@@ -15,6 +15,7 @@ the first) and for buckets smaller than ``min_numel``.
 # No `from __future__ import annotations` here: DDP.register_comm_hook inspects the hook's
 # annotations and wants the real dist.GradBucket and torch.futures.Future[torch.Tensor] objects.
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,17 @@ _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass
 class _Residual:
-    layout: tuple[Any, ...]
+    layout: tuple[Any, ...]  # (numel, dtype, device, parameter shapes)
     tensor: torch.Tensor
+    keys: tuple[int, ...] = ()  # the parameters' stable keys, in bucket order (see _keys_of)
+
+    def pieces(self) -> dict[int, torch.Tensor]:
+        """This bucket's slices by parameter key (empty when keys or shapes do not add up)."""
+        shapes = self.layout[3]
+        sizes = [math.prod(s) for s in shapes]
+        if len(self.keys) != len(shapes) or sum(sizes) != self.tensor.numel():
+            return {}
+        return dict(zip(self.keys, torch.split(self.tensor, sizes), strict=True))
 
 
 _COUNTERS = ("bytes_sent", "dense_bytes", "compressed_buckets", "dense_buckets", "residual_resets")
@@ -110,6 +120,13 @@ class TopKState:
         self.iter = 0
         self._residuals: dict[int, _Residual] = {}
         self._velocities: dict[int, _Residual] = {}
+        # Entries replaced in this iteration (DDP rebuilt its buckets): their slices may still
+        # belong to buckets not yet seen.
+        self._retired: dict[int, list[_Residual]] = {}
+        # id(parameter) -> (weak reference, stable key). Keys are given in the order parameters
+        # are first seen, i.e. the order of DDP's first-iteration buckets, which is the same in
+        # a fresh process and in the one a checkpoint came from.
+        self._param_key: dict[int, tuple[Any, int]] = {}
         self.bytes_sent = 0
         self.dense_bytes = 0
         self.compressed_buckets = 0
@@ -197,8 +214,12 @@ class TopKState:
         prev = self._norm_parts.get(self.iter - 1)
         return {
             "iteration": self.iter,
-            "residuals": {i: {"layout": r.layout, "tensor": r.tensor.clone()} for i, r in self._residuals.items()},
-            "velocities": {i: {"layout": r.layout, "tensor": r.tensor.clone()} for i, r in self._velocities.items()},
+            "residuals": {
+                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._residuals.items()
+            },
+            "velocities": {
+                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._velocities.items()
+            },
             "counters": {name: int(getattr(self, name)) for name in _COUNTERS}
             | {"nonfinite_resets": self.nonfinite_resets},
             "bucket_density": dict(self.bucket_density),
@@ -230,11 +251,14 @@ class TopKState:
             )
         self.iter = int(sd["iteration"])
         self._residuals = {
-            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone()) for i, r in sd["residuals"].items()
+            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
+            for i, r in sd["residuals"].items()
         }
         self._velocities = {
-            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone()) for i, r in sd["velocities"].items()
+            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
+            for i, r in sd["velocities"].items()
         }
+        self._retired = {}
         counters = sd["counters"]
         for name in _COUNTERS:
             setattr(self, name, int(counters[name]))
@@ -288,21 +312,46 @@ class TopKState:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group())
         self.controller.critical = bool(flag.item() > 0)
 
+    def _keys_of(self, params: list[torch.Tensor]) -> tuple[int, ...]:
+        keys = []
+        for p in params:
+            known = self._param_key.get(id(p))
+            if known is None or known[0]() is not p:  # new, or an id reused after garbage collection
+                known = (weakref.ref(p), len(self._param_key))
+                self._param_key[id(p)] = known
+            keys.append(known[1])
+        return tuple(keys)
+
     def _buffer_for(self, table: dict[int, _Residual], bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
-        layout = (
-            buffer.numel(),
-            buffer.dtype,
-            buffer.device,
-            tuple(tuple(p.shape) for p in bucket.parameters()),
-        )
+        params = list(bucket.parameters())
+        layout = (buffer.numel(), buffer.dtype, buffer.device, tuple(tuple(p.shape) for p in params))
         index = bucket.index()
         entry = table.get(index)
-        if entry is None or entry.layout != layout:
-            if entry is not None and table is self._residuals:
-                self.residual_resets += 1
-            entry = _Residual(layout, torch.zeros_like(buffer))
-            table[index] = entry
-        return entry.tensor
+        if entry is not None and entry.layout == layout:
+            return entry.tensor
+        # A new layout (DDP rebuilt its buckets, or a resumed DDP's first iteration): carry every
+        # parameter's slice over from the entries that held it, so nothing is lost.
+        keys = self._keys_of(params)
+        new = _Residual(layout, torch.zeros_like(buffer), keys)
+        retired = self._retired.setdefault(id(table), [])
+        if entry is not None:
+            retired.append(entry)
+        pieces: dict[int, torch.Tensor] = {}
+        for old in [*retired, *table.values()]:
+            if old.layout[1:3] == layout[1:3]:
+                pieces.update(old.pieces())
+        targets = new.pieces()
+        found = 0
+        for key, target in targets.items():
+            piece = pieces.get(key)
+            if piece is not None and piece.shape == target.shape:
+                target.copy_(piece)
+                found += 1
+        lost = entry is not None and found < len(params)
+        if lost and table is self._residuals:
+            self.residual_resets += 1
+        table[index] = new
+        return new.tensor
 
     def _clear_if(self, nonfinite: torch.Tensor, *tensors: torch.Tensor) -> None:
         """Zeroes ``tensors`` when the 0-dim bool ``nonfinite`` is set and counts it. On the CPU
@@ -332,6 +381,7 @@ class TopKState:
         if bucket.is_last():
             self.iter += 1
             self._iteration_density = None
+            self._retired.clear()
 
 
 def _k_at(density: float, numel: int) -> int:
