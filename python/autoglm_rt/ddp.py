@@ -66,9 +66,11 @@ class TopKState:
         every rank uses the same k.
     momentum: DGC momentum correction (Lin et al., ICLR 2018) for momentum SGD: each rank keeps
         a velocity ``u = momentum * u + grad`` per bucket and compresses ``u`` with error
-        feedback (the residual accumulates velocities); the optimizer then runs *without*
-        momentum. 0 = off (the optimizer keeps its own momentum). Needs ``error_feedback``.
-    momentum_masking: DGC's momentum factor masking: clear the velocity where entries were sent.
+        feedback (the residual accumulates velocities) and clears the velocity where entries
+        were sent (DGC's momentum factor masking; without it the residual counts each velocity
+        again every step, and the demo's model diverged to NaN at 1%); the optimizer then runs
+        *without* momentum. 0 = off (the optimizer keeps its own momentum). Needs
+        ``error_feedback``.
 
     Residuals are keyed by bucket index and layout (element count, dtype, device, parameter
     shapes); one whose layout changed is dropped and counted in ``residual_resets``. A bucket
@@ -89,7 +91,6 @@ class TopKState:
         warmup_start_density: float = 0.25,
         controller: DensityController | None = None,
         momentum: float = 0.0,
-        momentum_masking: bool = True,
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
@@ -116,7 +117,6 @@ class TopKState:
         self.warmup_start_density = float(warmup_start_density)
         self.controller = controller
         self.momentum = float(momentum)
-        self.momentum_masking = bool(momentum_masking)
         self.iter = 0
         self._residuals: dict[int, _Residual] = {}
         self._velocities: dict[int, _Residual] = {}
@@ -488,8 +488,7 @@ def _compressed(
     else:
         local_sq.copy_(_sq_norm(buffer).reshape(1))
         topk_compress(velocity, residual, k, values_out=values, indices_out=indices)
-        if state.momentum_masking:
-            velocity.index_fill_(0, indices.long(), 0)
+        velocity.index_fill_(0, indices.long(), 0)  # momentum factor masking
     norms["local_sq_norm"].append(local_sq.clone())
     if residual is not None:
         # NaN/Inf rank first, so values holds one iff the accumulated bucket had one.
