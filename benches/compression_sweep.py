@@ -46,10 +46,6 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "sgdm dgc 1%": ("sgdm", {"density": 0.01, "start_iter": 5, "warmup": 20, "momentum": 0.9}),
     "sgdm dgc 0.5%": ("sgdm", {"density": 0.005, "start_iter": 5, "warmup": 20, "momentum": 0.9}),
     "sgdm dgc regime 0.5-5%": ("sgdm", {"controller": (0.005, 0.05), "start_iter": 5, "momentum": 0.9}),
-    "adamw topk 1% smooth .9": ("adamw", {"density": 0.01, "start_iter": 5, "warmup": 20, "smoothing": 0.9}),
-    "adamw topk 1% smooth .97": ("adamw", {"density": 0.01, "start_iter": 5, "warmup": 20, "smoothing": 0.97}),
-    "adamw topk 2% smooth .9": ("adamw", {"density": 0.02, "start_iter": 5, "warmup": 20, "smoothing": 0.9}),
-    "adamw topk 5% smooth .8": ("adamw", {"density": 0.05, "start_iter": 5, "warmup": 20, "smoothing": 0.8}),
     "adamw regime 0.5-10% eta .15": ("adamw", {"controller": (0.005, 0.1, 0.15), "start_iter": 5}),
     "sgdm dgc regime 0.5-5% eta .15": ("sgdm", {"controller": (0.005, 0.05, 0.15), "start_iter": 5, "momentum": 0.9}),
 }

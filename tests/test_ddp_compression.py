@@ -228,25 +228,3 @@ def test_regime_aware_density_matches_dense_accuracy_on_real_text() -> None:
     # 20x is not reached here at this accuracy: lower ceilings (0.02, 0.025) cost 2-3 points.
     assert r0["ratio"] >= 15, r0
     assert r0["dense_accuracy"] > 0.3, r0  # the task is learnt at all (chance is < 0.1)
-
-
-@pytest.mark.distributed
-@pytest.mark.usefixtures("single_rank_group")
-def test_delivery_smoothing_is_an_exponential_average_of_the_plain_result() -> None:
-    plain = ddp.TopKState(density=0.05, start_iter=1, min_numel=0)
-    smooth = ddp.TopKState(density=0.05, start_iter=1, min_numel=0, smoothing=0.75)
-    d = torch.zeros(5000)
-    for seed in range(4):
-        g = torch.randn(5000, generator=torch.Generator().manual_seed(seed))
-        a = ddp.topk_hook(plain, FakeBucket(g.clone(), 0, [(5000,)])).wait()  # type: ignore[arg-type]
-        b = ddp.topk_hook(smooth, FakeBucket(g.clone(), 0, [(5000,)])).wait()  # type: ignore[arg-type]
-        d = d.mul(0.75).add(a, alpha=0.25)
-        assert torch.equal(b, d)
-    copy = ddp.TopKState(density=0.05, start_iter=1, min_numel=0, smoothing=0.75)
-    copy.load_state_dict(smooth.state_dict())
-    g = torch.randn(5000)
-    a = ddp.topk_hook(smooth, FakeBucket(g.clone(), 0, [(5000,)])).wait()  # type: ignore[arg-type]
-    b = ddp.topk_hook(copy, FakeBucket(g.clone(), 0, [(5000,)])).wait()  # type: ignore[arg-type]
-    assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="smoothing"):
-        ddp.TopKState(smoothing=1.0)

@@ -71,9 +71,6 @@ class TopKState:
         again every step, and the demo's model diverged to NaN at 1%); the optimizer then runs
         *without* momentum. 0 = off (the optimizer keeps its own momentum). Needs
         ``error_feedback``.
-    smoothing: delivery smoothing s in [0, 1) for adaptive optimizers (experimental): the
-        optimizer receives an exponential average (factor s) of the averaged buckets instead of
-        each step's sparse average, identical on every rank. 0 = off.
 
     Residuals are keyed by bucket index and layout (element count, dtype, device, parameter
     shapes); one whose layout changed is dropped and counted in ``residual_resets``. A bucket
@@ -94,7 +91,6 @@ class TopKState:
         warmup_start_density: float = 0.25,
         controller: DensityController | None = None,
         momentum: float = 0.0,
-        smoothing: float = 0.0,
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
@@ -109,8 +105,6 @@ class TopKState:
             raise TypeError(f"controller: expected a DensityController or None, got {type(controller).__name__}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
         if momentum > 0 and not error_feedback:
             raise ValueError("momentum: momentum correction needs error_feedback=True")
         self.process_group = process_group
@@ -123,11 +117,9 @@ class TopKState:
         self.warmup_start_density = float(warmup_start_density)
         self.controller = controller
         self.momentum = float(momentum)
-        self.smoothing = float(smoothing)
         self.iter = 0
         self._residuals: dict[int, _Residual] = {}
         self._velocities: dict[int, _Residual] = {}
-        self._smoothed: dict[int, _Residual] = {}
         # Entries replaced in this iteration (DDP rebuilt its buckets): their slices may still
         # belong to buckets not yet seen.
         self._retired: dict[int, list[_Residual]] = {}
@@ -228,9 +220,6 @@ class TopKState:
             "velocities": {
                 i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._velocities.items()
             },
-            "smoothed": {
-                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._smoothed.items()
-            },
             "counters": {name: int(getattr(self, name)) for name in _COUNTERS}
             | {"nonfinite_resets": self.nonfinite_resets},
             "bucket_density": dict(self.bucket_density),
@@ -245,7 +234,6 @@ class TopKState:
             "iteration",
             "residuals",
             "velocities",
-            "smoothed",
             "counters",
             "bucket_density",
             "last_density",
@@ -269,10 +257,6 @@ class TopKState:
         self._velocities = {
             int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
             for i, r in sd["velocities"].items()
-        }
-        self._smoothed = {
-            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
-            for i, r in sd["smoothed"].items()
         }
         self._retired = {}
         counters = sd["counters"]
@@ -433,20 +417,6 @@ def _velocity(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -
     return u.mul_(state.momentum).add_(buffer)
 
 
-def _smoother(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor | None:
-    return state._buffer_for(state._smoothed, bucket, buffer) if state.smoothing > 0 else None
-
-
-def _smooth(state: TopKState, smoothed: torch.Tensor | None, averaged: torch.Tensor) -> torch.Tensor:
-    """Delivery smoothing: the optimizer gets D = s D + (1 - s) averaged, the same on every rank
-    (computed from the averaged bucket), so a coordinate sent once every ~1/density steps reaches
-    an adaptive optimizer spread over ~1/(1 - s) steps instead of as one spike."""
-    if smoothed is None:
-        return averaged
-    smoothed.mul_(state.smoothing).add_(averaged, alpha=1 - state.smoothing)
-    return averaged.copy_(smoothed)
-
-
 def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.futures.Future[Any]:
     group = state._group()
     world = group.size()
@@ -462,7 +432,6 @@ def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Te
     state.bytes_sent += buffer.numel() * buffer.element_size() + local_sq.numel() * local_sq.element_size()
     state.dense_buckets += 1
     state.bucket_density[bucket.index()] = 1.0
-    smoothed = _smoother(state, bucket, buffer)
     norm_fut = dist.all_reduce(local_sq, group=group, async_op=True).get_future()
     fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
 
@@ -471,7 +440,7 @@ def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Te
         norm_fut.wait()
         norms["mean_local_sq_norm"].append(local_sq / world)
         norms["global_sq_norm"].append(_sq_norm(result))
-        return _smooth(state, smoothed, result)
+        return result
 
     return fut.then(done)
 
@@ -526,7 +495,6 @@ def _compressed(
         nonfinite = ~torch.isfinite(values).all()
         state._clear_if(nonfinite, *([residual] if velocity is None else [residual, velocity]))
 
-    smoothed = _smoother(state, bucket, buffer)
     gathered = torch.empty(world * message.numel(), dtype=torch.uint8, device=buffer.device)
     state.bytes_sent += message.numel()
     state.compressed_buckets += 1
@@ -548,6 +516,6 @@ def _compressed(
         # |g|^2 = (1/W) sum_r <s_r, g>: a gather of g at the sent indices, no deduplication.
         at_sent = buffer[all_indices.long()].double()
         norms["global_sq_norm"].append(torch.dot(all_values.double(), at_sent).reshape(1) / world)
-        return _smooth(state, smoothed, buffer)
+        return buffer
 
     return fut.then(decompress)
