@@ -83,21 +83,23 @@ def resume(rank: int) -> dict[str, Any]:
 
 def consistency(rank: int) -> list[float]:
     """Densities chosen per iteration under very uneven gradients (rank 1's are 100x larger and
-    change scale mid-run)."""
+    change scale mid-run), with a critical window forced from rank 0 alone near the end."""
     model = DDP(_mlp(2))
     controller = DensityController(DensityControllerConfig(floor=0.01, ceiling=0.1, interval=2, threshold=0.3))
     state = ddp.TopKState(start_iter=1, min_numel=0, controller=controller)
     model.register_comm_hook(state, ddp.topk_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed weights: the norm follows the data
     chosen = []
-    for step in range(16):
+    for step in range(18):
         g = torch.Generator().manual_seed(step * 7 + rank)
         scale = (100.0 if rank == 1 else 1.0) * (10.0 if 8 <= step < 10 else 1.0)
-        x = torch.randn(8, 64, generator=g) * scale
+        x = torch.randn(64, 64, generator=g) * scale
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
         chosen.append(state.last_density)
+        if step == 12 and rank == 0:
+            controller.mark_critical()  # on one rank only: the all-reduced decision still agrees
     return chosen
 
 
@@ -177,7 +179,7 @@ def char_accuracy(rank: int) -> dict[str, float]:
     with momentum 0.9: dense allreduce vs regime-aware top-k with DGC momentum correction."""
     from autoglm_rt.demo.corpus import load_corpus
 
-    context, steps = 6, 300
+    context, steps = 6, 600
     corpus = load_corpus(400_000)
     xv, yv = _char_data(corpus, 4000, context, 7, "val")
     out: dict[str, float] = {}
@@ -188,7 +190,8 @@ def char_accuracy(rank: int) -> dict[str, float]:
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             state = None
         else:
-            controller = DensityController(DensityControllerConfig(floor=0.005, ceiling=0.05, interval=20))
+            config = DensityControllerConfig(floor=0.01, ceiling=0.05, interval=20)
+            controller = DensityController(config)
             state = ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
             model.register_comm_hook(state, ddp.topk_hook)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -60,8 +60,8 @@ class TopKState:
         ``warmup_start_density`` to ``density`` (Deep Gradient Compression's warm-up); 0 = none.
     min_numel: buckets with fewer elements are all-reduced densely.
     controller: a :class:`~autoglm_rt.policy.compression.DensityController` that chooses the
-        density of every iteration after ``start_iter`` from the averaged gradient's norm
-        (regime-aware density; replaces ``density`` and ``warmup``). Its inputs are computed
+        density of every iteration after ``start_iter`` from the gradient norm (mean over ranks of
+        each rank's squared norm; regime-aware density; replaces ``density`` and ``warmup``). Its inputs are computed
         from the same gathered data on every rank, and each decision is all-reduced (max) so
         every rank uses the same k.
     momentum: DGC momentum correction (Lin et al., ICLR 2018) for momentum SGD: each rank keeps
@@ -283,8 +283,12 @@ class TopKState:
         """The density of the iteration that starts now (called by its first bucket)."""
         if self.controller is not None:
             prev = self._norm_parts.get(self.iter - 1)
+            # The ranks' mean local squared norm, not the averaged gradient's: the latter is the
+            # norm of the *sparse* average, which depends on the density itself (a feedback loop
+            # that kept flipping the decision). The mean of full local norms does not, and every
+            # rank computes it from the same gathered rows.
             if prev is not None and self.controller.observe(
-                float(sum(float(t.item()) for t in prev["global_sq_norm"]))
+                float(sum(float(t.item()) for t in prev["mean_local_sq_norm"]))
             ):
                 self._agree_on_controller()
         if self.iter < self.start_iter:

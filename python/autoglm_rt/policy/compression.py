@@ -1,15 +1,16 @@
 """Regime-aware density for top-k gradient compression (Accordion, Agarwal et al., MLSys 2021).
 
 Plain Python over numbers. The DDP hook (:class:`autoglm_rt.ddp.TopKState`) feeds it, once per
-iteration, the squared norm of the averaged gradient (a figure every rank computes from the same
-gathered data, so every rank feeds the same numbers) and asks it for the next iteration's density.
+iteration, the mean over ranks of each rank's squared gradient norm (every rank computes it from
+the same gathered data, so every rank feeds the same numbers, and it does not depend on the density
+chosen) and asks it for the next iteration's density.
 
 Every ``interval`` iterations the controller compares the window's mean gradient norm with the
 previous window's: a relative change of at least ``threshold`` marks a critical regime (the loss
 landscape is moving: start of training, after a learning-rate change, an instability) and the next
 window runs at ``ceiling``; otherwise it runs at ``floor``. The first ``critical_windows`` windows
-are critical by definition, and :meth:`DensityController.mark_critical` (call it on every rank,
-e.g. when the learning rate changes) forces the next window to be.
+are critical by definition, and :meth:`DensityController.mark_critical` (e.g. when the learning
+rate changes or the phase detector says unstable) forces the next window to be.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class DensityController:
         return self.config.ceiling if self.critical else self.config.floor
 
     def mark_critical(self) -> None:
-        """Makes the next window critical (call on every rank, e.g. after a learning-rate change)."""
+        """Makes the next window critical: after a learning-rate change, or when the phase
+        detector flags instability. Under :class:`autoglm_rt.ddp.TopKState` each window's
+        decision is all-reduced (max) across ranks, so a call on one rank alone is enough and
+        never makes ranks disagree."""
         self._force = True
 
     def observe(self, global_sq_norm: float) -> bool:
