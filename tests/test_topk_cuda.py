@@ -220,3 +220,19 @@ def test_decompress_unchecked_skips_bad_indices_and_never_waits() -> None:
     assert not stream.query(), "topk_decompress(check_indices=False) waited for the stream"
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [1, 4095, 4097, 3_000_001])
+def test_fused_sq_norm_matches_float64_and_changes_nothing_else(dtype: torch.dtype, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=gen).to(dtype)
+    residual = torch.randn(n, generator=gen).to(dtype)
+    k = max(1, n // 100)
+    sq = torch.full((1,), float("nan"), dtype=torch.float64, device="cuda")
+    res_a, res_b = residual.cuda(), residual.cuda()
+    va, ia = ops.topk_compress(grad.cuda(), res_a, k, sq_norm_out=sq)
+    vb, ib = ops.topk_compress(grad.cuda(), res_b, k)
+    # Per-block float64 sums added by atomics: order varies, so not bit-exact.
+    assert sq.item() == pytest.approx(float(grad.double().square().sum()), rel=1e-12)
+    assert torch.equal(va, vb) and torch.equal(ia, ib) and torch.equal(res_a, res_b)

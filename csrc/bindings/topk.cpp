@@ -15,7 +15,7 @@ AGRT_BINDINGS(topk) {
   m.def(
       "topk_compress",
       [](py::handle grad, py::handle residual, std::int64_t k, py::handle values, py::handle indices,
-         py::handle stream) {
+         py::handle stream, py::handle sq_norm) {
         const auto s = agrt::bindings::parse_stream(stream);
         auto g = borrow_tensor(grad, "grad", Access::kRead, kFloatingTypes, s);
         agrt::bindings::BorrowedTensor r;
@@ -27,11 +27,17 @@ AGRT_BINDINGS(topk) {
         auto i = borrow_tensor(indices, "indices_out", Access::kWrite, kIndexTypes, s);
         agrt::bindings::require_same_device(g, "grad", v, "values_out");
         agrt::bindings::require_same_device(g, "grad", i, "indices_out");
+        // sq_norm_out is one float64; the boundary speaks no float64, so it arrives as int64 bits.
+        agrt::bindings::BorrowedTensor q;
+        if (!sq_norm.is_none()) {
+          q = borrow_tensor(sq_norm, "sq_norm_out", Access::kWrite, agrt::bindings::DTypeSet{agrt::DType::kInt64}, s);
+          agrt::bindings::require_same_device(g, "grad", q, "sq_norm_out");
+        }
         py::gil_scoped_release nogil;
-        agrt::kernels::topk_compress(g.view, r.view, k, v.view, i.view);
+        agrt::kernels::topk_compress(g.view, r.view, k, v.view, i.view, q.view);
       },
       py::arg("grad"), py::arg("residual"), py::arg("k"), py::arg("values"), py::arg("indices"),
-      py::arg("stream") = py::none(),
+      py::arg("stream") = py::none(), py::arg("sq_norm") = py::none(),
       "Fused top-k of |grad + residual| into values/indices (index order); residual updated in place.");
   m.def(
       "topk_decompress",

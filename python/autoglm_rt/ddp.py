@@ -15,6 +15,7 @@ the first) and for buckets smaller than ``min_numel``.
 # No `from __future__ import annotations` here: DDP.register_comm_hook inspects the hook's
 # annotations and wants the real dist.GradBucket and torch.futures.Future[torch.Tensor] objects.
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from autoglm_rt.ops.topk import index_dtype_for, topk_compress, topk_decompress
+from autoglm_rt.policy.compression import DensityController
 
 __all__ = ["TopKState", "topk_hook"]
 
@@ -30,25 +32,51 @@ _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass
 class _Residual:
-    layout: tuple[Any, ...]
+    layout: tuple[Any, ...]  # (numel, dtype, device, parameter shapes)
     tensor: torch.Tensor
+    keys: tuple[int, ...] = ()  # the parameters' stable keys, in bucket order (see _keys_of)
+
+    def pieces(self) -> dict[int, torch.Tensor]:
+        """This bucket's slices by parameter key (empty when keys or shapes do not add up)."""
+        shapes = self.layout[3]
+        sizes = [math.prod(s) for s in shapes]
+        if len(self.keys) != len(shapes) or sum(sizes) != self.tensor.numel():
+            return {}
+        return dict(zip(self.keys, torch.split(self.tensor, sizes), strict=True))
+
+
+_COUNTERS = ("bytes_sent", "dense_bytes", "compressed_buckets", "dense_buckets", "residual_resets")
+_NORM_NAMES = ("local_sq_norm", "mean_local_sq_norm", "global_sq_norm")
 
 
 class TopKState:
     """Configuration, error-feedback residuals and counters of :func:`topk_hook`.
 
-    density: fraction of each bucket's entries sent (0 < density <= 1).
+    density: fraction of each bucket's entries sent (0 < density <= 1) in the fixed-density mode.
     error_feedback: keep what was not sent and add it to the next step's gradient.
     value_dtype: dtype of the values on the wire (float32, float16 or bfloat16).
     start_iter: iterations run with dense allreduce first (>= 0).
     warmup: iterations after ``start_iter`` over which the density falls geometrically from
         ``warmup_start_density`` to ``density`` (Deep Gradient Compression's warm-up); 0 = none.
     min_numel: buckets with fewer elements are all-reduced densely.
+    controller: a :class:`~autoglm_rt.policy.compression.DensityController` that chooses the
+        density of every iteration after ``start_iter`` from the gradient norm (mean over ranks of
+        each rank's squared norm; regime-aware density; replaces ``density`` and ``warmup``). Its inputs are computed
+        from the same gathered data on every rank, and each decision is all-reduced (max) so
+        every rank uses the same k.
+    momentum: DGC momentum correction (Lin et al., ICLR 2018) for momentum SGD: each rank keeps
+        a velocity ``u = momentum * u + grad`` per bucket and compresses ``u`` with error
+        feedback (the residual accumulates velocities) and clears the velocity where entries
+        were sent (DGC's momentum factor masking; without it the residual counts each velocity
+        again every step, and the demo's model diverged to NaN at 1%); the optimizer then runs
+        *without* momentum. 0 = off (the optimizer keeps its own momentum). Needs
+        ``error_feedback``.
 
     Residuals are keyed by bucket index and layout (element count, dtype, device, parameter
     shapes); one whose layout changed is dropped and counted in ``residual_resets``. A bucket
     whose accumulated gradient holds NaN or Inf is still sent (so the optimizer or a GradScaler
-    sees it) but its residual is cleared and counted in ``nonfinite_resets``.
+    sees it) but its residual (and velocity) is cleared and counted in ``nonfinite_resets``;
+    on a GPU the clear and the count stay on the device (no host wait per bucket).
     """
 
     def __init__(
@@ -61,6 +89,8 @@ class TopKState:
         warmup: int = 0,
         min_numel: int = 4096,
         warmup_start_density: float = 0.25,
+        controller: DensityController | None = None,
+        momentum: float = 0.0,
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
@@ -71,6 +101,12 @@ class TopKState:
                 raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
         if warmup > 0 and not density <= warmup_start_density <= 1:
             raise ValueError(f"warmup_start_density: expected a number in [density, 1], got {warmup_start_density!r}")
+        if controller is not None and not isinstance(controller, DensityController):
+            raise TypeError(f"controller: expected a DensityController or None, got {type(controller).__name__}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+        if momentum > 0 and not error_feedback:
+            raise ValueError("momentum: momentum correction needs error_feedback=True")
         self.process_group = process_group
         self.density = float(density)
         self.error_feedback = bool(error_feedback)
@@ -79,22 +115,37 @@ class TopKState:
         self.warmup = warmup
         self.min_numel = min_numel
         self.warmup_start_density = float(warmup_start_density)
+        self.controller = controller
+        self.momentum = float(momentum)
         self.iter = 0
         self._residuals: dict[int, _Residual] = {}
+        self._velocities: dict[int, _Residual] = {}
+        # Entries replaced in this iteration (DDP rebuilt its buckets): their slices may still
+        # belong to buckets not yet seen.
+        self._retired: dict[int, list[_Residual]] = {}
+        # id(parameter) -> (weak reference, stable key). Keys are given in the order parameters
+        # are first seen, i.e. the order of DDP's first-iteration buckets, which is the same in
+        # a fresh process and in the one a checkpoint came from.
+        self._param_key: dict[int, tuple[Any, int]] = {}
         self.bytes_sent = 0
         self.dense_bytes = 0
         self.compressed_buckets = 0
         self.dense_buckets = 0
         self.residual_resets = 0
-        self.nonfinite_resets = 0
-        self._pending_nonfinite: dict[int, torch.Tensor] = {}
+        self._nonfinite_host = 0
+        self._nonfinite_device: dict[torch.device, torch.Tensor] = {}
         self.bucket_density: dict[int, float] = {}
+        self.last_density = 1.0  # the density chosen for the last iteration that started
+        self._iteration_density: float | None = None  # set by the iteration's first bucket
+        self._iteration_dense = False
         # Per iteration: squared norms per bucket, filled by the hook and its callbacks.
         self._norm_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
 
     # -- schedule -------------------------------------------------------------------------------
     def density_at(self, iteration: int) -> float:
-        """The density used at ``iteration`` (1.0 during the dense start)."""
+        """The fixed-density schedule at ``iteration``: 1.0 during the dense start, then the
+        warm-up, then ``density``. With a controller, iterations after the dense start use the
+        controller's choice instead (see :attr:`last_density`)."""
         if iteration < self.start_iter:
             return 1.0
         step = iteration - self.start_iter
@@ -103,15 +154,21 @@ class TopKState:
         return self.density
 
     def k_for(self, numel: int, iteration: int) -> int:
-        """Entries sent for a bucket of ``numel`` elements: ceil(density * numel), at least 1."""
-        # Rounded first so that 0.01 * 20000 is 200, not ceil(200.00000000000003).
-        return max(1, min(numel, math.ceil(round(self.density_at(iteration) * numel, 6))))
+        """Entries sent for a bucket of ``numel`` elements at the schedule's density:
+        ceil(density * numel), at least 1."""
+        return _k_at(self.density_at(iteration), numel)
 
     # -- counters -------------------------------------------------------------------------------
     @property
+    def nonfinite_resets(self) -> int:
+        """Buckets whose residual was cleared because the accumulated gradient was not finite
+        (reads the device counters: a host wait on a GPU)."""
+        return self._nonfinite_host + sum(int(t.item()) for t in self._nonfinite_device.values())
+
+    @property
     def compression_ratio(self) -> float:
         """Dense bytes over bytes actually passed to collectives, since construction (1.0 before
-        anything was sent)."""
+        anything was sent). The one definition of compression ratio in the project."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0
 
     def norms(self) -> dict[str, float] | None:
@@ -129,13 +186,16 @@ class TopKState:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """The ``compression`` source of ``autoglm_rt.monitor.MetricsExporter`` (cumulative
-        counters; ``ratio`` = dense_bytes / bytes_sent, ``density`` of the last iteration)."""
+        """Cumulative counters under plain field names: ``bytes_sent`` (bytes passed to
+        collectives), ``dense_bytes`` (what dense allreduce would have passed), ``ratio``
+        (dense_bytes / bytes_sent, 1.0 before anything was sent), ``density`` (the density of the
+        last iteration), ``compressed_buckets``, ``dense_buckets``, ``residual_resets``,
+        ``nonfinite_resets``, ``iterations``."""
         return {
             "bytes_sent": float(self.bytes_sent),
             "dense_bytes": float(self.dense_bytes),
             "ratio": self.compression_ratio,
-            "density": self.density_at(max(self.iter - 1, 0)),
+            "density": float(self.last_density),
             "compressed_buckets": float(self.compressed_buckets),
             "dense_buckets": float(self.dense_buckets),
             "residual_resets": float(self.residual_resets),
@@ -143,43 +203,201 @@ class TopKState:
             "iterations": float(self.iter),
         }
 
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-exactly: residuals and velocities
+        (keyed by bucket index, with their layout), counters, iteration, the density chosen last,
+        the controller's state and the previous iteration's norms (the controller's next input).
+        Tensors are cloned. Take it between iterations (not during a backward pass)."""
+        if self._iteration_density is not None:
+            raise RuntimeError("state_dict: called during an iteration; take it between optimizer steps")
+        prev = self._norm_parts.get(self.iter - 1)
+        return {
+            "iteration": self.iter,
+            "residuals": {
+                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._residuals.items()
+            },
+            "velocities": {
+                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._velocities.items()
+            },
+            "counters": {name: int(getattr(self, name)) for name in _COUNTERS}
+            | {"nonfinite_resets": self.nonfinite_resets},
+            "bucket_density": dict(self.bucket_density),
+            "last_density": self.last_density,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "last_norms": None if prev is None else {k: [float(t.item()) for t in v] for k, v in prev.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output (on a state built with the same arguments)."""
+        expected = {
+            "iteration",
+            "residuals",
+            "velocities",
+            "counters",
+            "bucket_density",
+            "last_density",
+            "controller",
+            "last_norms",
+        }
+        if not isinstance(sd, dict) or set(sd) != expected:
+            got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"state dict: expected keys {sorted(expected)}, got {got}")
+        if (sd["controller"] is None) != (self.controller is None):
+            raise ValueError(
+                "state dict: saved with"
+                + ("out" if sd["controller"] is None else "")
+                + " a density controller, but this state is built differently"
+            )
+        self.iter = int(sd["iteration"])
+        self._residuals = {
+            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
+            for i, r in sd["residuals"].items()
+        }
+        self._velocities = {
+            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
+            for i, r in sd["velocities"].items()
+        }
+        self._retired = {}
+        counters = sd["counters"]
+        for name in _COUNTERS:
+            setattr(self, name, int(counters[name]))
+        self._nonfinite_host = int(counters["nonfinite_resets"])
+        self._nonfinite_device = {}
+        self.bucket_density = {int(k): float(v) for k, v in sd["bucket_density"].items()}
+        self.last_density = float(sd["last_density"])
+        if self.controller is not None:
+            self.controller.load_state_dict(sd["controller"])
+        self._iteration_density = None
+        self._norm_parts = {}
+        if sd["last_norms"] is not None:
+            self._norm_parts[self.iter - 1] = {
+                k: [torch.tensor([x], dtype=torch.float64) for x in v] for k, v in sd["last_norms"].items()
+            }
+
     # -- internals ------------------------------------------------------------------------------
     def _group(self) -> dist.ProcessGroup:
         return self.process_group if self.process_group is not None else dist.group.WORLD  # type: ignore[return-value]
 
-    def _clear_if(self, index: int, nonfinite: torch.Tensor) -> None:
-        if bool(nonfinite):
-            self._residuals[index].tensor.zero_()
-            self.nonfinite_resets += 1
+    def _begin_iteration(self) -> float:
+        """The density of the iteration that starts now (called by its first bucket)."""
+        if self.controller is not None:
+            prev = self._norm_parts.get(self.iter - 1)
+            # The ranks' mean local squared norm, not the averaged gradient's: the latter is the
+            # norm of the *sparse* average, which depends on the density itself (a feedback loop
+            # that kept flipping the decision). The mean of full local norms does not, and every
+            # rank computes it from the same gathered rows.
+            if prev is not None and self.controller.observe(
+                float(sum(float(t.item()) for t in prev["mean_local_sq_norm"]))
+            ):
+                self._agree_on_controller()
+        if self.iter < self.start_iter:
+            density = 1.0
+        elif self.controller is not None:
+            density = self.controller.density
+        else:
+            density = self.density_at(self.iter)
+        self._iteration_density = density
+        # Dense allreduce in the dense start, and when the controller asks for everything (a
+        # compressed message at density 1 would cost twice the dense bytes). A fixed density of
+        # 1 still runs the compressed path (it is the path's exactness check).
+        self._iteration_dense = self.iter < self.start_iter or (self.controller is not None and density >= 1.0)
+        self.last_density = density
+        return density
 
-    def _residual(self, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
-        layout = (
-            buffer.numel(),
-            buffer.dtype,
-            buffer.device,
-            tuple(tuple(p.shape) for p in bucket.parameters()),
-        )
+    def _agree_on_controller(self) -> None:
+        # Every rank feeds the same figures, so this only guards against a last-bit difference
+        # flipping a threshold on one rank: all ranks take the most critical decision.
+        assert self.controller is not None
+        flag = torch.tensor([1.0 if self.controller.critical else 0.0], dtype=torch.float64)
+        device = _group_device(self._group())
+        flag = flag.to(device)
+        self.bytes_sent += flag.numel() * flag.element_size()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group())
+        self.controller.critical = bool(flag.item() > 0)
+
+    def _keys_of(self, params: list[torch.Tensor]) -> tuple[int, ...]:
+        keys = []
+        for p in params:
+            known = self._param_key.get(id(p))
+            if known is None or known[0]() is not p:  # new, or an id reused after garbage collection
+                known = (weakref.ref(p), len(self._param_key))
+                self._param_key[id(p)] = known
+            keys.append(known[1])
+        return tuple(keys)
+
+    def _buffer_for(self, table: dict[int, _Residual], bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
+        params = list(bucket.parameters())
+        layout = (buffer.numel(), buffer.dtype, buffer.device, tuple(tuple(p.shape) for p in params))
         index = bucket.index()
-        pending = self._pending_nonfinite.pop(index, None)
-        if pending is not None and index in self._residuals:
-            self._clear_if(index, pending)
-        entry = self._residuals.get(index)
-        if entry is None or entry.layout != layout:
-            if entry is not None:
-                self.residual_resets += 1
-            entry = _Residual(layout, torch.zeros_like(buffer))
-            self._residuals[index] = entry
-        return entry.tensor
+        entry = table.get(index)
+        if entry is not None and entry.layout == layout:
+            return entry.tensor
+        # A new layout (DDP rebuilt its buckets, or a resumed DDP's first iteration): carry every
+        # parameter's slice over from the entries that held it, so nothing is lost.
+        keys = self._keys_of(params)
+        new = _Residual(layout, torch.zeros_like(buffer), keys)
+        retired = self._retired.setdefault(id(table), [])
+        if entry is not None:
+            retired.append(entry)
+        pieces: dict[int, torch.Tensor] = {}
+        for old in [*retired, *table.values()]:
+            if old.layout[1:3] == layout[1:3]:
+                pieces.update(old.pieces())
+        targets = new.pieces()
+        found = 0
+        for key, target in targets.items():
+            piece = pieces.get(key)
+            if piece is not None and piece.shape == target.shape:
+                target.copy_(piece)
+                found += 1
+        lost = entry is not None and found < len(params)
+        if lost and table is self._residuals:
+            self.residual_resets += 1
+        table[index] = new
+        return new.tensor
+
+    def _clear_if(self, nonfinite: torch.Tensor, *tensors: torch.Tensor) -> None:
+        """Zeroes ``tensors`` when the 0-dim bool ``nonfinite`` is set and counts it. On the CPU
+        a plain branch; on a GPU a masked fill and a device counter, so the host never waits."""
+        if nonfinite.device.type == "cpu":
+            if bool(nonfinite):
+                for t in tensors:
+                    t.zero_()
+                self._nonfinite_host += 1
+            return
+        for t in tensors:
+            t.masked_fill_(nonfinite, 0)
+        counter = self._nonfinite_device.get(nonfinite.device)
+        if counter is None:
+            counter = self._nonfinite_device[nonfinite.device] = torch.zeros(
+                (), dtype=torch.int64, device=nonfinite.device
+            )
+        counter.add_(nonfinite)
 
     def _norm_lists(self) -> dict[str, list[torch.Tensor]]:
         if self.iter not in self._norm_parts:
-            self._norm_parts[self.iter] = {"local_sq_norm": [], "mean_local_sq_norm": [], "global_sq_norm": []}
+            self._norm_parts[self.iter] = {name: [] for name in _NORM_NAMES}
             self._norm_parts.pop(self.iter - 2, None)
         return self._norm_parts[self.iter]
 
     def _finish_bucket(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():
             self.iter += 1
+            self._iteration_density = None
+            self._retired.clear()
+
+
+def _k_at(density: float, numel: int) -> int:
+    # Rounded first so that 0.01 * 20000 is 200, not ceil(200.00000000000003).
+    return max(1, min(numel, math.ceil(round(density * numel, 6))))
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a collective's tensors must live on for this group's backend."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
@@ -195,12 +413,25 @@ def _all_gather(output: torch.Tensor, message: torch.Tensor, group: dist.Process
     return gather(output, message, group=group, async_op=True)
 
 
+def _velocity(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor | None:
+    """Momentum correction: u = momentum * u + grad, the tensor that is sent (None when off)."""
+    if state.momentum == 0:
+        return None
+    u = state._buffer_for(state._velocities, bucket, buffer)
+    return u.mul_(state.momentum).add_(buffer)
+
+
 def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.futures.Future[Any]:
     group = state._group()
     world = group.size()
     norms = state._norm_lists()
     local_sq = _sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq.clone())
+    velocity = _velocity(state, bucket, buffer)
+    if velocity is not None:
+        # Averaging every rank's velocity is the velocity of the averaged gradient (it is linear),
+        # so a dense bucket under momentum correction is exactly momentum SGD.
+        buffer.copy_(velocity)
     buffer.div_(world)
     state.bytes_sent += buffer.numel() * buffer.element_size() + local_sq.numel() * local_sq.element_size()
     state.dense_buckets += 1
@@ -225,25 +456,26 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     built with the same arguments. The returned future holds the averaged bucket."""
     buffer = bucket.buffer()
     numel = buffer.numel()
+    density = state._iteration_density
+    if density is None:
+        density = state._begin_iteration()
     state.dense_bytes += numel * buffer.element_size()
     try:
-        if state.iter < state.start_iter or numel < state.min_numel:
+        if state._iteration_dense or numel < state.min_numel:
             return _dense_allreduce(state, bucket, buffer)
-        return _compressed(state, bucket, buffer, numel)
+        return _compressed(state, bucket, buffer, numel, _k_at(density, numel))
     finally:
         state._finish_bucket(bucket)
 
 
 def _compressed(
-    state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, numel: int
+    state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, numel: int, k: int
 ) -> torch.futures.Future[torch.Tensor]:
     group = state._group()
     world = group.size()
-    k = state.k_for(numel, state.iter)
-    residual = state._residual(bucket, buffer) if state.error_feedback else None
+    residual = state._buffer_for(state._residuals, bucket, buffer) if state.error_feedback else None
+    velocity = _velocity(state, bucket, buffer)
     norms = state._norm_lists()
-    local_sq = _sq_norm(buffer).reshape(1)
-    norms["local_sq_norm"].append(local_sq)
 
     # One message per rank, as bytes: [local squared norm (float64) | indices | values]. The
     # kernel writes straight into it; in this order every field is aligned for its dtype.
@@ -251,18 +483,21 @@ def _compressed(
     index_bytes = k * torch.empty((), dtype=index_dtype).element_size()
     value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
     message = torch.empty(8 + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
-    message[:8].view(torch.float64).copy_(local_sq)
+    local_sq = message[:8].view(torch.float64)
     indices = message[8 : 8 + index_bytes].view(index_dtype)
     values = message[8 + index_bytes :].view(state.value_dtype)
-    topk_compress(buffer, residual, k, values_out=values, indices_out=indices)
+    if velocity is None:
+        # The kernel reads the bucket once for both the selection and its sum of squares.
+        topk_compress(buffer, residual, k, values_out=values, indices_out=indices, sq_norm_out=local_sq)
+    else:
+        local_sq.copy_(_sq_norm(buffer).reshape(1))
+        topk_compress(velocity, residual, k, values_out=values, indices_out=indices)
+        velocity.index_fill_(0, indices.long(), 0)  # momentum factor masking
+    norms["local_sq_norm"].append(local_sq.clone())
     if residual is not None:
-        # NaN/Inf rank first, so values holds one iff the accumulated bucket had one. Reading the
-        # flag waits for the kernel: on a GPU that stall is left to the next use of the residual.
+        # NaN/Inf rank first, so values holds one iff the accumulated bucket had one.
         nonfinite = ~torch.isfinite(values).all()
-        if buffer.device.type == "cpu":
-            state._clear_if(bucket.index(), nonfinite)
-        else:
-            state._pending_nonfinite[bucket.index()] = nonfinite
+        state._clear_if(nonfinite, *([residual] if velocity is None else [residual, velocity]))
 
     gathered = torch.empty(world * message.numel(), dtype=torch.uint8, device=buffer.device)
     state.bytes_sent += message.numel()

@@ -7,6 +7,7 @@
 #include <random>
 #include <string>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "agrt_test.h"
@@ -161,6 +162,43 @@ TEST(compress_rejects_bad_input) {
   TensorView gpu = view(g, DType::kFloat32);
   gpu.device = Device{DeviceType::kCUDA, 0};
   CHECK_THROWS(ValueError, call(gpu, view(r, DType::kFloat32), 3));
+}
+
+TEST(compress_sq_norm_is_float64_sum_of_grad_squares) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (const std::int64_t n : {std::int64_t{1}, std::int64_t{1000}, std::int64_t{1} << 19}) {
+    std::vector<float> g(static_cast<std::size_t>(n)), r(static_cast<std::size_t>(n));
+    for (auto& x : g) x = dist(rng);
+    for (auto& x : r) x = 0.1f * dist(rng);
+    const std::int64_t k = std::max<std::int64_t>(1, n / 100);
+    std::vector<float> v(static_cast<std::size_t>(k));
+    std::vector<std::int32_t> idx(static_cast<std::size_t>(k));
+    std::vector<std::int64_t> sq_bits(1);
+    kernels::topk_compress(view(g, DType::kFloat32), view(r, DType::kFloat32), k, view(v, DType::kFloat32),
+                           view(idx, DType::kInt32), view(sq_bits, DType::kInt64));
+    double sq = 0;
+    std::memcpy(&sq, sq_bits.data(), sizeof sq);
+    long double ref = 0;
+    for (const float x : g) ref += static_cast<long double>(x) * x;
+    CHECK(std::fabs(sq - static_cast<double>(ref)) <= 1e-12 * static_cast<double>(ref));
+  }
+}
+
+TEST(compress_rejects_overlapping_buffers) {
+  std::vector<float> g(100, 1.0f), r(100, 0.0f), v(3);
+  std::vector<std::int32_t> idx(3);
+  std::vector<std::int64_t> sq(2);
+  auto gv = view(g, DType::kFloat32);
+  CHECK_THROWS(ValueError, kernels::topk_compress(gv, gv, 3, view(v, DType::kFloat32), view(idx, DType::kInt32)));
+  TensorView inside = gv;  // values written into grad
+  inside.numel = 3;
+  CHECK_THROWS(ValueError,
+               kernels::topk_compress(gv, view(r, DType::kFloat32), 3, inside, view(idx, DType::kInt32)));
+  TensorView two = view(sq, DType::kInt64);  // 16 bytes: not one float64
+  CHECK_THROWS(ValueError, kernels::topk_compress(gv, view(r, DType::kFloat32), 3, view(v, DType::kFloat32),
+                                                  view(idx, DType::kInt32), two));
+  CHECK(g[0] == 1.0f && r[0] == 0.0f);
 }
 
 AGRT_TEST_MAIN()

@@ -39,6 +39,7 @@
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
 #include "autoglm_rt/parallel.h"
+#include "kernels/topk_dtypes.h"
 
 namespace agrt::kernels {
 namespace {
@@ -46,26 +47,10 @@ namespace {
 constexpr std::int64_t kGrain = 1 << 16;
 constexpr int kBins1 = 1 << kTopkDigitBits[0];
 
-// Element access by storage type: float, or the raw 16 bits of a half/bfloat16.
-struct F32 {
-  using Storage = float;
-  static float load(float v) noexcept { return v; }
-  static float store(float f) noexcept { return f; }
-};
-struct F16 {
-  using Storage = std::uint16_t;
-  static float load(std::uint16_t v) noexcept { return detail::fp16_to_float(v); }
-  static std::uint16_t store(float f) noexcept { return detail::float_to_fp16(f); }
-};
-struct BF16 {
-  using Storage = std::uint16_t;
-  static float load(std::uint16_t v) noexcept { return detail::bf16_to_float(v); }
-  static std::uint16_t store(float f) noexcept { return detail::float_to_bf16(f); }
-};
-
-inline std::uint32_t magnitude_key(float f) noexcept {
-  return std::min(detail::float_to_bits(f) & 0x7fffffffu, kTopkNanKey);
-}
+using topk_detail::BF16;
+using topk_detail::F16;
+using topk_detail::F32;
+using topk_detail::magnitude_key;
 
 template <typename Fn>
 void dispatch_float(DType t, Fn&& fn) {
@@ -498,7 +483,7 @@ class Compressor {
 
  public:
   Compressor(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
-             const TensorView& indices)
+             const TensorView& indices, const TensorView& sq_norm)
       : n_(grad.numel),
         k_(k),
         g_(grad.as<const GS>()),
@@ -507,7 +492,9 @@ class Compressor {
         vout_(values.as<VS>()),
         iout_(indices.as<I>()),
         chunk_(parallel_chunk_size(0, n_, kGrain)),
-        nchunks_((n_ + chunk_ - 1) / chunk_) {
+        nchunks_((n_ + chunk_ - 1) / chunk_),
+        sq_out_(sq_norm.numel > 0 ? static_cast<double*>(sq_norm.data) : nullptr),
+        sq_chunk_(sq_out_ != nullptr ? static_cast<std::size_t>(nchunks_) : 0, 0.0) {
     // Per-chunk histograms: chunk lengths are < 2^32 for any tensor below 2^40 elements.
     AGRT_EXPECTS(chunk_ < (std::int64_t{1} << 32), ValueError, "topk_compress: tensor too large (", n_,
                  " elements)");
@@ -516,10 +503,14 @@ class Compressor {
   void run() {
     bool accumulated = false;
     if (const auto bound = sample_bound<G>(g_, r_, n_, k_)) {
-      if (one_pass(*bound)) return;
-      accumulated = true;  // the bound missed: residual already holds acc, select over it
+      accumulated = true;  // on a miss the residual already holds acc: select over it
+      if (one_pass(*bound)) {
+        write_sq_norm();
+        return;
+      }
     }
     two_pass(!accumulated);
+    write_sq_norm();
   }
 
  private:
@@ -545,6 +536,34 @@ class Compressor {
       hit |= static_cast<std::int32_t>(key >= static_cast<std::int32_t>(lower));
     }
     return hit != 0;
+  }
+
+  // Sum of grad^2 over one block, in float64 with four accumulators in a fixed order (so the
+  // compiler may vectorise it and the result does not depend on threads). Called on the block the
+  // pass is about to read, so the pass finds it in L1: grad still comes from memory once.
+  double block_sq(std::int64_t i, int len) const {
+    const GS* __restrict g = g_ + i;
+    double s[4] = {0, 0, 0, 0};
+    int j = 0;
+    for (; j + 4 <= len; j += 4) {
+      for (int t = 0; t < 4; ++t) {
+        const double x = G::load(g[j + t]);
+        s[t] += x * x;
+      }
+    }
+    for (; j < len; ++j) {
+      const double x = G::load(g[j]);
+      s[0] += x * x;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+  }
+
+  // The chunks' sums, added in chunk order (chunks do not depend on the thread count).
+  void write_sq_norm() const {
+    if (sq_out_ == nullptr) return;
+    double total = 0;
+    for (const double part : sq_chunk_) total += part;
+    *sq_out_ = total;
   }
 
   void zero_residual(std::int64_t i) const {
@@ -643,8 +662,10 @@ class Compressor {
       const auto band_guess =
           static_cast<std::int64_t>(1.5 * (bound.expected_fraction - bound.sure_fraction) * len) + 1024;
       bool full = !sl.make_room(std::min(sure_guess, limit), limit) || !bl.make_room(std::min(band_guess, limit), limit);
+      double sq = 0;
       for (std::int64_t i = b; i < e; i += kBlock) {
         const int blen = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        if (sq_out_ != nullptr) sq += block_sq(i, blen);
         full = full || sl.size + bl.size + blen > limit || !sl.make_room(blen, limit) || !bl.make_room(blen, limit);
         if (full) {
           // Keep accumulating so that the residual holds acc everywhere for the exact select.
@@ -660,6 +681,7 @@ class Compressor {
           scan_block<false>(avx2, sparse, i, blen, off0, lower, upper, sl, bl);
         }
       }
+      if (sq_out_ != nullptr) sq_chunk_[static_cast<std::size_t>(b / chunk_)] = sq;
     });
     // On a miss the residual must hold acc everywhere again before the exact select reads it.
     auto restore_sure = [&] {
@@ -767,8 +789,11 @@ class Compressor {
       std::vector<std::uint32_t> sub(4 * kBins1, 0);
       std::uint32_t* __restrict hs = sub.data();
       float accs[kBlock];
+      const bool sum_sq = do_accumulate && sq_out_ != nullptr;  // else one_pass summed already
+      double sq = 0;
       for (std::int64_t i = b; i < e; i += kBlock) {
         const int len = static_cast<int>(std::min<std::int64_t>(kBlock, e - i));
+        if (sum_sq) sq += block_sq(i, len);
         if (do_accumulate && r_ != nullptr) {
           accumulate_block<true>(i, len, accs, 0);
         } else {
@@ -776,6 +801,7 @@ class Compressor {
         }
         for (int j = 0; j < len; ++j) ++hs[(j & 3) * kBins1 + (magnitude_key(accs[j]) >> kTopkDigitShift[0])];
       }
+      if (sum_sq) sq_chunk_[static_cast<std::size_t>(b / chunk_)] = sq;
       std::uint32_t* h = hist.data() + (b / chunk_) * kBins1;
       for (int j = 0; j < kBins1; ++j) h[j] = sub[j] + sub[kBins1 + j] + sub[2 * kBins1 + j] + sub[3 * kBins1 + j];
     });
@@ -848,6 +874,8 @@ class Compressor {
   VS* vout_;
   I* iout_;
   const std::int64_t chunk_, nchunks_;
+  double* sq_out_;                  // sum of grad^2 goes here (nullptr: not asked for)
+  std::vector<double> sq_chunk_;    // per chunk, written by the pass that reads grad
 };
 
 constexpr std::int64_t kPrefetch = 16;
@@ -908,8 +936,30 @@ void decompress_cpu(const TensorView& values, const TensorView& indices, const T
   });
 }
 
+// Whether two views share any byte (same device, intersecting address ranges).
+bool overlaps(const TensorView& a, const TensorView& b) noexcept {
+  if (a.numel == 0 || b.numel == 0 || a.data == nullptr || b.data == nullptr || a.device != b.device) return false;
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data);
+  const auto b0 = reinterpret_cast<std::uintptr_t>(b.data);
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// Outputs are written while inputs are still read: any shared byte would give garbage silently.
+void check_no_overlap(const TensorView& grad, const TensorView& residual, const TensorView& values,
+                      const TensorView& indices, const TensorView& sq_norm) {
+  const std::pair<const TensorView*, const char*> views[] = {
+      {&grad, "grad"}, {&residual, "residual"}, {&values, "values"}, {&indices, "indices"}, {&sq_norm, "sq_norm"}};
+  for (std::size_t i = 0; i < 5; ++i) {
+    for (std::size_t j = i + 1; j < 5; ++j) {
+      AGRT_EXPECTS(!overlaps(*views[i].first, *views[j].first), ValueError, "topk_compress: ", views[j].second,
+                   " overlaps ", views[i].second, " in memory; expected separate buffers (", views[j].second,
+                   " or ", views[i].second, " is written while the other is read)");
+    }
+  }
+}
+
 void check_compress_args(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
-                         const TensorView& indices) {
+                         const TensorView& indices, const TensorView& sq_norm) {
   AGRT_EXPECTS(is_floating(grad.dtype), TypeError, "topk_compress: grad: expected float32, float16 or bfloat16, got ",
                dtype_name(grad.dtype));
   AGRT_EXPECTS(grad.numel >= 1, ValueError, "topk_compress: grad is empty; expected at least one element");
@@ -936,6 +986,16 @@ void check_compress_args(const TensorView& grad, const TensorView& residual, std
                "topk_compress: values and indices must be on grad's device ", grad.device.str(), ", got ",
                values.device.str(), " and ", indices.device.str());
   AGRT_EXPECTS(!values.read_only && !indices.read_only, ValueError, "topk_compress: values/indices are read-only");
+  if (sq_norm.numel > 0 || sq_norm.data != nullptr) {
+    AGRT_EXPECTS(sq_norm.nbytes() == sizeof(double) && sq_norm.data != nullptr, ValueError,
+                 "topk_compress: sq_norm: expected 8 bytes (one float64), got ", sq_norm.nbytes());
+    AGRT_EXPECTS(sq_norm.device == grad.device, ValueError, "topk_compress: sq_norm must be on grad's device ",
+                 grad.device.str(), ", got ", sq_norm.device.str());
+    AGRT_EXPECTS(!sq_norm.read_only, ValueError, "topk_compress: sq_norm is read-only");
+    AGRT_EXPECTS(reinterpret_cast<std::uintptr_t>(sq_norm.data) % alignof(double) == 0, ValueError,
+                 "topk_compress: sq_norm: expected 8-byte alignment");
+  }
+  check_no_overlap(grad, residual, values, indices, sq_norm);
 }
 
 void check_decompress_args(const TensorView& values, const TensorView& indices, const TensorView& out) {
@@ -956,11 +1016,11 @@ void check_decompress_args(const TensorView& values, const TensorView& indices, 
 }  // namespace
 
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
-                   const TensorView& indices) {
-  check_compress_args(grad, residual, k, values, indices);
+                   const TensorView& indices, const TensorView& sq_norm) {
+  check_compress_args(grad, residual, k, values, indices, sq_norm);
   if (grad.device.type == DeviceType::kCUDA) {
 #ifdef AGRT_WITH_CUDA
-    return cuda::topk_compress(grad, residual, k, values, indices);
+    return cuda::topk_compress(grad, residual, k, values, indices, sq_norm);
 #else
     AGRT_EXPECTS(false, ValueError, "topk_compress: grad is on ", grad.device.str(),
                  " but this build of autoglm_rt has no CUDA kernels");
@@ -969,7 +1029,7 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
   dispatch_float(grad.dtype, [&](auto g) {
     dispatch_float(values.dtype, [&](auto v) {
       dispatch_index(indices.dtype, [&](auto i) {
-        Compressor<decltype(g), decltype(v), decltype(i)>(grad, residual, k, values, indices).run();
+        Compressor<decltype(g), decltype(v), decltype(i)>(grad, residual, k, values, indices, sq_norm).run();
       });
     });
   });

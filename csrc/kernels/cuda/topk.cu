@@ -24,6 +24,7 @@
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
 #include "core/cuda/helpers.h"
+#include "kernels/topk_dtypes.h"
 
 namespace agrt::kernels::cuda {
 namespace {
@@ -33,21 +34,9 @@ constexpr int kItems = 16;
 constexpr int kTile = kThreads * kItems;
 constexpr int kMaxBins = 1 << 11;
 
-struct F32 {
-  using Storage = float;
-  static __device__ float load(float v) { return v; }
-  static __device__ float store(float f) { return f; }
-};
-struct F16 {
-  using Storage = unsigned short;
-  static __device__ float load(unsigned short v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ unsigned short store(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-struct BF16 {
-  using Storage = unsigned short;
-  static __device__ float load(unsigned short v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
-  static __device__ unsigned short store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-};
+using topk_detail::BF16;
+using topk_detail::F16;
+using topk_detail::F32;
 
 struct State {
   unsigned int prefix;  // key bits fixed so far
@@ -71,9 +60,7 @@ __device__ __forceinline__ int digit_shift(int level) { return level == 0 ? 20 :
 static_assert(kTopkDigitBits[0] == 11 && kTopkDigitBits[1] == 11 && kTopkDigitBits[2] == 9, "digit split");
 static_assert(kTopkDigitShift[0] == 20 && kTopkDigitShift[1] == 9 && kTopkDigitShift[2] == 0, "digit split");
 
-__device__ __forceinline__ unsigned int magnitude_key(float f) {
-  return min(__float_as_uint(f) & 0x7fffffffu, kTopkNanKey);
-}
+using topk_detail::magnitude_key;
 
 __global__ void init_state(State* s, long long k) {
   s->prefix = 0;
@@ -85,21 +72,30 @@ __global__ void init_state(State* s, long long k) {
 template <typename G>
 __global__ void __launch_bounds__(kThreads) accumulate(const typename G::Storage* __restrict__ grad,
                                                        typename G::Storage* __restrict__ residual, long long n,
-                                                       unsigned long long* __restrict__ hist) {
+                                                       unsigned long long* __restrict__ hist, double* sq_norm) {
   __shared__ unsigned int sh[kMaxBins];
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage reduce_tmp;
   for (int b = threadIdx.x; b < kMaxBins; b += kThreads) sh[b] = 0;
   __syncthreads();
   const long long base = static_cast<long long>(blockIdx.x) * kTile;
+  double sq = 0;
   for (int j = 0; j < kItems; ++j) {
     const long long i = base + j * kThreads + threadIdx.x;  // coalesced
     if (i >= n) break;
-    float acc = G::load(grad[i]);
+    const float g = G::load(grad[i]);
+    sq += static_cast<double>(g) * g;
+    float acc = g;
     if (residual != nullptr) {
       const auto stored = G::store(acc + G::load(residual[i]));
       residual[i] = stored;
       acc = G::load(stored);
     }
     atomicAdd(&sh[magnitude_key(acc) >> 20], 1u);
+  }
+  if (sq_norm != nullptr) {  // uniform across the block, so every thread joins the reduction
+    const double block_sq = Reduce(reduce_tmp).Sum(sq);
+    if (threadIdx.x == 0) atomicAdd(sq_norm, block_sq);
   }
   __syncthreads();
   for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
@@ -359,7 +355,7 @@ int grid_for(long long m) {
 }  // namespace
 
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
-                   const TensorView& indices) {
+                   const TensorView& indices, const TensorView& sq_norm) {
   ::agrt::cuda::DeviceGuard guard(grad.device.index);
   const auto stream = reinterpret_cast<cudaStream_t>(grad.stream);
   const long long n = grad.numel;
@@ -381,6 +377,8 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
   unsigned long long* hist[3] = {ws.hist, ws.hist + kMaxBins, ws.hist + 2 * kMaxBins};
 
   AGRT_CUDA_CHECK(cudaMemsetAsync(ws.hist, 0, hist_bytes, stream));
+  auto* sq = sq_norm.numel > 0 ? static_cast<double*>(sq_norm.data) : nullptr;
+  if (sq != nullptr) AGRT_CUDA_CHECK(cudaMemsetAsync(sq, 0, sizeof(double), stream));
   init_state<<<1, 1, 0, stream>>>(ws.state, static_cast<long long>(k));
   const dim3 grid(static_cast<unsigned int>(tiles));
   dispatch_float(grad.dtype, [&](auto g) {
@@ -389,7 +387,7 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
     const GS* src_grad = grad.as<const GS>();
     GS* res = residual.numel > 0 ? residual.as<GS>() : nullptr;
     const GS* src = res != nullptr ? res : src_grad;
-    accumulate<G><<<grid, kThreads, 0, stream>>>(src_grad, res, n, hist[0]);
+    accumulate<G><<<grid, kThreads, 0, stream>>>(src_grad, res, n, hist[0], sq);
     select_bin<<<1, kThreads, 0, stream>>>(ws.state, hist[0], 0);
     for (int level = 1; level < 3; ++level) {
       histogram<G><<<grid, kThreads, 0, stream>>>(src, n, ws.state, level, hist[level]);

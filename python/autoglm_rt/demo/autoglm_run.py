@@ -35,7 +35,15 @@ class AutoglmRun:
         from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime
 
         self.cfg = cfg
-        self.comm = TopKState(density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps)
+        controller = None
+        if cfg.density_floor is not None:
+            from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
+
+            config = DensityControllerConfig(floor=cfg.density_floor, ceiling=cfg.density_ceiling, interval=10)
+            controller = DensityController(config)
+        self.comm = TopKState(
+            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller
+        )
         model.register_comm_hook(self.comm, topk_hook)
         if device.type == "cuda":
             self.pool = torch_pool(device.index or 0)

@@ -53,6 +53,12 @@ class DemoConfig:
     density: float = 0.01
     dense_steps: int = 5  # dense allreduce first (DDP rebuilds its buckets after step 1)
     warmup_steps: int = 20  # then the density falls geometrically to `density` (DGC warm-up)
+    # Regime-aware density (autoglm_rt.policy.compression) instead of the fixed `density`: None
+    # keeps the fixed density (with AdamW, the regime controller measured no better; see
+    # docs/compression.md), else the density of quiet 10-step windows, `density_ceiling` that of
+    # critical ones.
+    density_floor: float | None = None
+    density_ceiling: float = 0.05
     metrics_port: int = 0  # 0: a free port; the autoglm_rt run serves Prometheus metrics there
     threads_per_rank: int = 1
     device: str = "cpu"  # "cuda": one GPU per rank, NCCL

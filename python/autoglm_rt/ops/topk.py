@@ -42,6 +42,7 @@ def topk_compress(
     value_dtype: torch.dtype | None = None,
     values_out: torch.Tensor | None = None,
     indices_out: torch.Tensor | None = None,
+    sq_norm_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selects the k largest-magnitude entries of ``grad + residual`` (flattened).
 
@@ -51,7 +52,10 @@ def topk_compress(
     ``residual`` (same dtype, device and element count as grad, contiguous) becomes ``acc`` with
     the selected entries zeroed; ``None`` means no error feedback. Raises ValueError for k outside
     1..numel or a mismatched size/device, TypeError for a wrong dtype or a non-contiguous tensor,
-    before anything is written. On CUDA the work is queued on the current stream and the host
+    before anything is written; ValueError when any two of grad, residual, values_out,
+    indices_out (and sq_norm_out) share memory. ``sq_norm_out`` (one float64 element on grad's
+    device) receives the sum of squares of ``grad`` (not of acc), accumulated in float64 in the
+    same pass that reads grad. On CUDA the work is queued on the current stream and the host
     never waits."""
     grad = _require_tensor("grad", grad)
     if residual is not None:
@@ -74,7 +78,16 @@ def topk_compress(
         indices_out = torch.empty(k, dtype=index_dtype_for(numel), device=grad.device)
     else:
         indices_out = _require_tensor("indices_out", indices_out)
-    _C.topk_compress(grad, residual, k, values_out, indices_out, _stream_of(grad))
+    sq_bits = None
+    if sq_norm_out is not None:
+        sq_norm_out = _require_tensor("sq_norm_out", sq_norm_out)
+        if sq_norm_out.dtype != torch.float64 or sq_norm_out.numel() != 1:
+            raise TypeError(
+                f"sq_norm_out: expected one float64 element, got {sq_norm_out.numel()} of {sq_norm_out.dtype}"
+            )
+        # The native boundary has no float64: the kernel writes the double through its int64 bits.
+        sq_bits = sq_norm_out.reshape(1).view(torch.int64)
+    _C.topk_compress(grad, residual, k, values_out, indices_out, _stream_of(grad), sq_bits)
     return values_out, indices_out
 
 

@@ -44,8 +44,13 @@ constexpr DType topk_index_dtype(std::int64_t numel) noexcept {
 /// CUDA: accumulate pass, up to two histogram passes (skipped once a bin is taken whole), a count
 /// pass and an emit pass (compiled and desk-checked, not yet run on a GPU).
 /// CUDA: runs on grad.stream, never synchronises the host (scratch from cudaMallocAsync).
+/// - sq_norm: empty for none, else 8 aligned bytes (any dtype; written as one IEEE float64) on
+///   grad's device that receive sum(grad^2) accumulated in float64, computed in the pass that
+///   reads grad (CPU: deterministic, per-chunk sums added in chunk order; CUDA: per-block sums
+///   added by float64 atomics, so the last bits may vary between runs).
+/// - Any two of grad, residual, values, indices, sq_norm sharing a byte: ValueError.
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
-                   const TensorView& values, const TensorView& indices);
+                   const TensorView& values, const TensorView& indices, const TensorView& sq_norm = {});
 
 /// out[indices[i]] += scale * values[i] for every i; duplicate indices accumulate. Each update is
 /// computed in float32 and rounded into out's dtype (float32/float16/bfloat16).
@@ -65,7 +70,7 @@ void topk_decompress(const TensorView& values, const TensorView& indices, const 
 #ifdef AGRT_WITH_CUDA
 namespace cuda {
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k,
-                   const TensorView& values, const TensorView& indices);
+                   const TensorView& values, const TensorView& indices, const TensorView& sq_norm);
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out,
                      double scale, bool check_indices);
 }  // namespace cuda

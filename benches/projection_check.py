@@ -1,0 +1,84 @@
+"""Checks demo/projection.py's alpha-beta model at P = 2 against the netns measurement, then
+prints the projected step-time table for the same model.
+
+    PYTHONPATH=python python benches/projection_check.py [--rate 1gbit]
+
+Inputs from ``benches/results/ddp_netns.json`` (run ``benches/ddp_netns.py`` first): the
+``no_comm`` step (compute floor), the top-k hook's synchronous time (compression), bytes per step
+of allreduce and of the top-k hook. The scatter-add of one rank's message is timed here on the
+same gradient size (16.8 M float32, 1%), since the netns run does not separate it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from autoglm_rt import ops
+from autoglm_rt.demo.projection import projected_step_times, relative_error
+
+HERE = Path(__file__).resolve().parent
+NUMEL = 4 * (2048 * 2048 + 2048)  # benches/ddp_netns.py's model
+
+
+def _decompress_seconds(numel: int, density: float) -> float:
+    k = int(numel * density)
+    out = torch.zeros(numel)
+    values = torch.randn(k)
+    indices = torch.sort(torch.randperm(numel)[:k]).values.to(torch.int32)
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        ops.topk_decompress(values, indices, out, scale=0.5, check_indices=False)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", default="1gbit")
+    ap.add_argument("--latency", type=float, default=100e-6, help="alpha per message, seconds")
+    args = ap.parse_args()
+    rows = json.loads((HERE / "results" / "ddp_netns.json").read_text())["rates"][args.rate]
+    gbit = float(args.rate.removesuffix("gbit"))
+    no_comm = rows["no_comm"]["step_seconds_median"]
+    topk = rows["autoglm_topk_1pct"]
+    dense_bytes = rows["allreduce"]["bytes_per_step"]
+    decompress = _decompress_seconds(NUMEL, 0.01)
+    inputs = {
+        "compute_s": no_comm,
+        "compress_s": topk["hook_sync_seconds_median"],
+        "decompress_s": decompress,
+        "dense_bytes": dense_bytes,
+        "message_bytes": topk["bytes_per_step"],
+        "buckets": 3,  # 67 MB in DDP's 25 MiB buckets
+        "latency_s": args.latency,
+    }
+    (p2,) = projected_step_times(**inputs, gbits=[gbit], ranks=[2])
+    measured_ar = rows["allreduce"]["step_seconds_median"]
+    measured_tk = topk["step_seconds_median"]
+    print(f"inputs: {json.dumps(inputs)}")
+    print(
+        f"P=2 at {args.rate}: allreduce projected {p2.allreduce_step_s * 1e3:.1f} ms, measured "
+        f"{measured_ar * 1e3:.1f} ms, error {relative_error(p2.allreduce_step_s, measured_ar):+.1%}"
+    )
+    print(
+        f"P=2 at {args.rate}: top-k projected {p2.topk_step_s * 1e3:.1f} ms, measured "
+        f"{measured_tk * 1e3:.1f} ms, error {relative_error(p2.topk_step_s, measured_tk):+.1%}"
+    )
+    print(f"top-k step / no_comm floor, measured: {measured_tk / no_comm:.2f}x")
+    print("\n| Gbit/s | P | allreduce step ms | top-k step ms | speedup |\n|---:|---:|---:|---:|---:|")
+    for r in projected_step_times(**inputs):
+        if r.ranks in (2, 8, 64, 1024):
+            print(
+                f"| {r.gbit_s:g} | {r.ranks} | {r.allreduce_step_s * 1e3:.1f} | {r.topk_step_s * 1e3:.1f} "
+                f"| {r.speedup:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

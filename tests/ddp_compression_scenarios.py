@@ -1,0 +1,208 @@
+"""What each rank runs in the compression tests (module-level so spawned processes can import it):
+exact resume, rank-consistent regime-aware density, DGC momentum correction against its formula,
+and accuracy of regime-aware density with momentum correction on real text."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from autoglm_rt import ddp
+from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _state() -> ddp.TopKState:
+    controller = DensityController(DensityControllerConfig(floor=0.01, ceiling=0.2, interval=3, threshold=0.05))
+    return ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
+
+
+def _train(model: DDP, opt: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x = torch.randn(16, 64, generator=g) * (1 + rank)  # uneven gradients across ranks
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def resume(rank: int) -> dict[str, Any]:
+    """12 steps in one go vs 7 steps, state saved through bytes, a fresh model/optimizer/state
+    loaded, 5 more steps: parameters, hook state and metrics must be identical. The resumed DDP's
+    first bucket lists the parameters in model order, the saved one in gradient-ready order: the
+    residuals and velocities must be carried over per parameter."""
+    full = DDP(_mlp(0))
+    full_state = _state()
+    full.register_comm_hook(full_state, ddp.topk_hook)
+    full_opt = torch.optim.SGD(full.parameters(), lr=0.05)
+    _train(full, full_opt, rank, range(12))
+
+    first = DDP(_mlp(0))
+    first_state = _state()
+    first.register_comm_hook(first_state, ddp.topk_hook)
+    first_opt = torch.optim.SGD(first.parameters(), lr=0.05)
+    _train(first, first_opt, rank, range(7))
+    buf = io.BytesIO()
+    torch.save(
+        {"model": first.module.state_dict(), "opt": first_opt.state_dict(), "comm": first_state.state_dict()}, buf
+    )
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+
+    resumed = DDP(_mlp(1))  # different initial weights: everything must come from the checkpoint
+    resumed.module.load_state_dict(saved["model"])
+    resumed_state = _state()
+    resumed_state.load_state_dict(saved["comm"])
+    resumed.register_comm_hook(resumed_state, ddp.topk_hook)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    resumed_opt.load_state_dict(saved["opt"])
+    _train(resumed, resumed_opt, rank, range(7, 12))
+
+    return {
+        "params_equal": all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters(), strict=True)),
+        "metrics_full": full_state.metrics(),
+        "metrics_resumed": resumed_state.metrics(),
+        "densities_seen": full_state.controller.critical_windows_seen if full_state.controller else -1,
+        "residuals_equal": all(
+            torch.equal(a.tensor, b.tensor)
+            for a, b in zip(full_state._residuals.values(), resumed_state._residuals.values(), strict=True)
+        ),
+    }
+
+
+def consistency(rank: int) -> list[float]:
+    """Densities chosen per iteration under very uneven gradients (rank 1's are 100x larger and
+    change scale mid-run), with a critical window forced from rank 0 alone near the end."""
+    model = DDP(_mlp(2))
+    controller = DensityController(DensityControllerConfig(floor=0.01, ceiling=0.1, interval=2, threshold=0.3))
+    state = ddp.TopKState(start_iter=1, min_numel=0, controller=controller)
+    model.register_comm_hook(state, ddp.topk_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed weights: the norm follows the data
+    chosen = []
+    for step in range(18):
+        g = torch.Generator().manual_seed(step * 7 + rank)
+        scale = (100.0 if rank == 1 else 1.0) * (10.0 if 8 <= step < 10 else 1.0)
+        x = torch.randn(64, 64, generator=g) * scale
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        chosen.append(state.last_density)
+        if step == 12 and rank == 0:
+            controller.mark_critical()  # on one rank only: the all-reduced decision still agrees
+    return chosen
+
+
+def momentum_reference(rank: int) -> dict[str, Any]:
+    """The hook with momentum correction against DGC's formulas in plain torch, step by step:
+    u = m u + g; v = v + u; send top-k(|v|); v, u cleared where sent; average of the sparse
+    tensors. Returns the largest difference between the delivered gradients."""
+    m, density, world = 0.9, 0.1, dist.get_world_size()
+    torch.manual_seed(5)
+    net = nn.Linear(64, 32, bias=False)  # one parameter: the bucket's layout never changes
+    model = DDP(net)
+    state = ddp.TopKState(density=density, start_iter=0, min_numel=0, momentum=m)
+    model.register_comm_hook(state, ddp.topk_hook)
+    numel = sum(p.numel() for p in net.parameters())
+    k = int(np.ceil(density * numel))
+    u = torch.zeros(numel)
+    v = torch.zeros(numel)
+    worst = 0.0
+    exact = True
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x = torch.randn(8, 64, generator=g)
+        ref = nn.Linear(64, 32, bias=False)
+        ref.load_state_dict(net.state_dict())
+        ref(x).square().mean().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        # The reference, on every rank's data (gathered).
+        u = m * u + grad
+        acc = v + u
+        idx = torch.topk(acc.abs(), k).indices
+        sent = torch.zeros(numel)
+        sent[idx] = acc[idx]
+        v = acc.clone()
+        v[idx] = 0
+        u[idx] = 0
+        gathered = [torch.zeros(numel) for _ in range(world)]
+        dist.all_gather(gathered, sent)
+        expected = torch.zeros(numel)
+        for s in gathered:
+            nz = s != 0
+            expected[nz] += s[nz] / world
+        # The hook.
+        model.zero_grad()
+        model(x).square().mean().backward()
+        delivered = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        worst = max(worst, float((delivered - expected).abs().max()))
+        exact = exact and torch.equal(delivered, expected)
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.1 * p.grad
+    return {"worst": worst, "exact": exact, "scale": float(expected.abs().max())}
+
+
+def _char_data(corpus: Any, n: int, context: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    data = corpus.train if split == "train" else corpus.val
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, data.size - context - 1, size=n)
+    x = np.stack([data[s : s + context] for s in starts]).astype(np.int64)
+    y = data[starts + context].astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class _CharMLP(nn.Module):
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.emb = nn.Embedding(128, 16)
+        self.net = nn.Sequential(nn.Linear(16 * context, 256), nn.ReLU(), nn.Linear(256, 128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(self.emb(x).flatten(1))
+        return out
+
+
+def char_accuracy(rank: int) -> dict[str, float]:
+    """Next-character accuracy on held-out standard-library source (real text), 2 ranks, SGD
+    with momentum 0.9: dense allreduce vs regime-aware top-k with DGC momentum correction."""
+    from autoglm_rt.demo.corpus import load_corpus
+
+    context, steps = 6, 600
+    corpus = load_corpus(400_000)
+    xv, yv = _char_data(corpus, 4000, context, 7, "val")
+    out: dict[str, float] = {}
+    for name in ("dense", "regime"):
+        model = DDP(_CharMLP(context))
+        if name == "dense":
+            model.register_comm_hook(None, allreduce_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            state = None
+        else:
+            config = DensityControllerConfig(floor=0.01, ceiling=0.05, interval=20)
+            controller = DensityController(config)
+            state = ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
+            model.register_comm_hook(state, ddp.topk_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(steps):
+            x, y = _char_data(corpus, 64, context, 1000 * step + rank, "train")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            out[f"{name}_accuracy"] = float((model.module(xv).argmax(1) == yv).float().mean())
+        if state is not None:
+            out["ratio"] = state.compression_ratio
+            out["critical_windows"] = float(state.controller.critical_windows_seen) if state.controller else -1.0
+    return out
