@@ -114,7 +114,7 @@ def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:
     series = {
         "loss": ("loss", "training loss"),
         "batch": ("effective_batch", "micro-batch x accumulation (samples per rank)"),
-        "memory": ("activation_bytes", "activation memory per step (MiB); pool limit on GPU"),
+        "memory": ("activation_bytes", "activation memory per step (MiB)"),
         "bytes_per_step": ("bytes_communicated_step", "bytes sent per step per rank"),
     }
     written = []
@@ -137,10 +137,12 @@ def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:
                 ax.plot(
                     xs, [r.get("activation_bytes", float("nan")) / 2**20 for r in recs], label=f"{name} activations"
                 )
+                title = series[plot][1]
                 if any("memory_limit_bytes" in r for r in recs):
                     limits = [r.get("memory_limit_bytes", float("nan")) / 2**20 for r in recs]
                     ax.plot(xs, limits, ":", label=f"{name} pool limit")
-                ax.set_title(series[plot][1])
+                    title = "activation memory and pool limit (MiB)"
+                ax.set_title(title)
             else:
                 key, title = series[plot]
                 ax.plot(xs, [r.get(key, float("nan")) for r in recs], label=name)
