@@ -56,7 +56,7 @@ if mode == "pool":
         loss = net(torch.randn(16, 512, 1024, device="cuda")).float().square().mean(); loss.backward()
         result["step_under_lower_limit"] = "ok"
     except Exception as e:  # the pool's out-of-memory reaches Python as MemoryError or RuntimeError
-        from autoglm_rt.policy.batch import is_out_of_memory
+        from autoglm_rt.policy.oom import is_out_of_memory
         if not is_out_of_memory(e):
             raise
         result["step_under_lower_limit"] = f"out of memory ({type(e).__name__}): {e}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,40 @@ def test_trainer_splits_every_batch_exactly_and_keeps_it_deterministic() -> None
     x2, y2 = trainer.make_batch(7, BATCH, FEATURES, seed=0)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(trainer.make_batch(8, BATCH, FEATURES, seed=0)[0], x1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_workers_strategy_scales_the_job_through_the_launcher(tmp_path: Path) -> None:
+    """scale_up_replicas from a worker's Runtime reaches the real ElasticJob by default (the
+    job's environment names its launcher): 1 agent becomes 2; once at max_nodes, the next
+    request says it was not carried out."""
+    import json
+
+    worker = Path(__file__).with_name("elastic_strategy_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    with ElasticJob(worker, [str(tmp_path)], min_nodes=1, max_nodes=2, log_dir=tmp_path / "logs", env=env) as job:
+        job.start()
+        served: list[str] = []
+
+        def scaled() -> bool:
+            served.extend(job.serve_requests())
+            return job.replicas() == 2
+
+        wait_until(job, "the worker's request to be served", scaled, 60)
+        assert served[0] == "scaled replicas 1 -> 2"
+
+        def results() -> list[dict[str, Any]]:
+            path = tmp_path / "actions.jsonl"
+            return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+        wait_until(job, "the 2-rank workers' strategy", lambda: any(r["world"] == 2 for r in results()), 80)
+        wait_until(
+            job, "the launcher's answer", lambda: bool(served.extend(job.serve_requests()) or len(served) > 1), 30
+        )
+    first = results()[0]
+    assert first["world"] == 1 and first["applied"] and "sent to the elastic launcher" in first["detail"]
+    at_two = [r for r in results() if r["world"] == 2]
+    assert {r["rank"] for r in at_two} == {0, 1}
+    assert all(r["applied"] == (r["rank"] == 0) for r in at_two)  # rank 0 sends; rank 1 says it did not
+    assert served[1] == "not scaled: 2 replica(s) already at max_nodes"

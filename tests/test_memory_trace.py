@@ -235,7 +235,7 @@ def test_torch_allocator_under_a_training_step() -> None:
         "torch.cuda.synchronize(); s = m.torch_pool(0).stats()\n"
         "assert s['allocated_bytes'] > 0 and s['num_cache_hits'] > 0, s\n"
         "m.torch_pool(0).check()\n"
-        "from autoglm_rt.policy.batch import is_out_of_memory\n"
+        "from autoglm_rt.policy.oom import is_out_of_memory\n"
         "m.set_torch_limit('64Mi')\n"
         "try:\n"
         "    torch.empty(2**30, device='cuda'); raise SystemExit('no error for 4 GiB under a 64 MiB limit')\n"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import yaml
 from torch import nn
 
 from tests.ddp_harness import run_on_two_ranks
-from tests.test_monitor_prometheus import PROM_DIR, Prometheus, _binary, _free_port, _get
+from tests.test_monitor_prometheus import _get, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"\bautoglm_rt(?:_[a-z0-9]+)+\b")
@@ -148,72 +146,38 @@ class _Run:
 
 @pytest.mark.slow
 def test_non_finite_gradients_of_a_real_run_fire_the_alert_in_prometheus(tmp_path: Path) -> None:
-    prometheus = _binary("prometheus")
     run = _Run()
-    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(PROM_DIR / "alerts.yml")]
-    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{run.server.port}"]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    web_port = _free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        prom = Prometheus(f"http://127.0.0.1:{web_port}")
+        with running_prometheus(tmp_path, [f"127.0.0.1:{run.server.port}"]) as prom:
 
-        def train_until(done: Any, timeout: float, what: str) -> Any:
-            deadline = time.monotonic() + timeout
-            while True:
-                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-                run.step()
-                try:
-                    got = done()
-                except OSError:
-                    got = None  # Prometheus not listening yet: keep training until the deadline
-                if got:
-                    return got
-                assert time.monotonic() < deadline, f"{what} within {timeout} s"
-                time.sleep(0.1)
+            def train_until(done: Any, timeout: float, what: str) -> Any:
+                deadline = time.monotonic() + timeout
+                while True:
+                    prom.check_alive()
+                    run.step()
+                    if got := done():
+                        return got
+                    assert time.monotonic() < deadline, f"{what} within {timeout} s"
+                    time.sleep(0.1)
 
-        # Healthy training first: the counter is scraped at 0, and no alert is active.
-        train_until(lambda: prom.query("autoglm_rt_grad_nonfinite_steps_total == 0"), 60, "a scrape of the healthy run")
-        assert not [
-            a for a in _get(f"{prom.base}/api/v1/alerts")["data"]["alerts"] if "NonFinite" in a["labels"]["alertname"]
-        ]
-        skipped_before = run.runtime.skipped_steps
-        run.poison = True
-
-        def alert() -> list[dict[str, Any]]:
+            # Healthy training first: the counter is scraped at 0, and no alert is active.
+            train_until(lambda: prom.query("autoglm_rt_grad_nonfinite_steps_total == 0"), 60, "a healthy scrape")
             alerts = _get(f"{prom.base}/api/v1/alerts")["data"]["alerts"]
-            return [
-                a
-                for a in alerts
-                if a["labels"]["alertname"] == "AutoglmRtNonFiniteGradients" and a["state"] in ("pending", "firing")
-            ]
+            assert not [a for a in alerts if "NonFinite" in a["labels"]["alertname"]]
+            skipped_before = run.runtime.skipped_steps
+            run.poison = True
 
-        fired = train_until(alert, 60, "the non-finite alert")
-        assert fired[0]["labels"]["rank"] == "0" and fired[0]["labels"]["severity"] == "critical"
-        assert run.runtime.skipped_steps > skipped_before  # the Runtime skipped those steps as well
-        elements = prom.query("autoglm_rt_grad_nonfinite_elements_total")
-        assert float(elements[0]["value"][1]) > 0
+            def alert() -> list[dict[str, Any]]:
+                alerts = _get(f"{prom.base}/api/v1/alerts")["data"]["alerts"]
+                name = "AutoglmRtNonFiniteGradients"
+                return [a for a in alerts if a["labels"]["alertname"] == name and a["state"] in ("pending", "firing")]
+
+            fired = train_until(alert, 60, "the non-finite alert")
+            assert fired[0]["labels"]["rank"] == "0" and fired[0]["labels"]["severity"] == "critical"
+            assert run.runtime.skipped_steps > skipped_before  # the Runtime skipped those steps as well
+            elements = prom.query("autoglm_rt_grad_nonfinite_elements_total")
+            assert float(elements[0]["value"][1]) > 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
         run.server.close()
 
 
@@ -221,4 +185,3 @@ def test_deploy_names_are_found() -> None:
     names = deploy_names()
     assert "autoglm_rt_grad_nonfinite_steps_total" in names and "autoglm_rt_compression_ratio" in names
     assert not any(":" in n for n in names)
-    assert urllib.request is not None

@@ -8,6 +8,7 @@ they are missing the tests skip, except in CI (env CI=true), where they must be 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,8 +73,11 @@ def _get(url: str) -> Any:
 
 
 class Prometheus:
-    def __init__(self, base: str) -> None:
-        self.base = base
+    def __init__(self, base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.base, self.proc, self.log = base, proc, log
+
+    def check_alive(self) -> None:
+        assert self.proc.poll() is None, self.log.read_text()
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         doc = _get(f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
@@ -89,6 +93,53 @@ class Prometheus:
                 return result
             time.sleep(0.25)
         raise AssertionError(f"{expr}: no satisfying answer within {timeout} s; last: {result}")
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, targets: list[str]) -> Iterator[Prometheus]:
+    """A real Prometheus on 127.0.0.1 with deploy/'s config and alert rules, scraping ``targets``
+    every second with temporary storage; yields once it is ready, stops it afterwards."""
+    prometheus = _binary("prometheus")
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM_DIR / "alerts.yml")]
+    config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    web_port = _free_port()
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            prom = Prometheus(f"http://127.0.0.1:{web_port}", proc, log_path)
+            deadline = time.monotonic() + 30
+            while True:
+                prom.check_alive()
+                try:
+                    with urllib.request.urlopen(f"{prom.base}/-/ready", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass  # not listening yet: retry until the deadline below
+                assert time.monotonic() < deadline, "prometheus did not become ready"
+                time.sleep(0.2)
+            yield prom
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 @pytest.fixture
@@ -110,40 +161,8 @@ def exporter_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MetricsEx
 
 
 def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, exporter_server: Any) -> None:
-    prometheus = _binary("prometheus")
     _exporter, pool, port = exporter_server
-    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(PROM_DIR / "alerts.yml")]
-    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    web_port = _free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        prom = Prometheus(f"http://127.0.0.1:{web_port}")
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{prom.base}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass  # not listening yet: retry until the deadline below
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
-
+    with running_prometheus(tmp_path, [f"127.0.0.1:{port}"]) as prom:
         got = prom.wait_for("autoglm_rt_pool_allocated_bytes", lambda r: len(r) == 1)
         labels = got[0]["metric"]
         assert labels["job"] == "autoglm_rt" and labels["instance"] == f"127.0.0.1:{port}"
@@ -184,11 +203,3 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path: Path, exporter_server: A
         rules = [r for g in groups for r in g["rules"]]
         assert len(rules) >= 10
         assert all(r["health"] in ("ok", "unknown") for r in rules), [r for r in rules if r["health"] == "err"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoglm_rt.policy.batch import BatchController, is_out_of_memory, lr_factor, run_step, statistical_efficiency
+from autoglm_rt.policy.batch import BatchController, lr_factor, statistical_efficiency
+from autoglm_rt.policy.oom import is_out_of_memory, run_step
 
 
 def test_shrink_keeps_the_effective_batch_and_chunks_tile_it() -> None:

@@ -23,6 +23,15 @@ class SleepingAgents(ElasticJob):
         return ["sleep", "60"]
 
 
+def close_and_kill(runner: QueueRunner, job: str) -> None:
+    """Closes the runner and kills what is left of ``job``'s process group."""
+    pid = runner.store.job(job).pid
+    runner.close()
+    if pid is not None:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 def test_scale_replicas_stays_within_min_and_max(tmp_path: Path) -> None:
     job = SleepingAgents(Path(elastic_trainer.__file__), min_nodes=1, max_nodes=3, log_dir=tmp_path)
     act = SchedulingActuator(elastic_job=job)
@@ -59,11 +68,36 @@ def test_migrate_moves_the_queue_job_or_says_why_not(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert runner.store.job("m").devices != first
     finally:
-        pid = runner.store.job("m").pid
-        runner.close()
-        if pid is not None:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        close_and_kill(runner, "m")
     assert SchedulingActuator().migrate() == "not migrated: no queue attached"
     with pytest.raises(ValueError, match="both"):
         SchedulingActuator(queue=runner)
+
+
+@pytest.mark.slow
+def test_a_queue_jobs_strategy_migrates_it_through_the_runner(tmp_path: Path) -> None:
+    """migrate_task from a queue job's Runtime reaches the real runner by default (the job learns
+    its queue from the environment the runner sets): the job is stopped and restarted elsewhere."""
+    import json
+    import sys
+
+    out = tmp_path / "actions.jsonl"
+    script = Path(__file__).with_name("queue_strategy_job.py")
+    command = [sys.executable, str(script), str(out)]
+    spec = parse_queue_spec({"slots": 2, "grace_period": 10, "jobs": [{"name": "mover", "command": command}]})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    runner = QueueRunner(spec, tmp_path / "q.db", log=lambda _line: None, env=env)
+    try:
+        runner.step()
+        first = runner.store.job("mover").devices
+        deadline = time.monotonic() + 60
+        while runner.store.job("mover").attempt < 2 or runner.store.job("mover").state != "running":
+            assert time.monotonic() < deadline, (tmp_path / "q.db.d" / "mover" / "log").read_text()
+            runner.step()
+            time.sleep(0.1)
+        assert runner.store.job("mover").devices != first
+    finally:
+        close_and_kill(runner, "mover")
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["attempt"] == "1" and result["applied"], result
+    assert "requested from the queue runner" in result["detail"]

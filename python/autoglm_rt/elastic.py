@@ -34,7 +34,14 @@ from typing import Any
 
 from autoglm_rt.distributed import bind_address, create_store
 
-__all__ = ["ElasticError", "ElasticJob", "scale_down_replicas", "scale_up_replicas"]
+__all__ = ["ElasticError", "ElasticJob", "ElasticJobScheduler", "scale_down_replicas", "scale_up_replicas"]
+
+#: Environment the workers of an ElasticJob get: where to send scaling requests.
+ENDPOINT_ENV, RUN_ID_ENV = "AUTOGLM_RT_ELASTIC_ENDPOINT", "AUTOGLM_RT_ELASTIC_RUN_ID"
+
+
+def _scale_key(run_id: str) -> str:
+    return f"autoglm_rt/{run_id}/scale_requests"
 
 
 class ElasticError(RuntimeError):
@@ -133,6 +140,9 @@ class ElasticJob:
         self._store = create_store(
             self.host, 0, is_master=True, wait_for_workers=False, multi_tenant=True, timeout=timedelta(seconds=60)
         )
+        # Workers send scaling requests (their strategies' scale_*_replicas) through this store.
+        self.env[ENDPOINT_ENV], self.env[RUN_ID_ENV] = self.endpoint, self.run_id
+        self._scale_served = 0
         for _ in range(nodes):
             self._spawn()
 
@@ -184,16 +194,42 @@ class ElasticJob:
             _stop(agent, grace)
         return self.replicas()
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Waits for every agent to exit; 0 if all exited 0, else the first non-zero code.
-        Raises TimeoutError (agents left running) after ``timeout`` seconds."""
+    def scale_by(self, delta: int) -> str:
+        """Adds (``delta`` > 0) or removes agents, within ``min_nodes..max_nodes``: a request
+        beyond them does as much as it can and says so. Returns what happened; an answer that
+        changed nothing starts with "not " (the actuators' convention)."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta: expected an int, got {delta!r}")
+        before = self.replicas()
+        want = min(self.max_nodes, max(self.min_nodes, before + delta))
+        if want == before:
+            bound = "max_nodes" if delta > 0 else "min_nodes"
+            return f"not scaled: {before} replica(s) already at {bound}"
+        after = self.scale_up(want - before) if want > before else self.scale_down(before - want)
+        clipped = (
+            "" if want == before + delta else f" (asked {delta:+d}, limited to {self.min_nodes}..{self.max_nodes})"
+        )
+        return f"scaled replicas {before} -> {after}{clipped}"
+
+    def serve_requests(self) -> list[str]:
+        """Carries out the scaling requests the workers sent since the last call (summed into one
+        change); returns what happened. :meth:`wait` calls it while it waits."""
+        if self._store is None:
+            return []
+        total = int(self._store.add(_scale_key(self.run_id), 0))
+        pending, self._scale_served = total - self._scale_served, total
+        return [self.scale_by(pending)] if pending else []
+
+    def wait(self, timeout: float | None = None, *, poll: float = 0.5) -> int:
+        """Waits for every agent to exit, serving the workers' scaling requests every ``poll``
+        seconds; 0 if all exited 0, else the first non-zero code. Raises TimeoutError (agents
+        left running) after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for agent in self._agents:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                agent.process.wait(left)
-            except subprocess.TimeoutExpired:
-                raise TimeoutError(f"elastic job still running after {timeout} s; logs in {self.log_dir}") from None
+        while any(a.process.poll() is None for a in self._agents):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"elastic job still running after {timeout} s; logs in {self.log_dir}")
+            self.serve_requests()
+            time.sleep(poll)
         codes = [a.process.returncode for a in self._agents if not a.stopped]
         return next((c for c in codes if c != 0), 0)
 
@@ -245,6 +281,36 @@ def _stop(agent: _Agent, grace: float) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+class ElasticJobScheduler:
+    """A worker's side of an :class:`ElasticJob`: scaling requests go to the launcher through the
+    rendezvous host's store (the Runtime finds it from ``AUTOGLM_RT_ELASTIC_ENDPOINT`` and
+    ``AUTOGLM_RT_ELASTIC_RUN_ID``, which the job gives its workers). Every rank decides the same
+    actions, so only rank 0 sends them; the launcher applies them within ``min..max_nodes``.
+    Answers that change nothing start with "not " (the actuators' convention)."""
+
+    def __init__(self, endpoint: str, run_id: str, rank: int) -> None:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"endpoint: expected HOST:PORT, got {endpoint!r}")
+        self.host, self.port, self.run_id, self.rank = host, int(port), run_id, rank
+        self._store: Any = None
+
+    def scale_replicas(self, delta: int, action: object = None) -> str:
+        if self.rank != 0:
+            return f"not sent by rank {self.rank}: rank 0 sends the job's scaling requests"
+        if self._store is None:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=30))
+        total = self._store.add(_scale_key(self.run_id), int(delta))
+        return f"scale request {delta:+d} sent to the elastic launcher (requests so far sum to {total:+d})"
+
+    def migrate(self, action: object = None) -> str:
+        return "not migrated: an elastic job moves by scaling its replicas (scale_up/down_replicas)"
 
 
 def scale_up_replicas(job: ElasticJob, n: int = 1) -> int:

@@ -2,7 +2,8 @@
 
 A class lists the attributes that change while it runs in ``_state_fields``; the mixin saves
 copies of them (deques as lists, containers deep-copied, so a saved state never aliases the live
-object) and restores them, checking that the keys match. Configuration (thresholds, gains) is not
+object; a ``Stateful`` attribute as its own ``state_dict()``) and restores them, checking that
+the keys match. Configuration (thresholds, gains) is not
 state: it comes from the constructor, so a resumed object is built the same way and then loaded.
 """
 
@@ -25,7 +26,10 @@ class Stateful:
         out: dict[str, Any] = {}
         for name in self._state_fields:
             value = getattr(self, name)
-            out[name] = list(value) if isinstance(value, deque) else copy.deepcopy(value)
+            if isinstance(value, Stateful):
+                out[name] = value.state_dict()
+            else:
+                out[name] = list(value) if isinstance(value, deque) else copy.deepcopy(value)
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -38,8 +42,15 @@ class Stateful:
             raise ValueError(
                 f"{cls}.load_state_dict: state does not match this object (missing {missing}, unknown {unknown})"
             )
+        # Nested parts first: each checks its keys before it changes anything.
+        plain = []
         for name in self._state_fields:
             current = getattr(self, name)
+            if isinstance(current, Stateful):
+                current.load_state_dict(state[name])
+            else:
+                plain.append((name, current))
+        for name, current in plain:
             value = state[name]
             value = deque(value, maxlen=current.maxlen) if isinstance(current, deque) else copy.deepcopy(value)
             setattr(self, name, value)

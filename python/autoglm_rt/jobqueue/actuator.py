@@ -34,20 +34,12 @@ class SchedulingActuator:
         self.history: list[str] = []
 
     def scale_replicas(self, delta: int, action: object = None) -> str:
-        """Adds (``delta`` > 0) or removes agents of the elastic job."""
+        """Adds (``delta`` > 0) or removes agents of the elastic job (see ``ElasticJob.scale_by``)."""
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"delta: expected an int, got {delta!r}")
-        job = self.elastic_job
-        if job is None:
+        if self.elastic_job is None:
             return self._say("not scaled: no elastic job attached")
-        before = job.replicas()
-        want = min(job.max_nodes, max(job.min_nodes, before + delta))
-        if want == before:
-            bound = "max_nodes" if delta > 0 else "min_nodes"
-            return self._say(f"not scaled: {before} replica(s) already at {bound}")
-        after = job.scale_up(want - before) if want > before else job.scale_down(before - want)
-        clipped = "" if want == before + delta else f" (asked {delta:+d}, limited to {job.min_nodes}..{job.max_nodes})"
-        return self._say(f"scaled replicas {before} -> {after}{clipped}")
+        return self._say(self.elastic_job.scale_by(delta))
 
     def migrate(self, action: object = None) -> str:
         """Moves the job to other free slots (checkpoint, stop, restart)."""

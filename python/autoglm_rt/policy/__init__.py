@@ -17,9 +17,10 @@ from importlib import resources
 from pathlib import Path
 
 from autoglm_rt.policy.actuators import ActionResult, Actuators, scheduler_from_environment
-from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, run_step, statistical_efficiency
+from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, statistical_efficiency
 from autoglm_rt.policy.control import PID
 from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
+from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
 from autoglm_rt.policy.scheduler import Device, PriorityScheduler, SchedulerError, Task, TaskState
 from autoglm_rt.policy.simulate import read_metrics_csv, simulate
@@ -56,6 +57,7 @@ __all__ = [
     "Task",
     "TaskState",
     "bundled_strategy",
+    "is_out_of_memory",
     "lr_factor",
     "read_metrics_csv",
     "run_step",

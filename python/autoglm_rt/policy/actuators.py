@@ -43,14 +43,21 @@ class ActionResult:
 
 
 def scheduler_from_environment(env: Mapping[str, str]) -> Scheduler | None:
-    """The scheduler of the queue this process runs under (``AUTOGLM_RT_QUEUE_STATE`` and
-    ``AUTOGLM_RT_JOB_NAME``, set by ``autoglm-rt queue``), or None when there is none."""
-    state, job = env.get("AUTOGLM_RT_QUEUE_STATE"), env.get("AUTOGLM_RT_JOB_NAME")
-    if not state or not job:
-        return None
-    from autoglm_rt.jobqueue.job_side import QueueJobScheduler  # the jobs layer, only when under a queue
+    """The scheduler of the job this process runs under, from the environment its launcher set:
+    an ``autoglm_rt.elastic.ElasticJob`` (``AUTOGLM_RT_ELASTIC_ENDPOINT``, ``..._RUN_ID``) or an
+    ``autoglm-rt queue`` (``AUTOGLM_RT_QUEUE_STATE``, ``AUTOGLM_RT_JOB_NAME``); None otherwise.
+    (The jobs layer is imported only then: it sits above the policy layer.)"""
+    endpoint, run_id = env.get("AUTOGLM_RT_ELASTIC_ENDPOINT"), env.get("AUTOGLM_RT_ELASTIC_RUN_ID")
+    if endpoint and run_id:
+        from autoglm_rt.elastic import ElasticJobScheduler
 
-    return QueueJobScheduler(state, job)
+        return ElasticJobScheduler(endpoint, run_id, rank=int(env.get("RANK", "0") or 0))
+    state, job = env.get("AUTOGLM_RT_QUEUE_STATE"), env.get("AUTOGLM_RT_JOB_NAME")
+    if state and job:
+        from autoglm_rt.jobqueue.job_side import QueueJobScheduler
+
+        return QueueJobScheduler(state, job)
+    return None
 
 
 class Actuators:

@@ -16,37 +16,18 @@ pressure, grown by goodput when the gradient noise scale says it pays, with the 
 - LR rules for an effective batch B: ``linear`` (B/B0), ``sqrt`` (sqrt(B/B0)) and ``adascale``
   (AdaScale's gain ``r = (B/B0) * E(B)``, between 1 and B/B0).
 
-:func:`run_step` processes one optimizer step's samples in micro-batches and recovers from an OOM
-in the middle of it: the failed micro-batch is redone smaller, and as long as the caller's
-``process`` adds a micro-batch's contribution only when it succeeds, no sample is lost or counted
-twice.
+What happens on an out-of-memory error in the middle of a step is ``policy.oom``'s job.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from autoglm_rt.stateful import Stateful
 
 LR_RULES = ("adascale", "sqrt", "linear", "none")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the errors an allocation failure raises: ``MemoryError`` (including
-    ``autoglm_rt.memory.OutOfMemoryError``), ``torch.OutOfMemoryError`` and torch's CPU allocator's
-    ``RuntimeError`` ("can't allocate memory")."""
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
 
 
 @dataclass(frozen=True)
@@ -328,34 +309,6 @@ class BatchController(Stateful):
     def lr_factor(self, noise_scale: float | None = None) -> float:
         """The LR factor for the current effective batch under ``lr_rule`` (see :func:`lr_factor`)."""
         return lr_factor(self.lr_rule, self.effective_batch, self.base_batch, noise_scale)
-
-
-def run_step(
-    n: int,
-    process: Callable[[int, int], object],
-    controller: BatchController,
-    *,
-    limit_bytes: Callable[[], float | None] | None = None,
-) -> list[tuple[int, int]]:
-    """Calls ``process(start, stop)`` for consecutive micro-batches covering samples ``[0, n)``.
-    An out-of-memory error (:func:`is_out_of_memory`) halves the controller's micro-batch and the
-    same ``start`` is redone smaller; any other error propagates. Returns the bounds that
-    succeeded, which tile ``[0, n)`` exactly once. ``process`` must leave no trace of a micro-batch
-    that raised (accumulate its gradient only on success)."""
-    done: list[tuple[int, int]] = []
-    start = 0
-    while start < n:
-        stop = min(start + controller.micro_batch, n)
-        try:
-            process(start, stop)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            controller.on_oom(exc, limit_bytes=limit_bytes() if limit_bytes is not None else None)
-            continue
-        done.append((start, stop))
-        start = stop
-    return done
 
 
 def _positive_int(name: str, value: object) -> None:

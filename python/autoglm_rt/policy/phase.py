@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoglm_rt.constants import PHASES
+from autoglm_rt.policy.phase_signals import LossSpikes, window_signals
 from autoglm_rt.stateful import Stateful
 
 
@@ -88,9 +89,7 @@ class PhaseDetector(Stateful):
         "_noise_ema",
         "_noise_updates",
         "_var_ema",
-        "_loss_mean",
-        "_loss_var",
-        "_loss_count",
+        "_spikes",
         "_peak_improvement",
         "_smoothed",
         "_candidate",
@@ -168,9 +167,7 @@ class PhaseDetector(Stateful):
         self._noise_ema = 0.0
         self._noise_updates = 0
         self._var_ema: float | None = None
-        self._loss_mean: float | None = None
-        self._loss_var = 0.0
-        self._loss_count = 0
+        self._spikes = LossSpikes(spike_sigmas, spike_ratio)
         self._peak_improvement = 0.0
         self._smoothed: dict[str, float] = {}
         self._candidate: str | None = None
@@ -204,9 +201,7 @@ class PhaseDetector(Stateful):
             or (loss is not None and not math.isfinite(loss))
             or (grad_norm is not None and not math.isfinite(grad_norm))
         )
-        spike = False
-        if not bad and loss is not None:
-            spike = self._is_spike(loss)
+        spike = not bad and loss is not None and self._spikes.is_spike(loss)
         if bad or spike:
             self._clean_steps = 0
             if not self.unstable:
@@ -219,13 +214,18 @@ class PhaseDetector(Stateful):
                         False,
                         True,
                         reason,
-                        self._instability_evidence(loss, grad_norm, nonfinite),
+                        {
+                            "loss": loss,
+                            "grad_norm": grad_norm,
+                            "nonfinite": float(nonfinite),
+                            **self._spikes.evidence(),
+                        },
                     )
                 )
         else:
             if loss is not None:
                 self._losses.append(float(loss))
-                self._track_loss(float(loss))
+                self._spikes.track(float(loss))
             if grad_norm is not None:
                 self._norms.append(float(grad_norm))
             if b_simple is not None and batch and math.isfinite(b_simple) and b_simple > 0:
@@ -253,64 +253,14 @@ class PhaseDetector(Stateful):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _is_spike(self, loss: float) -> bool:
-        if self._loss_mean is None or self._loss_count < 10:
-            return False
-        std = math.sqrt(max(self._loss_var, 0.0))
-        limit = self._loss_mean + self.spike_sigmas * std
-        return loss > limit and loss > self._loss_mean * (1 + self.spike_ratio)
-
-    def _track_loss(self, loss: float) -> None:
-        self._loss_count += 1
-        if self._loss_mean is None:
-            self._loss_mean = loss
-            return
-        alpha = 0.05
-        diff = loss - self._loss_mean
-        self._loss_mean += alpha * diff
-        self._loss_var = (1 - alpha) * (self._loss_var + alpha * diff * diff)
-
-    def _instability_evidence(
-        self, loss: float | None, grad_norm: float | None, nonfinite: int
-    ) -> dict[str, float | None]:
-        return {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "nonfinite": float(nonfinite),
-            "loss_mean": self._loss_mean,
-            "loss_std": math.sqrt(max(self._loss_var, 0.0)),
-        }
-
     def _compute_signals(self) -> dict[str, float | None]:
-        w = self.window
         sig: dict[str, float | None] = {
-            "improvement": None,
-            "significance": None,
-            "grad_change": None,
+            **window_signals(list(self._losses), list(self._norms), self.window),
             "noise_ratio": None,
             "grad_var": self._var_ema,
         }
         if self._noise_updates:
             sig["noise_ratio"] = self._noise_ema / (1 - self.noise_smoothing**self._noise_updates)
-        if len(self._losses) == 2 * w:
-            losses = list(self._losses)
-            if min(losses) > 0:
-                # On the log of the loss: a ratio of geometric means, robust to the heavy upper
-                # tail of per-step losses (a few hard batches) and to the loss's scale.
-                logs = [math.log(v) for v in losses]
-                (m_old, v_old), (m_new, v_new) = _mean_var(logs[:w]), _mean_var(logs[w:])
-                drop = m_old - m_new
-                sig["improvement"] = 1.0 - math.exp(-drop)
-            else:
-                (m_old, v_old), (m_new, v_new) = _mean_var(losses[:w]), _mean_var(losses[w:])
-                drop = m_old - m_new
-                sig["improvement"] = drop / abs(m_old) if m_old != 0 else 0.0
-            se = math.sqrt(v_old / w + v_new / w)
-            sig["significance"] = drop / se if se > 0 else (math.inf if drop > 0 else 0.0)
-        if len(self._norms) == 2 * w:
-            norms = list(self._norms)
-            old_n, new_n = sum(norms[:w]) / w, sum(norms[w:]) / w
-            sig["grad_change"] = (new_n - old_n) / old_n if old_n > 0 else 0.0
         for key in ("improvement", "significance", "grad_change"):
             raw = sig[key]
             if raw is not None and math.isfinite(raw):
@@ -391,9 +341,3 @@ class PhaseDetector(Stateful):
         self._phase_since = self.step
         self._candidate, self._candidate_count = None, 0
         return event
-
-
-def _mean_var(values: list[float]) -> tuple[float, float]:
-    """Mean and population variance (two-pass, float64)."""
-    mean = sum(values) / len(values)
-    return mean, sum((v - mean) ** 2 for v in values) / len(values)

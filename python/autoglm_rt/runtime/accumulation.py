@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from autoglm_rt.policy.batch import BatchController, is_out_of_memory, run_step
+from autoglm_rt.policy.batch import BatchController
+from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.runtime.batching import Batch, slice_batch
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
