@@ -13,7 +13,7 @@ a limit on it would limit nothing; the activation memory is measured instead (``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,13 +21,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoglm_rt.demo import checkpoint
 from autoglm_rt.demo.activations import ActivationMeter
 from autoglm_rt.demo.model import loss_fn
-from autoglm_rt.demo.train import DemoConfig
 
 DEMO_STRATEGY = "demo"  # policy/strategies/demo.yaml
 
 
+class RunSettings(Protocol):
+    """What this run reads of ``train.DemoConfig`` (not imported: train imports this module)."""
+
+    @property
+    def batch(self) -> int: ...
+    @property
+    def density(self) -> float: ...
+    @property
+    def dense_steps(self) -> int: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def metrics_port(self) -> int: ...
+
+
 class AutoglmRun:
-    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: DemoConfig, device: torch.device, rank: int):
+    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: RunSettings, device: torch.device, rank: int):
         from autoglm_rt.ddp import TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
