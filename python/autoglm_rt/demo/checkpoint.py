@@ -10,6 +10,7 @@ left-overs of an interrupted save and are ignored.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -89,7 +90,7 @@ def comm_state_dict(comm: Any) -> dict[str, Any]:
     14), the fields the hook changes while it runs are read here; delete the fallback then."""
     if hasattr(comm, "state_dict"):
         return dict(comm.state_dict())
-    return {name: _copy(getattr(comm, name)) for name in _TOPK_FIELDS}
+    return {name: copy.deepcopy(getattr(comm, name)) for name in _TOPK_FIELDS}
 
 
 def load_comm_state_dict(comm: Any, state: dict[str, Any]) -> None:
@@ -99,7 +100,7 @@ def load_comm_state_dict(comm: Any, state: dict[str, Any]) -> None:
     if set(state) != set(_TOPK_FIELDS):
         raise ValueError(f"comm state: expected the fields {sorted(_TOPK_FIELDS)}, got {sorted(state)}")
     for name, value in state.items():
-        setattr(comm, name, _copy(value))
+        setattr(comm, name, copy.deepcopy(value))
 
 
 # The fallback's fields (TopKState before issue 14): iteration, residuals, counters, pending
@@ -116,12 +117,6 @@ _TOPK_FIELDS = (
     "_pending_nonfinite",
     "bucket_density",
 )
-
-
-def _copy(value: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(value)
 
 
 __all__ = [

@@ -184,9 +184,11 @@ def _settle_buckets(model: DDP, batch: tuple[torch.Tensor, torch.Tensor]) -> Non
 
 
 def _resume(
-    run_dir: Path, rank: int, device: torch.device, net: torch.nn.Module, optimizer: Any, impl: Any
-) -> _Position:
-    if checkpoint.committed(run_dir) is None:
+    saved: dict[str, Any] | None, run_dir: Path, rank: int, device: torch.device, net: torch.nn.Module, optimizer: Any,
+    impl: Any,
+) -> _Position:  # fmt: skip
+    """Loads this rank's part of the committed checkpoint ``saved`` (None: a fresh start)."""
+    if saved is None:
         return _Position()
     ckpt = checkpoint.load_rank(run_dir, rank, device)
     net.load_state_dict(ckpt["model"])
@@ -224,7 +226,7 @@ def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.de
     net, optimizer, impl = _build(run, cfg, device, rank, resume_batch)
     # Energy of the whole machine, metered once (rank 0) in both runs.
     meter = EnergyMeter(gpus=device.type == "cuda").start() if rank == 0 else None
-    pos = _resume(run_dir, rank, device, net, optimizer, impl)
+    pos = _resume(saved, run_dir, rank, device, net, optimizer, impl)
     steps_file = _open_steps(run_dir, pos.step) if rank == 0 else None
     progress = Progress(run, cfg.steps, pos.step, enabled=show_progress and rank == 0)
     t0 = time.perf_counter()
