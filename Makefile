@@ -11,7 +11,7 @@ BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12
 RUNTIME_DEPS := numpy psutil PyYAML prometheus-client nvidia-ml-py matplotlib tqdm
 TEST_DEPS := pytest pytest-benchmark hypothesis ruff mypy types-PyYAML types-psutil
 
-.PHONY: demo test install pytest ctest ctest-sanitize lint clean
+.PHONY: demo test install pytest bench-check ctest ctest-sanitize lint clean
 
 $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,7 +33,13 @@ demo: install
 # Tests start a real Prometheus server on 127.0.0.1; its Debian package is installed when missing.
 pytest: install
 	bash deploy/install_prometheus.sh
-	$(PY) -m pytest -q --benchmark-disable
+	$(PY) -m pytest -q --benchmark-disable tests
+
+# Every benches/bench_*.py once with benchmarking on (one round, no warm-up: about 30 s), so a
+# benchmark that only passes with --benchmark-disable (inputs mutated between rounds) fails CI.
+bench-check: install
+	$(PY) -m pytest -q -p no:cacheprovider benches --benchmark-min-rounds=1 --benchmark-max-time=0.000001 \
+	  --benchmark-warmup=off
 
 # C++ unit tests (CUDA sources compiled for one architecture only: they cannot run here anyway).
 ctest: $(VENV)/.deps-stamp
@@ -59,7 +65,7 @@ lint: $(VENV)/.deps-stamp
 	$(VENV)/bin/ruff format --check python tests benches conftest.py
 	$(VENV)/bin/mypy
 
-test: lint ctest ctest-sanitize pytest
+test: lint ctest ctest-sanitize pytest bench-check
 
 clean:
 	rm -rf build python/autoglm_rt/_C*.so

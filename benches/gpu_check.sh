@@ -65,8 +65,17 @@ fi
 log "pytest -m cuda"
 # One process: if a kernel faults, the first failing test is the one to read (the CUDA context
 # is lost for the tests after it). No pytest-xdist: unverified with this pytest-benchmark setup.
+# Warnings stay warnings here (-W default overrides the ini's "error"): the device image's torch,
+# Python and numpy differ from CI's, and a new deprecation warning must not fail collection.
+# A per-test timeout (pytest-timeout, where installed) names a hung test instead of losing the run.
+PER_TEST=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+  PER_TEST=(--timeout=60 --timeout-method=thread)
+else
+  log "pytest-timeout is not installed: no per-test timeout (the stage cap still applies)"
+fi
 timeout "$(cap_for 200)" "$PY" -m pytest -m cuda -q -ra --benchmark-disable -p no:cacheprovider \
-  --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.log"
+  -W default ${PER_TEST[@]+"${PER_TEST[@]}"} --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { failed=1; log "pytest -m cuda FAILED"; }
 # A CUDA test skipped on a GPU machine is a failure of this check, not a pass.
 if grep -qE "^SKIPPED" "$OUT/pytest_cuda.log"; then

@@ -27,7 +27,9 @@ if mode == "pool":
     import autoglm_rt.memory as m
     m.install_torch_allocator(limit="100Gi")
 else:
-    torch.cuda.memory._record_memory_history(max_entries=200000)
+    # Python stacks only: C++ stacks (the default "all") can make _snapshot() take longer than the
+    # child's timeout on a large history.
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
 torch.manual_seed(0)
 layer = torch.nn.TransformerEncoderLayer(d_model=1024, nhead=16, dim_feedforward=4096, batch_first=True)
 net = torch.nn.TransformerEncoder(layer, num_layers=6).cuda()
@@ -84,18 +86,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/gpu_check/results")
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--child-timeout", type=float, default=50.0, help="seconds per configuration's process")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("native", "pool"):
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, mode, str(args.steps), tmp],
-                capture_output=True,
-                text=True,
-                timeout=50,
-            )
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-c", CHILD, mode, str(args.steps), tmp],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.child_timeout,
+                )
+            except subprocess.TimeoutExpired as e:
+                # Still write what the other configuration produced: the JSON below always exists.
+                tail = (
+                    e.stderr[-4000:]
+                    if isinstance(e.stderr, str)
+                    else (e.stderr or b"")[-4000:].decode(errors="replace")
+                )
+                print(f"[{mode}] timed out after {args.child_timeout} s:\n{tail}")
+                failed = 1
+                continue
             print(proc.stdout, end="")
             if proc.returncode != 0:
                 print(f"[{mode}] failed:\n{proc.stderr[-4000:]}")

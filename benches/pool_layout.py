@@ -10,7 +10,7 @@ arena (live blocks, free holes, the free tail) and the request that forced the g
 
 The model is the pool with a separate small arena (csrc/memory/caching_pool.cpp whenever the
 growth granule is at most 4 x small_size, e.g. the default 64 KiB host arenas): requests rounded to
-256 B, a small class (<= 256 KiB) and a large class each growing one arena in `granularity` steps,
+256 B, a small class (<= 128 KiB) and a large class each growing one arena in `granularity` steps,
 free blocks ordered by (size, address), the arena's free tail kept out of the free lists and
 extended only when no hole fits, split on allocation, merge on free. `--compare` prints the native
 replay (autoglm_rt.memory.replay) beside it: with the default policy they agree to the byte
@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROUND = 256
-SMALL = 256 * 1024
+SMALL = 128 * 1024
 MiB = 1 << 20
 
 Trace = list[tuple[bool, int, int]]

@@ -5,13 +5,17 @@
 - the Python-level alloc+free cost vs. torch.empty on the CPU (torch's own caching-free allocator);
 - replay of each trace in benches/traces/ and ../shared/traces/ vs. posix_memalign/free per request,
   with the footprint (peak reserved / peak requested, upstream calls after the first pass) of this
-  pool (default, 2 MiB granules, the decommit option) and of PyTorch's default block policy
-  (benches/torch_policy_sim.py) in `extra`.
+  pool (default, 2 MiB granules, the decommit option) and of PyTorch's default block policy and its
+  expandable_segments mode (benches/torch_policy_sim.py) in `extra`, plus the smallest limit (as a
+  multiple of the peak requested bytes, to 0.005) under which three passes run without an OOM;
+- replay of a trace over 32,000 streams vs. the same number of operations on one stream.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 from autoglm_rt import benchmarking, memory
@@ -27,6 +31,40 @@ def traces() -> list[Path]:
         for p in sorted(d.glob("*.csv")) if d.is_dir() else []:
             found.setdefault(p.name, p)
     return list(found.values())
+
+
+def smallest_limit_ratio(path: Path, **options: object) -> float:
+    """The smallest limit, as a multiple of the trace's peak requested bytes (steps of 0.005),
+    under which `repeat=3` replays without OutOfMemoryError."""
+    peak = int(memory.replay(path, repeat=1, **options)["peak_requested_bytes"])
+    lo, hi = 200, 400  # in units of 0.005: 1.000 .. 2.000
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            memory.replay(path, repeat=3, limit=math.ceil(mid * 0.005 * peak), **options)
+            hi = mid
+        except MemoryError:
+            lo = mid + 1
+    return lo * 0.005
+
+
+def stream_traces(tmp: Path, n: int) -> tuple[Path, Path]:
+    """n streams each allocating then freeing one block (all live at once, then one at a time),
+    and the same operations on stream 0."""
+
+    def rows(stream_of):  # type: ignore[no-untyped-def]
+        out = [("alloc", s, 4096, stream_of(s)) for s in range(1, n + 1)]
+        out += [("free", s, 4096, stream_of(s)) for s in range(1, n + 1)]
+        for s in range(1, n + 1):
+            out += [
+                ("alloc", n + s, 4096 + s % 5 * 512, stream_of(s)),
+                ("free", n + s, 4096 + s % 5 * 512, stream_of(s)),
+            ]
+        return out
+
+    many = memory.write_trace(rows(lambda s: s), tmp / "streams.csv")
+    one = memory.write_trace(rows(lambda s: 0), tmp / "one_stream.csv")
+    return many, one
 
 
 def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
@@ -90,6 +128,7 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
         two_mib = memory.replay(path, repeat=3, granularity="2Mi")
         decommit = memory.replay(path, repeat=3, decommit=True)
         torch_like = torch_policy_sim.replay(memory.read_trace(path), repeat=3)
+        torch_expandable = torch_policy_sim.replay(memory.read_trace(path), repeat=3, expandable=True)
         cmp = benchmarking.compare(
             f"replay {path.name} x{repeat}",
             lambda path=path: memory.replay(path, repeat=repeat),
@@ -119,8 +158,27 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
             "torch_policy_peak_reserved_bytes": torch_like["peak_reserved_bytes"],
             "torch_policy_reserved_to_requested": torch_like["reserved_to_requested"],
             "torch_policy_upstream_allocs_after_first_pass": torch_like["upstream_allocs_after_first_pass"],
+            "torch_expandable_reserved_to_requested": torch_expandable["reserved_to_requested"],
+            "torch_expandable_upstream_allocs_after_first_pass": torch_expandable["upstream_allocs_after_first_pass"],
+            # Under a hard limit the pool defragments before failing (free granules in holes go back).
+            "pool_smallest_limit_ratio_3_passes": smallest_limit_ratio(path),
+            "pool_2mib_granule_smallest_limit_ratio_3_passes": smallest_limit_ratio(path, granularity="2Mi"),
         }
         assert cmp.extra["peak_requested_bytes"] == torch_like["peak_requested_bytes"]
+        out.append(cmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        many, one = stream_traces(Path(tmp), 32_000)
+        cmp = benchmarking.compare(
+            "replay 32,000 streams (128,000 ops)",
+            lambda: memory.replay(many, repeat=1),
+            lambda: memory.replay(one, repeat=1),
+            baseline_label="the same ops on one stream",
+            rounds=rounds,
+        )
+        cmp.extra = {
+            "streams_ns_per_op": memory.replay(many)["ns_per_op"],
+            "one_stream_ns_per_op": memory.replay(one)["ns_per_op"],
+        }
         out.append(cmp)
     for c in out:
         for k, v in c.extra.items():

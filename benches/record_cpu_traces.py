@@ -2,15 +2,19 @@
 DESIGN.md: op,id,bytes,stream), the way ../shared/traces/cnn_train.csv was made: torch.profiler's
 memory events over a few training steps after one warm-up step.
 
-    PYTHONPATH=python python benches/record_cpu_traces.py
+    PYTHONPATH=python python benches/record_cpu_traces.py [NAME ...]   (default: all)
 
 Models: a transformer encoder with variable sequence lengths, an LSTM language model and an MLP
-with variable batch sizes. Allocations made before recording and still live have no row.
+with variable batch sizes; a small convolutional net whose batch size ramps up step by step
+(convnet_ramp: 16, 32, 64, 128), and a causal decoder with gradient accumulation over
+micro-batches of varying length (decoder_accum). Allocations made before recording and still live
+have no row.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +79,68 @@ def mlp_step() -> Callable[[int], None]:
     return step
 
 
+def convnet_ramp_step() -> Callable[[int], None]:
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1, stride=2),
+        torch.nn.BatchNorm2d(64),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 128, 3, padding=1, stride=2),
+        torch.nn.BatchNorm2d(128),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+    def step(i: int) -> None:
+        bsz = 16 << min(i, 3)  # a batch-size schedule: 16, 32, 64, 128, 128, ...
+        x = torch.randn(bsz, 3, 32, 32)
+        y = torch.randint(0, 10, (bsz,))
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def decoder_accum_step() -> Callable[[int], None]:
+    vocab, d = 4000, 192
+    layer = torch.nn.TransformerDecoderLayer(d_model=d, nhead=6, dim_feedforward=768, batch_first=True)
+    body = torch.nn.TransformerDecoder(layer, num_layers=2)
+    emb = torch.nn.Embedding(vocab, d)
+    head = torch.nn.Linear(d, vocab)
+    params = [*emb.parameters(), *body.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        for micro in range(3):  # gradient accumulation over micro-batches of varying length
+            n = (40, 72, 56)[(i + micro) % 3]
+            tokens = torch.randint(0, vocab, (6, n + 1))
+            x = emb(tokens[:, :-1])
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(n)
+            out = body(x, x, tgt_mask=mask, tgt_is_causal=True)
+            loss = torch.nn.functional.cross_entropy(head(out).flatten(0, 1), tokens[:, 1:].flatten()) / 3
+            loss.backward()
+        opt.step()
+
+    return step
+
+
+MODELS: dict[str, Callable[[], Callable[[int], None]]] = {
+    "transformer_train": transformer_step,
+    "lstm_train": lstm_step,
+    "mlp_train": mlp_step,
+    "convnet_ramp": convnet_ramp_step,
+    "decoder_accum": decoder_accum_step,
+}
+
+
 def record(step: Callable[[int], None], steps: int = 3) -> list[tuple[str, int, int, int]]:
     step(0)  # warm-up: optimizer state, caches
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -107,11 +173,16 @@ def record(step: Callable[[int], None], steps: int = 3) -> list[tuple[str, int, 
 
 
 def main() -> None:
-    torch.manual_seed(0)
+    names = sys.argv[1:] or list(MODELS)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"record_cpu_traces.py: unknown model(s) {unknown}; expected some of {sorted(MODELS)}")
     torch.set_num_threads(2)
     OUT.mkdir(exist_ok=True)
-    for name, make in (("transformer_train", transformer_step), ("lstm_train", lstm_step), ("mlp_train", mlp_step)):
-        rows = record(make())
+    for name in names:
+        torch.manual_seed(0)
+        steps = 4 if name == "convnet_ramp" else 3  # the ramp's four batch sizes
+        rows = record(MODELS[name](), steps)
         path = OUT / f"{name}.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")

@@ -7,7 +7,6 @@ instead of blocking the suite; every collective also has its own process-group t
 from __future__ import annotations
 
 import datetime
-import os
 import queue
 import socket
 import traceback
@@ -26,22 +25,18 @@ def free_port() -> int:
 
 
 def _entry(rank: int, port: int, fn: Callable[[int], Any], results: Any, pg_timeout: float) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
     try:
         import torch
         import torch.distributed as dist
 
         import autoglm_rt
+        from autoglm_rt.distributed import init_process_group
 
         torch.set_num_threads(1)
         autoglm_rt.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=pg_timeout),
+        # The store listens on 127.0.0.1 only, gloo on lo (autoglm_rt.distributed).
+        init_process_group(
+            "gloo", rank=rank, world_size=WORLD, port=port, timeout=datetime.timedelta(seconds=pg_timeout)
         )
         try:
             results.put((rank, "ok", fn(rank)))

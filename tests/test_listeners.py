@@ -3,11 +3,17 @@ bind 127.0.0.1 (or the one address given), never every interface."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from autoglm_rt import distributed
+from autoglm_rt.trainers import elastic_trainer as trainer
 from tests.listeners import listening_sockets
 
 
@@ -60,3 +66,21 @@ def test_init_process_group_from_env_needs_torchrun_variables(monkeypatch: pytes
 
 # The demo's and an elastic scale-up's listeners are watched in test_demo.py's smoke run and
 # test_elastic.py's scale test (no second training run for this check).
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_elastic_trainer_runs_under_a_plain_torchrun(tmp_path: Path) -> None:
+    """Plain torchrun shares its agent's store with the workers (TORCHELASTIC_USE_AGENT_STORE):
+    rank 0 must connect to it, not try to host a store on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    cmd += [f"--rdzv-endpoint=127.0.0.1:{port}", trainer.__file__, "--checkpoint-dir", str(tmp_path), "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    res = subprocess.run([*cmd, "--features", "4"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / trainer.STEP_LOG).read_text().splitlines()]
+    assert steps == [1, 2]

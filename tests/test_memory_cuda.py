@@ -77,3 +77,27 @@ def test_pool_from_a_thread_that_never_used_cuda() -> None:
     assert not errors, errors
     assert done and done[0] > 0
     assert pool.stats()["reserved_bytes"] == 0
+
+
+def test_vmm_probe_result_is_reported() -> None:
+    pool = memory.CachingPool("cuda:0")
+    if pool.upstream == "cuda-vmm":
+        assert pool.upstream_fallback_reason == ""
+    else:  # the probe failed: the reason says which driver call, and segments still work
+        assert pool.upstream_fallback_reason
+        pool.deallocate(pool.allocate(3 * MiB))
+    assert memory.CachingPool("cuda:0", expandable=False).upstream_fallback_reason == ""
+
+
+def test_kernel_scratch_is_counted_and_freed_on_its_stream() -> None:
+    from autoglm_rt.ops import topk
+
+    before = memory.cuda_scratch_stats()
+    grad = torch.randn(1 << 20, device="cuda")
+    residual = torch.zeros_like(grad)
+    topk.topk_compress(grad, residual, 1000)
+    torch.cuda.synchronize()
+    after = memory.cuda_scratch_stats()
+    assert after["allocations"] > before["allocations"]
+    assert after["live_bytes"] == before["live_bytes"] == 0
+    assert after["peak_bytes"] > 0 and after["keep_bytes"] == 64 * MiB

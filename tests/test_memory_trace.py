@@ -175,6 +175,30 @@ def test_torch_policy_simulator_follows_torch_rules() -> None:
     assert sim.requested == 0 and sim.peak_requested == 1000 + 21 * MiB
 
 
+def test_torch_expandable_segments_simulator_grows_one_range_in_pages() -> None:
+    mod = load_sim()
+    sim = mod.TorchExpandableSim()
+    a = sim.allocate(1000)  # small pool: one 2 MiB page
+    assert sim.reserved == 2 * MiB
+    b = sim.allocate(3 * MiB)  # large pool: one 20 MiB page; the 17 MiB rest is free at the top
+    assert sim.reserved == 22 * MiB
+    c = sim.allocate(18 * MiB)  # no free block fits: the top block grows by one more page
+    assert sim.reserved == 42 * MiB and c == b + 3 * MiB
+    d = sim.allocate(600_000)  # small: fits the first page's remainder
+    assert sim.reserved == 42 * MiB
+    sim.deallocate(b, 3 * MiB)
+    e = sim.allocate(2 * MiB + 512)  # split at any remainder >= 512 B (not > 1 MiB): b's hole
+    assert e == b and sim.reserved == 42 * MiB
+    for ptr, n in ((a, 1000), (c, 18 * MiB), (d, 600_000), (e, 2 * MiB + 512)):
+        sim.deallocate(ptr, n)
+    assert sim.free_lists[False] == [(40 * MiB, b)]  # everything merged back into one free range
+    assert sim.allocate(39 * MiB) == b and sim.reserved == 42 * MiB
+    rows = [("alloc", 0, 3 * MiB, 0), ("alloc", 1, 18 * MiB, 0), ("free", 0, 3 * MiB, 0), ("free", 1, 18 * MiB, 0)]
+    r = mod.replay(rows, repeat=3, expandable=True)
+    assert r["peak_reserved_bytes"] == 40 * MiB and r["upstream_allocs_after_first_pass"] == 0
+    assert mod.replay(rows, repeat=3)["peak_reserved_bytes"] == 20 * MiB + 18 * MiB  # 20 MiB + 18 MiB segments
+
+
 def test_torch_backend_explains_why_it_cannot_install_here() -> None:
     ok, _ = autoglm_rt.cuda_available(return_reason=True)
     if ok:

@@ -24,10 +24,10 @@ def test_check_prints_the_rules(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_reports_file_line_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(bundled_strategy("dynamic_balance").read_text().replace("migrate_task", "migrate"))
-    assert main(["strategy", "check", str(bad)]) == 1
+    assert main(["strategy", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:8: strategy.actions[1].migrate: unknown action" in err
-    assert main(["strategy", "check", str(tmp_path / "missing.yaml")]) == 1
+    assert main(["strategy", "check", str(tmp_path / "missing.yaml")]) == 2
     assert "No such file" in capsys.readouterr().err
 
 
@@ -87,7 +87,7 @@ def test_simulate_rejects_malformed_series(
     path.write_text(f"{header}\n{row}\n")
     with pytest.raises(MetricsFileError, match=words):
         read_metrics_csv(path)
-    assert main(["strategy", "simulate", str(bundled_strategy("dynamic_balance")), "--metrics", str(path)]) == 1
+    assert main(["strategy", "simulate", str(bundled_strategy("dynamic_balance")), "--metrics", str(path)]) == 2
     assert words.split("'")[0].strip(":2 ") in capsys.readouterr().err
 
 

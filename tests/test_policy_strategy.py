@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autoglm_rt.policy import ConfigError, Strategy, bundled_strategy
-from autoglm_rt.policy.strategy import ACTIONS, METRICS
+from autoglm_rt.policy.strategy_rules import ACTIONS, METRICS
 
 MISSION = textwrap.dedent(
     """\

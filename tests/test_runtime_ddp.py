@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autoglm_rt.distributed import init_process_group
 from autoglm_rt.runtime import BatchConfig, Runtime
 
 pytestmark = pytest.mark.distributed
@@ -24,7 +25,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def process_group() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_process_group("gloo", rank=0, world_size=1, port=free_port())
     try:
         yield
     finally:

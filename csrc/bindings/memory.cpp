@@ -6,6 +6,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -13,12 +15,30 @@
 #include "autoglm_rt/memory/caching_pool.h"
 #include "autoglm_rt/memory/upstream.h"
 #include "bindings/registry.h"
+#include "core/scratch_stats.h"
 #include "memory/torch_pools.h"
 
 namespace py = pybind11;
 using namespace agrt::memory;
 
 namespace {
+
+// The Poll of long native loops: raises the pending Python exception (KeyboardInterrupt on
+// Ctrl-C) inside a loop that runs without the GIL. Python runs signal handlers in the main thread
+// only, so elsewhere this finds nothing.
+void poll_signals() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+// A limit as the native pool takes it: None means no limit; SIZE_MAX is the pool's own "none"
+// and is refused so that no integer silently means "unlimited".
+std::size_t limit_or_none(std::optional<std::size_t> limit) {
+  if (!limit) return kNoLimit;
+  AGRT_EXPECTS(*limit != kNoLimit, agrt::ValueError, "limit: ", *limit,
+               " bytes is not a limit (it is the pool's internal 'none'); pass None for no limit");
+  return *limit;
+}
 
 struct Config {
   PoolOptions options;
@@ -29,7 +49,7 @@ Config make_config(std::optional<std::size_t> limit, bool expandable, std::size_
                    std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve,
                    std::size_t granularity, bool decommit) {
   Config c;
-  c.options.limit = limit ? *limit : kNoLimit;
+  c.options.limit = limit_or_none(limit);
   c.options.expandable = expandable;
   c.options.round_bytes = round_bytes;
   c.options.small_size = small_size;
@@ -77,11 +97,15 @@ py::dict stats_dict(const PoolStats& s) {
   d["num_upstream_frees"] = s.num_upstream_frees;
   d["num_ooms"] = s.num_ooms;
   d["num_trims"] = s.num_trims;
+  d["num_pressure_reclaims"] = s.num_pressure_reclaims;
+  d["pressure_reclaimed_bytes"] = s.pressure_reclaimed_bytes;
+  d["num_trace_dropped"] = s.num_trace_dropped;
   d["largest_free_block_bytes"] = s.largest_free_block_bytes;
   d["fragmentation_ratio"] = s.fragmentation_ratio;
   d["num_segments"] = s.num_segments;
   d["num_free_blocks"] = s.num_free_blocks;
   d["num_live_blocks"] = s.num_live_blocks;
+  d["num_stream_lists"] = s.num_stream_lists;
   return d;
 }
 
@@ -103,6 +127,8 @@ struct ThreadCpuClock {
 // with the 2 MiB growth granule of CUDA VMM), the host
 // upstream's segments directly ("upstream": posix_memalign/free) or its arena mapping
 // ("upstream-map": mprotect/remap of whole granules). Returns ns per pair.
+constexpr std::size_t kPollEvery = 4096;  // loop steps between two checks for Ctrl-C
+
 template <typename clock>
 double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& target) {
   AGRT_EXPECTS(nbytes > 0 && iters > 0, agrt::ValueError, "loop_ns: nbytes and iters must be > 0");
@@ -111,13 +137,17 @@ double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& ta
     CachingPool pool(make_host_upstream(true, target == "pool" ? 64 * 1024 : 2 * 1024 * 1024), PoolOptions{});
     pool.deallocate(pool.allocate(nbytes, 0), 0);
     const auto t0 = clock::now();
-    for (std::size_t i = 0; i < iters; ++i) pool.deallocate(pool.allocate(nbytes, 0), 0);
+    for (std::size_t i = 0; i < iters; ++i) {
+      if (i % kPollEvery == kPollEvery - 1) poll_signals();
+      pool.deallocate(pool.allocate(nbytes, 0), 0);
+    }
     return std::chrono::duration<double, std::nano>(clock::now() - t0).count() / double(iters);
   }
   if (target == "upstream") {
     auto up = make_host_upstream(false);
     const auto t0 = clock::now();
     for (std::size_t i = 0; i < iters; ++i) {
+      if (i % kPollEvery == kPollEvery - 1) poll_signals();
       void* p = up->allocate(nbytes);
       AGRT_EXPECTS(p != nullptr, agrt::RuntimeError, "loop_ns: upstream out of memory");
       static_cast<volatile char*>(p)[0] = 1;  // touch it, as a user would
@@ -131,15 +161,16 @@ double loop_ns_with(std::size_t nbytes, std::size_t iters, const std::string& ta
     const std::size_t n = (nbytes + g - 1) / g * g;
     void* base = up->reserve(n);
     AGRT_EXPECTS(base != nullptr, agrt::RuntimeError, "loop_ns: cannot reserve address space");
+    // The reservation goes back however the loop ends (a map failure, Ctrl-C).
+    std::unique_ptr<void, std::function<void(void*)>> reservation(base, [&](void* b) { up->release(b, n); });
     const auto t0 = clock::now();
     for (std::size_t i = 0; i < iters; ++i) {
+      if (i % kPollEvery == kPollEvery - 1) poll_signals();
       AGRT_EXPECTS(up->map(base, n), agrt::RuntimeError, "loop_ns: map failed");
       static_cast<volatile char*>(base)[0] = 1;
       up->unmap(base, n);
     }
-    const double ns = std::chrono::duration<double, std::nano>(clock::now() - t0).count() / double(iters);
-    up->release(base, n);
-    return ns;
+    return std::chrono::duration<double, std::nano>(clock::now() - t0).count() / double(iters);
   }
   throw agrt::ValueError("loop_ns: target must be 'pool', 'pool-2mi', 'upstream' or 'upstream-map', got '" + target + "'");
 }
@@ -181,7 +212,7 @@ AGRT_BINDINGS(memory) {
           py::arg("ptr"), py::arg("stream") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def(
           "set_limit",
-          [](CachingPool& p, std::optional<std::size_t> limit) { p.set_limit(limit ? *limit : kNoLimit); },
+          [](CachingPool& p, std::optional<std::size_t> limit) { p.set_limit(limit_or_none(limit)); },
           py::arg("limit"), py::call_guard<py::gil_scoped_release>())
       .def("limit",
            [](const CachingPool& p) -> py::object {
@@ -196,7 +227,7 @@ AGRT_BINDINGS(memory) {
           "block_size",
           [](const CachingPool& p, std::uintptr_t ptr) { return p.block_size(reinterpret_cast<void*>(ptr)); },
           py::arg("ptr"))
-      .def("record_trace", &CachingPool::record_trace, py::arg("on"))
+      .def("record_trace", &CachingPool::record_trace, py::arg("on"), py::arg("max_records") = kDefaultTraceRecords)
       .def("dump_trace", &CachingPool::dump_trace, py::arg("path"), py::call_guard<py::gil_scoped_release>())
       .def("trace",
            [](const CachingPool& p) {
@@ -206,19 +237,21 @@ AGRT_BINDINGS(memory) {
              return out;
            })
       .def("device", [](const CachingPool& p) { return p.upstream().device(); })
-      .def("upstream_name", [](const CachingPool& p) { return p.upstream().name(); });
+      .def("upstream_name", [](const CachingPool& p) { return p.upstream().name(); })
+      .def("upstream_fallback_reason", [](const CachingPool& p) { return p.upstream().fallback_reason(); });
 
   m.def(
       "memory_replay",
-      [](const std::string& path, int repeat, bool expandable, std::size_t round_bytes, std::size_t small_size,
-         std::size_t small_segment, std::size_t large_segment, std::size_t arena_reserve, std::size_t granularity,
-         bool decommit) {
-        Config c = make_config(std::nullopt, expandable, round_bytes, small_size, small_segment, large_segment,
+      [](const std::string& path, int repeat, std::optional<std::size_t> limit, bool expandable,
+         std::size_t round_bytes, std::size_t small_size, std::size_t small_segment, std::size_t large_segment,
+         std::size_t arena_reserve, std::size_t granularity, bool decommit) {
+        Config c = make_config(limit, expandable, round_bytes, small_size, small_segment, large_segment,
                                arena_reserve, granularity, decommit);
         ReplayResult r;
         {
           py::gil_scoped_release nogil;
-          r = replay(read_trace(path), repeat, make_host_upstream(expandable, c.granularity), c.options);
+          r = replay(read_trace(path, poll_signals), repeat, make_host_upstream(expandable, c.granularity), c.options,
+                     poll_signals);
         }
         py::dict d;
         d["peak_reserved_bytes"] = r.peak_reserved_bytes;
@@ -226,11 +259,14 @@ AGRT_BINDINGS(memory) {
         d["reserved_to_requested"] = r.reserved_to_requested;
         d["upstream_allocs"] = r.upstream_allocs;
         d["upstream_allocs_after_first_pass"] = r.upstream_allocs_after_first_pass;
+        d["pressure_reclaims"] = r.pressure_reclaims;
+        d["pressure_reclaimed_bytes"] = r.pressure_reclaimed_bytes;
         d["ns_per_op"] = r.ns_per_op;
         d["ops"] = r.ops;
         return d;
       },
-      py::arg("path"), py::arg("repeat"), py::arg("expandable"), py::arg("round_bytes"), py::arg("small_size"),
+      py::arg("path"), py::arg("repeat"), py::arg("limit"), py::arg("expandable"), py::arg("round_bytes"),
+      py::arg("small_size"),
       py::arg("small_segment"), py::arg("large_segment"), py::arg("arena_reserve"), py::arg("granularity"),
       py::arg("decommit"), "Replays a trace CSV through a fresh host pool in a C++ loop.");
 
@@ -239,7 +275,7 @@ AGRT_BINDINGS(memory) {
       [](const std::string& path, int repeat) {
         py::gil_scoped_release nogil;
         auto up = make_host_upstream(false);
-        return replay_direct_ns_per_op(read_trace(path), repeat, *up);
+        return replay_direct_ns_per_op(read_trace(path, poll_signals), repeat, *up, poll_signals);
       },
       py::arg("path"), py::arg("repeat"),
       "ns per operation replaying a trace with posix_memalign/free directly (the pool's baseline).");
@@ -256,5 +292,14 @@ AGRT_BINDINGS(memory) {
       [](std::optional<std::size_t> limit) { set_torch_pools_limit(limit ? *limit : kNoLimit); },
       py::arg("limit"));
   m.def("torch_allocator_symbols", [] { return py::make_tuple(torch_malloc_symbol(), torch_free_symbol()); });
+  m.def("cuda_scratch_stats", [] {
+    const agrt::cuda::ScratchStats s = agrt::cuda::scratch_stats();
+    py::dict d;
+    d["live_bytes"] = s.live_bytes;
+    d["peak_bytes"] = s.peak_bytes;
+    d["allocations"] = s.allocations;
+    d["keep_bytes"] = s.keep_bytes;
+    return d;
+  });
 #endif
 }

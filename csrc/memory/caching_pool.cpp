@@ -7,6 +7,7 @@
 #include <memory_resource>
 #include <mutex>
 #include <set>
+#include <unordered_map>
 
 #include "autoglm_rt/error.h"
 
@@ -16,12 +17,17 @@ namespace {
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kLargeRound = 2 * kMiB;     // segment mode: large segments in 2 MiB steps
 constexpr std::size_t kMinLargeAlloc = 10 * kMiB;  // below this, a large segment is large_segment
+// Free blocks of other streams a request inspects (each may record an event) before it grows.
+constexpr int kCrossStreamLooks = 8;
 
 // q is always a power of two here (round_bytes, granularity, 2 MiB): a mask, not a division.
 inline std::size_t round_up(std::size_t n, std::size_t q) { return (n + q - 1) & ~(q - 1); }
 inline bool is_pow2(std::size_t n) { return n != 0 && (n & (n - 1)) == 0; }
 
 struct Segment;
+
+constexpr std::uint64_t kUntraced = ~std::uint64_t{0};      // allocated while not recording
+constexpr std::uint64_t kDroppedTrace = kUntraced - 1;      // its alloc record found the buffer full
 
 struct Block {
   std::uintptr_t addr = 0;
@@ -32,7 +38,7 @@ struct Block {
   std::uintptr_t stream = 0;
   std::size_t requested = 0;
   EventHandle event = nullptr;  // recorded lazily on `stream` when another stream wants the block
-  std::uint64_t trace_id = 0;
+  std::uint64_t trace_id = kUntraced;  // kUntraced: allocated while no trace was kept
   bool allocated = false;
   Segment* chunk = nullptr;  // set on a large-arena block that carries a small-class chunk
 };
@@ -140,20 +146,44 @@ struct CachingPool::Impl {
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
   // With arenas whose granularity is large next to the small class (CUDA VMM's 2 MiB against
-  // 256 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
+  // 128 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
   // in chunks of `chunk_bytes` carved from the large arena instead (0: a small arena of its own).
   // The newest chunk is the small class's growable segment: its free tail is the small class's
   // wilderness, as an arena's is (alloc/free pairs at the top stay off the free lists).
   std::size_t chunk_bytes = 0;
-  std::vector<StreamLists*> lists;  // few streams: a short vector beats a map
+  // Free lists of the streams that hold parked free blocks, found in O(1). A list that empties is
+  // dropped, except the most recent one (`empty_list`), so a stream whose only free block comes
+  // and goes does not rebuild its list every time; at most one empty list exists.
+  std::pmr::unordered_map<std::uintptr_t, StreamLists*> lists{&node_pool};
+  StreamLists* hot = nullptr;  // the list found last: most calls repeat the previous stream
+  StreamLists* empty_list = nullptr;
+  std::vector<StreamLists*> spare_lists;
+  // Every parked free block of every stream by (size, address), kept once two streams have held
+  // free blocks at the same time: a stream whose own lists have no fit finds another stream's
+  // candidates with one lower_bound instead of visiting every stream. Single-stream use never pays
+  // for it.
+  bool indexed = false;
+  FreeSet all_free[2] = {FreeSet(&node_pool), FreeSet(&node_pool)};
   PtrTable live;
   PoolStats st;
   bool tracing = false;
+  std::size_t trace_max = kDefaultTraceRecords;
   std::vector<TraceRecord> trace;
   std::uint64_t next_trace_id = 0;
   std::vector<Block*> spare_blocks;  // recycled Block objects: no heap traffic on the hot path
 
   ~Impl() {
+    // Work queued on the blocks' streams may still use the memory (a live block, or a free one
+    // whose event was never recorded: events are recorded lazily), and unlike cudaFree,
+    // cuMemUnmap does not wait for it. One device synchronisation covers every stream.
+    if (!segments.empty() && up->has_events()) {
+      try {
+        up->synchronize();
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "autoglm_rt: CachingPool(%s): synchronising the device at destruction failed: %s\n",
+                     up->device().c_str(), e.what());
+      }
+    }
     // Chunks first: their blocks live in arena memory that the second loop gives back.
     for (Segment* s : segments)
       if (s->carrier) delete_blocks(s);
@@ -164,7 +194,8 @@ struct CachingPool::Impl {
     }
     for (Segment* s : segments) delete s;
     for (Block* b : spare_blocks) delete b;
-    for (StreamLists* l : lists) delete l;
+    for (auto& [stream, l] : lists) delete l;
+    for (StreamLists* l : spare_lists) delete l;
   }
 
   // ---- small helpers ------------------------------------------------------------------------
@@ -220,13 +251,68 @@ struct CachingPool::Impl {
       b->event = nullptr;
     }
   }
-  StreamLists& lists_for(std::uintptr_t stream) {
-    for (StreamLists* l : lists)
-      if (l->stream == stream) return *l;
-    lists.push_back(new StreamLists(stream, &node_pool));
-    return *lists.back();
+  // ---- per-stream free lists ----------------------------------------------------------------
+  StreamLists* find_list(std::uintptr_t stream) {
+    if (hot && hot->stream == stream) return hot;
+    auto it = lists.find(stream);
+    if (it == lists.end()) return nullptr;
+    return hot = it->second;
   }
-  FreeSet& set_of(Block* b) { return lists_for(b->stream).sets[b->seg->cls]; }
+  StreamLists& lists_for(std::uintptr_t stream) {
+    if (StreamLists* l = find_list(stream)) return *l;
+    // The kept empty list goes first, so two lists mean two streams that hold free blocks.
+    if (empty_list) {
+      drop_list(empty_list);
+      empty_list = nullptr;
+    }
+    StreamLists* l;
+    if (spare_lists.empty()) {
+      l = new StreamLists(stream, &node_pool);
+    } else {
+      l = spare_lists.back();
+      spare_lists.pop_back();
+      l->stream = stream;
+    }
+    lists.emplace(stream, l);
+    if (!indexed && lists.size() >= 2) build_index();
+    return *(hot = l);
+  }
+  void build_index() {
+    indexed = true;
+    for (auto& [stream, l] : lists)
+      for (int c = 0; c < 2; ++c) all_free[c].insert(l->sets[c].begin(), l->sets[c].end());
+  }
+  // Parks free block b in its stream's list (and the cross-stream index).
+  void list_insert(Block* b) {
+    StreamLists& l = lists_for(b->stream);
+    l.sets[b->seg->cls].insert(b);
+    if (indexed) all_free[b->seg->cls].insert(b);
+    if (&l == empty_list) empty_list = nullptr;
+  }
+  // Takes b out of its stream's list if it is there (the wilderness never is).
+  void list_erase(Block* b) {
+    StreamLists* l = find_list(b->stream);
+    if (!l || l->sets[b->seg->cls].erase(b) == 0) return;
+    list_erased(*l, b);
+  }
+  // The same for the block at `it` in l's set of its class: no second search of the tree.
+  void list_erase_at(StreamLists& l, FreeSet::iterator it) {
+    Block* b = *it;
+    l.sets[b->seg->cls].erase(it);
+    list_erased(l, b);
+  }
+  void list_erased(StreamLists& l, Block* b) {
+    if (indexed) all_free[b->seg->cls].erase(b);
+    if (l.sets[0].empty() && l.sets[1].empty()) {
+      if (empty_list && empty_list != &l) drop_list(empty_list);
+      empty_list = &l;
+    }
+  }
+  void drop_list(StreamLists* l) {
+    lists.erase(l->stream);
+    if (hot == l) hot = nullptr;
+    spare_lists.push_back(l);
+  }
 
   // The free tail of a class's growable arena (the "wilderness") stays out of the free lists:
   // holes are filled first and the tail is used, and extended, only when no hole fits. This
@@ -235,13 +321,13 @@ struct CachingPool::Impl {
     return (b->seg->expandable || b->seg->carrier) && b->seg == growable[b->seg->cls] && b == b->seg->last;
   }
   void park(Block* b) {
-    if (!is_wilderness(b)) set_of(b).insert(b);
+    if (!is_wilderness(b)) list_insert(b);
   }
   // Makes `g` the growable arena of its class; the old arena's free tail becomes a normal block.
   void set_growable(int cls, Segment* g) {
     Segment* old = growable[cls];
     growable[cls] = g;
-    if (old && old->last && !old->last->allocated) set_of(old->last).insert(old->last);
+    if (old && old->last && !old->last->allocated) list_insert(old->last);
   }
 
   void update_peaks() {
@@ -275,7 +361,7 @@ struct CachingPool::Impl {
   void insert_free(Block* b) {
     Block* n = b->next;
     if (n && !n->allocated && n->stream == b->stream) {
-      set_of(n).erase(n);
+      list_erase(n);
       b->size += n->size;
       unlink(n);
       recycle(n);
@@ -283,7 +369,7 @@ struct CachingPool::Impl {
     }
     Block* p = b->prev;
     if (p && !p->allocated && p->stream == b->stream) {
-      set_of(p).erase(p);
+      list_erase(p);
       p->size += b->size;
       unlink(b);
       recycle(b);
@@ -335,7 +421,7 @@ struct CachingPool::Impl {
   // block keeps the stream, and pending event, of the chunk's last use.
   void release_chunk(Segment* s) {
     Block* f = s->first;
-    set_of(f).erase(f);
+    list_erase(f);
     Block* c = s->carrier;
     c->stream = f->stream;
     c->event = f->event;
@@ -354,25 +440,29 @@ struct CachingPool::Impl {
     Block probe;
     probe.size = r;
     probe.addr = 0;
-    FreeSet& own = lists_for(stream).sets[cls];
-    auto it = own.lower_bound(&probe);
-    if (it != own.end()) {
-      Block* b = *it;
-      own.erase(it);
-      return b;
+    if (StreamLists* own = find_list(stream)) {
+      auto it = own->sets[cls].lower_bound(&probe);
+      if (it != own->sets[cls].end()) {
+        Block* b = *it;
+        list_erase_at(*own, it);
+        return b;
+      }
     }
-    for (StreamLists* l : lists) {
-      if (l->stream == stream) continue;
-      FreeSet& other = l->sets[cls];
-      int looked = 0;
-      for (auto jt = other.lower_bound(&probe); jt != other.end() && looked < 4; ++jt, ++looked) {
-        Block* b = *jt;
-        if (reusable_elsewhere(b)) {
-          other.erase(jt);
-          drop_event(b);
-          b->stream = stream;
-          return b;
-        }
+    // Another stream's block, smallest fitting first, once its stream's work is done. Without the
+    // index at most one list exists, and it belongs to another stream or to this one.
+    FreeSet* others = indexed ? &all_free[cls] : nullptr;
+    if (!indexed && lists.size() == 1 && lists.begin()->first != stream) others = &lists.begin()->second->sets[cls];
+    if (!others) return nullptr;
+    int looked = 0;
+    for (auto jt = others->lower_bound(&probe); jt != others->end() && looked < kCrossStreamLooks; ++jt) {
+      Block* b = *jt;
+      if (b->stream == stream) continue;
+      ++looked;
+      if (reusable_elsewhere(b)) {
+        list_erase(b);
+        drop_event(b);
+        b->stream = stream;
+        return b;
       }
     }
     return nullptr;
@@ -394,14 +484,31 @@ struct CachingPool::Impl {
     insert_free(rem);
   }
 
-  // Room for `bytes` more reserved under the limit, trimming cached memory (except `keep`'s tail)
-  // if needed.
+  bool fits(std::size_t bytes) const {
+    return st.limit_bytes == kNoLimit || (bytes <= st.limit_bytes && st.reserved_bytes <= st.limit_bytes - bytes);
+  }
+  // Room for `bytes` more reserved under the limit. Under pressure, cached memory goes back in
+  // two steps before the caller gives up: free tails and wholly free segments (never `keep`'s
+  // tail, which the caller is extending), then the whole free granules inside the arenas' holes
+  // (mapped again only when a block is placed over them). Without pressure nothing is released,
+  // so a run that fits makes no upstream call after its first pass.
   bool ensure_room(std::size_t bytes, Segment* keep) {
-    if (st.limit_bytes == kNoLimit) return true;
-    if (bytes <= st.limit_bytes && st.reserved_bytes <= st.limit_bytes - bytes) return true;
+    if (fits(bytes)) return true;
     if (bytes > st.limit_bytes) return false;
+    const std::size_t before = st.reserved_bytes;
     release_cached(st.limit_bytes - bytes, keep);
-    return st.reserved_bytes <= st.limit_bytes - bytes;
+    if (expand && !fits(bytes)) {
+      const std::vector<Segment*> snapshot = segments;  // decommit_free never removes a segment
+      for (Segment* s : snapshot) {
+        if (fits(bytes)) break;
+        if (s->expandable) decommit_free(s, /*with_tail=*/s != keep);
+      }
+    }
+    if (st.reserved_bytes < before) {
+      ++st.num_pressure_reclaims;
+      st.pressure_reclaimed_bytes += before - st.reserved_bytes;
+    }
+    return fits(bytes);
   }
 
   Block* grow(std::size_t r, int cls, std::uintptr_t stream) {
@@ -462,7 +569,7 @@ struct CachingPool::Impl {
       if (tail) tail->next = b;
       else g->first = b;
       g->last = b;
-      if (tail && !tail->allocated) set_of(tail).insert(tail);
+      if (tail && !tail->allocated) list_insert(tail);
     }
     b->stream = stream;
     return b;
@@ -471,7 +578,7 @@ struct CachingPool::Impl {
   bool map_tail(Segment* g, std::size_t need) {
     if (!up->map(reinterpret_cast<void*>(g->base + g->mapped), need)) return false;
     g->mapped += need;
-    if (opt.decommit) g->off.resize(g->mapped / gran, 0);
+    g->off.resize(g->mapped / gran, 0);
     st.reserved_bytes += need;
     ++st.num_upstream_allocs;
     return true;
@@ -525,8 +632,9 @@ struct CachingPool::Impl {
     const std::size_t hi = round_up(b->addr + b->size - s->base, gran);
     const std::size_t need = off_in(s, lo, hi);
     if (need == 0) return true;
-    decommit_free(s, true);
-    if (!ensure_room(need, s)) return false;
+    if (opt.decommit) decommit_free(s, true);
+    // b is allocated already: releasing s's free tail or its holes cannot touch b's granules.
+    if (!ensure_room(need, nullptr)) return false;
     for (std::size_t i = lo / gran, end = hi / gran; i < end;) {
       if (!s->off[i]) {
         ++i;
@@ -583,7 +691,7 @@ struct CachingPool::Impl {
     if (growable[s->cls] == s) growable[s->cls] = nullptr;
     for (Block* b = s->first; b;) {  // only free blocks can be left here
       Block* n = b->next;
-      set_of(b).erase(b);
+      list_erase(b);
       recycle(b);
       b = n;
     }
@@ -601,8 +709,8 @@ struct CachingPool::Impl {
       if (n && !b->allocated && !n->allocated) {
         wait_idle(b);
         wait_idle(n);
-        set_of(b).erase(b);
-        set_of(n).erase(n);
+        list_erase(b);
+        list_erase(n);
         b->size += n->size;
         unlink(n);
         recycle(n);
@@ -647,7 +755,7 @@ struct CachingPool::Impl {
       if (!s->expandable) {
         if (t != s->first) continue;  // not entirely free
         wait_idle(t);
-        set_of(t).erase(t);
+        list_erase(t);
         recycle(t);
         s->first = s->last = nullptr;
         st.reserved_bytes -= s->mapped;
@@ -666,10 +774,10 @@ struct CachingPool::Impl {
       if (drop > was_off) ++st.num_upstream_frees;
       s->mapped -= drop;
       s->off_bytes -= was_off;
-      if (opt.decommit) s->off.resize(s->mapped / gran);
+      s->off.resize(s->mapped / gran);
       st.reserved_bytes -= drop - was_off;
       released += drop - was_off;
-      set_of(t).erase(t);
+      list_erase(t);
       t->size -= drop;
       if (t->size == 0) {
         unlink(t);
@@ -694,7 +802,7 @@ struct CachingPool::Impl {
     std::size_t best = 0;
     for (const Segment* g : growable)
       if (g && g->last && !g->last->allocated) best = std::max(best, g->last->size);
-    for (const StreamLists* l : lists)
+    for (const auto& [stream, l] : lists)
       for (const FreeSet& s : l->sets)
         if (!s.empty()) best = std::max(best, (*s.rbegin())->size);
     return best;
@@ -717,10 +825,11 @@ CachingPool::CachingPool(std::shared_ptr<Upstream> upstream, PoolOptions options
   AGRT_EXPECTS(upstream != nullptr, ValueError, "CachingPool: upstream is null");
   AGRT_EXPECTS(is_pow2(options.round_bytes) && options.round_bytes >= 256, ValueError,
                "CachingPool: round_bytes must be a power of two >= 256, got ", options.round_bytes);
-  // Measured on the traces in benches/: 256 KiB suits growable arenas, torch's 1 MiB suits
-  // fixed 2 MiB / 20 MiB segments (benches/RESULTS.md).
+  // Measured on the six traces in benches/ (benches/RESULTS.md, issue 17): 128 KiB suits growable
+  // arenas (every value from 96 to 160 KiB gives the same footprints, at or below 256 KiB's on
+  // every trace, 64 KiB costs cnn and mlp), torch's 1 MiB suits fixed 2 MiB / 20 MiB segments.
   if (options.small_size == 0)
-    options.small_size = (options.expandable && upstream && upstream->supports_expansion()) ? 256 * 1024 : 1024 * 1024;
+    options.small_size = (options.expandable && upstream && upstream->supports_expansion()) ? 128 * 1024 : 1024 * 1024;
   AGRT_EXPECTS(options.small_size >= options.round_bytes, ValueError,
                "CachingPool: small_size must be >= round_bytes (", options.round_bytes, "), got ", options.small_size);
   AGRT_EXPECTS(options.small_segment >= options.small_size && options.small_segment % options.round_bytes == 0,
@@ -786,8 +895,15 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   if (m.st.num_upstream_allocs == upstream_before) ++m.st.num_cache_hits;
   m.update_peaks();
   if (m.tracing) {
-    b->trace_id = m.next_trace_id++;
-    m.trace.push_back({true, b->trace_id, nbytes, stream});
+    // A full buffer keeps its prefix: the frees of kept allocations after it are dropped too, and
+    // replay frees what is still live at the end of a pass, so the kept trace stays consistent.
+    if (m.trace.size() < m.trace_max) {
+      b->trace_id = m.next_trace_id++;
+      m.trace.push_back({true, b->trace_id, nbytes, stream});
+    } else {
+      b->trace_id = kDroppedTrace;
+      ++m.st.num_trace_dropped;
+    }
   }
   return reinterpret_cast<void*>(b->addr);
 }
@@ -823,7 +939,13 @@ void CachingPool::deallocate(void* ptr, std::uintptr_t stream) {
   m.st.allocated_bytes -= b->size;
   m.st.requested_bytes -= b->requested;
   ++m.st.num_frees;
-  if (m.tracing) m.trace.push_back({false, b->trace_id, b->requested, b->stream});
+  if (m.tracing && b->trace_id != kUntraced) {
+    if (b->trace_id != kDroppedTrace && m.trace.size() < m.trace_max)
+      m.trace.push_back({false, b->trace_id, b->requested, b->stream});
+    else
+      ++m.st.num_trace_dropped;
+  }
+  b->trace_id = kUntraced;
   b->requested = 0;
   m.insert_free(b);
 }
@@ -860,7 +982,8 @@ PoolStats CachingPool::stats() const {
       cached == 0 ? 0.0 : std::max(0.0, 1.0 - double(s.largest_free_block_bytes) / double(cached));
   s.num_segments = m.segments.size();
   s.num_live_blocks = m.live.size();
-  for (const StreamLists* l : m.lists) s.num_free_blocks += l->sets[0].size() + l->sets[1].size();
+  for (const auto& [stream, l] : m.lists) s.num_free_blocks += l->sets[0].size() + l->sets[1].size();
+  s.num_stream_lists = m.lists.size();
   for (const Segment* g : m.growable)
     if (g && g->last && !g->last->allocated) ++s.num_free_blocks;
   return s;
@@ -922,9 +1045,8 @@ void CachingPool::check() const {
       } else {
         ++free_blocks;
         if (prev && !prev->allocated && prev->stream == b->stream) fail("adjacent free blocks not coalesced");
-        bool found = false;
-        for (const StreamLists* l : m.lists)
-          if (l->stream == b->stream) found = l->sets[s->cls].count(const_cast<Block*>(b)) == 1;
+        const auto it = m.lists.find(b->stream);
+        const bool found = it != m.lists.end() && it->second->sets[s->cls].count(const_cast<Block*>(b)) == 1;
         if (m.is_wilderness(b)) {
           if (found) fail("the arena's free tail is in a free list");
           --free_blocks;
@@ -936,13 +1058,25 @@ void CachingPool::check() const {
     if (prev != s->last) fail("segment tail pointer is stale");
     if (at != s->base + s->mapped) fail("blocks do not cover the segment");
   }
-  std::size_t listed = 0;
-  for (const StreamLists* l : m.lists)
+  std::size_t listed = 0, empty_lists = 0;
+  for (const auto& [stream, l] : m.lists) {
+    if (l->stream != stream) fail("a stream's free lists are filed under another stream");
+    if (l->sets[0].empty() && l->sets[1].empty()) {
+      ++empty_lists;
+      if (l != m.empty_list) fail("an empty stream list other than the most recent one is kept");
+    }
     for (int c = 0; c < 2; ++c)
       for (const Block* b : l->sets[c]) {
         ++listed;
         if (b->allocated || b->stream != l->stream || b->seg->cls != c) fail("free list holds a wrong block");
+        if (m.indexed && m.all_free[c].count(const_cast<Block*>(b)) != 1)
+          fail("a free block is missing from the cross-stream index");
       }
+  }
+  if (empty_lists > 1) fail("more than one empty stream list is kept");
+  if (m.indexed && m.all_free[0].size() + m.all_free[1].size() != listed)
+    fail("the cross-stream index holds blocks that are in no stream's list");
+  if (!m.indexed && m.lists.size() > 1) fail("two streams hold free lists but the cross-stream index is off");
   if (listed != free_blocks) fail("free lists hold blocks that are not in any segment");
   if (chunks != carriers) fail("a carrier block's chunk is not among the segments");
   for (const Segment* s : m.segments)
@@ -964,9 +1098,10 @@ std::size_t CachingPool::block_size(const void* ptr) const {
   return b->size;
 }
 
-void CachingPool::record_trace(bool on) {
+void CachingPool::record_trace(bool on, std::size_t max_records) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->tracing = on;
+  impl_->trace_max = max_records;
 }
 
 std::vector<TraceRecord> CachingPool::trace() const {

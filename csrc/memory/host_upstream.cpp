@@ -78,6 +78,7 @@ struct LimitingUpstream::State {
   std::size_t capacity;
   std::size_t outstanding = 0;
   int fail_next = 0;
+  long synchronize_calls = 0;
   std::unordered_set<ManualEvent*> events;
 
   // True (and counts the bytes) when the request may proceed.
@@ -155,6 +156,19 @@ void LimitingUpstream::event_destroy(EventHandle ev) noexcept {
   std::lock_guard<std::mutex> lock(state_->mu);
   state_->events.erase(static_cast<ManualEvent*>(ev));
   delete static_cast<ManualEvent*>(ev);
+}
+
+void LimitingUpstream::synchronize() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    ++state_->synchronize_calls;
+    for (ManualEvent* e : state_->events) e->done = true;
+  }
+  inner_->synchronize();
+}
+long LimitingUpstream::synchronize_calls() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->synchronize_calls;
 }
 
 void LimitingUpstream::set_capacity(std::size_t bytes) {

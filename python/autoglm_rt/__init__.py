@@ -15,7 +15,7 @@ __version__: str = build_info()["version"]
 # package stays cheap and does not import torch.
 _SUBMODULES = {
     "memory", "ops", "stats", "ddp", "policy", "monitor", "runtime", "benchmarking", "units", "jobqueue", "elastic",
-    "demo",
+    "demo", "distributed",
 }  # fmt: skip
 _LAZY_ATTRS = {"Runtime": "runtime"}
 

@@ -1,14 +1,62 @@
-"""The ``autoglm-rt`` command. Each subcommand is a small function; heavy imports stay inside it."""
+"""The ``autoglm-rt`` command. Each subcommand is a small function; heavy imports stay inside it.
+
+Errors: a subcommand raises :class:`CliError` (or lets a library error through); :func:`main`
+prints one line, ``autoglm-rt: error: <what>, <what to do>``, and exits 2. ``--debug`` or
+``AUTOGLM_RT_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
+
+USAGE_TEXT = """\
+autoglm_rt keeps data-parallel PyTorch training inside its memory and bandwidth while it runs:
+top-k gradient compression, a caching memory pool with a hard limit, batch and memory policies.
+
+Start here:
+  autoglm-rt info                  what this installation contains, whether CUDA is usable
+  autoglm-rt demo --quick          train a small GPT with and without autoglm_rt, compare them
+  autoglm-rt monitor               live view of this machine's load
+  autoglm-rt strategy check FILE   check a strategy file
+  autoglm-rt queue JOBS.yaml       run a queue of training jobs on this machine's GPUs or CPU slots
+
+Run 'autoglm-rt COMMAND --help' for a command's options.
+"""
+DEBUG_ENV = "AUTOGLM_RT_DEBUG"
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class CliError(Exception):
+    """A user error: the message says what was wrong and what to do, on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``autoglm-rt: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"autoglm-rt: error: {message}, see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> NoReturn:
+        from autoglm_rt import __version__
+
+        print(f"autoglm-rt {__version__}")
+        raise SystemExit(0)
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
 
 
@@ -56,17 +104,15 @@ def _strategy(args: argparse.Namespace) -> int:
     """Checks a strategy file, or simulates it over a recorded metric series."""
     from pathlib import Path
 
+    from autoglm_rt.policy import ConfigError, Strategy
     from autoglm_rt.policy.simulate import MetricsFileError, read_metrics_csv, simulate
-    from autoglm_rt.policy.strategy import ConfigError, Strategy
 
     try:
         strategy = Strategy.from_yaml(Path(args.file))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"{exc}, see docs/policy.md for the format") from exc
     except OSError as exc:
-        print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}, give a strategy YAML file") from exc
     if args.strategy_command == "check":
         print(f"{args.file}: {len(strategy.rules)} strategy rule(s), OK")
         for rule in strategy.rules:
@@ -83,8 +129,7 @@ def _strategy(args: argparse.Namespace) -> int:
     try:
         series = read_metrics_csv(args.metrics)
     except (MetricsFileError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"{exc}, give a CSV with a time column and one column per metric") from exc
     actions = simulate(strategy, series)
     for a in actions:
         if args.json:
@@ -110,7 +155,7 @@ def _strategy(args: argparse.Namespace) -> int:
 
 
 def _describe_trigger(trigger: object) -> str:
-    from autoglm_rt.policy.strategy import Trigger
+    from autoglm_rt.policy.strategy_rules import Trigger
 
     assert isinstance(trigger, Trigger)
     parts = [str(c) for c in trigger.conditions]
@@ -153,7 +198,17 @@ def _monitor(args: argparse.Namespace) -> int:
         return 2
     server = None
     if args.serve is not None:
-        server = start_metrics_server(args.serve, exporter=MetricsExporter(sampler=sampler))
+        try:
+            server = start_metrics_server(args.serve, exporter=MetricsExporter(sampler=sampler))
+        except OSError as exc:
+            sampler.close()
+            raise CliError(
+                f"cannot serve metrics on 127.0.0.1:{args.serve}: {exc.strerror or exc}, "
+                "choose another port with --serve PORT (0: any free one)"
+            ) from exc
+        except ValueError as exc:
+            sampler.close()
+            raise CliError(f"--serve: {exc}") from exc
         print(f"serving metrics on {server.url}", file=sys.stderr)
     clear = sys.stdout.isatty() and not args.json
     host = hostname()
@@ -196,14 +251,30 @@ def _replay(args: argparse.Namespace) -> int:
     from autoglm_rt.memory import replay
     from autoglm_rt.units import format_size
 
-    result = replay(
-        args.trace,
-        repeat=args.repeat,
-        expandable=not args.segments,
-        granularity=args.granularity,
-        small_size=args.small_size,
-        decommit=args.decommit,
-    )
+    trace = Path(args.trace)
+    expected = "give a CSV with the header op,id,bytes,stream (benches/traces/ has examples)"
+    if not trace.is_file():
+        raise CliError(f"no trace file at {trace}, {expected}")
+    try:
+        with open(trace, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise CliError(f"cannot read the trace {trace}: {exc.strerror}, {expected}") from exc
+    if args.repeat < 1:
+        raise CliError(f"--repeat must be >= 1, got {args.repeat}")
+    try:
+        result = replay(
+            args.trace,
+            repeat=args.repeat,
+            expandable=not args.segments,
+            granularity=args.granularity,
+            small_size=args.small_size,
+            decommit=args.decommit,
+        )
+    except UnicodeDecodeError:
+        raise CliError(f"{trace} is not a text file, {expected}") from None
+    except ValueError as exc:
+        raise CliError(f"{exc}, check the trace file and the options (autoglm-rt replay --help)") from exc
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
@@ -230,10 +301,11 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @command("demo", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
     """Trains a small GPT with autoglm_rt and without, and compares them (report.md, plots)."""
+    preset = "quick" if args.quick else "smoke" if args.smoke else "default"
+    _check_demo_args(args, preset)
     from autoglm_rt.demo import run_demo
     from autoglm_rt.demo.driver import Interrupted
 
-    preset = "quick" if args.quick else "smoke" if args.smoke else "default"
     try:
         doc = run_demo(args.out, preset, steps=args.steps, gpus=args.gpus, show_progress=not args.no_progress)
     except Interrupted as exc:
@@ -247,30 +319,94 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_demo_args(args: argparse.Namespace, preset: str) -> None:
+    """Everything the demo needs, checked before anything starts or is written."""
+    import importlib.util
+
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.gpus < 0 or args.gpus == 1:
+        raise CliError(f"--gpus must be 0 (2 CPU ranks) or at least 2 (data-parallel on GPUs), got {args.gpus}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CliError(
+            "the demo draws its plots with matplotlib, which is not installed, pip install 'autoglm-rt[demo]'"
+        )
+    if args.gpus:
+        from autoglm_rt import cuda_available
+
+        ok, reason = cuda_available(return_reason=True)
+        if not ok:
+            raise CliError(f"--gpus {args.gpus} needs CUDA: {reason}, run without --gpus to train on 2 CPU ranks")
+        import torch
+
+        if torch.cuda.device_count() < args.gpus:
+            raise CliError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} GPU(s), ask for fewer")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CliError(f"cannot write to --out {out}: {exc.strerror or exc}, choose a writable directory") from exc
+    _check_demo_config(out, preset, args)
+
+
+def _check_demo_config(out: Path, preset: str, args: argparse.Namespace) -> None:
+    """``out`` holds no demo, or one with the configuration asked for (then it resumes)."""
+    from dataclasses import asdict, replace
+
+    from autoglm_rt.demo.train import PRESETS
+
+    path = out / "config.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+        assert isinstance(stored, dict)
+    except (OSError, ValueError, AssertionError):
+        raise CliError(f"{path} is not a demo configuration, delete it or choose another --out") from None
+    cfg = PRESETS[preset]
+    cfg = replace(cfg, steps=args.steps) if args.steps is not None else cfg
+    cfg = replace(cfg, device="cuda", world=args.gpus) if args.gpus else cfg
+    if stored == asdict(cfg):
+        return
+    flags = None
+    for name, base in PRESETS.items():
+        candidate = replace(base, steps=stored.get("steps", base.steps))
+        if stored.get("device") == "cuda":
+            candidate = replace(candidate, device="cuda", world=stored.get("world", 2))
+        if asdict(candidate) == stored:
+            parts = [] if name == "default" else [f"--{name}"]
+            parts += [] if candidate.steps == base.steps else [f"--steps {candidate.steps}"]
+            parts += [f"--gpus {candidate.world}"] if candidate.device == "cuda" else []
+            flags = " ".join(parts) or "no preset flags"
+            break
+    resume = f"rerun with {flags} to resume it" if flags else "it was made by another version"
+    raise CliError(f"{out} holds a demo with another configuration, {resume}, or choose another --out")
+
+
 def _queue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("jobs", metavar="JOBS.yaml", help="the queue file: slots or gpus, and jobs")
     p.add_argument(
         "--state",
         metavar="FILE.db",
-        help="SQLite state file (default: JOBS.yaml with suffix .db); rerun with the same file to resume",
+        help="SQLite state file (default: JOBS.yaml with suffix .db); rerun with the same file to resume: "
+        "jobs that finished keep their result",
     )
     p.add_argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL (default: file)")
+    p.add_argument("--retry-failed", action="store_true", help="run the jobs the state file records as failed again")
 
 
 @command("queue", _queue_args)
 def _queue(args: argparse.Namespace) -> int:
     """Runs a queue of jobs on this machine's GPUs or CPU slots by priority; exits 1 if any failed."""
-    from pathlib import Path
+    from autoglm_rt.jobqueue import QueueRunner, load_queue_spec
 
-    from autoglm_rt.jobqueue import QueueRunner, QueueSpecError, load_queue_spec
-
-    try:
-        spec = load_queue_spec(args.jobs)
-    except QueueSpecError as exc:
-        print(f"autoglm-rt queue: {exc}", file=sys.stderr)
-        return 2
+    spec = load_queue_spec(args.jobs)
     state = args.state or str(Path(args.jobs).with_suffix(".db"))
-    runner = QueueRunner(spec, state, grace_period=args.grace)
+    with _state_errors(state):
+        runner = QueueRunner(spec, state, grace_period=args.grace, retry_failed=args.retry_failed)
     try:
         return runner.run()
     except KeyboardInterrupt:
@@ -280,35 +416,74 @@ def _queue(args: argparse.Namespace) -> int:
         runner.close()
 
 
+@contextlib.contextmanager
+def _state_errors(state: str) -> Iterator[None]:
+    """SQLite's errors about the state file, as one line naming the file and what to do."""
+    import sqlite3
+
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        what = str(exc)
+        if "locked" in what or "busy" in what:
+            hint = "another process holds it; wait for it or use another --state"
+        elif "readonly" in what or "read-only" in what:
+            hint = "make it (and its directory) writable or use another --state"
+        else:
+            hint = "it is not a queue state file or it is damaged; move it away or use another --state"
+        raise CliError(f"queue state {state}: {what}, {hint}") from exc
+
+
+@contextlib.contextmanager
+def _open_state(state: str) -> Iterator[Any]:
+    from autoglm_rt.jobqueue import QueueStore
+
+    with _state_errors(state):
+        store = QueueStore(state)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
 def _queue_migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", metavar="FILE.db", required=True, help="the state file of the running queue")
     p.add_argument("job", help="name of the running job to move")
     p.add_argument("--to", default=None, help="target slots, comma-separated (default: any free ones)")
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the runner's answer")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the runner's answer (default 30); a request no runner took by then is dropped",
+    )
 
 
 @command("queue-migrate", _queue_migrate_args)
 def _queue_migrate(args: argparse.Namespace) -> int:
-    """Asks a running queue to migrate a job: checkpoint (SIGTERM), stop, restart on other slots."""
+    """Asks a running queue to move a job to other slots (it checkpoints, stops and restarts)."""
+    import math
     import time
-    from pathlib import Path
 
-    from autoglm_rt.jobqueue import QueueStore
-
+    if not math.isfinite(args.wait) or args.wait <= 0:
+        raise CliError(f"--wait must be a finite number of seconds > 0, got {args.wait}")
     if not Path(args.state).is_file():
-        print(f"autoglm-rt queue-migrate: no queue state file {args.state}", file=sys.stderr)
-        return 2
+        raise CliError(f"no queue state file {args.state}, give the --state of a running queue")
     try:
         to = tuple(int(x) for x in args.to.split(",")) if args.to else None
     except ValueError:
-        print(f"autoglm-rt queue-migrate: --to expects slot numbers like 2,3, got {args.to!r}", file=sys.stderr)
-        return 2
-    with QueueStore(args.state) as store:
-        request_id = store.request("migrate", args.job, to, time.time())
+        raise CliError(f"--to expects slot numbers like 2,3, got {args.to!r}") from None
+    with _open_state(args.state) as store:
+        now = time.time()
+        request_id = store.request("migrate", args.job, to, now, expires_at=now + args.wait)
         deadline = time.monotonic() + args.wait
         while not (req := store.get_request(request_id)).answered:
-            if time.monotonic() > deadline:
-                print(f"autoglm-rt queue-migrate: no answer in {args.wait:g} s (is a runner running?)", file=sys.stderr)
+            # Past the deadline, withdraw it unless a runner took it meanwhile (then its answer comes).
+            if time.monotonic() > deadline and store.cancel_request(request_id, time.time()):
+                print(
+                    f"autoglm-rt queue-migrate: no answer in {args.wait:g} s (is a runner running?); "
+                    "the request was withdrawn",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(0.1)
     print(req.answer)
@@ -376,14 +551,18 @@ def _bench(args: argparse.Namespace) -> int:
     """Runs the key benchmarks side by side with their baselines and prints the ratio table."""
     import importlib.util
 
+    if args.device == "cuda":
+        from autoglm_rt import cuda_available
+
+        ok, reason = cuda_available(return_reason=True)
+        if not ok:
+            raise CliError(f"--device cuda: {reason}, run with --device cpu")
     runner = Path(__file__).resolve().parents[2] / "benches" / "run_ratios.py"
     if not runner.is_file():
-        print(
-            "autoglm-rt bench: the benchmark suites live in the source checkout (benches/); "
-            "run it from an editable install of the repository",
-            file=sys.stderr,
+        raise CliError(
+            "the benchmark suites ship with the source, not the package, "
+            "run 'pip install -e .' in a clone of the repository and rerun"
         )
-        return 2
     spec = importlib.util.spec_from_file_location("autoglm_rt_run_ratios", runner)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -395,10 +574,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoglm-rt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(
+        prog="autoglm-rt",
+        description=USAGE_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show tracebacks instead of one-line errors (or {DEBUG_ENV}=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, (configure, fn) in _COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         configure(p)
         p.set_defaults(_run=fn)
     return parser
@@ -406,7 +594,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args))
+    debug = bool(args.debug) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("autoglm-rt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"autoglm-rt: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong and what to do, on one line."""
+    import sqlite3
+
+    if isinstance(exc, CliError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}" if exc.strerror else str(exc)
+    elif isinstance(exc, sqlite3.DatabaseError):
+        text = f"database: {exc}, check the --state file or use another"
+    elif isinstance(exc, UnicodeDecodeError):
+        text = f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}), save it as UTF-8"
+    elif isinstance(exc, ValueError | TypeError | LookupError | RuntimeError):
+        text = str(exc) or type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {exc} (unexpected; rerun with --debug and report the traceback)"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ loopback one.
 Multi-host runs: set ``AUTOGLM_RT_BIND_ADDR`` (or pass ``host=``) to an address of this machine
 that the other hosts can reach; the store then listens on that address only.
 
+Plain ``torchrun``: its agents host the rendezvous store and (torch >= 2.4) share it with the
+workers, and torch creates those stores itself, on every interface. :class:`autoglm_rt.elastic.
+ElasticJob` avoids both: it hosts the rendezvous store here and sets
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, so rank 0's worker store comes from
+:func:`init_process_group_from_env`. Under a plain ``torchrun`` that function still works (every
+rank is a client of the agent's store), but the agent's listeners are torch's.
+
     store = init_process_group("gloo", rank=rank, world_size=2, port=port)   # listens on 127.0.0.1
     init_process_group_from_env("gloo")     # under torchrun: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE
 """
@@ -106,6 +113,7 @@ def create_store(
             wait_for_workers=wait_for_workers,
             multi_tenant=multi_tenant,
             master_listen_fd=sock.fileno(),
+            use_libuv=_libuv_takes_a_listen_fd(),
         )
     except BaseException:
         sock.close()
@@ -150,9 +158,25 @@ def init_process_group_from_env(backend: str, *, timeout: timedelta = timedelta(
         port, rank, world = int(values["MASTER_PORT"]), int(values["RANK"]), int(values["WORLD_SIZE"])
     except ValueError:
         raise ValueError(f"MASTER_PORT, RANK and WORLD_SIZE must be integers, got {values}") from None
-    return init_process_group(
-        backend, rank=rank, world_size=world, port=port, host=values["MASTER_ADDR"], timeout=timeout
-    )
+    host = values["MASTER_ADDR"]
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent already hosts the store at MASTER_ADDR:MASTER_PORT: every rank is a client.
+        _restrict_transports(host)
+        store = create_store(host, port, is_master=False, world_size=world, timeout=timeout)
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        return store
+    return init_process_group(backend, rank=rank, world_size=world, port=port, host=host, timeout=timeout)
+
+
+def _libuv_takes_a_listen_fd() -> bool:
+    """torch's libuv store server listens on a given descriptor from 2.8 on (pytorch#150215);
+    before, only the classic server does."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
 
 
 def _check_host(host: str, what: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from autoglm_rt._build import build_info, cuda_available
 from autoglm_rt._native import _C
+from autoglm_rt.constants import UNLIMITED_BYTES
 from autoglm_rt.units import parse_size
 
 OutOfMemoryError: type[MemoryError] = _C.OutOfMemoryError
@@ -45,9 +46,15 @@ STATS_KEYS: tuple[str, ...] = (
     "num_upstream_frees",
     "num_ooms",
     "num_trims",
+    "num_pressure_reclaims",
+    "pressure_reclaimed_bytes",
+    "num_trace_dropped",
     "largest_free_block_bytes",
     "fragmentation_ratio",
 )
+
+#: Default bound of the trace buffer of :meth:`CachingPool.record_trace`, in records.
+TRACE_MAX_RECORDS = 1 << 20
 
 _MAX_REQUEST = 1 << 48
 _DEFAULTS: dict[str, Any] = {
@@ -77,6 +84,8 @@ def _pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = value
         else:
             out[key] = parse_size(value, name=key)
+            if out[key] >= _MAX_OPTION_BYTES:
+                raise ValueError(f"{key}: {out[key]} bytes is absurd (expected below 2**62)")
     return out
 
 
@@ -86,13 +95,34 @@ def _native_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _limit_bytes(limit: int | str | None) -> int | None:
-    return None if limit is None else parse_size(limit, name="limit")
+    """A hard limit in bytes, or None for none. No number means "no limit": a limit at or above
+    :data:`autoglm_rt.constants.UNLIMITED_BYTES` (2**62, far above any machine) is refused."""
+    if limit is None:
+        return None
+    nbytes = parse_size(limit, name="limit")
+    if nbytes >= UNLIMITED_BYTES:
+        raise ValueError(
+            f"limit: {nbytes} bytes is not a usable limit (expected below 2**62 bytes); pass None for no limit"
+        )
+    return nbytes
 
 
 def _check_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     return value
+
+
+def _check_stream(value: object) -> int:
+    """A stream handle: an int in 0 .. 2**64 - 1 (a cudaStream_t as an int; 0 the default stream)."""
+    stream = _check_int(value, "stream")
+    if not 0 <= stream < 2**64:
+        raise ValueError(f"stream: expected a stream handle in 0 .. 2**64 - 1, got {stream}")
+    return stream
+
+
+#: Pool option sizes above this are refused (far above any machine; the native side takes 64 bits).
+_MAX_OPTION_BYTES = 2**62
 
 
 def _parse_device(device: str) -> str:
@@ -105,7 +135,7 @@ class CachingPool:
     """A caching allocator on ``device`` ("cpu", "cuda" or "cuda:N") with an optional hard
     ``limit`` (bytes or a string like "12Gi"). Options: ``expandable`` (grow one arena per size
     class in place; default True where the device supports it), ``round_bytes`` (block alignment,
-    default 256), ``small_size`` (requests up to this share the small arena; default 256 KiB with arenas,
+    default 256), ``small_size`` (requests up to this share the small arena; default 128 KiB with arenas,
     1 MiB with segments),
     ``small_segment``/``large_segment`` (segment sizes without expansion), ``arena_reserve``
     (address space per arena), ``granularity`` (host arena growth step, default 64 KiB),
@@ -132,6 +162,14 @@ class CachingPool:
         """Where memory comes from: 'host-mmap', 'host', 'cuda-vmm' or 'cuda-malloc'."""
         return str(self._native.upstream_name())
 
+    @property
+    def upstream_fallback_reason(self) -> str:
+        """Why the upstream runs without something it was asked for, '' when it does not: e.g.
+        the CUDA virtual-memory probe (reserve, create, map, set access, unmap one granule) failed
+        for a reason other than out-of-memory, so the pool takes cudaMalloc segments instead of
+        growable arenas."""
+        return str(self._native.upstream_fallback_reason())
+
     def allocate(self, nbytes: int, stream: int = 0) -> int:
         """Address of a block of at least ``nbytes`` (aligned to ``round_bytes``) usable on
         ``stream`` (a cudaStream_t as an int; 0 is the default stream)."""
@@ -140,10 +178,7 @@ class CachingPool:
             raise ValueError(f"nbytes: expected a positive byte count, got {nbytes}")
         if nbytes > _MAX_REQUEST:
             raise ValueError(f"nbytes: {nbytes} is absurd (more than 2**48 bytes)")
-        stream = _check_int(stream, "stream")
-        if stream < 0:
-            raise ValueError(f"stream: expected a non-negative stream handle, got {stream}")
-        return int(self._native.allocate(nbytes, stream))
+        return int(self._native.allocate(nbytes, _check_stream(stream)))
 
     def deallocate(self, ptr: int, stream: int | None = None) -> None:
         """Returns a block. ``stream``, if given, must be the one it was allocated on. A pointer
@@ -151,11 +186,7 @@ class CachingPool:
         ptr = _check_int(ptr, "ptr")
         if not 0 < ptr < 2**64:
             raise ValueError(f"ptr: {ptr} was not allocated by this pool")
-        if stream is not None:
-            stream = _check_int(stream, "stream")
-            if stream < 0:
-                raise ValueError(f"stream: expected a non-negative stream handle, got {stream}")
-        self._native.deallocate(ptr, stream)
+        self._native.deallocate(ptr, None if stream is None else _check_stream(stream))
 
     def set_limit(self, limit: int | str | None) -> None:
         """Sets the hard limit (None: no limit). Cached free memory above it is released at once
@@ -187,11 +218,21 @@ class CachingPool:
 
     def block_size(self, ptr: int) -> int:
         """Usable bytes of the live block at ``ptr`` (its rounded size)."""
-        return int(self._native.block_size(_check_int(ptr, "ptr")))
+        ptr = _check_int(ptr, "ptr")
+        if not 0 < ptr < 2**64:
+            raise ValueError(f"ptr: {ptr} is not a live block of this pool")
+        return int(self._native.block_size(ptr))
 
-    def record_trace(self, on: bool = True) -> None:
-        """Starts (or stops) recording every allocate/deallocate for :meth:`dump_trace`."""
-        self._native.record_trace(bool(on))
+    def record_trace(self, on: bool = True, max_records: int = TRACE_MAX_RECORDS) -> None:
+        """Starts (or stops) recording every allocate/deallocate for :meth:`dump_trace`. The
+        buffer keeps at most ``max_records`` records (default 2**20, about 32 MiB); once it is full
+        later records are dropped and counted in ``stats()["num_trace_dropped"]``, so what is kept
+        is a consistent prefix that :func:`replay` accepts. Blocks allocated while not recording
+        are never recorded, their frees neither."""
+        max_records = _check_int(max_records, "max_records")
+        if max_records < 0:
+            raise ValueError(f"max_records: expected a non-negative record count, got {max_records}")
+        self._native.record_trace(bool(on), min(max_records, 2**63))
 
     def trace(self) -> list[tuple[str, int, int, int]]:
         """The recorded trace as (op, id, bytes, stream) rows."""
@@ -210,28 +251,58 @@ class CachingPool:
         )
 
 
-def replay(path: str | os.PathLike[str], repeat: int = 1, **pool_options: Any) -> dict[str, float | int]:
+def replay(
+    path: str | os.PathLike[str], repeat: int = 1, limit: int | str | None = None, **pool_options: Any
+) -> dict[str, float | int]:
     """Replays a trace CSV ``repeat`` times through a fresh host pool in a C++ loop (allocations
-    live at the end of a pass are freed before the next). Returns ``peak_reserved_bytes``,
-    ``peak_requested_bytes``, ``reserved_to_requested``, ``upstream_allocs``,
-    ``upstream_allocs_after_first_pass``, ``ns_per_op`` and ``ops``."""
+    live at the end of a pass are freed before the next), under ``limit`` if given (an allocation
+    the pool then refuses raises :class:`OutOfMemoryError` naming the pass and record). Returns
+    ``peak_reserved_bytes``, ``peak_requested_bytes``, ``reserved_to_requested``,
+    ``upstream_allocs``, ``upstream_allocs_after_first_pass``, ``pressure_reclaims``,
+    ``pressure_reclaimed_bytes``, ``ns_per_op`` and ``ops``. A bad row raises ValueError naming
+    the file and line; Ctrl-C stops the loop (KeyboardInterrupt) within a few milliseconds."""
     repeat = _check_int(repeat, "repeat")
     if repeat < 1:
         raise ValueError(f"repeat: expected >= 1, got {repeat}")
+    if repeat > 2**31 - 1:
+        raise ValueError(f"repeat: expected at most 2**31 - 1 passes, got {repeat}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"path: no trace file at {p}")
-    return dict(_C.memory_replay(str(p), repeat, **_native_options(_pool_options(pool_options))))
+    options = _native_options(_pool_options(pool_options))
+    return dict(_C.memory_replay(str(p), repeat, _limit_bytes(limit), **options))
 
 
 def read_trace(path: str | os.PathLike[str]) -> list[tuple[str, int, int, int]]:
-    """The rows of a trace CSV as (op, id, bytes, stream)."""
+    """The rows of a trace CSV as (op, id, bytes, stream): ``op`` alloc or free, the rest
+    non-negative integers, an alloc's bytes 1..2**48. A bad row raises ValueError naming the file
+    and line (the native :func:`replay` reads the same format with the same rules)."""
+    rows: list[tuple[str, int, int, int]] = []
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["op", "id", "bytes", "stream"]:
             raise ValueError(f"{path}: expected the header op,id,bytes,stream, got {header}")
-        return [(op, int(i), int(b), int(s)) for op, i, b, s in reader]
+        for row in reader:
+            if not row:
+                continue
+            if (
+                len(row) != 4
+                or row[0] not in ("alloc", "free")
+                or not all(v.isascii() and v.isdigit() for v in row[1:])
+            ):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected 'alloc|free,<id>,<bytes>,<stream>' with "
+                    f"non-negative integers, got {','.join(row)!r}"
+                )
+            op, i, b, s = row[0], int(row[1]), int(row[2]), int(row[3])
+            if i >= 2**64 or s >= 2**64 or (op == "alloc" and not 1 <= b <= _MAX_REQUEST):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: ids and streams must be below 2**64 and an alloc row needs "
+                    f"1..2**48 bytes, got {','.join(row)!r}"
+                )
+            rows.append((op, i, b, s))
+    return rows
 
 
 def write_trace(rows: Iterable[tuple[str, int, int, int]], path: str | os.PathLike[str]) -> Path:
@@ -362,6 +433,15 @@ def torch_pool(device: int = 0) -> CachingPool:
     return CachingPool._wrap(_C.torch_pool(device))
 
 
+def cuda_scratch_stats() -> dict[str, int]:
+    """Counters of the CUDA kernels' stream-ordered scratch memory (top-k, grad_stats), which
+    comes from each device's default memory pool, not from a CachingPool: ``live_bytes``,
+    ``peak_bytes``, ``allocations`` and ``keep_bytes`` (the release threshold set once per device,
+    so freed scratch up to that size stays mapped across synchronisations). Process-wide."""
+    _require_cuda_build()
+    return {str(k): int(v) for k, v in _C.cuda_scratch_stats().items()}
+
+
 def explain_torch_error(exc: BaseException) -> str | None:
     """If ``exc`` is one of torch's known failures under a pluggable allocator, says why and what
     to do instead; None otherwise."""
@@ -409,8 +489,10 @@ def cupy_allocator(device: int = 0, limit: int | str | None = None) -> Callable[
 
 __all__ = [
     "STATS_KEYS",
+    "TRACE_MAX_RECORDS",
     "CachingPool",
     "OutOfMemoryError",
+    "cuda_scratch_stats",
     "cupy_allocator",
     "explain_torch_error",
     "install_torch_allocator",

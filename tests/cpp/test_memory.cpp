@@ -253,7 +253,9 @@ TEST(bad_input_raises_and_leaves_pool_intact) {
 
 TEST(two_mib_granules_carve_small_chunks_from_the_large_arena) {
   auto up = limiting(1ull << 34, true, /*manual_events=*/false, 2 * MiB);
-  CachingPool pool(up, small_arenas());
+  PoolOptions o = small_arenas();
+  o.small_size = 256 * KiB;  // chunks of 4 x 256 KiB = 1 MiB (the default 128 KiB makes 512 KiB)
+  CachingPool pool(up, o);
   auto* s1 = static_cast<char*>(pool.allocate(4 * KiB));
   CHECK(pool.stats().reserved_bytes == 2 * MiB);  // one granule, not one per size class
   auto* l1 = static_cast<char*>(pool.allocate(512 * KiB));
@@ -456,6 +458,185 @@ TEST(trace_records_dumps_reads_and_replays) {
   CHECK_THROWS(ValueError, read_trace("/nonexistent/trace.csv"));
 }
 
+TEST(pressure_unmaps_free_granules_in_holes_before_failing) {
+  for (bool limited : {true, false}) {
+    auto up = limiting(1ull << 34);
+    CachingPool pool(up, small_arenas());  // decommit off: the default
+    auto* a = static_cast<char*>(pool.allocate(MiB));
+    auto* b = static_cast<char*>(pool.allocate(MiB));
+    auto* c = static_cast<char*>(pool.allocate(MiB));
+    auto* d = static_cast<char*>(pool.allocate(MiB));
+    std::memset(b, 2, MiB);
+    std::memset(d, 4, MiB);
+    pool.deallocate(a);
+    pool.deallocate(c);  // two 1 MiB holes, 2 MiB free but no 2 MiB block
+    if (limited) pool.set_limit(4 * MiB);
+    const auto before = pool.stats();
+    CHECK(before.reserved_bytes == 4 * MiB && before.num_trims == 0);
+    auto* e = static_cast<char*>(pool.allocate(2 * MiB));  // before: OutOfMemoryError under the limit
+    std::memset(e, 5, 2 * MiB);
+    const auto s = pool.stats();
+    if (limited) {
+      // The holes' granules went back (2 MiB), then the arena grew by 2 MiB: 4 MiB, as the limit says.
+      CHECK(s.num_pressure_reclaims == 1 && s.pressure_reclaimed_bytes == 2 * MiB);
+      CHECK(s.reserved_bytes == 4 * MiB && up->outstanding() == 4 * MiB);
+      CHECK(s.num_upstream_frees == before.num_upstream_frees + 2);
+    } else {
+      // No pressure: nothing is released, the arena simply grows.
+      CHECK(s.num_pressure_reclaims == 0 && s.pressure_reclaimed_bytes == 0);
+      CHECK(s.reserved_bytes == 6 * MiB && s.num_upstream_frees == before.num_upstream_frees);
+    }
+    pool.check();
+    // A block placed over an unmapped hole maps it again, still under the limit.
+    if (limited) pool.set_limit(5 * MiB);
+    auto* f = static_cast<char*>(pool.allocate(MiB));
+    std::memset(f, 6, MiB);
+    CHECK(pool.stats().reserved_bytes <= (limited ? 5 * MiB : 6 * MiB));
+    bool intact = true;
+    for (std::size_t k = 0; k < MiB; ++k) intact = intact && b[k] == 2 && d[k] == 4 && e[k] == 5 && e[MiB + k] == 5;
+    CHECK(intact);
+    pool.check();
+    // What cannot fit even after reclaiming everything still raises, and changes nothing.
+    if (limited) {
+      const auto held = pool.stats();
+      CHECK(throws_oom_with_details(pool, MiB + 1));
+      CHECK(pool.stats().allocated_bytes == held.allocated_bytes);
+      pool.check();
+    }
+    for (void* p : {static_cast<void*>(b), static_cast<void*>(d), static_cast<void*>(e), static_cast<void*>(f)})
+      pool.deallocate(p);
+    pool.set_limit(kNoLimit);
+    pool.trim();
+    CHECK(pool.stats().reserved_bytes == 0 && up->outstanding() == 0);
+  }
+}
+
+TEST(replay_under_a_tight_limit_reclaims_and_names_the_record_when_it_cannot) {
+  // Three 1 MiB blocks, the middle one freed, then 2 MiB: fits 4 MiB only by unmapping the hole.
+  std::vector<TraceRecord> t = {{true, 0, MiB, 0},  {true, 1, MiB, 0},  {true, 2, MiB, 0},
+                                {false, 1, MiB, 0}, {true, 3, 2 * MiB, 0}, {false, 0, MiB, 0},
+                                {false, 2, MiB, 0}, {false, 3, 2 * MiB, 0}};
+  PoolOptions o = small_arenas();
+  const ReplayResult free_run = replay(t, 3, make_host_upstream(), o);
+  CHECK(free_run.pressure_reclaims == 0 && free_run.upstream_allocs_after_first_pass == 0);
+  CHECK(free_run.peak_reserved_bytes == 5 * MiB);
+  o.limit = 4 * MiB;
+  const ReplayResult tight = replay(t, 3, make_host_upstream(), o);
+  CHECK(tight.peak_reserved_bytes == 4 * MiB && tight.pressure_reclaims >= 1);
+  o.limit = 4 * MiB - 64 * KiB;
+  bool named = false;
+  try {
+    replay(t, 3, make_host_upstream(), o);
+  } catch (const OutOfMemoryError& e) {
+    named = std::string(e.what()).find("pass 1, record 5") != std::string::npos;
+  }
+  CHECK(named);
+}
+
+TEST(many_streams_use_hashed_lists_and_drop_empty_ones) {
+  auto up = limiting(1ull << 34);
+  {
+    CachingPool pool(up, small_arenas());
+    // A hole below a pinned block, passed from stream to stream: each stream takes the block the
+    // previous one freed (no events on the host), so one upstream map in all, and one stream list
+    // at a time (the emptied list goes when the next stream makes its own).
+    void* hole = pool.allocate(4 * KiB, 0);
+    void* pin = pool.allocate(4 * KiB, 0);
+    pool.deallocate(hole, 0);
+    bool one_list = true;
+    for (std::uintptr_t s = 1; s <= 3000; ++s) {
+      void* p = pool.allocate(4 * KiB, s);
+      one_list = one_list && p == hole;
+      pool.deallocate(p, s);
+      one_list = one_list && pool.stats().num_stream_lists == 1;
+    }
+    CHECK(one_list);
+    pool.deallocate(pin, 0);
+    CHECK(pool.stats().num_upstream_allocs == 1);
+    pool.check();
+    // 3000 live blocks on 3000 streams, freed: 3000 lists; trim merges them and drops the lists.
+    std::vector<void*> ps;
+    for (std::uintptr_t s = 1; s <= 3000; ++s) ps.push_back(pool.allocate(4 * KiB, s));
+    for (std::uintptr_t s = 1; s <= 3000; ++s) pool.deallocate(ps[s - 1], s);
+    CHECK(pool.stats().num_stream_lists >= 2999);
+    pool.check();
+    // A new stream finds another stream's free block through the index, without growing.
+    const auto before = pool.stats().num_upstream_allocs;
+    pool.deallocate(pool.allocate(4 * KiB, 99999), 99999);
+    CHECK(pool.stats().num_upstream_allocs == before);
+    pool.trim();
+    CHECK(pool.stats().num_stream_lists <= 1 && pool.stats().reserved_bytes == 0);
+    pool.check();
+  }
+  CHECK(up->outstanding() == 0);
+}
+
+TEST(trace_buffer_is_bounded_and_keeps_a_consistent_prefix) {
+  CachingPool pool(limiting(1ull << 34), small_arenas());
+  void* early = pool.allocate(512);  // allocated before recording: its free is never recorded
+  pool.record_trace(true, 3);
+  void* a = pool.allocate(100);
+  void* b = pool.allocate(200);
+  pool.deallocate(early);
+  pool.deallocate(a);
+  void* c = pool.allocate(300);  // the buffer is full: dropped, and so is its free
+  pool.deallocate(b);
+  pool.deallocate(c);
+  const auto t = pool.trace();
+  CHECK(t.size() == 3);
+  CHECK(t[0].is_alloc && t[0].bytes == 100 && t[1].is_alloc && t[1].bytes == 200);
+  CHECK(!t[2].is_alloc && t[2].id == t[0].id);
+  CHECK(pool.stats().num_trace_dropped == 3);  // c's alloc, b's free, c's free
+  const ReplayResult r = replay(t, 2, make_host_upstream(), small_arenas());  // b stays live: freed at pass end
+  CHECK(r.ops == 2 * 4);
+}
+
+TEST(trace_files_reject_signs_spaces_and_absurd_sizes_naming_the_line) {
+  const std::string path = "test_memory_signs.csv";
+  for (const char* row : {"alloc,-1,10,0", "alloc,1,-10,0", "alloc,1,10,-3", "free,1,10,+3", "alloc,1, 10,0",
+                          "alloc,1,0,0", "alloc,1,281474976710657,0", "alloc,18446744073709551616,10,0"}) {
+    {
+      std::ofstream f(path);
+      f << "op,id,bytes,stream\nalloc,7,10,0\n" << row << "\n";
+    }
+    bool named = false;
+    try {
+      read_trace(path);
+    } catch (const ValueError& e) {
+      named = std::string(e.what()).find(path + ":3:") != std::string::npos;
+    }
+    CHECK(named);
+  }
+  std::remove(path.c_str());
+}
+
+TEST(a_poll_that_throws_stops_replay_and_releases_everything) {
+  std::vector<TraceRecord> t;
+  for (std::uint64_t i = 0; i < 20000; ++i) t.push_back({true, i, 4096 + i % 7 * 256, 0});
+  auto up = limiting(1ull << 34);
+  int polls = 0;
+  bool stopped = false;
+  try {
+    replay(t, 100, up, small_arenas(), [&] {
+      if (++polls == 3) throw RuntimeError("stop");
+    });
+  } catch (const RuntimeError&) {
+    stopped = true;
+  }
+  CHECK(stopped && polls == 3);
+  CHECK(up->outstanding() == 0);
+  polls = 0;
+  stopped = false;
+  try {
+    replay_direct_ns_per_op(t, 100, *up, [&] {
+      if (++polls == 2) throw RuntimeError("stop");
+    });
+  } catch (const RuntimeError&) {
+    stopped = true;
+  }
+  CHECK(stopped && up->outstanding() == 0);
+}
+
 // Randomized stress: 4 threads over 3 streams; alloc, free, set_limit, trim; every allocation is
 // filled with a pattern and verified on free; check() runs throughout. 1,000,000 operations in a
 // normal build; fewer under sanitizers (AGRT_STRESS_OPS overrides).
@@ -590,6 +771,42 @@ TEST(destruction_survives_failing_event_waits) {
   }  // ~CachingPool waits for that event: the failure must not escape the destructor
   CHECK(up->live_events() == 0);
   CHECK(up->outstanding() == 0);
+}
+
+// Counts what goes back to the upstream before the first device synchronisation.
+class SyncOrderUpstream : public LimitingUpstream {
+ public:
+  using LimitingUpstream::LimitingUpstream;
+  void deallocate(void* p, std::size_t n) noexcept override {
+    if (synchronize_calls() == 0) ++released_before_sync;
+    LimitingUpstream::deallocate(p, n);
+  }
+  void unmap(void* p, std::size_t n) noexcept override {
+    if (synchronize_calls() == 0) ++released_before_sync;
+    LimitingUpstream::unmap(p, n);
+  }
+  long released_before_sync = 0;
+};
+
+TEST(destruction_synchronises_the_device_before_giving_memory_back) {
+  // Live blocks and free blocks without an event: work queued on their streams may still use them,
+  // and cuMemUnmap does not wait for it as cudaFree does.
+  for (bool expandable : {true, false}) {
+    auto up = std::make_shared<SyncOrderUpstream>(make_host_upstream(expandable, 64 * KiB), 1ull << 34, true);
+    {
+      CachingPool pool(up, small_arenas());
+      pool.allocate(MiB, 1);                    // still live at destruction
+      pool.deallocate(pool.allocate(3 * MiB, 2), 2);  // free, no event ever recorded
+      CHECK(up->live_events() == 0);
+    }
+    CHECK(up->synchronize_calls() == 1);
+    CHECK(up->released_before_sync == 0);
+    CHECK(up->outstanding() == 0);
+  }
+  // Without events (the host) there is nothing to wait for.
+  auto host = std::make_shared<SyncOrderUpstream>(make_host_upstream(true, 64 * KiB), 1ull << 34, false);
+  { CachingPool(host, small_arenas()).allocate(MiB); }
+  CHECK(host->synchronize_calls() == 0 && host->outstanding() == 0);
 }
 
 #ifdef AGRT_WITH_CUDA

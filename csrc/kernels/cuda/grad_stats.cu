@@ -21,6 +21,7 @@
 
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/grad_stats.h"
+#include "core/cuda/helpers.h"
 #include "kernels/grad_stats_cuda.h"
 #include "kernels/grad_stats_moments.h"
 
@@ -41,12 +42,6 @@ struct Batch {
   int row_base;                       // output row of this batch's first tensor
 };
 static_assert(sizeof(Batch) < 32000, "kernel parameters are limited to 32 KiB");
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    AGRT_FAIL(RuntimeError, "grad_stats: ", what, " failed: ", cudaGetErrorName(err), ": ", cudaGetErrorString(err));
-  }
-}
 
 __device__ __forceinline__ float load_elem(const void* p, std::int64_t i, unsigned char dtype) {
   if (dtype == static_cast<unsigned char>(DType::kFloat32)) return static_cast<const float*>(p)[i];
@@ -245,20 +240,6 @@ std::vector<std::pair<std::size_t, std::size_t>> plan_batches(const std::vector<
   return batches;
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 }  // namespace
 
 std::size_t grad_stats_cuda_workspace_bytes(const std::vector<TensorView>& tensors) {
@@ -280,16 +261,14 @@ void grad_stats_cuda(const std::vector<TensorView>& tensors, const TensorView& o
     AGRT_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace.data) % alignof(Moments) == 0, ValueError,
                  "grad_stats: workspace: expected 8-byte alignment");
   }
-  DeviceGuard guard(out.device.index);
+  ::agrt::cuda::DeviceGuard guard(out.device.index);
   const auto stream = reinterpret_cast<cudaStream_t>(tensors.empty() ? out.stream : tensors[0].stream);
   auto* rows = static_cast<double*>(out.data);
   Moments* partials = static_cast<Moments*>(workspace.data);
-  if (own_workspace && !tensors.empty()) {
-    // Stream-ordered allocation: no host synchronization, freed on the stream after the kernels.
-    void* p = nullptr;
-    check(cudaMallocAsync(&p, need, stream), "cudaMallocAsync (workspace)");
-    partials = static_cast<Moments*>(p);
-  }
+  // Stream-ordered scratch when the caller gave no workspace: no host synchronization, freed on
+  // the stream after the kernels.
+  ::agrt::cuda::Scratch scratch(own_workspace && !tensors.empty() ? need : 0, stream, out.device.index);
+  if (scratch.data() != nullptr) partials = scratch.as<Moments>();
   Batch batch;
   for (const auto& [first, last] : batches) {
     batch.ntensors = static_cast<int>(last - first);
@@ -308,9 +287,8 @@ void grad_stats_cuda(const std::vector<TensorView>& tensors, const TensorView& o
     finalize_kernel<<<batch.ntensors, kThreads, 0, stream>>>(batch, partials, rows);
   }
   total_kernel<<<1, kThreads, 0, stream>>>(rows, static_cast<int>(tensors.size()));
-  const cudaError_t launched = cudaGetLastError();
-  if (own_workspace && partials != nullptr) check(cudaFreeAsync(partials, stream), "cudaFreeAsync (workspace)");
-  check(launched, "kernel launch");
+  AGRT_CUDA_CHECK(cudaGetLastError());  // a failed launch; the scratch is freed on the way out
+  scratch.release();
 }
 
 }  // namespace agrt::kernels::detail

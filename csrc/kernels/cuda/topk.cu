@@ -11,7 +11,7 @@
 //   emit         each tile writes its selected entries at their global rank      (full pass)
 //
 // The output is in index order and the selected set equals the CPU twin's (same key, same digit
-// split, ties to the lowest index). Scratch comes from cudaMallocAsync on the same stream.
+// split, ties to the lowest index). Scratch: agrt::cuda::Scratch, stream-ordered on the same stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,6 +23,7 @@
 
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/kernels/topk.h"
+#include "core/cuda/helpers.h"
 
 namespace agrt::kernels::cuda {
 namespace {
@@ -31,14 +32,6 @@ constexpr int kThreads = 256;
 constexpr int kItems = 16;
 constexpr int kTile = kThreads * kItems;
 constexpr int kMaxBins = 1 << 11;
-
-#define AGRT_CUDA_CHECK(expr)                                                                  \
-  do {                                                                                         \
-    const cudaError_t agrt_err = (expr);                                                       \
-    if (agrt_err != cudaSuccess)                                                               \
-      AGRT_FAIL(::agrt::RuntimeError, #expr, " failed: ", cudaGetErrorName(agrt_err), ": ",    \
-                cudaGetErrorString(agrt_err));                                                 \
-  } while (0)
 
 struct F32 {
   using Storage = float;
@@ -358,18 +351,6 @@ void dispatch_index(DType t, Fn&& fn) {
   AGRT_FAIL(RuntimeError, "topk: unexpected index dtype ", dtype_name(t));
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    AGRT_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) AGRT_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
-
 int grid_for(long long m) {
   const long long blocks = (m + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
@@ -379,7 +360,7 @@ int grid_for(long long m) {
 
 void topk_compress(const TensorView& grad, const TensorView& residual, std::int64_t k, const TensorView& values,
                    const TensorView& indices) {
-  DeviceGuard guard(grad.device.index);
+  ::agrt::cuda::DeviceGuard guard(grad.device.index);
   const auto stream = reinterpret_cast<cudaStream_t>(grad.stream);
   const long long n = grad.numel;
   const long long tiles = (n + kTile - 1) / kTile;
@@ -388,9 +369,8 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
   const std::size_t hist_bytes = 3 * kMaxBins * sizeof(unsigned long long);
   const std::size_t bytes = 256 + hist_bytes + static_cast<std::size_t>(tiles) * (2 * sizeof(unsigned int) +
                                                                                    2 * sizeof(unsigned long long));
-  void* raw = nullptr;
-  AGRT_CUDA_CHECK(cudaMallocAsync(&raw, bytes, stream));
-  auto* p = static_cast<char*>(raw);
+  ::agrt::cuda::Scratch scratch(bytes, stream, grad.device.index);
+  auto* p = scratch.as<char>();
   Workspace ws;
   ws.state = reinterpret_cast<State*>(p);
   ws.hist = reinterpret_cast<unsigned long long*>(p + 256);
@@ -427,19 +407,19 @@ void topk_compress(const TensorView& grad, const TensorView& residual, std::int6
     });
   });
   AGRT_CUDA_CHECK(cudaGetLastError());
-  AGRT_CUDA_CHECK(cudaFreeAsync(raw, stream));
+  scratch.release();
 }
 
 void topk_decompress(const TensorView& values, const TensorView& indices, const TensorView& out, double scale,
                      bool check_indices) {
-  DeviceGuard guard(out.device.index);
+  ::agrt::cuda::DeviceGuard guard(out.device.index);
   const auto stream = reinterpret_cast<cudaStream_t>(out.stream);
   const long long m = values.numel;
   const long long n = out.numel;
   const int grid = grid_for(m);
   if (check_indices) {
-    unsigned long long* bad = nullptr;
-    AGRT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&bad), sizeof *bad, stream));
+    ::agrt::cuda::Scratch scratch(sizeof(unsigned long long), stream, out.device.index);
+    auto* bad = scratch.as<unsigned long long>();
     AGRT_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, sizeof *bad, stream));
     unsigned long long first_bad = ~0ull;
     dispatch_index(indices.dtype, [&](auto i) {
@@ -447,7 +427,7 @@ void topk_decompress(const TensorView& values, const TensorView& indices, const 
       find_bad_index<I><<<grid, kThreads, 0, stream>>>(indices.as<const I>(), m, n, bad);
     });
     AGRT_CUDA_CHECK(cudaMemcpyAsync(&first_bad, bad, sizeof first_bad, cudaMemcpyDeviceToHost, stream));
-    AGRT_CUDA_CHECK(cudaFreeAsync(bad, stream));
+    scratch.release();
     AGRT_CUDA_CHECK(cudaStreamSynchronize(stream));
     AGRT_EXPECTS(first_bad == ~0ull, ValueError, "topk_decompress: indices[", first_bad, "] is outside out (", n,
                  " elements)");

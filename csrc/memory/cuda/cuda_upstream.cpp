@@ -5,23 +5,30 @@
 #include <cuda.h>  // driver types and prototypes only; the functions come from the entry-point query
 #include <cuda_runtime_api.h>
 
+#include <cstdio>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/memory/upstream.h"
+#include "core/cuda/helpers.h"
 
 namespace agrt::memory {
 namespace {
 
-std::string cuda_error(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+using cuda::DeviceGuard;
 
-#define AGRT_CUDA_CHECK(expr)                                                          \
-  do {                                                                                 \
-    const cudaError_t agrt_err = (expr);                                               \
-    if (agrt_err != cudaSuccess) AGRT_FAIL(RuntimeError, #expr, " failed: ", cuda_error(agrt_err)); \
-  } while (0)
+// The upstream's noexcept calls (deallocate, release, unmap) cannot throw: a device that cannot
+// even be made current any more is reported on stderr, and the memory is lost with it.
+template <typename Fn>
+void never_throw(const char* what, Fn&& fn) noexcept {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "autoglm_rt: cuda upstream: %s failed: %s\n", what, e.what());
+  }
+}
 
 struct DriverApi {
   decltype(&::cuMemCreate) mem_create = nullptr;
@@ -68,54 +75,43 @@ const DriverApi& driver() {
   return api;
 }
 
-// Makes `device` current for the scope and restores the caller's device. cudaSetDevice runs even
-// when cudaGetDevice already names `device`: in a thread that has not used CUDA yet,
-// cudaGetDevice answers 0 without any context being current, and the driver calls here (VMM)
-// do not initialise one the way runtime calls do; since CUDA 12, cudaSetDevice makes the
-// device's primary context current at once.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int now = prev_;
-    cudaGetDevice(&now);
-    if (now != prev_) cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-};
-
 class CudaUpstream final : public Upstream {
  public:
-  CudaUpstream(int device, bool want_vmm) : device_(device) {
+  CudaUpstream(int device, bool want_vmm) : device_(device), want_vmm_(want_vmm) {
     if (!want_vmm) return;
     const DriverApi& api = driver();
-    if (!api.missing.empty()) return;  // an old driver: fall back to cudaMalloc segments
+    if (!api.missing.empty()) {
+      fallback_reason_ = "the driver lacks " + api.missing;
+      return;
+    }
     {
-      DeviceGuard guard(device);  // initialises the primary context the driver calls need
-      cudaFree(nullptr);
+      DeviceGuard guard(device);  // makes the primary context current: the driver calls need one
+      AGRT_CUDA_CHECK(cudaFree(nullptr));
     }
     CUdevice dev = 0;
     int supported = 0;
     if (api.device_get(&dev, device) != CUDA_SUCCESS ||
         api.device_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) != CUDA_SUCCESS ||
-        !supported)
+        !supported) {
+      fallback_reason_ = "the device does not support virtual memory management";
       return;
+    }
     prop_.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop_.location.id = device;
     std::size_t g = 0;
-    if (api.granularity(&g, &prop_, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS || g == 0) return;
+    if (api.granularity(&g, &prop_, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS || g == 0) {
+      fallback_reason_ = "cuMemGetAllocationGranularity failed";
+      return;
+    }
     granularity_ = g;
-    vmm_ = true;
+    fallback_reason_ = probe_vmm();
+    vmm_ = fallback_reason_.empty();
   }
 
   std::string device() const override { return "cuda:" + std::to_string(device_); }
   std::string name() const override { return vmm_ ? "cuda-vmm" : "cuda-malloc"; }
+  std::string fallback_reason() const override { return want_vmm_ ? fallback_reason_ : std::string(); }
 
   void* allocate(std::size_t bytes) override {
     DeviceGuard guard(device_);
@@ -129,8 +125,10 @@ class CudaUpstream final : public Upstream {
     return p;
   }
   void deallocate(void* ptr, std::size_t) noexcept override {
-    DeviceGuard guard(device_);
-    cudaFree(ptr);
+    never_throw("cudaFree", [&] {
+      DeviceGuard guard(device_);
+      AGRT_CUDA_CHECK(cudaFree(ptr));
+    });
   }
 
   bool supports_expansion() const override { return vmm_; }
@@ -146,8 +144,10 @@ class CudaUpstream final : public Upstream {
     return reinterpret_cast<void*>(p);
   }
   void release(void* base, std::size_t bytes) noexcept override {
-    DeviceGuard guard(device_);
-    driver().address_free(reinterpret_cast<CUdeviceptr>(base), bytes);
+    never_throw("cuMemAddressFree", [&] {
+      DeviceGuard guard(device_);
+      driver().address_free(reinterpret_cast<CUdeviceptr>(base), bytes);
+    });
   }
 
   // One physical handle per granule, so any granule-aligned tail can be unmapped later.
@@ -188,17 +188,19 @@ class CudaUpstream final : public Upstream {
   // The caller (CachingPool) has waited for the block's stream first: unlike cudaFree, cuMemUnmap
   // and cuMemRelease do not synchronise with work that may still use the memory.
   void unmap(void* addr, std::size_t bytes) noexcept override {
-    DeviceGuard guard(device_);
-    const DriverApi& api = driver();
-    const auto base = reinterpret_cast<CUdeviceptr>(addr);
-    std::lock_guard<std::mutex> lock(mu_);
-    for (std::size_t off = 0; off < bytes; off += granularity_) {
-      auto it = handles_.find(base + off);
-      if (it == handles_.end()) continue;
-      api.mem_unmap(base + off, granularity_);
-      api.mem_release(it->second);
-      handles_.erase(it);
-    }
+    never_throw("cuMemUnmap", [&] {
+      DeviceGuard guard(device_);
+      const DriverApi& api = driver();
+      const auto base = reinterpret_cast<CUdeviceptr>(addr);
+      std::lock_guard<std::mutex> lock(mu_);
+      for (std::size_t off = 0; off < bytes; off += granularity_) {
+        auto it = handles_.find(base + off);
+        if (it == handles_.end()) continue;
+        api.mem_unmap(base + off, granularity_);
+        api.mem_release(it->second);
+        handles_.erase(it);
+      }
+    });
   }
 
   bool has_events() const override { return true; }
@@ -221,9 +223,52 @@ class CudaUpstream final : public Upstream {
   }
   void event_wait(EventHandle ev) override { AGRT_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(ev))); }
   void event_destroy(EventHandle ev) noexcept override { cudaEventDestroy(static_cast<cudaEvent_t>(ev)); }
+  void synchronize() override {
+    DeviceGuard guard(device_);
+    AGRT_CUDA_CHECK(cudaDeviceSynchronize());
+  }
 
  private:
+  // One granule reserved, created, mapped, made accessible and unmapped again. Some setups report
+  // VMM support and then fail at map or access (some vGPU and container configurations); the pool
+  // then takes cudaMalloc segments. Out of memory is no reason to fall back: mapping works, memory
+  // is short, and the pool's limit handling deals with that. Returns "" when VMM works.
+  std::string probe_vmm() {
+    const DriverApi& api = driver();
+    DeviceGuard guard(device_);
+    const auto failed = [](const char* call, CUresult r) {
+      return detail::concat(call, " failed in the VMM probe (CUresult ", static_cast<int>(r), ")");
+    };
+    CUdeviceptr va = 0;
+    CUresult r = api.address_reserve(&va, granularity_, granularity_, 0, 0);
+    if (r != CUDA_SUCCESS) return failed("cuMemAddressReserve", r);
+    std::string why;
+    CUmemGenericAllocationHandle h{};
+    r = api.mem_create(&h, granularity_, &prop_, 0);
+    if (r == CUDA_SUCCESS) {
+      r = api.mem_map(va, granularity_, 0, h, 0);
+      if (r == CUDA_SUCCESS) {
+        CUmemAccessDesc access{};
+        access.location = prop_.location;
+        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        r = api.set_access(va, granularity_, &access, 1);
+        if (r != CUDA_SUCCESS && r != CUDA_ERROR_OUT_OF_MEMORY) why = failed("cuMemSetAccess", r);
+        const CUresult u = api.mem_unmap(va, granularity_);
+        if (u != CUDA_SUCCESS && why.empty()) why = failed("cuMemUnmap", u);
+      } else if (r != CUDA_ERROR_OUT_OF_MEMORY) {
+        why = failed("cuMemMap", r);
+      }
+      api.mem_release(h);
+    } else if (r != CUDA_ERROR_OUT_OF_MEMORY) {
+      why = failed("cuMemCreate", r);
+    }
+    api.address_free(va, granularity_);
+    return why;
+  }
+
   int device_;
+  bool want_vmm_;
+  std::string fallback_reason_;
   bool vmm_ = false;
   std::size_t granularity_ = 0;
   CUmemAllocationProp prop_{};
@@ -239,7 +284,7 @@ std::shared_ptr<Upstream> make_cuda_upstream(int device, bool expandable) {
   if (e != cudaSuccess) {
     cudaGetLastError();
     throw RuntimeError("cuda:" + std::to_string(device) + ": the CUDA runtime reports no usable device (" +
-                       cuda_error(e) + ")");
+                       cuda::error_text(e) + ")");
   }
   AGRT_EXPECTS(device >= 0 && device < count, ValueError, "device: cuda:", device, " does not exist (", count,
                " CUDA device(s) visible)");

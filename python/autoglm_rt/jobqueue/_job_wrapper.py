@@ -5,8 +5,10 @@ restarted (and is no longer this process's parent) still learns how the job ende
 
 Standard library only: it runs as a plain script, without importing autoglm_rt. SIGTERM and SIGINT
 are forwarded to the command (the checkpoint contract: the command saves and exits 0). The exit
-file holds the command's return code (negative: killed by that signal; 127: could not start) and
-is written atomically; it is missing only if this wrapper itself was killed.
+file holds the command's return code (negative: killed by that signal; 127: could not start, with
+the reason on a second line) and is written atomically; it is missing only if this wrapper itself
+was killed. The wrapper leads the job's process group (the runner starts it in a new session), so
+the command and anything it forks can be stopped together.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ def main(argv: list[str]) -> int:
         return 2
     exit_file, pid_file, command = argv[0], argv[1], argv[3:]
     _write_atomically(pid_file, f"{os.getpid()}\n")
+    reason = ""
     try:
         child = subprocess.Popen(command)
-    except OSError as exc:
-        print(f"autoglm-rt queue: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)
+    except (OSError, ValueError) as exc:
+        reason = f"cannot start {command[0]!r}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        print(f"autoglm-rt queue: {reason}", file=sys.stderr, flush=True)
         rc = 127
     else:
 
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
         rc = child.wait()
-    _write_atomically(exit_file, f"{rc}\n")
+    _write_atomically(exit_file, f"{rc}\n{reason}\n" if reason else f"{rc}\n")
     return rc if rc >= 0 else 128 - rc
 
 

@@ -23,10 +23,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec
-from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore
+from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec, check_job
+from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore, RunnerLock
 from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = ["QueueRunner"]
 
@@ -38,7 +42,9 @@ class QueueRunner:
     schedule, start); ``run()`` repeats it until every job has finished.
 
     ``log``: called with one line per event (default: print). ``scheduler_options``: passed to
-    :class:`PriorityScheduler` (aging_rate, preemption_margin, reserve_after...)."""
+    :class:`PriorityScheduler` (aging_rate, preemption_margin, reserve_after...). ``retry_failed``:
+    jobs the state file records as failed run again (a new attempt each); otherwise finished jobs
+    keep their result. Raises StateLockedError when another runner holds the state file."""
 
     def __init__(
         self,
@@ -50,9 +56,16 @@ class QueueRunner:
         log: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
         scheduler_options: dict[str, float] | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self.spec = spec
-        self.store = QueueStore(state)
+        # One runner per state file: a second one raises StateLockedError naming the holder.
+        self._lock = RunnerLock(state)
+        try:
+            self.store = QueueStore(state)
+        except BaseException:
+            self._lock.release()
+            raise
         self.work_dir = Path(f"{self.store.path}.d")
         self.grace_period = spec.grace_period if grace_period is None else float(grace_period)
         self.poll_interval = spec.poll_interval if poll_interval is None else float(poll_interval)
@@ -62,8 +75,20 @@ class QueueRunner:
         options = {"aging_rate": spec.aging_rate, **(scheduler_options or {})}
         self.scheduler = PriorityScheduler(list(spec.devices), clock=time.time, **options)  # type: ignore[arg-type]
         now = time.time()
+        known = {j.name: j.state for j in self.store.jobs()}
         for name in self.store.add_missing(spec.jobs, now):
             self._log(f"queued {name}")
+        failed = [n for n, st in known.items() if st == "failed"]
+        if retry_failed:
+            for name in failed:
+                self.store.update(name, now, "retry", "retry_failed", state="pending", finished_at=None, message=None)
+                self._log(f"retry {name}")
+        finished = [n for n, st in known.items() if st in TERMINAL and not (retry_failed and st == "failed")]
+        if finished:
+            self._log(
+                f"resuming {self.store.path}: {len(finished)} job(s) finished before are not run again"
+                + (f" ({len(failed)} failed; --retry-failed runs them again)" if failed and not retry_failed else "")
+            )
         self._recover(now)
 
     # ---------------------------------------------------------------- public
@@ -115,9 +140,11 @@ class QueueRunner:
 
     def submit(self, job: JobSpec) -> None:
         """Adds a job to the running queue (it is stored before this returns). Raises
-        SchedulerError for a duplicate name or a job no set of this queue's slots can hold."""
+        QueueSpecError for a job the queue file would reject, SchedulerError for a duplicate name
+        or a job no set of this queue's slots can hold."""
         if not isinstance(job, JobSpec):
             raise TypeError(f"job: expected a JobSpec, got {type(job).__name__}")
+        check_job(job, "submit")
         known = {j.name for j in self.store.jobs()}
         if job.name in known:
             raise SchedulerError(f"job {job.name!r} is already in the queue")
@@ -159,8 +186,10 @@ class QueueRunner:
         return target
 
     def close(self) -> None:
-        """Closes the state file. Running jobs keep running; a new runner adopts them."""
+        """Closes the state file and frees it for another runner. Running jobs keep running; a new
+        runner adopts them."""
         self.store.close()
+        self._lock.release()
 
     def job_dir(self, name: str) -> Path:
         return self.work_dir / name
@@ -204,6 +233,30 @@ class QueueRunner:
     # ---------------------------------------------------------------- process handling
 
     def _launch(self, job: JobRow, devices: Sequence[int], now: float) -> None:
+        """Starts one attempt of ``job``; a job that cannot be started (its directory, log or
+        process cannot be created) fails alone and the queue carries on."""
+        try:
+            self._spawn(job, devices, now)
+        except (OSError, ValueError) as exc:
+            reason = f"cannot start {job.name!r}: {exc}"
+            self.store.update(
+                job.name,
+                now,
+                "failed",
+                reason,
+                state="failed",
+                finished_at=now,
+                pid=None,
+                devices=(),
+                message=reason,
+            )
+            self._log(f"FAILED {job.name} ({reason})")
+            for dependent in self.scheduler.finished(job.name, False, now):
+                self._fail_pending(dependent, now, scheduler_knows=True)
+
+    def _spawn(self, job: JobRow, devices: Sequence[int], now: float) -> None:
+        """The wrapper leads the job's own process group (pgid == its pid, a new session): that
+        group is the job, and stopping the job means signalling it."""
         attempt = job.attempt + 1
         jdir = self.job_dir(job.name)
         (jdir / "checkpoint").mkdir(parents=True, exist_ok=True)
@@ -257,7 +310,10 @@ class QueueRunner:
             pid=pid,
             pid_created=created,
         )
-        self._log(f"start {job.name} on {'gpus' if self.spec.uses_gpus else 'slots'} {list(devices)} (pid {pid})")
+        self._log(
+            f"start {job.name} on {'gpus' if self.spec.uses_gpus else 'slots'} {list(devices)} "
+            f"(process group {pid}: kill -- -{pid} stops it)"
+        )
 
     def _collect(self, job: JobRow, now: float) -> None:
         """If the job's process has ended, records how and updates the scheduler."""
@@ -266,7 +322,18 @@ class QueueRunner:
                 os.waitpid(job.pid, os.WNOHANG)  # reap it if it is our own child
             if _alive(job.pid, job.pid_created):
                 return
-        code = self._read_exit_file(job)
+            # The wrapper is gone. Whatever is left of its process group (the command, if the
+            # wrapper was killed; strays it left behind) still uses the slots: stop it first.
+            left = _group_members(job.pid, job.pid_created)
+            if left:
+                self._log(
+                    f"stop {job.name}: its wrapper (pid {job.pid}) ended but pid(s) {[p.pid for p in left]} "
+                    "of its process group still run; SIGKILL"
+                )
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(job.pid, signal.SIGKILL)
+                return  # the slots stay taken until the group is gone
+        code, reason = self._read_exit_file(job)
         if job.state == "stopping":
             reason = job.stop_reason or "preempt"
             detail = f"exit {code}" if code is not None else "killed after the grace period"
@@ -285,19 +352,19 @@ class QueueRunner:
             self._log(f"stopped {job.name} ({reason}, {detail}); requeued")
             return
         ok = code == 0
-        message = None if code is not None else "the job's wrapper died without recording an exit status"
+        message = reason or (None if code is not None else "the job's wrapper died without recording an exit status")
         self.store.update(
             job.name,
             now,
             "succeeded" if ok else "failed",
-            f"exit {code}",
+            f"exit {code}" + (f": {reason}" if reason else ""),
             state="succeeded" if ok else "failed",
             finished_at=now,
             exit_code=code,
             pid=None,
             message=message,
         )
-        self._log(f"{'done' if ok else 'FAILED'} {job.name} (exit {code})")
+        self._log(f"{'done' if ok else 'FAILED'} {job.name} (exit {code}{': ' + reason if reason else ''})")
         for dependent in self.scheduler.finished(job.name, ok, now):
             self._fail_pending(dependent, now, scheduler_knows=True)
 
@@ -313,7 +380,10 @@ class QueueRunner:
         self.store.update(job.name, now, "stop", reason, state="stopping", stop_reason=reason, stop_sent_at=now)
         if job.pid is not None and _alive(job.pid, job.pid_created):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(job.pid, signal.SIGTERM)
+                os.kill(job.pid, signal.SIGTERM)  # the wrapper forwards it to the command
+        elif job.pid is not None and _group_members(job.pid, job.pid_created):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(job.pid, signal.SIGTERM)
 
     def _escalate(self, job: JobRow, now: float) -> None:
         if job.stop_sent_at is None or now - job.stop_sent_at < self.grace_period or job.pid is None:
@@ -335,6 +405,8 @@ class QueueRunner:
             if req.kind != "migrate":
                 self.store.answer_request(req.id, now, False, f"unknown request kind {req.kind!r}")
                 continue
+            if not self.store.claim_request(req.id, now):
+                continue  # past its deadline: answered as expired, never carried out
             try:
                 target = self.migrate_task(req.job, req.to)
             except SchedulerError as exc:
@@ -362,11 +434,13 @@ class QueueRunner:
         if job.started_at is not None and newest > job.started_at:
             self.scheduler.record_checkpoint(job.name, newest)
 
-    def _read_exit_file(self, job: JobRow) -> int | None:
+    def _read_exit_file(self, job: JobRow) -> tuple[int | None, str | None]:
+        """The attempt's exit code (None: not recorded) and, when the command could not start, why."""
         try:
-            return int((self.job_dir(job.name) / f"exit.{job.attempt}").read_text().strip())
-        except (OSError, ValueError):
-            return None
+            lines = (self.job_dir(job.name) / f"exit.{job.attempt}").read_text().splitlines()
+            return int(lines[0].strip()), (lines[1].strip() if len(lines) > 1 and lines[1].strip() else None)
+        except (OSError, ValueError, IndexError):
+            return None, None
 
     def _read_pid_file(self, job: JobRow) -> tuple[int | None, float | None]:
         try:
@@ -383,6 +457,30 @@ def _create_time(pid: int) -> float | None:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:
         return None
+
+
+def _group_members(pgid: int, leader_created: float | None) -> list[psutil.Process]:
+    """Live processes of the process group ``pgid`` started no earlier than its leader (so a
+    recycled group id is not mistaken for the job's)."""
+    import psutil
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # the common case: the group is empty
+    except PermissionError:
+        pass
+    members = []
+    for p in psutil.process_iter(["create_time", "status"]):
+        try:
+            if os.getpgid(p.pid) != pgid or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+        except (ProcessLookupError, PermissionError):
+            continue
+        if leader_created is not None and p.info["create_time"] < leader_created - 0.05:
+            continue
+        members.append(p)
+    return members
 
 
 def _alive(pid: int, created: float | None) -> bool:

@@ -26,13 +26,14 @@ from typing import Any
 
 from autoglm_rt.policy.scheduler import Task
 
-__all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "detect_gpus", "load_queue_spec", "parse_queue_spec"]
+__all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "check_job", "detect_gpus", "load_queue_spec", "parse_queue_spec"]
 
 
 class QueueSpecError(ValueError):
     """The queue file is malformed; the message names the field and what was expected."""
 
 
+MAX_NAME_BYTES = 255  # a job's name is its directory's name: NAME_MAX on Linux file systems
 _JOB_KEYS = {"name", "command", "urgency", "priority", "gpus", "depends_on", "preemptible", "min_runtime"}
 _TOP_KEYS = {"slots", "gpus", "jobs", "grace_period", "poll_interval", "aging_rate"}
 
@@ -90,15 +91,18 @@ class QueueSpec:
 
 def load_queue_spec(path: str | Path) -> QueueSpec:
     """Reads and checks a queue file. Raises QueueSpecError (a ValueError) naming what is wrong."""
-    import yaml
+    from autoglm_rt.untrusted_yaml import UntrustedYAMLError, load_untrusted
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_untrusted(path.read_text())  # bounded: a jobs file is untrusted input too
     except OSError as exc:
-        raise QueueSpecError(f"{path}: cannot read the queue file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise QueueSpecError(f"{path}: not valid YAML: {exc}") from exc
+        raise QueueSpecError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise QueueSpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except UntrustedYAMLError as exc:
+        where = f"{path}:{exc.line}" if exc.line is not None else str(path)
+        raise QueueSpecError(f"{where}: not a valid queue file: {exc.message}") from None
     return parse_queue_spec(doc, source=str(path))
 
 
@@ -153,6 +157,11 @@ def parse_queue_spec(doc: object, *, source: str = "queue file") -> QueueSpec:
     return QueueSpec(devices, uses_gpus, tuple(jobs), grace, poll, aging)
 
 
+def check_job(job: JobSpec, source: str = "job") -> None:
+    """Applies the queue file's checks to a job built in code. Raises QueueSpecError."""
+    _job(job.to_dict(), 0, source)
+
+
 def detect_gpus() -> list[int]:
     """This machine's GPU indices as jobs would name them: ``CUDA_VISIBLE_DEVICES`` if it is set
     (empty: none), else every device NVML reports. Empty when there is no GPU or no driver."""
@@ -193,11 +202,23 @@ def _job(raw: object, i: int, source: str) -> JobSpec:
         raise QueueSpecError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(_JOB_KEYS)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise QueueSpecError(f"{where}: name must be a non-empty string without '/', got {name!r}")
+        raise QueueSpecError(f"{where}: name must be a non-empty string without '/' or a leading '.', got {name!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise QueueSpecError(f"{where}: name must not contain control characters (NUL, newline...), got {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise QueueSpecError(
+            f"{where}: name is {len(name.encode('utf-8', 'surrogateescape'))} bytes; at most {MAX_NAME_BYTES} "
+            "(it names the job's directory)"
+        )
     where = f"{source}: job {name!r}"
     command = raw.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
         raise QueueSpecError(f"{where}: command must be a non-empty list of strings (arguments), got {command!r}")
+    nul = [i for i, a in enumerate(command) if "\0" in a]
+    if nul:
+        raise QueueSpecError(f"{where}: command argument {nul[0]} contains a NUL byte, which no program can receive")
+    if not command[0]:
+        raise QueueSpecError(f"{where}: command[0] (the program) is empty")
     depends = raw.get("depends_on", [])
     if isinstance(depends, str):
         depends = [depends]

@@ -3,7 +3,11 @@ the runner acts on it, so a runner that dies loses no job and a new one resumes 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +15,7 @@ from typing import Any
 
 from autoglm_rt.jobqueue.spec import JobSpec
 
-__all__ = ["JobRow", "QueueStore", "Request"]
+__all__ = ["JobRow", "QueueStore", "Request", "RunnerLock", "StateLockedError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,7 +45,9 @@ CREATE TABLE IF NOT EXISTS requests (
     target TEXT,                    -- JSON list of slots, or NULL
     answered_at REAL,
     ok INTEGER,
-    answer TEXT
+    answer TEXT,
+    expires_at REAL,                -- a request not taken by a runner by then is never carried out
+    claimed_at REAL                 -- taken by a runner: it will answer
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -99,6 +105,11 @@ class QueueStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # State files written before requests expired: add the columns (NULL: no deadline).
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(requests)")}
+        for col in ("expires_at", "claimed_at"):
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE requests ADD COLUMN {col} REAL")
 
     def close(self) -> None:
         self._db.close()
@@ -155,18 +166,50 @@ class QueueStore:
         rows = self._db.execute(q + " WHERE job=? ORDER BY id" if job else q + " ORDER BY id", (job,) if job else ())
         return [tuple(r) for r in rows.fetchall()]
 
-    def request(self, kind: str, job: str, to: tuple[int, ...] | None, now: float) -> int:
-        """Leaves a request for the runner; returns its id."""
+    def request(
+        self, kind: str, job: str, to: tuple[int, ...] | None, now: float, expires_at: float | None = None
+    ) -> int:
+        """Leaves a request for the runner; returns its id. A runner takes it only before
+        ``expires_at`` (None: no deadline); after that it is answered as expired, never carried out."""
         with self._tx():
             cur = self._db.execute(
-                "INSERT INTO requests(at, kind, job, target) VALUES (?, ?, ?, ?)",
-                (now, kind, job, json.dumps(list(to)) if to is not None else None),
+                "INSERT INTO requests(at, kind, job, target, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (now, kind, job, json.dumps(list(to)) if to is not None else None, expires_at),
             )
         return int(cur.lastrowid or 0)
 
     def open_requests(self) -> list[Request]:
         rows = self._db.execute("SELECT id FROM requests WHERE answered_at IS NULL ORDER BY id").fetchall()
         return [self.get_request(r[0]) for r in rows]
+
+    def claim_request(self, request_id: int, now: float) -> bool:
+        """The runner takes an unanswered request before its deadline (True), or answers it as
+        expired (False). Exactly one of this and :meth:`cancel_request` wins."""
+        with self._tx():
+            claimed = self._db.execute(
+                "UPDATE requests SET claimed_at=? WHERE id=? AND claimed_at IS NULL AND answered_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (now, request_id, now),
+            ).rowcount
+            if not claimed:
+                self._db.execute(
+                    "UPDATE requests SET answered_at=?, ok=0, answer='expired before a runner took it' "
+                    "WHERE id=? AND claimed_at IS NULL AND answered_at IS NULL",
+                    (now, request_id),
+                )
+        return bool(claimed)
+
+    def cancel_request(self, request_id: int, now: float) -> bool:
+        """Withdraws a request no runner has taken yet (True); False if a runner took it (it will
+        answer) or it was answered already."""
+        with self._tx():
+            return bool(
+                self._db.execute(
+                    "UPDATE requests SET answered_at=?, ok=0, answer='withdrawn by the requester' "
+                    "WHERE id=? AND claimed_at IS NULL AND answered_at IS NULL",
+                    (now, request_id),
+                ).rowcount
+            )
 
     def get_request(self, request_id: int) -> Request:
         r = self._db.execute(
@@ -231,3 +274,43 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class StateLockedError(RuntimeError):
+    """Another runner holds the queue's state file."""
+
+
+class RunnerLock:
+    """An exclusive ``flock`` on ``STATE.lock`` beside the state file, which records the holder's
+    pid and host. Held for the runner's lifetime; the kernel releases it when the holder exits or
+    dies, so a lock left by a dead runner is free and simply taken over (the pid in the file is
+    only for the message). Local file systems only (``flock`` over NFS is not reliable)."""
+
+    def __init__(self, state: str | Path) -> None:
+        self.state = Path(state)
+        self.path = Path(f"{self.state}.lock")
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+            os.close(fd)
+            pid, host = [*holder, "?", "?"][:2]
+            raise StateLockedError(
+                f"state {self.state} is held by pid {pid} on {host}; stop that runner or use another --state"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Frees the lock (idempotent)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None

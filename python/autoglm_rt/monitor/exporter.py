@@ -22,6 +22,7 @@ node_exporter/DCGM would), unless ``host_metrics=True`` is passed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -32,7 +33,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
 
 from autoglm_rt.constants import PHASES, UNLIMITED_BYTES
 from autoglm_rt.monitor.load import LoadLevel
@@ -166,12 +166,19 @@ class _SourceEntry:
     labels: dict[str, str]
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
+def _env_rank(name: str) -> int:
+    """An ``int >= 0`` from the environment variable ``name`` (0 when unset or empty). Raises
+    ValueError for anything else, so a mistyped ``RANK``/``LOCAL_RANK`` is not silently 0."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return 0
     try:
-        return int(value) if value is not None else None
+        value = int(raw)
     except ValueError:
-        return None
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={raw!r}: expected an int >= 0 (the rank torchrun sets)")
+    return value
 
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -204,11 +211,11 @@ class MetricsExporter:
         step_buckets: Iterable[float] = STEP_BUCKETS,
     ) -> None:
         if rank is None:
-            rank = _env_int("RANK") or 0
+            rank = _env_rank("RANK")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank: expected an int >= 0, got {rank!r}")
         if host_metrics is None:
-            host_metrics = (_env_int("LOCAL_RANK") or 0) == 0
+            host_metrics = _env_rank("LOCAL_RANK") == 0
         self.rank = rank
         self.host_metrics = bool(host_metrics)
         self.sampler = sampler
@@ -491,6 +498,13 @@ class _Collector:
         return []
 
 
+#: The metrics endpoint's limits: a client has this many seconds to send its request (an idle
+#: connection is closed after it), and at most this many requests are served at once (further
+#: connections get 503 at once instead of a thread each).
+HEADER_TIMEOUT_SECONDS = 10.0
+MAX_CONCURRENT_REQUESTS = 8
+
+
 @dataclass
 class MetricsServer:
     """A running metrics endpoint; ``url`` is its /metrics address. ``close()`` stops it."""
@@ -524,22 +538,80 @@ def start_metrics_server(
     *,
     exporter: MetricsExporter | None = None,
     offset_by_local_rank: bool = True,
+    header_timeout: float = HEADER_TIMEOUT_SECONDS,
+    max_concurrent: int = MAX_CONCURRENT_REQUESTS,
 ) -> MetricsServer:
     """Serves ``exporter`` (default: a new one without a sampler) over HTTP on a daemon thread.
 
     Listens on ``addr`` (loopback unless told otherwise) and ``port + LOCAL_RANK`` when
-    ``offset_by_local_rank`` and env ``LOCAL_RANK`` is set; ``port=0`` picks a free port (see
-    ``MetricsServer.port``). Raises OSError if the port is taken."""
+    ``offset_by_local_rank`` and env ``LOCAL_RANK`` is set (it must then be an int >= 0);
+    ``port=0`` picks a free port (see ``MetricsServer.port``). A client that has not sent its
+    request within ``header_timeout`` seconds is disconnected; at most ``max_concurrent`` requests
+    are served at once, further connections get 503. Raises OSError if the port is taken."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port: expected an int in 0..65535, got {port!r}")
     if not isinstance(addr, str) or not addr:
         raise ValueError(f"addr: expected an address to bind such as '127.0.0.1', got {addr!r}")
+    if isinstance(header_timeout, bool) or not isinstance(header_timeout, int | float) or not header_timeout > 0:
+        raise ValueError(f"header_timeout: expected seconds > 0, got {header_timeout!r}")
+    if not math.isfinite(header_timeout):
+        raise ValueError(f"header_timeout: expected a finite number of seconds, got {header_timeout!r}")
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+        raise ValueError(f"max_concurrent: expected an int >= 1, got {max_concurrent!r}")
     if exporter is None:
         exporter = MetricsExporter()
-    local_rank = _env_int("LOCAL_RANK") or 0
-    if port and offset_by_local_rank:
+    local_rank = _env_rank("LOCAL_RANK") if offset_by_local_rank else 0  # checked even when port=0
+    if port and local_rank:
         port += local_rank
         if port > 65535:
             raise ValueError(f"port: port + LOCAL_RANK ({port}) exceeds 65535")
-    server, thread = start_http_server(port, addr=addr, registry=exporter.registry)
+    server, thread = _serve(exporter.registry, addr, port, float(header_timeout), max_concurrent)
     return MetricsServer(exporter, addr, int(server.server_port), server, thread)
+
+
+def _serve(registry: CollectorRegistry, addr: str, port: int, header_timeout: float, max_concurrent: int) -> Any:
+    """prometheus_client's WSGI app behind a threading server with a bounded number of request
+    threads and a socket timeout on each connection. Returns (server, thread)."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client.exposition import make_wsgi_app
+
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Handler(WSGIRequestHandler):
+        timeout = header_timeout  # socket timeout: reading the request line and headers included
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Logs nothing: a scrape every few seconds is not news."""
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+        _slots = threading.BoundedSemaphore(max_concurrent)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self._slots.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    request.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+    server = make_server(addr, port, make_wsgi_app(registry), Server, handler_class=Handler)
+    thread = threading.Thread(target=server.serve_forever, name="autoglm-rt-metrics", daemon=True)
+    thread.start()
+    return server, thread

@@ -24,7 +24,9 @@ from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
 from autoglm_rt.policy.scheduler import Device, PriorityScheduler, SchedulerError, Task, TaskState
 from autoglm_rt.policy.simulate import read_metrics_csv, simulate
-from autoglm_rt.policy.strategy import Action, ConfigError, Rule, Strategy
+from autoglm_rt.policy.strategy import Strategy
+from autoglm_rt.policy.strategy_file import ConfigError
+from autoglm_rt.policy.strategy_rules import Action, Rule
 
 
 def bundled_strategy(name: str) -> Path:

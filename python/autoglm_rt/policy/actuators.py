@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from autoglm_rt.policy.batch import BatchController
 from autoglm_rt.policy.memory import MemoryPolicy
-from autoglm_rt.policy.strategy import Action
+from autoglm_rt.policy.strategy_rules import Action
 
 log = logging.getLogger("autoglm_rt.policy")
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.strategy import METRICS, PHASES, Action, Strategy
+from autoglm_rt.constants import PHASES
+from autoglm_rt.policy.strategy import Strategy
+from autoglm_rt.policy.strategy_rules import METRICS, Action
 
 
 class MetricsFileError(ValueError):

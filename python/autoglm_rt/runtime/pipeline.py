@@ -17,7 +17,8 @@ from autoglm_rt.policy.batch import BatchController
 from autoglm_rt.policy.control import PID
 from autoglm_rt.policy.memory import MemoryPolicy
 from autoglm_rt.policy.phase import PhaseDetector, PhaseState
-from autoglm_rt.policy.strategy import Action, Strategy
+from autoglm_rt.policy.strategy import Strategy
+from autoglm_rt.policy.strategy_rules import Action
 from autoglm_rt.runtime.observation import Observation
 from autoglm_rt.stats import NoiseScale
 

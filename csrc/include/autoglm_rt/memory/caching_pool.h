@@ -1,6 +1,6 @@
 // CachingPool: a device-agnostic caching allocator over an Upstream.
 //
-// Sizes are rounded up to `round_bytes`; requests up to `small_size` (default: 256 KiB with
+// Sizes are rounded up to `round_bytes`; requests up to `small_size` (default: 128 KiB with
 // arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
 // (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
@@ -18,13 +18,18 @@
 //
 // Limit: reserved bytes never grow above limit(). set_limit() below the reserved bytes releases
 // cached free memory at once until reserved <= limit where possible; live blocks are never freed
-// or moved, growth is refused until usage falls.
+// or moved, growth is refused until usage falls. An allocation that would cross the limit first
+// defragments: it releases free tails and wholly free segments, then unmaps the whole free
+// granules inside arena holes (mapped again when a block lands on them), and raises only if it
+// still does not fit (counted in PoolStats::num_pressure_reclaims / pressure_reclaimed_bytes).
+// Without pressure nothing is released: no upstream call after the first pass of a steady loop.
 //
 // Thread safety: every member function may be called from any thread.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -44,6 +49,8 @@ class OutOfMemoryError : public std::runtime_error {
 inline constexpr std::size_t kNoLimit = ~std::size_t{0};
 /// Requests above this are refused as absurd (ValueError), whatever the limit.
 inline constexpr std::size_t kMaxRequest = std::size_t{1} << 48;
+/// Default bound of the trace buffer, in records.
+inline constexpr std::size_t kDefaultTraceRecords = std::size_t{1} << 20;
 
 struct PoolOptions {
   std::size_t limit = kNoLimit;
@@ -66,9 +73,16 @@ struct PoolStats {
   std::size_t limit_bytes = kNoLimit;
   std::uint64_t num_allocs = 0, num_frees = 0, num_cache_hits = 0;
   std::uint64_t num_upstream_allocs = 0, num_upstream_frees = 0, num_ooms = 0, num_trims = 0;
+  // Allocations that met the limit and released cached memory to fit (free tails, free segments,
+  // then free granules inside arena holes), and the bytes those releases returned.
+  std::uint64_t num_pressure_reclaims = 0;
+  std::size_t pressure_reclaimed_bytes = 0;
+  // Trace records not kept because the trace buffer was full (record_trace's max_records).
+  std::uint64_t num_trace_dropped = 0;
   std::size_t largest_free_block_bytes = 0;
   double fragmentation_ratio = 0.0;  // 1 - largest free block / cached free bytes; 0 when none
   std::size_t num_segments = 0, num_free_blocks = 0, num_live_blocks = 0;
+  std::size_t num_stream_lists = 0;  // streams holding cached free blocks (plus at most one empty)
 };
 
 struct TraceRecord {
@@ -112,7 +126,11 @@ class CachingPool {
   /// Bytes of the block at ptr (rounded size); throws ValueError for an unknown pointer.
   std::size_t block_size(const void* ptr) const;
 
-  void record_trace(bool on);
+  /// Starts (or stops) recording allocate/deallocate calls. The buffer keeps at most
+  /// `max_records` records (default 2^20, 32 MiB): once full, later records are dropped and
+  /// counted in PoolStats::num_trace_dropped, so the kept trace is a consistent prefix. A block
+  /// allocated while not recording is never recorded, its free neither.
+  void record_trace(bool on, std::size_t max_records = kDefaultTraceRecords);
   /// Trace since recording started, in the order of the calls.
   std::vector<TraceRecord> trace() const;
   /// Writes the trace as CSV (op,id,bytes,stream); throws agrt::RuntimeError if it cannot.
@@ -126,24 +144,34 @@ class CachingPool {
   std::unique_ptr<Impl> impl_;
 };
 
-/// Reads a trace CSV (header op,id,bytes,stream). Throws agrt::ValueError naming the line.
-std::vector<TraceRecord> read_trace(const std::string& path);
+/// Called by long native loops (trace parsing, replay) every few thousand steps, from the thread
+/// running the loop; it may throw to stop the loop (the bindings raise KeyboardInterrupt there on
+/// Ctrl-C), and everything the loop built is released. Empty: never called.
+using Poll = std::function<void()>;
+
+/// Reads a trace CSV (header op,id,bytes,stream; ids and streams non-negative integers, bytes of
+/// an alloc row 1..2^48). Throws agrt::ValueError naming the file and line.
+std::vector<TraceRecord> read_trace(const std::string& path, const Poll& poll = {});
 
 struct ReplayResult {
   std::size_t peak_reserved_bytes = 0, peak_requested_bytes = 0;
   double reserved_to_requested = 0.0;
   std::uint64_t upstream_allocs = 0, upstream_allocs_after_first_pass = 0;
+  std::uint64_t pressure_reclaims = 0;  // PoolStats::num_pressure_reclaims of the replay's pool
+  std::size_t pressure_reclaimed_bytes = 0;
   double ns_per_op = 0.0;
   std::uint64_t ops = 0;
 };
 
 /// Replays `trace` `repeat` times through a fresh pool over `upstream`; allocations still live at
-/// the end of a pass are freed before the next. Timing covers the pool calls only.
+/// the end of a pass are freed before the next. Timing covers the pool calls only. Under
+/// options.limit an allocation the pool refuses raises OutOfMemoryError naming the record.
 ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shared_ptr<Upstream> upstream,
-                    PoolOptions options);
+                    PoolOptions options, const Poll& poll = {});
 
 /// The baseline of replay(): the same trace calling upstream->allocate/deallocate directly for
 /// every request (no pool). Returns ns per operation.
-double replay_direct_ns_per_op(const std::vector<TraceRecord>& trace, int repeat, Upstream& upstream);
+double replay_direct_ns_per_op(const std::vector<TraceRecord>& trace, int repeat, Upstream& upstream,
+                               const Poll& poll = {});
 
 }  // namespace agrt::memory

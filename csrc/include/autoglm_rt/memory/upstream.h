@@ -22,6 +22,9 @@ class Upstream {
   virtual std::string device() const = 0;
   /// Short description for messages and stats ("host", "cuda-malloc", "cuda-vmm", ...).
   virtual std::string name() const = 0;
+  /// Why this upstream runs without a capability it was asked for ("" when it does not), e.g. the
+  /// CUDA upstream's VMM probe failing, so it hands out cudaMalloc segments instead of arenas.
+  virtual std::string fallback_reason() const { return {}; }
 
   /// A segment of exactly `bytes` (aligned to at least 256 B), or nullptr when the upstream is
   /// out of memory. Throws agrt::RuntimeError for any other failure.
@@ -53,6 +56,9 @@ class Upstream {
   /// Blocks until the event's work is complete (used only off the hot path: trim, destruction).
   virtual void event_wait(EventHandle ev) {}
   virtual void event_destroy(EventHandle ev) noexcept {}
+  /// Blocks until all work queued on the device so far is complete (destruction only: before the
+  /// pool unmaps memory whose blocks were never handed an event). No-op without events.
+  virtual void synchronize() {}
 };
 
 /// Host memory. With `expandable`, arenas are address ranges reserved with mmap(PROT_NONE) and
@@ -83,6 +89,9 @@ class LimitingUpstream : public Upstream {
   bool event_done(EventHandle ev) override;
   void event_wait(EventHandle ev) override;
   void event_destroy(EventHandle ev) noexcept override;
+  /// With manual events: completes every event and counts the call; then the inner upstream's.
+  void synchronize() override;
+  long synchronize_calls() const;
 
   void set_capacity(std::size_t bytes);
   void fail_next(int n);
