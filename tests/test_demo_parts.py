@@ -226,6 +226,12 @@ def test_timeline_lists_actions_applied_or_not_with_their_detail() -> None:
     assert timeline(_runs())[0].startswith("No strategy action fired")
 
 
+def test_timeline_reads_the_results_of_older_demos() -> None:
+    """A demo directory from before this format (phases and actions as strings) still reports."""
+    old = _runs(phases=[{"step": 130, "event": "PhaseEvent(...)"}], actions=["ActionResult(...)"])
+    assert timeline(old) == ["This result was written by an older demo, without a timeline; rerun with a fresh --out."]
+
+
 def test_markdown_has_run_headers_human_sizes_and_marks_estimated_energy() -> None:
     doc = {"runs": _runs(), "meta": {"steps": 4}, "plots": ["memory"]}
     md = render_markdown(doc, {"autoglm_rt": _steps([16] * 4), "baseline": _steps([16] * 4)})

@@ -130,16 +130,19 @@ def timeline(runs: dict[str, dict[str, Any]]) -> list[str]:
     a = runs["autoglm_rt"]
     rows: list[tuple[int, str, str, str]] = []
     for p in a.get("phases", []):
-        rows.append((p["step"], f"{p['kind']}: {p['before']} -> {p['after']}", "phase detector", p.get("reason", "")))
-    for act in a.get("actions", []):
+        if "kind" in p:  # results of older demos hold the event as one string; they are left out
+            rows.append((p["step"], f"{p['kind']}: {p['before']} -> {p['after']}", "phase detector", p["reason"]))
+    actions = [x for x in a.get("actions", []) if isinstance(x, dict)]  # older demos: strings, left out
+    for act in actions:
         done = "applied" if act["applied"] else "**not applied**"
         rows.append((act["step"], f"`{act['action']}: {act['value']}` (rule {act['rule']})", done, act["detail"]))
-    if not any(True for _ in a.get("actions", [])):
-        note = f"No strategy action fired: the {a.get('strategy', 'demo')!r} strategy acts on phase changes"
-        note += " and instability; none happened in this run." if not a.get("phases") else "."
-        lines = [note]
-    else:
-        lines = []
+    lines: list[str] = []
+    if len(actions) < len(a.get("actions", [])) or any("kind" not in p for p in a.get("phases", [])):
+        lines.append("This result was written by an older demo, without a timeline; rerun with a fresh --out.")
+    elif not actions:
+        why = "and none happened in this run" if not a.get("phases") else "but none of its rules matched them"
+        name = a.get("strategy", "demo")
+        lines.append(f"No strategy action fired: the {name!r} strategy acts on phase changes and instability, {why}.")
     if rows:
         lines += ["", "| step | event | carried out | detail |", "|---|---|---|---|"]
         lines += [f"| {s} | {what} | {done} | {detail} |" for s, what, done, detail in sorted(rows, key=lambda r: r[0])]
