@@ -88,7 +88,7 @@ def test_progress_on_a_terminal_uses_a_tqdm_bar_from_the_resumed_step() -> None:
     for step in range(15, 20):
         progress.update(step, {"loss": 1.0, "phase": "initial", "micro_batch": 4, "accumulation": 2})
     progress.close()
-    assert "20/20" in stream.getvalue() and "batch 4x2" in stream.getvalue()
+    assert "20/20" in stream.getvalue() and "initial 4x2" in stream.getvalue()
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

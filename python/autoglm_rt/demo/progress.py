@@ -3,6 +3,7 @@ carriage returns would pile up into one endless line) a short plain line every t
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any, TextIO
 
@@ -17,7 +18,13 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=run, unit="step", file=self.stream, dynamic_ncols=True)
+            # The size from shutil, which falls back to 80x24 where a pseudo-terminal reports 0x0
+            # (tqdm's own probe then takes -1 rows and draws nothing at all).
+            size = shutil.get_terminal_size()
+            self.bar = tqdm(
+                total=total, initial=initial, desc=run, unit="step", file=self.stream, ncols=size.columns,
+                nrows=size.lines,
+            )  # fmt: skip
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         """``step``: the step just finished (0-based); ``record``: its step record."""
@@ -26,7 +33,7 @@ class Progress:
         phase = record.get("phase") or "-"
         batch = f"{record['micro_batch']}x{record['accumulation']}"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {record['loss']:.3f} phase {phase} batch {batch}", refresh=False)
+            self.bar.set_postfix_str(f"loss {record['loss']:.3f} {phase} {batch}", refresh=False)
             self.bar.update(1)
         elif (step + 1) % self._every == 0 or step + 1 == self.total:
             print(
