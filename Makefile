@@ -9,7 +9,7 @@ JOBS ?= $(shell nproc)
 TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12
 RUNTIME_DEPS := numpy psutil PyYAML prometheus-client nvidia-ml-py matplotlib tqdm
-TEST_DEPS := pytest pytest-benchmark hypothesis ruff mypy types-PyYAML types-psutil
+TEST_DEPS := pytest pytest-benchmark pytest-timeout hypothesis ruff mypy types-PyYAML types-psutil
 
 .PHONY: demo test install pytest bench-check ctest ctest-sanitize lint clean
 

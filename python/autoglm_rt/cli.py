@@ -237,8 +237,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", action="store_true", help="plain segments instead of growable arenas")
     p.add_argument("--granularity", default="64Ki", help="arena growth step (default 64Ki; CUDA uses 2Mi)")
     p.add_argument(
-        "--small-size", default=None, help="largest request of the small class (default 256Ki, 1Mi with --segments)"
+        "--small-size", default=None, help="largest request of the small class (default 128Ki, 1Mi with --segments)"
     )
+    p.add_argument("--limit", default=None, help="hard limit of the pool, e.g. 64Mi (default: none)")
     p.add_argument(
         "--decommit", action="store_true", help="unmap free granules before mapping more (smaller, more upstream calls)"
     )
@@ -248,7 +249,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
 @command("replay", _replay_args)
 def _replay(args: argparse.Namespace) -> int:
     """Replays an allocation trace through a fresh caching pool and reports its footprint."""
-    from autoglm_rt.memory import replay
+    from autoglm_rt.memory import OutOfMemoryError, replay
     from autoglm_rt.units import format_size
 
     trace = Path(args.trace)
@@ -270,7 +271,11 @@ def _replay(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             small_size=args.small_size,
             decommit=args.decommit,
+            limit=args.limit,
         )
+    except OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0]
+        raise CliError(f"{first}, raise --limit or leave it out") from None
     except UnicodeDecodeError:
         raise CliError(f"{trace} is not a text file, {expected}") from None
     except ValueError as exc:
@@ -284,6 +289,8 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"reserved / requested              {result['reserved_to_requested']:.3f}")
     print(f"upstream allocations              {result['upstream_allocs']}")
     print(f"upstream allocations after pass 1 {result['upstream_allocs_after_first_pass']}")
+    if args.limit is not None:
+        print(f"reclaims under the limit          {result['pressure_reclaims']}")
     print(f"ns per operation                  {result['ns_per_op']:.1f}")
     return 0
 

@@ -84,8 +84,13 @@ def _pool_fields() -> dict[str, FieldSpec]:
         ("num_upstream_frees", "upstream_frees", "Segments returned to the upstream"),
         ("num_ooms", "ooms", "Allocations refused (limit or upstream out of memory)"),
         ("num_trims", "trims", "Trims of the cache (limit lowered or explicit)"),
+        ("num_pressure_reclaims", "pressure_reclaims", "Allocations that first reclaimed free memory under the limit"),
+        ("num_trace_dropped", "trace_dropped", "Trace records dropped because the trace buffer was full"),
     ):
         fields[key] = FieldSpec(f"pool_{what}_total", "counter", f"{doc} since the pool was created.")
+    fields["pressure_reclaimed_bytes"] = FieldSpec(
+        "pool_pressure_reclaimed_bytes_total", "counter", "Bytes given back to the upstream to fit under the limit."
+    )
     return fields
 
 
