@@ -8,7 +8,7 @@ JOBS ?= $(shell nproc)
 # torch: the CPU build. On these machines pip takes it from local disk; never a CUDA build here.
 TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12
-RUNTIME_DEPS := numpy psutil PyYAML prometheus-client nvidia-ml-py matplotlib
+RUNTIME_DEPS := numpy psutil PyYAML prometheus-client nvidia-ml-py matplotlib tqdm
 TEST_DEPS := pytest pytest-benchmark pytest-timeout hypothesis ruff mypy types-PyYAML types-psutil
 
 .PHONY: demo test install pytest bench-check ctest ctest-sanitize lint clean

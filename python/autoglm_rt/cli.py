@@ -316,8 +316,11 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         doc = run_demo(args.out, preset, steps=args.steps, gpus=args.gpus, show_progress=not args.no_progress)
     except Interrupted as exc:
-        print(exc)
-        return 0
+        print(exc, flush=True)  # one line; the checkpoint is in place
+        return 128 + exc.signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM: never 0
+    except KeyboardInterrupt:  # Ctrl-C between the runs (e.g. while the report is written)
+        print("SIGINT: stopped; rerun the same command to continue", flush=True)
+        return 130
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out).resolve()}/report.md, report.json, {len(doc['plots'])} plots")
     return 0

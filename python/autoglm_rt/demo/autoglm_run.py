@@ -1,38 +1,52 @@
 """The demo's ``autoglm_rt`` run: everything on.
 
 Per rank: the top-k hook with error feedback (density warm-up after a dense start), the Runtime
-(fused statistics, noise scale from the hook's local/global squared norms, phase detection,
-memory policy over a pool, batch controller), the bundled dynamic-balance strategy on the
-sampler's smoothed load, a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own).
+(fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
+controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
+a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
+has (``Runtime.attach``).
 
-On CPU the pool is a host ``CachingPool`` whose limit the memory policy drives (torch's CPU
-allocator is not pluggable, so the model's tensors do not live in it); on GPU it is the pool
-installed as torch's CUDA allocator, and the limit binds the model.
+On GPU the memory policy drives the pool installed as torch's CUDA allocator. On CPU there is no
+pool: torch's CPU allocator is not pluggable, so a pool would hold none of the model's tensors and
+a limit on it would limit nothing; the activation memory is measured instead (``activations``).
 """
 
 from __future__ import annotations
 
-from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoglm_rt.demo.train import DemoConfig, loss_fn
+from autoglm_rt.demo import checkpoint
+from autoglm_rt.demo.activations import ActivationMeter
+from autoglm_rt.demo.model import loss_fn
 
-CPU_POOL_CAPACITY = "1Gi"  # the nominal device memory the phase fractions of a CPU run refer to
+DEMO_STRATEGY = "demo"  # policy/strategies/demo.yaml
 
 
-def bundled_strategy() -> str:
-    return resources.files("autoglm_rt.policy").joinpath("strategies/dynamic_balance.yaml").read_text()
+class RunSettings(Protocol):
+    """What this run reads of ``train.DemoConfig`` (not imported: train imports this module)."""
+
+    @property
+    def batch(self) -> int: ...
+    @property
+    def density(self) -> float: ...
+    @property
+    def dense_steps(self) -> int: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def metrics_port(self) -> int: ...
 
 
 class AutoglmRun:
-    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: DemoConfig, device: torch.device, rank: int):
+    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: RunSettings, device: torch.device, rank: int):
         from autoglm_rt.ddp import TopKState, topk_hook
-        from autoglm_rt.memory import CachingPool, torch_pool
+        from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
-        from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime
+        from autoglm_rt.policy import bundled_strategy
+        from autoglm_rt.runtime import BatchConfig, Hooks, Runtime
 
         self.cfg = cfg
         controller = None
@@ -45,17 +59,12 @@ class AutoglmRun:
             density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller
         )
         model.register_comm_hook(self.comm, topk_hook)
-        if device.type == "cuda":
-            self.pool = torch_pool(device.index or 0)
-            capacity: Any = None
-        else:
-            self.pool = CachingPool("cpu")
-            capacity = CPU_POOL_CAPACITY
+        self.pool: Any = torch_pool(device.index or 0) if device.type == "cuda" else None
         self.sampler = Sampler(period=1.0, gpus=device.type == "cuda").start()
         self.exporter = MetricsExporter(self.sampler, rank=rank)
         self.server = start_metrics_server(cfg.metrics_port, exporter=self.exporter)
-        self.phases: list[dict[str, Any]] = []
-        self.actions: list[str] = []
+        self.activations = ActivationMeter(model.parameters())
+        self.loss_fn = self.activations.wrap(loss_fn)
 
         def metrics() -> dict[str, float]:
             snap = self.sampler.latest()
@@ -64,80 +73,84 @@ class AutoglmRun:
         self.runtime = Runtime(
             model,
             optimizer,
-            strategy=bundled_strategy(),
+            strategy=bundled_strategy(DEMO_STRATEGY),
             comm_state=self.comm,
             pool=self.pool,
             batch=BatchConfig(effective_batch=cfg.batch),
-            # threads_by_phase=False: each rank keeps its one thread (2 ranks on 2 cores)
-            memory=MemoryConfig(capacity=capacity, threads_by_phase=False),
             hooks=Hooks(metrics_source=metrics),
-            exporter=self.exporter,
         )
+        self.runtime.attach(self.exporter)
+        # What happened, for the report (saved in checkpoints, so a resumed run's report is whole).
+        self.phases: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, dict[str, Any]]:
-        loss = self.runtime.forward_backward(batch, loss_fn)
+        loss = self.runtime.forward_backward(batch, self.loss_fn)
         report = self.runtime.step()
-        if report.step_seconds is not None:
-            self.exporter.observe_step(report.step_seconds)
         for ev in report.events:
-            self.phases.append({"step": report.step, "event": str(ev)})
-        self.actions += [str(a) for a in report.actions]
-        sent, dense = self.comm.bytes_sent, self.comm.dense_bytes
-        return float(loss), {
+            self.phases.append({"step": report.step, "kind": ev.kind, "before": ev.before, "after": ev.after,
+                                "reason": ev.reason})  # fmt: skip
+        actions = [
+            {
+                "step": report.step,
+                "rule": r.action.strategy,
+                "action": r.action.name,
+                "value": r.action.value,
+                "applied": r.applied,
+                "detail": r.detail,
+            }
+            for r in report.actions
+        ]
+        self.actions += actions
+        metrics = self.comm.metrics()
+        record: dict[str, Any] = {
             "micro_batch": report.micro_batch,
             "accumulation": report.accumulation,
             "phase": report.phase,
             "unstable": report.unstable,
             "noise_scale": report.noise_scale,
             "grad_norm": report.grad_norm,
-            "memory_limit_bytes": self.pool.limit,
-            "bytes_communicated_total": sent,
-            "bytes_saved_ratio": 1 - sent / dense if dense else 0.0,
+            "precision": report.precision,
+            "activation_bytes": self.activations.take_step_peak(),
+            "bytes_communicated_total": int(metrics["bytes_sent"]),
+            "bytes_saved_ratio": 1 - metrics["bytes_sent"] / metrics["dense_bytes"] if metrics["dense_bytes"] else 0.0,
         }
+        if self.pool is not None:
+            record["memory_limit_bytes"] = self.pool.limit
+        if actions:
+            record["actions"] = actions
+        return float(loss), record
 
-    # What a resumed run needs beyond model and optimizer: the hook's residuals and counters (so
-    # error feedback continues exactly), and the runtime's statistics-driven state.
-    _COMM_FIELDS = (
-        "iter",
-        "_residuals",
-        "bytes_sent",
-        "dense_bytes",
-        "compressed_buckets",
-        "dense_buckets",
-        "residual_resets",
-        "bucket_density",
-    )
-    _RUNTIME_FIELDS = ("step_count", "skipped_steps", "ooms_recovered", "phase_detector", "_noise")
-
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond model, optimizer and RNG: the Runtime's and the hook's
+        state and the report's history."""
         return {
-            "comm": {k: getattr(self.comm, k) for k in self._COMM_FIELDS},
-            "runtime": {k: getattr(self.runtime, k) for k in self._RUNTIME_FIELDS},
-            "phases": self.phases,
+            "runtime": self.runtime.state_dict(),
+            "comm": checkpoint.comm_state_dict(self.comm),
+            "phases": list(self.phases),
+            "actions": list(self.actions),
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for k, v in state["comm"].items():
-            setattr(self.comm, k, v)
-        for k, v in state["runtime"].items():
-            setattr(self.runtime, k, v)
-        self.phases = state["phases"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.runtime.load_state_dict(state["runtime"])
+        checkpoint.load_comm_state_dict(self.comm, state["comm"])
+        self.phases = list(state["phases"])
+        self.actions = list(state["actions"])
 
     def summary(self) -> dict[str, Any]:
+        metrics = self.comm.metrics()
         return {
-            "bytes_communicated": self.comm.bytes_sent,
-            "dense_bytes": self.comm.dense_bytes,
+            "bytes_communicated": int(metrics["bytes_sent"]),
+            "dense_bytes": int(metrics["dense_bytes"]),
             "phases": self.phases,
-            "actions": self.actions[-50:],
+            "actions": self.actions,
+            "strategy": DEMO_STRATEGY,
             "metrics_url": self.server.url,
+            "pool": None if self.pool is None else "torch's CUDA allocator, limit driven by the memory policy",
             "notes": [
-                f"top-k density {self.cfg.density:.3g} with error feedback after {self.cfg.dense_steps} dense steps",
-                "pool: "
-                + (
-                    "torch's CUDA allocator"
-                    if self.pool.device.startswith("cuda")
-                    else "a host pool driven by the memory policy (torch's CPU tensors do not live in it)"
-                ),
+                f"top-k density {self.cfg.density:.3g} with error feedback after {self.cfg.dense_steps} dense steps "
+                f"and a {self.cfg.warmup_steps}-step warm-up",
+                f"strategy: the bundled {DEMO_STRATEGY!r} (policy/strategies/{DEMO_STRATEGY}.yaml)",
             ],
         }
 

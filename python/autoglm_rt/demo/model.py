@@ -65,3 +65,10 @@ class CharGPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean next-character cross-entropy of ``batch = (inputs, targets)``."""
+    x, y = batch
+    loss: torch.Tensor = model(x, y)
+    return loss

@@ -1,7 +1,7 @@
 """The demo's comparison: report.json, report.md and PNG plots from the two runs' records.
 
 Each run directory holds ``result.json`` (the run's summary) and ``steps.jsonl`` (one record per
-optimizer step: step, loss, phase, micro_batch, accumulation, memory_limit_bytes,
+optimizer step: step, loss, phase, micro_batch, accumulation, activation_bytes, actions,
 bytes_communicated, dense_bytes, ...). Fields a run does not have are simply absent.
 """
 
@@ -11,8 +11,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autoglm_rt.demo.findings import comparison_sentences, plot_notes, timeline
+from autoglm_rt.units import format_size
+
 REQUIRED_RUN_FIELDS = ("val_loss", "bytes_communicated", "wall_seconds", "peak_memory_bytes", "energy_joules")
-PLOTS = ("loss", "phase", "batch", "memory_limit", "bytes_per_step")
+PLOTS = ("loss", "phase", "batch", "memory", "bytes_per_step")
+PLOT_TITLES = {
+    "loss": "Training loss",
+    "phase": "Training phase",
+    "batch": "Micro-batch and effective batch",
+    "memory": "Memory",
+    "bytes_per_step": "Bytes sent per step",
+}
 
 
 def read_steps(run_dir: Path) -> list[dict[str, Any]]:
@@ -41,41 +51,55 @@ def write_report(out: Path, runs: dict[str, dict[str, Any]], meta: dict[str, Any
     (out / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     steps = {name: read_steps(out / name) for name in runs}
     doc["plots"] = write_plots(out, steps)
-    (out / "report.md").write_text(render_markdown(doc))
+    (out / "report.md").write_text(render_markdown(doc, steps))
     return doc
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
+def render_markdown(doc: dict[str, Any], steps: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """report.md: the runs, the table (memory in MiB/GiB, energy marked when estimated), what is
+    worse or slower and why, the timeline of phase changes and actions, the plots with notes."""
     runs = doc["runs"]
+    steps = steps or {}
     names = list(runs)
     lines = ["# autoglm-rt demo report", ""]
     meta = doc.get("meta", {})
+    for i, name in enumerate(names, 1):
+        run_steps = runs[name].get("config", {}).get("steps", meta.get("steps", "?"))
+        lines.append(f"- run {i} of {len(names)}: **{name}**, {run_steps} steps, output `{name}/`")
     if meta:
-        lines += [f"- {k}: {v}" for k, v in sorted(meta.items())] + [""]
+        lines += [f"- {k}: {v}" for k, v in sorted(meta.items())]
+    lines.append("")
+    estimated = any(runs[n].get("energy_estimated") for n in names)
     rows = [
-        ("validation loss", "val_loss", "{:.4f}"),
-        ("bytes communicated", "bytes_communicated", "{:,.0f}"),
-        ("wall time (s)", "wall_seconds", "{:.1f}"),
-        ("peak memory (bytes)", "peak_memory_bytes", "{:,.0f}"),
-        ("energy (J)", "energy_joules", "{:.1f}"),
+        ("validation loss", lambda r: f"{r['val_loss']:.4f}"),
+        ("bytes communicated", lambda r: f"{r['bytes_communicated']:,} ({format_size(r['bytes_communicated'])})"),
+        ("wall time (s)", lambda r: f"{r['wall_seconds']:.1f}"),
+        ("peak memory (largest rank)", lambda r: format_size(r["peak_memory_bytes"])),
+        ("energy (J, estimate)" if estimated else "energy (J)", lambda r: f"{r['energy_joules']:.1f}"),
     ]
     lines.append("| | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
-    for label, key, fmt in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(runs[n][key]) for n in names) + " |")
-    cmp = doc.get("comparison")
-    if cmp:
-        lines += [
-            "",
-            f"autoglm_rt sent {cmp['bytes_ratio']:.1f}x fewer bytes; its validation loss is "
-            f"{cmp['val_loss_ratio']:.3f}x the baseline's; wall time {cmp['wall_ratio']:.2f}x.",
-        ]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(runs[n]) for n in names) + " |")
+    sources = [(n, runs[n]["energy_source"]) for n in names if runs[n].get("energy_source")]
+    if sources:
+        lines += ["", "Energy is an estimate where the source says so:" if estimated else "Energy, measured:"]
+        lines += [f"- {n}: {src}" for n, src in sources]
+    if "autoglm_rt" in runs and "baseline" in runs:
+        lines += ["", "## autoglm_rt against the baseline", ""]
+        lines += [f"- {s}" for s in comparison_sentences(runs, steps)]
+        lines += ["", "## Timeline of the autoglm_rt run", "", *timeline(runs)]
     for name in names:
         notes = runs[name].get("notes")
         if notes:
             lines += ["", f"**{name}**: " + "; ".join(notes)]
     if doc.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in doc["plots"]]
+        notes_by_plot = plot_notes(runs, steps) if "autoglm_rt" in runs and "baseline" in runs else {}
+        lines += ["", "## Plots"]
+        for p in doc["plots"]:
+            lines += ["", f"### {PLOT_TITLES.get(p, p)}", "", f"![{p}]({p}.png)"]
+            if p in notes_by_plot:
+                lines += ["", notes_by_plot[p]]
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +114,7 @@ def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:
     series = {
         "loss": ("loss", "training loss"),
         "batch": ("effective_batch", "micro-batch x accumulation (samples per rank)"),
-        "memory_limit": ("memory_limit_bytes", "pool memory limit (bytes)"),
+        "memory": ("activation_bytes", "activation memory per step (MiB)"),
         "bytes_per_step": ("bytes_communicated_step", "bytes sent per step per rank"),
     }
     written = []
@@ -109,6 +133,16 @@ def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:
                 )
                 ax.plot(xs, [r.get("micro_batch", 0) for r in recs], "--", label=f"{name} micro-batch")
                 ax.set_title(series[plot][1])
+            elif plot == "memory":
+                ax.plot(
+                    xs, [r.get("activation_bytes", float("nan")) / 2**20 for r in recs], label=f"{name} activations"
+                )
+                title = series[plot][1]
+                if any("memory_limit_bytes" in r for r in recs):
+                    limits = [r.get("memory_limit_bytes", float("nan")) / 2**20 for r in recs]
+                    ax.plot(xs, limits, ":", label=f"{name} pool limit")
+                    title = "activation memory and pool limit (MiB)"
+                ax.set_title(title)
             else:
                 key, title = series[plot]
                 ax.plot(xs, [r.get(key, float("nan")) for r in recs], label=name)

@@ -1,14 +1,15 @@
 """One data-parallel training run of the demo, on ``world`` processes over 127.0.0.1.
 
 Two kinds of run share everything but the runtime: ``baseline`` (dense allreduce, a static batch,
-no policy) and ``autoglm_rt`` (top-k hook with error feedback, fused statistics, noise scale,
-phase detection, memory policy over a pool, batch controller, the bundled strategy, a Prometheus
-endpoint, the energy meter). Both see the same samples at the same steps: the batch of rank r at
-step s is drawn from a generator seeded with (seed, r, s), so a resumed run continues exactly.
+no policy; ``baseline_run``) and ``autoglm_rt`` (top-k hook with error feedback, the Runtime and
+the demo strategy, a Prometheus endpoint; ``autoglm_run``). Both see the same samples at the same
+steps: the batch of rank r at step s is drawn from a generator seeded with (seed, r, s).
 
-Checkpoint contract: on SIGTERM each rank finishes its current step, all ranks agree (a tiny
-all-reduce) to stop at the same step, each saves ``ckpt_rank{r}.pt`` (model, optimizer, step,
-hook residuals, runtime counters) and exits 0. A rerun resumes from there.
+Checkpoint contract: on SIGTERM or SIGINT (Ctrl-C) each rank finishes its current step, all ranks
+agree (a tiny all-reduce of the signal number) to stop at the same step, each saves its checkpoint
+(``checkpoint``: model, optimizer, the run's ``state_dict()``, RNG streams, the next step,
+counters), rank 0 marks it complete, and the ranks exit 0 printing nothing (the driver prints the
+one line). A rerun resumes from there and ends exactly where an uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from autoglm_rt.demo import checkpoint
 from autoglm_rt.demo.corpus import Corpus, load_corpus, sample_batch
-from autoglm_rt.demo.model import CharGPT, GPTConfig
+from autoglm_rt.demo.model import CharGPT, GPTConfig, loss_fn
+from autoglm_rt.demo.progress import Progress
 
 RUNS = ("autoglm_rt", "baseline")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -80,35 +82,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class _Counters:
-    bytes_communicated: int = 0
-    dense_bytes: int = 0
-
-
-def _counting_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
-    """torch's allreduce_hook, counting the bytes it hands to the collective. (Unannotated: DDP
-    checks the hook's annotations against real classes, and this module's are strings.)"""
-    buf = bucket.buffer()
-    state.bytes_communicated += buf.numel() * buf.element_size()
-    state.dense_bytes += buf.numel() * buf.element_size()
-    return default_hooks.allreduce_hook(None, bucket)
-
-
-class _StopFlag:
-    """Set by SIGTERM; ranks agree on it at step boundaries so all stop at the same step."""
+class StopFlag:
+    """Set by SIGTERM or SIGINT; ranks agree on it at step boundaries so all stop at the same step."""
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.signum = self.signum or signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+    def agreed(self) -> int:
+        """The signal any rank received (the largest number if several), or 0 to go on."""
+        flag = torch.tensor([self.signum], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
 
 def _evaluate(model: torch.nn.Module, corpus: Corpus, cfg: DemoConfig, device: torch.device) -> float:
@@ -126,16 +115,12 @@ def _evaluate(model: torch.nn.Module, corpus: Corpus, cfg: DemoConfig, device: t
     return sum(losses) / cfg.val_windows
 
 
-def _batch_for(corpus: Corpus, cfg: DemoConfig, rank: int, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _batch_for(
+    corpus: Corpus, cfg: DemoConfig, rank: int, step: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng([cfg.seed, rank, step])
     x, y = sample_batch(corpus.train, cfg.batch, cfg.block, rng)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-
-
-def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    loss: torch.Tensor = model(x, y)
-    return loss
 
 
 def _peak_memory_bytes(pool: Any, device: torch.device) -> int:
@@ -146,58 +131,9 @@ def _peak_memory_bytes(pool: Any, device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class _BaselineRun:
-    """Dense allreduce (torch's allreduce_hook, bytes counted), a static batch, no policy."""
-
-    pool = None
-
-    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: DemoConfig) -> None:
-        self.model, self.optimizer, self.cfg = model, optimizer, cfg
-        self.counters = _Counters()
-        model.register_comm_hook(self.counters, _counting_allreduce_hook)
-
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, dict[str, Any]]:
-        loss = loss_fn(self.model, batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), {
-            "micro_batch": self.cfg.batch,
-            "accumulation": 1,
-            "phase": None,
-            "bytes_communicated_total": self.counters.bytes_communicated,
-        }
-
-    def state(self) -> dict[str, Any]:
-        return asdict(self.counters)
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.counters.bytes_communicated = state["bytes_communicated"]
-        self.counters.dense_bytes = state["dense_bytes"]
-
-    def summary(self) -> dict[str, Any]:
-        return {"bytes_communicated": self.counters.bytes_communicated, "dense_bytes": self.counters.dense_bytes}
-
-    def close(self) -> None:
-        """Nothing to release: the baseline holds no threads or servers."""
-
-
-def _progress(run: str, step: int, steps: int, rec: dict[str, Any]) -> None:
-    width = 24
-    done = int(width * (step + 1) / steps)
-    phase = rec.get("phase") or "-"
-    saved = rec.get("bytes_saved_ratio")
-    saved_txt = f" saved {saved:6.1%}" if saved is not None else ""
-    line = (
-        f"\r[{run:>10}] |{'#' * done}{'.' * (width - done)}| {step + 1:>4}/{steps} "
-        f"loss {rec['loss']:.3f} phase {phase:<11} batch {rec['micro_batch']}x{rec['accumulation']}{saved_txt}"
-    )
-    sys.stdout.write(line)
-    sys.stdout.flush()
-
-
 def worker(rank: int, run: str, cfg: DemoConfig, out: str, port: int, show_progress: bool) -> None:
     """Entry point of one rank (torch.multiprocessing.spawn)."""
+    stop = StopFlag()  # first: a signal from here on checkpoints instead of killing the rank
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ["WORLD_SIZE"] = str(cfg.world)
     torch.set_num_threads(cfg.threads_per_rank)
@@ -210,80 +146,143 @@ def worker(rank: int, run: str, cfg: DemoConfig, out: str, port: int, show_progr
 
     init_process_group(backend, rank=rank, world_size=cfg.world, port=port, timeout=timedelta(seconds=300))
     try:
-        _train(rank, run, cfg, Path(out) / run, device, show_progress)
+        _train(rank, run, cfg, Path(out) / run, device, show_progress, stop)
     finally:
         dist.destroy_process_group()
 
 
-def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.device, show_progress: bool) -> None:
-    from autoglm_rt.monitor.energy import EnergyMeter
+@dataclass
+class _Position:
+    """Where a run stands: the next step, and what the steps before it cost."""
 
-    corpus = load_corpus(cfg.corpus_chars)
+    step: int = 0
+    wall_seconds: float = 0.0
+    energy_joules: float = 0.0
+    prev_bytes: int = 0
+
+
+def _build(
+    run: str, cfg: DemoConfig, device: torch.device, rank: int, resume_batch: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.nn.Module, Any, Any]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in both runs
     net = CharGPT(cfg.gpt()).to(device)
     model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if resume_batch is not None:
+        _settle_buckets(model, resume_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    stop = _StopFlag()
     if run == "autoglm_rt":
         from autoglm_rt.demo.autoglm_run import AutoglmRun
 
-        impl: Any = AutoglmRun(model, optimizer, cfg, device, rank)
-    else:
-        impl = _BaselineRun(model, optimizer, cfg)
+        return net, optimizer, AutoglmRun(model, optimizer, cfg, device, rank)
+    from autoglm_rt.demo.baseline_run import BaselineRun
+
+    return net, optimizer, BaselineRun(model, optimizer, cfg.batch)
+
+
+def _settle_buckets(model: DDP, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """DDP lays its gradient buckets out anew after its first backward (in the order the gradients
+    became ready), and the top-k hook selects and keeps residuals per bucket. A resumed run does
+    that first backward here, before its hook is registered and its state loaded, so that it steps
+    with the buckets of the run it continues. The gradients are discarded; the weights and the
+    optimizer are untouched."""
+    loss_fn(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _resume(
+    saved: dict[str, Any] | None, run_dir: Path, rank: int, device: torch.device, net: torch.nn.Module, optimizer: Any,
+    impl: Any,
+) -> _Position:  # fmt: skip
+    """Loads this rank's part of the committed checkpoint ``saved`` (None: a fresh start)."""
+    if saved is None:
+        return _Position()
+    ckpt = checkpoint.load_rank(run_dir, rank, device)
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    impl.load_state_dict(ckpt["run"])
+    checkpoint.set_rng_state(ckpt["rng"])
+    return _Position(**ckpt["position"])
+
+
+def _checkpoint(run_dir: Path, rank: int, cfg: DemoConfig, signum: int, net: torch.nn.Module, optimizer: Any,
+                impl: Any, position: _Position) -> None:  # fmt: skip
+    checkpoint.save_rank(
+        run_dir,
+        rank,
+        {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "run": impl.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "position": asdict(position),
+        },
+    )
+    dist.barrier()  # every rank's file is in place before the marker says the checkpoint is whole
+    if rank == 0:
+        checkpoint.commit(run_dir, position.step, cfg.world, signal.Signals(signum).name)
+
+
+def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.device, show_progress: bool,
+           stop: StopFlag) -> None:  # fmt: skip
+    from autoglm_rt.monitor.energy import EnergyMeter
+
+    corpus = load_corpus(cfg.corpus_chars)
+    saved = checkpoint.committed(run_dir)
+    resume_batch = _batch_for(corpus, cfg, rank, saved["step"], device) if saved is not None else None
+    net, optimizer, impl = _build(run, cfg, device, rank, resume_batch)
     # Energy of the whole machine, metered once (rank 0) in both runs.
     meter = EnergyMeter(gpus=device.type == "cuda").start() if rank == 0 else None
-
-    ckpt_path = run_dir / f"ckpt_rank{rank}.pt"
-    step, wall_before, joules_before, prev_bytes = 0, 0.0, 0.0, 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        impl.load_state(ckpt["run"])
-        step, wall_before, joules_before = ckpt["step"], ckpt["wall_seconds"], ckpt["energy_joules"]
-        prev_bytes = ckpt["prev_bytes"]
-    steps_file = (run_dir / "steps.jsonl").open("a") if rank == 0 else None
+    pos = _resume(saved, run_dir, rank, device, net, optimizer, impl)
+    steps_file = _open_steps(run_dir, pos.step) if rank == 0 else None
+    progress = Progress(run, cfg.steps, pos.step, enabled=show_progress and rank == 0)
     t0 = time.perf_counter()
     try:
-        while step < cfg.steps:
-            if stop.agreed():
-                torch.save(
-                    {
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "run": impl.state(),
-                        "step": step,
-                        "wall_seconds": wall_before + time.perf_counter() - t0,
-                        "energy_joules": joules_before + (meter.read().total_joules if meter else 0.0),
-                        "prev_bytes": prev_bytes,
-                    },
-                    ckpt_path,
-                )
-                if rank == 0:
-                    print(f"\n[{run}] SIGTERM: checkpointed at step {step}; rerun to resume", flush=True)
+        while pos.step < cfg.steps:
+            signum = stop.agreed()
+            if signum:
+                pos.wall_seconds += time.perf_counter() - t0
+                pos.energy_joules += meter.read().total_joules if meter else 0.0
+                _checkpoint(run_dir, rank, cfg, signum, net, optimizer, impl, pos)
                 return
-            batch = _batch_for(corpus, cfg, rank, step, device)
+            batch = _batch_for(corpus, cfg, rank, pos.step, device)
             ts = time.perf_counter()
             loss, record = impl.step(batch)
-            record.update(step=step, loss=loss, step_seconds=time.perf_counter() - ts)
+            record.update(step=pos.step, loss=loss, step_seconds=time.perf_counter() - ts)
             record["effective_batch"] = record["micro_batch"] * record["accumulation"]
-            record["bytes_communicated_step"] = record["bytes_communicated_total"] - prev_bytes
-            prev_bytes = record["bytes_communicated_total"]
+            record["bytes_communicated_step"] = record["bytes_communicated_total"] - pos.prev_bytes
+            pos.prev_bytes = record["bytes_communicated_total"]
             if steps_file is not None:
                 steps_file.write(json.dumps(record) + "\n")
                 steps_file.flush()
-                if show_progress:
-                    _progress(run, step, cfg.steps, record)
-            step += 1
+            progress.update(pos.step, record)
+            pos.step += 1
     finally:
+        progress.close()
         if steps_file is not None:
             steps_file.close()
         impl.close()
-    if rank == 0 and show_progress:
-        print(flush=True)
+    _finish(rank, cfg, corpus, run_dir, device, net, impl, meter, pos.wall_seconds + time.perf_counter() - t0,
+            pos.energy_joules)  # fmt: skip
+
+
+def _open_steps(run_dir: Path, first_step: int) -> Any:
+    """steps.jsonl holding exactly the records of the steps before ``first_step`` (a fresh run:
+    none; a resumed one: those up to its checkpoint, dropping any written after it)."""
+    path = run_dir / "steps.jsonl"
+    kept = []
+    if first_step and path.exists():
+        kept = [
+            line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < first_step
+        ]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def _finish(rank: int, cfg: DemoConfig, corpus: Corpus, run_dir: Path, device: torch.device, net: torch.nn.Module,
+            impl: Any, meter: Any, wall_seconds: float, joules_before: float) -> None:  # fmt: skip
     result = {
         "val_loss": _evaluate(net, corpus, cfg, device),
-        "wall_seconds": wall_before + time.perf_counter() - t0,
+        "wall_seconds": wall_seconds,
         "peak_memory_bytes": _peak_memory_bytes(impl.pool, device),
         **impl.summary(),
     }
@@ -291,6 +290,7 @@ def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.de
         energy = meter.read()
         result["energy_joules"] = joules_before + energy.total_joules
         result["energy_source"] = energy.describe()
+        result["energy_estimated"] = energy.cpu_estimated
     gathered: list[Any] = [None] * cfg.world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -300,15 +300,16 @@ def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.de
             "bytes_communicated": sum(g["bytes_communicated"] for g in gathered),
             "dense_bytes": sum(g["dense_bytes"] for g in gathered),
             "peak_memory_bytes": max(g["peak_memory_bytes"] for g in gathered),
-            "energy_joules": gathered[0]["energy_joules"],
-            "energy_source": gathered[0]["energy_source"],
             "per_rank": gathered,
             "config": asdict(cfg),
             "corpus": corpus.describe(),
         }
-        for key in ("notes", "phases", "metrics_url"):
+        for key in ("energy_joules", "energy_source", "energy_estimated"):
+            summary[key] = gathered[0][key]
+        for key in ("notes", "phases", "actions", "strategy", "pool", "metrics_url"):
             if key in gathered[0]:
                 summary[key] = gathered[0][key]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     dist.barrier()
-    ckpt_path.unlink(missing_ok=True)
+    if rank == 0:
+        checkpoint.clear(run_dir)
