@@ -33,6 +33,10 @@ def main(argv: list[str]) -> int:
     exit_file, pid_file, command = argv[0], argv[1], argv[3:]
     _write_atomically(pid_file, f"{os.getpid()}\n")
     try:
+        # The job's cgroup (autoglm_rt.jobqueue.placement), joined before the command starts.
+        for procs in filter(None, os.environ.pop("AUTOGLM_RT_CGROUP_PROCS", "").split(":")):
+            with open(procs, "w") as f:
+                f.write(f"{os.getpid()}\n")
         child = subprocess.Popen(command)
     except OSError as exc:
         print(f"autoglm-rt queue: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)

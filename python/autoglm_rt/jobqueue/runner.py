@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from autoglm_rt.jobqueue.placement import CgroupPlacement
 from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec
 from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore
 from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
@@ -64,6 +65,7 @@ class QueueRunner:
         now = time.time()
         for name in self.store.add_missing(spec.jobs, now):
             self._log(f"queued {name}")
+        self.placement = CgroupPlacement(self.store.path, self._log)
         self._recover(now)
 
     # ---------------------------------------------------------------- public
@@ -218,6 +220,7 @@ class QueueRunner:
         env["AUTOGLM_RT_JOB_ATTEMPT"] = str(attempt)
         if not self.spec.uses_gpus:
             env.setdefault("OMP_NUM_THREADS", str(len(devices)))
+        env.update(self.placement.env_for(job.spec, attempt))
         self.store.update(
             job.name,
             now,
@@ -266,6 +269,7 @@ class QueueRunner:
             if _alive(job.pid, job.pid_created):
                 return
         code = self._read_exit_file(job)
+        oom = self.placement.finished(job.name, job.attempt)  # removes the job's cgroup
         if job.state == "stopping":
             reason = job.stop_reason or "preempt"
             detail = f"exit {code}" if code is not None else "killed after the grace period"
@@ -285,18 +289,19 @@ class QueueRunner:
             return
         ok = code == 0
         message = None if code is not None else "the job's wrapper died without recording an exit status"
+        message = oom or message
         self.store.update(
             job.name,
             now,
             "succeeded" if ok else "failed",
-            f"exit {code}",
+            oom or f"exit {code}",
             state="succeeded" if ok else "failed",
             finished_at=now,
             exit_code=code,
             pid=None,
             message=message,
         )
-        self._log(f"{'done' if ok else 'FAILED'} {job.name} (exit {code})")
+        self._log(f"{'done' if ok else 'FAILED'} {job.name} ({oom or f'exit {code}'})")
         for dependent in self.scheduler.finished(job.name, ok, now):
             self._fail_pending(dependent, now, scheduler_knows=True)
 
