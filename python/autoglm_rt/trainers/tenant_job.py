@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_bytes": stats.get("peak_allocated_bytes"),
                     "limit_bytes": stats.get("limit_bytes"),
                     "threads": torch.get_num_threads(),
+                    "phase": runtime.phase_detector.phase,
                 }
                 tmp = status.with_suffix(".tmp")
                 tmp.write_text(json.dumps(doc))
