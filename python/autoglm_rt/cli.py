@@ -337,8 +337,9 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
             memory=parse_size(args.memory, name="--memory"),
             cores=args.cores,
             seed=args.seed,
-            training_jobs=5 if args.quick else 8,
-            request_window=25.0 if args.quick else 60.0,
+            training_jobs=4 if args.quick else 8,
+            job_rate=0.4 if args.quick else 0.25,
+            request_window=20.0 if args.quick else 60.0,
         )
     except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)

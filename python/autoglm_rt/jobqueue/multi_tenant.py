@@ -77,8 +77,8 @@ class JobKind:
 
 # Peaks measured here with /tmp-free ``benches/multi_tenant.py --calibrate`` style runs (MiB,
 # dev-cpu, in a cgroup, --fixed): cnn-s 230 at the start / 219 at micro-batch 1; cnn-m 282 /
-# 382 grown 1.6x / 219; gpt-s 230 / 220; gpt-m (batch 16) 250 / 267 grown 1.6x. A torch process
-# alone holds ~215 MiB; the request is 1.25x the start's peak.
+# 382 grown 1.6x / 219; gpt-s 230 / 220; gpt-m (batch 32) ~265 / 338 grown 2.2x. A torch
+# process alone holds ~215 MiB; the request is 1.25x the start's peak.
 CATALOG: dict[str, JobKind] = {
     "cnn-s": JobKind(
         "cnn-s", ("--model=cnn", "--width=16", "--batch=32", "--side=32", "--steps=30"), 960, 288 * MiB, 220 * MiB
@@ -95,9 +95,9 @@ CATALOG: dict[str, JobKind] = {
     ),
     "gpt-m": JobKind(
         "gpt-m",
-        ("--model=gpt", "--width=128", "--batch=32", "--side=96", "--steps=20", "--grow-from=0.4", "--grow=2.2"),
+        ("--model=gpt", "--width=128", "--batch=32", "--side=96", "--steps=20", "--grow-from=0.4", "--grow=2.5"),
         640,
-        350 * MiB,
+        330 * MiB,
         222 * MiB,
     ),
 }
@@ -140,14 +140,16 @@ class Arrival:
 
 
 def make_trace(w: Workload) -> list[Arrival]:
-    """Training jobs (kinds drawn from CATALOG) and requests, each a seeded Poisson process."""
+    """Training jobs (CATALOG kinds in turn) and requests, each a seeded Poisson process."""
     rng = random.Random(w.seed)
     kinds = sorted(CATALOG)
+    first = rng.randrange(len(kinds))  # kinds cycle from a seeded start, so every trace has each
     out: list[Arrival] = []
     t = 0.0
     for i in range(w.training_jobs):
         urgent = w.urgent_every > 0 and i % w.urgent_every == w.urgent_every - 1
-        out.append(Arrival(round(t, 3), f"train{i}", rng.choice(kinds), 0.9 if urgent else 0.3))
+        kind = kinds[(first + i) % len(kinds)]
+        out.append(Arrival(round(t, 3), f"train{i}", kind, 0.9 if urgent else 0.3))
         t += rng.expovariate(w.job_rate)
     t = rng.expovariate(w.request_rate)
     i = 0
@@ -322,6 +324,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             while pending_arrivals and pending_arrivals[0].at <= now:
                 a = pending_arrivals.pop(0)
                 if a.kind == "request":
+                    if mode == "dynamic" and service_quota != cfg.service_cores_busy:
+                        # Urgent work gets its share at once, not at the next tick.
+                        service_group.set_cpu_quota(cfg.service_cores_busy)
+                        service_quota = cfg.service_cores_busy
                     sent[a.name] = t0 + a.at
                     service.stdin.write(a.name + "\n")
                     service.stdin.flush()

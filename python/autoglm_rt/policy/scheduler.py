@@ -558,7 +558,7 @@ class PlannerConfig:
     grow_when: float = 0.8
     grow_by: float = 1.35
     service_cores_busy: float = 1.0
-    service_cores_idle: float = 0.1
+    service_cores_idle: float = 0.25
     min_training_cores: float = 0.2
     max_running: int = 4
     preempt_urgency: float = 0.8
