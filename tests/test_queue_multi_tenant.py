@@ -88,6 +88,7 @@ def test_dynamic_preempts_the_lowest_score_for_an_urgent_job_and_gives_a_busy_se
     service = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True)
     plan = plan_dynamic([service, mid], CFG, now=0.0)
     assert plan.cpus["svc"] == CFG.service_cores_busy and plan.cpus["mid"] == pytest.approx(1.0)
+    assert plan.cpu_weights == {"svc": 1000, "mid": 100}
 
 
 def test_trace_file_errors_name_row_and_column(tmp_path: Path) -> None:

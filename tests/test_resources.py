@@ -267,3 +267,13 @@ def test_detection_parses_v1_and_v2_layouts(tmp_path: Path) -> None:
     (root / "cgroup.controllers").write_text("pids\n")
     backend, reason = _probe(tmp_path / "mountinfo", tmp_path / "cgroup")
     assert backend is None and "lacks the memory/cpu controllers" in reason
+
+
+def test_cpu_weight_round_trips_and_bad_weights_are_refused(group: resources.JobGroup) -> None:
+    group.set_cpu_weight(1000)
+    assert group.cpu_weight() == 1000
+    if not group.backend.v2:
+        assert int((group.dirs["cpu"] / "cpu.shares").read_text()) == 10240
+    for bad in (0, 10001, 1.5, True):
+        with pytest.raises(ValueError, match="cpu weight: expected an int in 1..10000"):
+            group.set_cpu_weight(bad)  # type: ignore[arg-type]

@@ -327,6 +327,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                     if mode == "dynamic" and service_quota != cfg.service_cores_busy:
                         # Urgent work gets its share at once, not at the next tick.
                         service_group.set_cpu_quota(cfg.service_cores_busy)
+                        service_group.set_cpu_weight(1000)
                         service_quota = cfg.service_cores_busy
                     sent[a.name] = t0 + a.at
                     service.stdin.write(a.name + "\n")
@@ -403,6 +404,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             if want_quota != service_quota:
                 service_group.set_cpu_quota(want_quota)
                 service_quota = want_quota
+            if "service" in plan.cpu_weights:
+                service_group.set_cpu_weight(plan.cpu_weights["service"])
             sample: dict[str, Any] = {"t": round(now, 3), "jobs": {}, "service_cpus": service_quota}
             sample["service_usage"] = service_group.memory_usage()
             for t in tenants.values():
@@ -572,7 +575,7 @@ def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
                 ax.plot(s["t"], doc["workload"]["memory"] / MiB * 0.95, "rx", ms=10)
                 ax.annotate(f"OOM {n}", (s["t"], doc["workload"]["memory"] / MiB * 0.9), fontsize=7, color="r")
         ax.set_title(f"{mode}: memory (MiB)")
-        ax.legend(fontsize=6, loc="upper right", ncol=2)
+        ax.legend(fontsize=6, loc="upper left", ncol=3)
         ax2 = axes[1][col]
         cpus = [[s["jobs"].get(n, {}).get("cpus") or 0 for s in tl] for n in names]
         ax2.stackplot(ts, [[s["service_cpus"] for s in tl], *cpus], labels=["service", *names], alpha=0.7)

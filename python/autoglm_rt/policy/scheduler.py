@@ -599,12 +599,14 @@ class TenantState:
 @dataclass
 class ResourcePlan:
     """What to do now: start ``admit`` (in order), stop ``preempt`` (checkpoint and requeue), and
-    give every running or admitted tenant ``memory[name]`` bytes and ``cpus[name]`` cores."""
+    give every running or admitted tenant ``memory[name]`` bytes, ``cpus[name]`` cores and (dynamic
+    only) ``cpu_weights[name]``, its priority on contended cores."""
 
     admit: list[str] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     cpus: dict[str, float] = field(default_factory=dict)
+    cpu_weights: dict[str, int] = field(default_factory=dict)  # 100: the default; higher runs first
 
 
 def tenant_score(t: TenantState, cfg: PlannerConfig, now: float) -> float:
@@ -720,8 +722,11 @@ def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float)
     train = [t for t in live if t.kind == "training"]
     for s in service:
         plan.cpus[s.name] = cfg.service_cores_busy if s.busy else cfg.service_cores_idle
+        # A quota only caps; on busy cores the weight is what lets urgent work run first.
+        plan.cpu_weights[s.name] = 1000 if s.busy else 100
     left = max(0.0, cfg.cores - sum(plan.cpus.values()))
     asked = sum(t.request_cpus for t in train)
     for t in train:  # in proportion to the requests: idle cores go to whoever runs
         plan.cpus[t.name] = max(cfg.min_training_cores, left * t.request_cpus / asked if asked else left / len(train))
+        plan.cpu_weights[t.name] = 100
     return plan

@@ -357,6 +357,23 @@ class JobGroup:
             _write(self.dirs["cpu"] / "cpu.cfs_period_us", f"{CPU_PERIOD_US}\n", f"cgroup {self.rel}: cpu period")
             _write(self.dirs["cpu"] / "cpu.cfs_quota_us", f"{quota}\n", f"cgroup {self.rel}: cpu quota")
 
+    def set_cpu_weight(self, weight: int) -> None:
+        """The group's share of contended CPU against its siblings, 1..10000 (100: the default;
+        v1 ``cpu.shares`` = weight x 1024 / 100, v2 ``cpu.weight``). Unlike the quota (a cap), the
+        weight decides who runs first when the cores are busy."""
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 10000:
+            raise ValueError(f"cpu weight: expected an int in 1..10000, got {weight!r}")
+        if self.backend.v2:
+            _write(self.dirs["cpu"] / "cpu.weight", f"{weight}\n", f"cgroup {self.rel}: cpu weight")
+        else:
+            shares = max(2, weight * 1024 // 100)
+            _write(self.dirs["cpu"] / "cpu.shares", f"{shares}\n", f"cgroup {self.rel}: cpu weight")
+
+    def cpu_weight(self) -> int:
+        if self.backend.v2:
+            return int(_read(self.dirs["cpu"] / "cpu.weight"))
+        return max(1, round(int(_read(self.dirs["cpu"] / "cpu.shares")) * 100 / 1024))
+
     def cpu_quota(self) -> float | None:
         return _read_quota(self.dirs["cpu"], self.backend.v2)
 
