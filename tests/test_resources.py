@@ -48,6 +48,13 @@ def _spawn_in(group: resources.JobGroup, code: str, **kw: object) -> subprocess.
     )
 
 
+def _wait_pids(group: resources.JobGroup) -> list[int]:
+    deadline = time.monotonic() + 10
+    while not group.pids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return group.pids()
+
+
 def test_limits_and_quota_round_trip_through_the_kernel(group: resources.JobGroup) -> None:
     assert group.memory_limit() is None and group.memory_target() is None and group.cpu_quota() is None
     group.set_memory_limit(300 * MiB)
@@ -148,10 +155,7 @@ def test_lowering_a_v1_limit_below_usage_is_refused_not_reported_done(group: res
 
 def test_remove_kills_what_is_left_and_removes_every_hierarchy(group: resources.JobGroup) -> None:
     child = _spawn_in(group, "import time\ntime.sleep(60)")
-    deadline = time.monotonic() + 5
-    while not group.pids() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert group.pids() == [child.pid]
+    assert _wait_pids(group) == [child.pid]
     group.remove()
     assert child.wait(timeout=5) == -signal.SIGKILL
     assert not any(d.exists() for d in group.dirs.values())
@@ -196,7 +200,15 @@ def test_groups_of_a_runner_killed_with_sigkill_are_removed_on_the_next_start() 
     assert not Path(f"/proc/{job_pid}/cmdline").exists() or not Path(f"/proc/{job_pid}/cmdline").read_bytes()
 
 
-def test_cleanup_leaves_a_live_owners_groups_alone(group: resources.JobGroup) -> None:
+def test_cleanup_leaves_a_live_owners_groups_with_processes_alone(group: resources.JobGroup) -> None:
+    child = _spawn_in(group, "import time\ntime.sleep(60)")
+    assert _wait_pids(group) == [child.pid]
+    long_ago = time.time() - 1000
+    os.utime(group.dirs["memory"], (long_ago, long_ago))
+    assert group.rel not in resources.cleanup_stale()  # old, but its job runs
+    os.utime(group.dirs["memory"])
+    child.kill()
+    child.wait()
     assert group.rel not in resources.cleanup_stale()
     assert group.exists()
 
@@ -275,5 +287,13 @@ def test_cpu_weight_round_trips_and_bad_weights_are_refused(group: resources.Job
     if not group.backend.v2:
         assert int((group.dirs["cpu"] / "cpu.shares").read_text()) == 10240
     for bad in (0, 10001, 1.5, True):
-        with pytest.raises(ValueError, match="cpu weight: expected an int in 1..10000"):
+        with pytest.raises(ValueError, match=r"cpu weight: expected an int in 1\.\.10000"):
             group.set_cpu_weight(bad)  # type: ignore[arg-type]
+
+
+def test_an_empty_group_is_left_while_young_and_removed_once_old(group: resources.JobGroup) -> None:
+    assert group.rel not in resources.cleanup_stale(empty_after=600.0)  # just created: its job may be joining
+    long_ago = time.time() - 1000
+    os.utime(group.dirs["memory"], (long_ago, long_ago))  # as if its job ended 1000 s ago, unwatched
+    assert group.rel in resources.cleanup_stale(empty_after=600.0)
+    assert not group.exists()

@@ -309,8 +309,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.cpu_seconds += t.group.cpu_seconds()
         t.group.remove()
         t.group, t.hard_limit = None, None
-        if t.state == "stopping" and rc == 0 and not kills:
-            t.state = "pending"  # preempted: checkpointed, waits again
+        if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
+            # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
+            # (still starting: nothing done to lose). It waits again either way.
+            t.state = "pending"
             say(f"{mode}: {t.arrival.name} preempted, requeued")
             return
         t.state = "succeeded" if rc == 0 and not kills else "failed"

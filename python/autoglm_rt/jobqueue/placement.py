@@ -3,7 +3,8 @@ and tells, when it ends, whether the kernel's OOM killer ended it.
 
 One :class:`CgroupPlacement` per runner. Groups are ``queue-<hash of the state file>/<job>.<attempt>``
 under autoglm_rt's cgroup tree; a restarted runner removes the empty ones its predecessor left
-(groups that still hold a job stay: the runner adopts that job). Where no cgroup is writable,
+(groups that still hold a job stay: the runner adopts that job), and groups any runner left
+empty more than 10 minutes ago. Where no cgroup is writable,
 jobs run without enforcement and the runner logs why once.
 """
 
@@ -32,7 +33,7 @@ class CgroupPlacement:
         if self.backend is None:
             log(f"jobs run without memory/cpu limits: {availability()[1]}")
             return
-        for rel in cleanup_stale(self.backend, scope=self.scope):
+        for rel in cleanup_stale(self.backend, scope=self.scope):  # and old empty groups of others
             log(f"removed stale cgroup {rel}")
 
     def _group(self, name: str, attempt: int) -> JobGroup | None:

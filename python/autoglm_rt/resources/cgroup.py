@@ -498,25 +498,33 @@ def scope_pid(scope: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def cleanup_stale(backend: Backend | None = None, scope: str | None = None) -> list[str]:
+def cleanup_stale(backend: Backend | None = None, scope: str | None = None, *, empty_after: float = 600.0) -> list[str]:
     """Removes groups left behind by a runner that died: every group of a ``pid-<N>`` scope whose
-    owner process N is gone (its processes are killed) and, with ``scope`` given (a restarted
-    runner's own scope), every empty group of that scope; groups with processes in a scope without
-    owner pid are left (a restarted queue adopts those jobs). Returns the removed ``scope/job``."""
+    owner process N is gone (its processes are killed); with ``scope`` given (a restarted runner's
+    own scope), every empty group of that scope; and any group that has been empty and existed for
+    ``empty_after`` seconds (its job ended while no runner watched, and none came back: a runner
+    restarted after that reports such a job's exit but no longer an OOM kill). Groups holding
+    processes without a dead owner stay (a restarted queue adopts those jobs). Returns the
+    removed groups as ``scope/job``."""
     backend = backend or detect()
     if backend is None:
         return []
     removed: list[str] = []
+    now = time.time()
     for g in list(_groups(backend)):
         s = g.rel.split("/")[0]
         owner = scope_pid(s)
         owner_gone = owner is not None and not _pid_alive(owner)
-        if scope is not None and s != scope and not owner_gone:
-            continue
-        # An empty group of a live owner may be one just created: only the owner's own cleanup
-        # (``scope`` given) removes it.
-        if not owner_gone and (scope is None or g.pids()):
-            continue
+        if not owner_gone:
+            if g.pids():
+                continue
+            # An empty group of a live owner may be one just created, its job not yet in it.
+            try:
+                old = now - g.dirs["memory"].stat().st_mtime >= empty_after
+            except OSError:
+                continue
+            if s != scope and not old:
+                continue
         with contextlib.suppress(ResourceError):
             g.remove()
             removed.append(g.rel)

@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-log", default=None)
     ap.add_argument("--save", default=None, help="write the final weights here (torch.save of the state dict)")
     args = ap.parse_args(argv)
+    stop = False
+
+    def on_term(_sig: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)  # before the slow setup: a preemption then is not lost
     if args.steps < 1 or args.batch < 1 or args.width < 1 or args.side < 1:
         print("tenant_job: --steps, --batch, --width and --side must be >= 1", file=sys.stderr)
         return 2
@@ -151,13 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-    stop = False
-
-    def on_term(_sig: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
     log = open(args.samples_log, "a") if args.samples_log else None  # noqa: SIM115
     status = Path(args.status) if args.status else None
     # One thread unless the quota grants whole cores: on a shared box more threads than granted
