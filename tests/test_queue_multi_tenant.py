@@ -114,3 +114,11 @@ def test_simulation_ooms_only_outgrown_static_partitions_and_dynamic_finishes_al
     assert 0 < static["oom_kills"] == static["jobs_failed"] <= outgrown
     assert dynamic["oom_kills"] == 0 and dynamic["jobs_failed"] == 0
     assert static["jobs"] == dynamic["jobs"] == len(jobs)
+
+
+def test_dynamic_does_not_lower_a_limit_below_the_recent_peak_with_margin() -> None:
+    """Grown to 500 MiB, its recent peak 350 MiB (< 80% of the limit): the next plan keeps at least
+    350 x 1.35 = 472 MiB, or the limit would flap down and the next step's peak would be killed."""
+    grown = job("grown", running=True, limit=500 * MiB, peak=350 * MiB)
+    plan = plan_dynamic([grown, job("other", running=True, limit=300 * MiB, peak=260 * MiB)], CFG, now=0.0)
+    assert plan.memory["grown"] >= int(350 * MiB * CFG.grow_by)

@@ -174,6 +174,13 @@ class _Tenant:
     cpu_seconds: float = 0.0
     hard_limit: int | None = None
     preemptions: int = 0
+    peaks: list[tuple[float, int]] = field(default_factory=list)  # (time, group peak) samples
+
+    def recent_peak(self, now: float, window: float = 5.0) -> int:
+        """The highest peak sampled in the last ``window`` seconds (the job resets its group's
+        peak every step, so one sample is one step at most)."""
+        self.peaks = [(t, p) for t, p in self.peaks if now - t <= window]
+        return max((p for _, p in self.peaks), default=0)
 
 
 @dataclass
@@ -283,7 +290,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.state = "running"
         t.started_at = t.started_at or time.monotonic() - t0
 
-    def apply_limits(t: _Tenant, limit: int, cores: float) -> None:
+    def apply_limits(t: _Tenant, limit: int, cores: float, now: float) -> None:
         g = t.group
         assert g is not None
         g.set_cpu_quota(cores)
@@ -292,10 +299,11 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             g.set_memory_target(None)
             t.hard_limit = limit
             return
-        # Lowering: announce, and enforce once the job's usage fits (v1 refuses otherwise).
+        # Lowering: announce, and enforce once the job's recent peak fits (v1 refuses a limit
+        # below its usage; one under its step peak would OOM-kill it mid-step).
         g.set_memory_target(limit)
         try:
-            if g.memory_usage() <= limit * 0.95:
+            if t.recent_peak(now) <= limit * 0.95:
                 g.set_memory_limit(limit)
                 t.hard_limit = limit
         except ResourceError:
@@ -308,7 +316,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.oom_kills += kills
         t.cpu_seconds += t.group.cpu_seconds()
         t.group.remove()
-        t.group, t.hard_limit = None, None
+        t.group, t.hard_limit, t.peaks = None, None, []
         if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
             # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
             # (still starting: nothing done to lose). It waits again either way.
@@ -352,7 +360,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 usage = peak = 0
                 if t.group is not None:
                     with contextlib.suppress(ResourceError):
-                        usage, peak = t.group.memory_usage(), t.group.memory_peak()
+                        usage = t.group.memory_usage()
+                        t.peaks.append((now, t.group.memory_peak()))
+                        peak = t.recent_peak(now)
                 views.append(
                     TenantState(
                         t.arrival.name,
@@ -399,7 +409,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 t = tenants.get(name)  # type: ignore[assignment]
                 if t is not None and t.state == "running" and t.group is not None:
                     try:
-                        apply_limits(t, limit, plan.cpus[name])
+                        apply_limits(t, limit, plan.cpus[name], now)
                     except ResourceError as exc:
                         say(f"{mode}: {name}: {exc}")
             want_quota = plan.cpus.get("service", w.service_cpus)

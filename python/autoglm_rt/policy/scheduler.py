@@ -578,7 +578,8 @@ class TenantState:
     ``kind``: "training" (admitted once, runs to the end) or "service" (always running; ``busy``
     when requests wait). ``request_memory``/``request_cpus``: what it asked for (its static
     partition). ``floor_memory``: its working set at the smallest micro-batch (never pushed below).
-    ``peak``/``usage``/``limit``: measured, for running tenants."""
+    ``peak``/``usage``/``limit``: measured, for running tenants; ``peak`` should be the highest
+    over the last few seconds (several steps), not one instant."""
 
     name: str
     kind: str = "training"
@@ -656,8 +657,13 @@ def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float)
 
     def want_of(t: TenantState) -> int:
         want = max(floor_of(t), int(shares.get(t.phase, 1.0) * t.request_memory))
-        if t.running and t.limit and t.peak > cfg.grow_when * t.limit:
-            want = max(want, int(t.peak * cfg.grow_by))
+        if t.running and t.limit:
+            if t.peak > cfg.grow_when * t.limit:
+                want = max(want, int(t.peak * cfg.grow_by))  # pressed: grow
+            else:
+                # Not below what it recently used with the same margin: lowering a limit the job
+                # just grew into would flap (grow, lower, grow) and kill it at the low point.
+                want = max(want, min(t.limit, int(t.peak * cfg.grow_by)))
         return want
 
     running = [t for t in tenants if t.running]
