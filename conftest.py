@@ -2,7 +2,8 @@
 
 A test that takes a ``device`` argument runs once per device ("cpu", "cuda"); the CUDA run is
 marked ``cuda`` and skipped with ``autoglm_rt.cuda_available(return_reason=True)``'s reason where
-no device is usable, so a CPU-only machine runs everything that can run.
+no device is usable, so a CPU-only machine runs everything that can run. Tests marked ``cgroup``
+are skipped with ``autoglm_rt.resources.availability()``'s reason where no cgroup is writable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import autoglm_rt
+import autoglm_rt.resources
 
 
 def _cuda_status() -> tuple[bool, str | None]:
@@ -26,6 +28,7 @@ def _cuda_status() -> tuple[bool, str | None]:
 
 
 CUDA_OK, CUDA_REASON = _cuda_status()
+CGROUP_KIND, CGROUP_REASON = autoglm_rt.resources.availability()
 
 
 def available_devices() -> list[str]:
@@ -42,12 +45,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if CUDA_OK:
-        return
-    skip = pytest.mark.skip(reason=f"CUDA unavailable: {CUDA_REASON}")
+    skip_cuda = pytest.mark.skip(reason=f"CUDA unavailable: {CUDA_REASON}")
+    skip_cgroup = pytest.mark.skip(reason=CGROUP_REASON)
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not CUDA_OK:
+            item.add_marker(skip_cuda)
+        if "cgroup" in item.keywords and CGROUP_KIND == "none":
+            item.add_marker(skip_cgroup)
 
 
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")

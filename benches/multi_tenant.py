@@ -1,16 +1,21 @@
-"""The mission's multi-tenant comparison (static slots vs. autoglm_rt's scheduler), measured on
-this machine with real processes, written to benches/results/multi_tenant_cpu[_quick].json.
+"""The mission's multi-tenant comparison with real training tenants under live cgroup limits
+(static partitions vs. the dynamic policy), written to benches/results/multi_tenant_cpu[_quick].json
+with a PNG timeline beside it; and the same policies at cluster scale by simulation.
 
-    PYTHONPATH=python python benches/multi_tenant.py [--quick] [--rounds N]
+    PYTHONPATH=python python benches/multi_tenant.py [--quick]
+    PYTHONPATH=python python benches/multi_tenant.py --simulate TRACE.csv [--nodes N]
+    PYTHONPATH=python python benches/multi_tenant.py --simulate generate [--nodes N]
 
-Same as ``autoglm-rt bench-multi-tenant``; see autoglm_rt/jobqueue/multi_tenant.py for the
-workload and what each figure means.
+The live run is ``autoglm-rt bench-multi-tenant``; see autoglm_rt/jobqueue/multi_tenant.py for
+the workload and figures, autoglm_rt/jobqueue/trace_sim.py for the trace format and model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 from autoglm_rt import cli
@@ -18,13 +23,38 @@ from autoglm_rt import cli
 HERE = Path(__file__).resolve().parent
 
 
+def simulate(trace: str, nodes: int) -> int:
+    from autoglm_rt.jobqueue import trace_sim
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if trace == "generate":
+            path = Path(tmp) / "trace.csv"
+            trace_sim.generate_trace(path, jobs=400, seed=0)
+        else:
+            path = Path(trace)
+        jobs = trace_sim.load_trace(path)
+        doc = {mode: trace_sim.simulate(jobs, mode, nodes=nodes) for mode in ("static", "dynamic")}
+    doc["trace"] = {"source": trace, "jobs": len(jobs), "nodes": nodes}  # type: ignore[assignment]
+    keys = [k for k in doc["static"] if isinstance(doc["static"][k], int | float)]
+    print(f"{'figure':<24} {'static':>12} {'dynamic':>12}")
+    for k in keys:
+        print(f"{k:<24} {doc['static'][k]:>12.3f} {doc['dynamic'][k]:>12.3f}")
+    out = HERE / "results" / "multi_tenant_sim.json"
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--simulate", metavar="TRACE", default=None, help="a trace CSV, or 'generate'")
+    ap.add_argument("--nodes", type=int, default=4)
     args = ap.parse_args(argv)
-    out = HERE / "results" / f"multi_tenant_cpu{'_quick' if args.quick else ''}.json"
-    cmd = ["bench-multi-tenant", "--rounds", str(args.rounds), "--json", str(out)]
+    if args.simulate:
+        return simulate(args.simulate, args.nodes)
+    stem = HERE / "results" / f"multi_tenant_cpu{'_quick' if args.quick else ''}"
+    cmd = ["bench-multi-tenant", "--json", f"{stem}.json", "--png", f"{stem}.png"]
     return cli.main([*cmd, "--quick"] if args.quick else cmd)
 
 

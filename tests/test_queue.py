@@ -343,10 +343,12 @@ def test_submit_while_running_checks_names_and_dependencies(tmp_path: Path) -> N
 def test_cli_bench_multi_tenant_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     from autoglm_rt import cli
 
-    assert cli.main(["bench-multi-tenant", "--rounds", "0"]) == 2
-    assert "--rounds" in capsys.readouterr().err
-    assert cli.main(["bench-multi-tenant", "--slots", "1"]) == 2
-    assert "static_request_slots" in capsys.readouterr().err
+    assert cli.main(["bench-multi-tenant", "--memory", "lots"]) == 2
+    assert "--memory" in capsys.readouterr().err
+    assert cli.main(["bench-multi-tenant", "--cores", "0"]) == 2
+    assert "cores must be a finite number > 0" in capsys.readouterr().err
+    assert cli.main(["bench-multi-tenant", "--memory", "100Mi"]) == 2
+    assert "memory must be >= 4x service_memory" in capsys.readouterr().err
 
 
 def test_a_runner_that_dies_during_a_preemption_is_replaced_and_finishes_it(tmp_path: Path) -> None:

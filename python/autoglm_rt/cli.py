@@ -498,45 +498,50 @@ def _queue_migrate(args: argparse.Namespace) -> int:
 
 
 def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a short workload (about 10 s per mode)")
-    p.add_argument("--rounds", type=int, default=1, help="static/dynamic runs each, alternating (median reported)")
-    p.add_argument("--slots", type=int, default=4, help="CPU slots shared by the workload")
+    p.add_argument("--quick", action="store_true", help="a short trace (under 3 minutes for both modes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival trace")
-    p.add_argument("--work-dir", default=None, help="where the queues keep state and logs (default: a temp dir)")
+    p.add_argument("--memory", default="2Gi", help="memory all tenants share (bytes or '2Gi')")
+    p.add_argument("--cores", type=float, default=2.0, help="CPU cores all tenants share")
+    p.add_argument("--work-dir", default=None, help="where tenants keep status, checkpoints and logs")
     p.add_argument("--json", metavar="FILE", default=None, help="also write every figure to FILE as JSON")
+    p.add_argument("--png", metavar="FILE", default=None, help="write the per-job memory/CPU timeline to FILE")
 
 
 @command("bench-multi-tenant", _multi_tenant_args)
 def _bench_multi_tenant(args: argparse.Namespace) -> int:
-    """Measures a mixed training/request workload under static slots vs. autoglm_rt's scheduler."""
+    """Real training tenants under live cgroup limits: static partitions vs. the dynamic policy."""
     import tempfile
     from pathlib import Path
 
     from autoglm_rt.benchmarking import machine_description
-    from autoglm_rt.jobqueue.multi_tenant import Workload, format_comparison, run_comparison
+    from autoglm_rt.jobqueue.multi_tenant import Workload, format_comparison, run_comparison, write_timeline_png
+    from autoglm_rt.units import parse_size
 
-    if args.rounds < 1:
-        print("autoglm-rt bench-multi-tenant: --rounds must be >= 1", file=sys.stderr)
-        return 2
     try:
         workload = Workload(
-            slots=args.slots,
+            memory=parse_size(args.memory, name="--memory"),
+            cores=args.cores,
             seed=args.seed,
-            static_request_slots=max(1, args.slots // 2),
-            request_window=6.0 if args.quick else Workload.request_window,
-            training_work=3.0 if args.quick else Workload.training_work,
+            training_jobs=4 if args.quick else 8,
+            job_rate=0.4 if args.quick else 0.25,
+            request_window=20.0 if args.quick else 60.0,
         )
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="agrt-mt-") as tmp:
-        doc = run_comparison(workload, args.work_dir or tmp, rounds=args.rounds)
+        doc = run_comparison(workload, args.work_dir or tmp, log=lambda line: print(line, flush=True))
     print(format_comparison(doc))
+    if doc["enforcement"] == "none":
+        return 1
+    if args.png:
+        write_timeline_png(doc, args.png)
+        print(f"wrote {args.png}")
     if args.json:
         doc["machine"] = machine_description()
         doc["command"] = "autoglm-rt bench-multi-tenant" + (" --quick" if args.quick else "")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -36,6 +36,10 @@ def main(argv: list[str]) -> int:
     _write_atomically(pid_file, f"{os.getpid()}\n")
     reason = ""
     try:
+        # The job's cgroup (autoglm_rt.jobqueue.placement), joined before the command starts.
+        for procs in filter(None, os.environ.pop("AUTOGLM_RT_CGROUP_PROCS", "").split(":")):
+            with open(procs, "w") as f:
+                f.write(f"{os.getpid()}\n")
         child = subprocess.Popen(command)
     except (OSError, ValueError) as exc:
         reason = f"cannot start {command[0]!r}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"

@@ -1,239 +1,599 @@
-"""The mission's multi-tenant comparison, measured with real processes on this machine: a mixed
-workload (training jobs and short request-like tasks arriving at random) run twice on the same
-slots, with the same arrival trace:
+"""The mission's static-vs-dynamic comparison, with real tenants under live cgroup limits.
 
-- **static**: fixed partitions (``static_request_slots`` slots for requests, the rest for
-  training), first come first served in each, no preemption: how a shared box is often split.
-- **dynamic**: one queue over every slot under :class:`~autoglm_rt.policy.scheduler.PriorityScheduler`:
-  requests are urgent and preempt training, which checkpoints (SIGTERM -> save -> exit 0),
-  requeues and fills whatever slots are idle.
+One seeded trace (training jobs arriving at random, each a real torch process from
+``autoglm_rt.trainers.tenant_job``; short inference requests to a resident service,
+``autoglm_rt.trainers.tenant_service``) runs twice on the same machine share (``memory`` bytes,
+``cores`` CPUs):
 
-Each task is ``autoglm_rt/trainers/work_task.py``: it sleeps its work in steps, so the figures
-measure scheduling, not this (shared, noisy) machine's CPU. A request fails if it is not done
-``request_slo`` seconds after it arrived (the task gives up: exit 2), like a client timeout.
+- **static** (:func:`~autoglm_rt.policy.scheduler.plan_static`): each tenant gets a fixed
+  partition sized by its request, first come first served, no resize; jobs run as today's jobs do
+  (``--fixed``: no micro-batch adaptation). A job whose input grows past its partition is
+  OOM-killed by the kernel and fails.
+- **dynamic** (:func:`~autoglm_rt.policy.scheduler.plan_dynamic`): every ``tick`` seconds memory
+  limits and CPU quotas are re-divided (phase share, priority score, preemption, headroom over
+  each job's floor); a limit is lowered by announcing it (the cgroup's memory target) and
+  enforcing it once the job's peak is under it, and jobs adapt their micro-batch to it
+  (``Runtime(pool=CgroupMemory.own())``). A busy service gets its CPU share at once.
 
-Figures per mode: mean and p95 response time of the requests that succeeded (arrival to
-completion, including process start-up), the mean over every request (a failed one counted until
-it gave up), device utilisation (seconds of useful work done by
-successful tasks over slots x makespan; work redone after a preemption does not count), task
-failure rate (failed / all tasks) and the training makespan.
+Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
+answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),
+``memory_utilization`` = mean over samples of the tenants' summed usage / ``memory``,
+``oom_kills`` (the groups' kernel counters), ``jobs_failed``, ``jobs``, ``makespan_seconds``
+(first arrival to last training job done) and ``samples_per_second`` (training samples of
+succeeded jobs / makespan). Without a writable cgroup hierarchy the comparison cannot enforce
+anything and says so (``enforcement: none``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import queue
 import random
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.jobqueue.runner import QueueRunner
-from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec
+from autoglm_rt.policy.scheduler import PlannerConfig, ResourcePlan, TenantState, plan_dynamic, plan_static
+from autoglm_rt.resources import JobGroup, ResourceError, availability, cleanup_stale, detect
 
-__all__ = ["Arrival", "ModeResult", "Workload", "format_comparison", "make_arrivals", "run_comparison", "run_mode"]
+__all__ = [
+    "CATALOG",
+    "Arrival",
+    "JobKind",
+    "Workload",
+    "format_comparison",
+    "make_trace",
+    "run_comparison",
+    "run_mode",
+    "write_timeline_png",
+]
 
-_TASK = Path(__file__).resolve().parents[1] / "trainers" / "work_task.py"
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of training tenant: its ``tenant_job`` arguments and its memory, measured on this
+    machine (``benches/multi_tenant.py --calibrate``): ``request`` = 1.25 x the peak of its first
+    steps (what a user sizing from a trial run asks for), ``floor`` = its peak at micro-batch 1."""
+
+    name: str
+    args: tuple[str, ...]
+    samples: int  # batch x steps
+    request: int
+    floor: int
+
+
+# Peaks measured here with /tmp-free ``benches/multi_tenant.py --calibrate`` style runs (MiB,
+# dev-cpu, in a cgroup, --fixed): cnn-s 230 at the start / 219 at micro-batch 1; cnn-m 282 /
+# 382 grown 1.6x / 219; gpt-s 230 / 220; gpt-m (batch 32) ~265 / 338 grown 2.2x. A torch
+# process alone holds ~215 MiB; the request is 1.25x the start's peak.
+CATALOG: dict[str, JobKind] = {
+    "cnn-s": JobKind(
+        "cnn-s", ("--model=cnn", "--width=16", "--batch=32", "--side=32", "--steps=30"), 960, 288 * MiB, 220 * MiB
+    ),
+    "cnn-m": JobKind(
+        "cnn-m",
+        ("--model=cnn", "--width=24", "--batch=64", "--side=40", "--steps=20", "--grow-from=0.4", "--grow=1.6"),
+        1280,
+        352 * MiB,
+        220 * MiB,
+    ),
+    "gpt-s": JobKind(
+        "gpt-s", ("--model=gpt", "--width=64", "--batch=16", "--side=64", "--steps=30"), 480, 288 * MiB, 220 * MiB
+    ),
+    "gpt-m": JobKind(
+        "gpt-m",
+        ("--model=gpt", "--width=128", "--batch=32", "--side=96", "--steps=20", "--grow-from=0.4", "--grow=2.5"),
+        640,
+        330 * MiB,
+        222 * MiB,
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Workload:
-    """The mixed workload. Times in seconds; arrivals are a seeded Poisson process."""
+    """The trace's shape. Times in seconds, memory in bytes, a seeded Poisson process."""
 
-    slots: int = 4
-    static_request_slots: int = 2
-    training_jobs: int = 4
-    training_work: float = 5.0
-    request_rate: float = 3.0
-    request_window: float = 15.0
-    request_work: tuple[float, float] = (0.2, 0.8)
-    request_slo: float = 2.5
-    step: float = 0.1
+    memory: int = 2048 * MiB
+    cores: float = 2.0
+    training_jobs: int = 6
+    job_rate: float = 0.25  # training arrivals per second
+    urgent_every: int = 4  # every k-th training job is urgent (urgency 0.9); 0: none
+    request_rate: float = 1.0
+    request_window: float = 30.0
+    service_memory: int = 400 * MiB
+    service_cpus: float = 0.5
+    training_cpus: float = 0.75  # a training job's static CPU partition
+    tick: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.static_request_slots < self.slots:
-            raise ValueError(f"static_request_slots must be in 1..{self.slots - 1}, got {self.static_request_slots}")
-        for name in ("training_work", "request_rate", "request_window", "request_slo", "step"):
+        for name in ("job_rate", "request_rate", "request_window", "tick", "cores"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        lo, hi = self.request_work
-        if not 0 < lo <= hi:
-            raise ValueError(f"request_work must be (low, high) with 0 < low <= high, got {self.request_work}")
+        if self.training_jobs < 1:
+            raise ValueError(f"training_jobs must be >= 1, got {self.training_jobs}")
+        if self.memory < 4 * self.service_memory:
+            raise ValueError(f"memory must be >= 4x service_memory ({4 * self.service_memory}), got {self.memory}")
 
 
 @dataclass(frozen=True)
 class Arrival:
     at: float  # seconds after the start
     name: str
-    kind: str  # "training" | "request"
-    work: float
+    kind: str  # a CATALOG key, or "request"
+    urgency: float = 0.5
+
+
+def make_trace(w: Workload) -> list[Arrival]:
+    """Training jobs (CATALOG kinds in turn) and requests, each a seeded Poisson process."""
+    rng = random.Random(w.seed)
+    kinds = sorted(CATALOG)
+    first = rng.randrange(len(kinds))  # kinds cycle from a seeded start, so every trace has each
+    out: list[Arrival] = []
+    t = 0.0
+    for i in range(w.training_jobs):
+        urgent = w.urgent_every > 0 and i % w.urgent_every == w.urgent_every - 1
+        kind = kinds[(first + i) % len(kinds)]
+        out.append(Arrival(round(t, 3), f"train{i}", kind, 0.9 if urgent else 0.3))
+        t += rng.expovariate(w.job_rate)
+    t = rng.expovariate(w.request_rate)
+    i = 0
+    while t <= w.request_window:
+        out.append(Arrival(round(t, 3), f"req{i}", "request", 1.0))
+        t += rng.expovariate(w.request_rate)
+        i += 1
+    return sorted(out, key=lambda a: (a.at, a.name))
+
+
+@dataclass
+class _Tenant:
+    arrival: Arrival
+    job: JobKind
+    state: str = "pending"  # pending | running | stopping | succeeded | failed
+    proc: subprocess.Popen[bytes] | None = None
+    group: JobGroup | None = None
+    attempt: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    oom_kills: int = 0
+    cpu_seconds: float = 0.0
+    hard_limit: int | None = None
+    preemptions: int = 0
+    peaks: list[tuple[float, int]] = field(default_factory=list)  # (time, group peak) samples
+
+    def recent_peak(self, now: float, window: float = 5.0) -> int:
+        """The highest peak sampled in the last ``window`` seconds (the job resets its group's
+        peak every step, so one sample is one step at most)."""
+        self.peaks = [(t, p) for t, p in self.peaks if now - t <= window]
+        return max((p for _, p in self.peaks), default=0)
 
 
 @dataclass
 class ModeResult:
     mode: str
-    mean_response_s: float
-    p95_response_s: float
-    mean_response_all_s: float  # every request, a failed one counted until it gave up
-    utilisation: float
-    failure_rate: float
-    training_makespan_s: float
-    makespan_s: float
-    tasks: int
-    failed: int
+    mean_response_seconds: float
+    p95_response_seconds: float
+    cpu_utilization: float
+    memory_utilization: float
+    oom_kills: int
+    jobs_failed: int
+    jobs: int
+    makespan_seconds: float
+    samples_per_second: float
+    requests: int
+    requests_answered: int
     preemptions: int
-    responses: list[float] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_arrivals(w: Workload) -> list[Arrival]:
-    """Training jobs at time 0, then requests as a Poisson process over ``request_window``."""
-    rng = random.Random(w.seed)
-    arrivals = [Arrival(0.0, f"train{i}", "training", w.training_work) for i in range(w.training_jobs)]
-    t, i = 0.0, 0
-    while True:
-        t += rng.expovariate(w.request_rate)
-        if t > w.request_window:
-            break
-        arrivals.append(Arrival(round(t, 3), f"req{i}", "request", round(rng.uniform(*w.request_work), 2)))
-        i += 1
-    return arrivals
-
-
-def _job(a: Arrival, w: Workload, t0: float, mode: str) -> JobSpec:
-    cmd = [sys.executable, str(_TASK), "--work", f"{a.work}", "--step", f"{w.step}"]
-    if a.kind == "request":
-        cmd += ["--deadline", f"{t0 + a.at + w.request_slo:.3f}"]
-        return JobSpec(a.name, tuple(cmd), urgency=1.0 if mode == "dynamic" else 0.5, preemptible=False)
-    return JobSpec(a.name, tuple(cmd), urgency=0.2 if mode == "dynamic" else 0.5, preemptible=mode == "dynamic")
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None) -> ModeResult:
-    """Runs the workload in ``mode`` ("static" or "dynamic") and measures it."""
+    """Runs the trace under ``mode`` ("static" or "dynamic") with real processes in cgroups."""
     if mode not in ("static", "dynamic"):
         raise ValueError(f"mode: expected 'static' or 'dynamic', got {mode!r}")
-    work_dir = Path(work_dir) / mode
-    shutil.rmtree(work_dir, ignore_errors=True)
-    quiet = log or (lambda _line: None)
+    backend = detect()
+    if backend is None:
+        raise ResourceError(availability()[1])
+    say = log or (lambda _line: None)
+    work = Path(work_dir) / mode
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    scope = f"pid-{os.getpid()}-{mode}"
+    cleanup_stale(backend)
+    cfg = PlannerConfig(memory=w.memory, cores=w.cores)
+    trace = make_trace(w)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")] if p
+        ),
+        "MALLOC_MMAP_THRESHOLD_": "131072",  # freed activations go back to the kernel at once
+        "OMP_NUM_THREADS": "1",
+    }
+    tenants = {a.name: _Tenant(a, CATALOG[a.kind]) for a in trace if a.kind != "request"}
+    requests = [a for a in trace if a.kind == "request"]
+    service_group = JobGroup.create(scope, "service", backend)
+    service_group.set_memory_limit(w.service_memory)
+    service_group.set_cpu_quota(w.service_cpus)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "autoglm_rt.trainers.tenant_service"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=lambda: service_group.add(os.getpid()),
+    )
+    assert service.stdin is not None and service.stdout is not None
+    if service.stdout.readline().strip() != "ready":
+        raise RuntimeError("the inference service did not start")
+    answers: queue.Queue[tuple[str, float]] = queue.Queue()
 
-    def queue(slots: int, name: str, aging: float) -> QueueRunner:
-        spec = QueueSpec(tuple(range(slots)), False, (), grace_period=5.0, poll_interval=0.02, aging_rate=aging)
-        return QueueRunner(spec, work_dir / f"{name}.db", log=quiet)
+    def reader() -> None:
+        assert service.stdout is not None
+        for line in service.stdout:
+            answers.put((line.strip(), time.monotonic()))
 
-    if mode == "static":
-        train_q = queue(w.slots - w.static_request_slots, "training", 0.0)
-        req_q = queue(w.static_request_slots, "requests", 0.0)
-        runners = [train_q, req_q]
+    threading.Thread(target=reader, daemon=True).start()
+    sent: dict[str, float] = {}
+    answered: dict[str, float] = {}
+    timeline: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    svc_cpu0 = service_group.cpu_seconds()
+    pending_arrivals = list(trace)
+    service_quota = w.service_cpus
 
-        def route(a: Arrival) -> QueueRunner:
-            return req_q if a.kind == "request" else train_q
-    else:
-        shared = queue(w.slots, "shared", 0.01)
-        runners = [shared]
+    def spawn(t: _Tenant) -> None:
+        t.attempt += 1
+        t.group = JobGroup.create(scope, f"{t.arrival.name}.{t.attempt}", backend)
+        jdir = work / t.arrival.name
+        (jdir / "ckpt").mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "autoglm_rt.trainers.tenant_job",
+            *t.job.args,
+            "--status",
+            str(jdir / "status.json"),
+        ]
+        if mode == "static":
+            cmd.append("--fixed")
+        group = t.group
+        with open(jdir / "log", "ab") as fh:
+            t.proc = subprocess.Popen(
+                cmd,
+                env={**env, "AUTOGLM_RT_CHECKPOINT_DIR": str(jdir / "ckpt")},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: group.add(os.getpid()),
+            )
+        t.state = "running"
+        t.started_at = t.started_at or time.monotonic() - t0
 
-        def route(a: Arrival) -> QueueRunner:
-            return shared
+    def apply_limits(t: _Tenant, limit: int, cores: float, now: float) -> None:
+        g = t.group
+        assert g is not None
+        g.set_cpu_quota(cores)
+        if t.hard_limit is None or limit >= t.hard_limit:
+            g.set_memory_limit(limit)
+            g.set_memory_target(None)
+            t.hard_limit = limit
+            return
+        # Lowering: announce, and enforce once the job's recent peak fits (v1 refuses a limit
+        # below its usage; one under its step peak would OOM-kill it mid-step).
+        g.set_memory_target(limit)
+        try:
+            if t.recent_peak(now) <= limit * 0.95:
+                g.set_memory_limit(limit)
+                t.hard_limit = limit
+        except ResourceError:
+            pass
 
-    arrivals = sorted(make_arrivals(w), key=lambda a: a.at)
-    kinds = {a.name: a for a in arrivals}
-    t0 = time.time()
+    def finish(t: _Tenant, now: float) -> None:
+        assert t.proc is not None and t.group is not None
+        rc = t.proc.wait()
+        kills = t.group.oom_kills()
+        t.oom_kills += kills
+        t.cpu_seconds += t.group.cpu_seconds()
+        t.group.remove()
+        t.group, t.hard_limit, t.peaks = None, None, []
+        if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
+            # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
+            # (still starting: nothing done to lose). It waits again either way.
+            t.state = "pending"
+            say(f"{mode}: {t.arrival.name} preempted, requeued")
+            return
+        t.state = "succeeded" if rc == 0 and not kills else "failed"
+        t.finished_at = now
+        why = "OOM-killed" if kills else f"exit {rc}"
+        say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
+
     try:
-        pending = list(arrivals)
         while True:
-            now = time.time() - t0
-            while pending and pending[0].at <= now:
-                a = pending.pop(0)
-                route(a).submit(_job(a, w, t0, mode))
-            finished = [r.step() for r in runners]
-            if not pending and all(finished):
+            now = time.monotonic() - t0
+            while pending_arrivals and pending_arrivals[0].at <= now:
+                a = pending_arrivals.pop(0)
+                if a.kind == "request":
+                    if mode == "dynamic" and service_quota != cfg.service_cores_busy:
+                        # Urgent work gets its share at once, not at the next tick.
+                        service_group.set_cpu_quota(cfg.service_cores_busy)
+                        service_group.set_cpu_weight(1000)
+                        service_quota = cfg.service_cores_busy
+                    sent[a.name] = t0 + a.at
+                    service.stdin.write(a.name + "\n")
+                    service.stdin.flush()
+                else:
+                    tenants[a.name].state = "pending"
+                    tenants[a.name].arrival = a
+            while not answers.empty():
+                rid, at = answers.get()
+                answered[rid] = at
+            for t in tenants.values():
+                if t.state in ("running", "stopping") and t.proc is not None and t.proc.poll() is not None:
+                    finish(t, now)
+            arrived = [t for t in tenants.values() if t.arrival.at <= now]
+            views = []
+            for t in arrived:
+                if t.state not in ("pending", "running", "stopping"):
+                    continue
+                st = _status(work / t.arrival.name / "status.json") if t.state != "pending" else {}
+                usage = peak = 0
+                if t.group is not None:
+                    with contextlib.suppress(ResourceError):
+                        usage = t.group.memory_usage()
+                        t.peaks.append((now, t.group.memory_peak()))
+                        peak = t.recent_peak(now)
+                views.append(
+                    TenantState(
+                        t.arrival.name,
+                        "training",
+                        t.arrival.urgency,
+                        t.job.request,
+                        w.training_cpus,
+                        t.job.floor,
+                        t.arrival.at,
+                        running=t.state != "pending",
+                        preemptible=t.state == "running",
+                        phase=str(st.get("phase", "initial")),
+                        usage=usage,
+                        peak=peak,
+                        limit=t.hard_limit,
+                    )
+                )
+            busy = len(sent) > len(answered)
+            svc = TenantState(
+                "service",
+                "service",
+                1.0,
+                w.service_memory,
+                w.service_cpus,
+                w.service_memory,
+                0.0,
+                True,
+                False,
+                busy=busy,
+            )
+            plan: ResourcePlan = (
+                plan_static([svc, *views], cfg) if mode == "static" else plan_dynamic([svc, *views], cfg, now)
+            )
+            for name in plan.preempt:
+                t = tenants[name]
+                if t.state == "running" and t.proc is not None:
+                    t.proc.send_signal(signal.SIGTERM)
+                    t.state = "stopping"
+                    t.preemptions += 1
+            for name in plan.admit:
+                if name in tenants and tenants[name].state == "pending":
+                    spawn(tenants[name])
+            for name, limit in plan.memory.items():
+                t = tenants.get(name)  # type: ignore[assignment]
+                if t is not None and t.state == "running" and t.group is not None:
+                    try:
+                        apply_limits(t, limit, plan.cpus[name], now)
+                    except ResourceError as exc:
+                        say(f"{mode}: {name}: {exc}")
+            want_quota = plan.cpus.get("service", w.service_cpus)
+            if want_quota != service_quota:
+                service_group.set_cpu_quota(want_quota)
+                service_quota = want_quota
+            if "service" in plan.cpu_weights:
+                service_group.set_cpu_weight(plan.cpu_weights["service"])
+            sample: dict[str, Any] = {"t": round(now, 3), "jobs": {}, "service_cpus": service_quota}
+            sample["service_usage"] = service_group.memory_usage()
+            for t in tenants.values():
+                if t.group is not None and t.state in ("running", "stopping"):
+                    with contextlib.suppress(ResourceError):
+                        sample["jobs"][t.arrival.name] = {
+                            "usage": t.group.memory_usage(),
+                            "limit": t.group.memory_limit(),
+                            "cpus": t.group.cpu_quota(),
+                        }
+            sample["ooms"] = [
+                t.arrival.name
+                for t in tenants.values()
+                if t.oom_kills and t.finished_at and abs(t.finished_at - now) < w.tick
+            ]
+            timeline.append(sample)
+            training_done = all(t.state in ("succeeded", "failed") for t in tenants.values())
+            if training_done and not pending_arrivals and len(answered) >= len(sent):
                 break
-            time.sleep(0.02)
-        rows = [j for r in runners for j in r.store.jobs()]
+            if now > 900:
+                say(f"{mode}: giving up after 900 s")
+                break
+            time.sleep(w.tick)  # the control period, not work
     finally:
-        for r in runners:
-            r.close()
-    end = max(j.finished_at or t0 for j in rows)
-    makespan = end - t0
-    ok = [j for j in rows if j.state == "succeeded"]
-    responses = sorted((j.finished_at or 0.0) - j.submitted_at for j in ok if kinds[j.name].kind == "request")
-    every_request = [(j.finished_at or end) - j.submitted_at for j in rows if kinds[j.name].kind == "request"]
-    useful = sum(kinds[j.name].work * j.spec.gpus for j in ok)
-    training_end = max((j.finished_at or t0) for j in rows if kinds[j.name].kind == "training")
-    failed = len(rows) - len(ok)
+        svc_cpu = service_group.cpu_seconds() - svc_cpu0
+        with_suppress_stdin_close(service)
+        for t in tenants.values():
+            if t.proc is not None and t.proc.poll() is None:
+                t.proc.kill()
+                t.proc.wait()
+            if t.group is not None:
+                t.oom_kills += t.group.oom_kills()
+                t.cpu_seconds += t.group.cpu_seconds()
+                t.group.remove()
+        service_group.remove()
+    end_times = [t.finished_at for t in tenants.values() if t.finished_at is not None]
+    makespan = max(end_times) if end_times else time.monotonic() - t0
+    responses = sorted(answered[r] - sent[r] for r in sent if r in answered)
+    ok = [t for t in tenants.values() if t.state == "succeeded"]
+    busy_cpu = svc_cpu + sum(t.cpu_seconds for t in tenants.values())
+    usage_samples = [s["service_usage"] + sum(j["usage"] for j in s["jobs"].values()) for s in timeline]
     return ModeResult(
         mode=mode,
-        mean_response_s=statistics.fmean(responses) if responses else math.nan,
-        p95_response_s=responses[min(len(responses) - 1, int(0.95 * len(responses)))] if responses else math.nan,
-        mean_response_all_s=statistics.fmean(every_request) if every_request else math.nan,
-        utilisation=useful / (w.slots * makespan),
-        failure_rate=failed / len(rows),
-        training_makespan_s=training_end - t0,
-        makespan_s=makespan,
-        tasks=len(rows),
-        failed=failed,
-        preemptions=sum(j.preemptions for j in rows),
-        responses=responses,
+        mean_response_seconds=statistics.fmean(responses) if responses else math.nan,
+        p95_response_seconds=responses[min(len(responses) - 1, int(0.95 * len(responses)))] if responses else math.nan,
+        cpu_utilization=busy_cpu / (w.cores * makespan),
+        memory_utilization=statistics.fmean(usage_samples) / w.memory if usage_samples else 0.0,
+        oom_kills=sum(t.oom_kills for t in tenants.values()),
+        jobs_failed=sum(1 for t in tenants.values() if t.state != "succeeded"),
+        jobs=len(tenants),
+        makespan_seconds=makespan,
+        samples_per_second=sum(t.job.samples for t in ok) / makespan,
+        requests=len(requests),
+        requests_answered=len(responses),
+        preemptions=sum(t.preemptions for t in tenants.values()),
+        timeline=timeline,
     )
 
 
-def run_comparison(w: Workload, work_dir: str | Path, rounds: int = 1) -> dict[str, Any]:
-    """Runs static and dynamic alternately ``rounds`` times; returns every round and the medians."""
-    results: dict[str, list[ModeResult]] = {"static": [], "dynamic": []}
-    for r in range(rounds):
-        for mode in ("static", "dynamic") if r % 2 == 0 else ("dynamic", "static"):
-            results[mode].append(run_mode(mode, w, work_dir))
-    summary = {}
-    for mode, runs in results.items():
-        summary[mode] = {
-            key: statistics.median(getattr(x, key) for x in runs)
-            for key in (
-                "mean_response_s",
-                "p95_response_s",
-                "mean_response_all_s",
-                "utilisation",
-                "failure_rate",
-                "training_makespan_s",
-            )
+def with_suppress_stdin_close(proc: subprocess.Popen[str]) -> None:
+    """Ends the service: end of input, then a kill if it does not exit."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+
+
+_FIGURES = (
+    "mean_response_seconds",
+    "p95_response_seconds",
+    "cpu_utilization",
+    "memory_utilization",
+    "oom_kills",
+    "jobs_failed",
+    "jobs",
+    "makespan_seconds",
+    "samples_per_second",
+)
+
+
+def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Static then dynamic on the same trace. Returns the ``--json`` document (timelines under
+    ``timeline``)."""
+    kind, reason = availability()
+    doc: dict[str, Any] = {"enforcement": kind, "workload": asdict(w)}
+    if kind == "none":
+        doc["reason"] = reason
+        return doc
+    for mode in ("static", "dynamic"):
+        r = run_mode(mode, w, work_dir, log)
+        doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
+            "requests": r.requests,
+            "requests_answered": r.requests_answered,
+            "preemptions": r.preemptions,
         }
-    return {
-        "workload": asdict(w),
-        "rounds": {mode: [asdict(x) for x in runs] for mode, runs in results.items()},
-        "summary": summary,
-    }
+        doc.setdefault("timeline", {})[mode] = r.timeline
+    return doc
 
 
 def format_comparison(doc: dict[str, Any]) -> str:
-    """The side-by-side table, with the mission's claimed figures for reference."""
-    s, d = doc["summary"]["static"], doc["summary"]["dynamic"]
+    """The side-by-side table with the mission's claims and the issue's targets."""
+    if doc["enforcement"] == "none":
+        return f"bench-multi-tenant: nothing measured: {doc.get('reason', 'no cgroup enforcement')}"
+    s, d = doc["static"], doc["dynamic"]
     rows = [
         (
-            "mean response time (requests)",
-            f"{s['mean_response_s'] * 1e3:.0f} ms",
-            f"{d['mean_response_s'] * 1e3:.0f} ms",
-            "412 ms / 203 ms",
+            "mean response (requests)",
+            f"{s['mean_response_seconds'] * 1e3:.0f} ms",
+            f"{d['mean_response_seconds'] * 1e3:.0f} ms",
+            "412 / 203 ms; target <= 0.6x",
         ),
         (
-            "mean response, failed included",
-            f"{s['mean_response_all_s'] * 1e3:.0f} ms",
-            f"{d['mean_response_all_s'] * 1e3:.0f} ms",
+            "p95 response (requests)",
+            f"{s['p95_response_seconds'] * 1e3:.0f} ms",
+            f"{d['p95_response_seconds'] * 1e3:.0f} ms",
             "",
         ),
         (
-            "p95 response time (requests)",
-            f"{s['p95_response_s'] * 1e3:.0f} ms",
-            f"{d['p95_response_s'] * 1e3:.0f} ms",
-            "",
+            "CPU utilisation",
+            f"{s['cpu_utilization']:.0%}",
+            f"{d['cpu_utilization']:.0%}",
+            "63% / 89%; target >= +15 pt",
         ),
-        ("device utilisation", f"{s['utilisation']:.0%}", f"{d['utilisation']:.0%}", "63% / 89%"),
-        ("task failure rate", f"{s['failure_rate']:.1%}", f"{d['failure_rate']:.1%}", "4.2% / 0.7%"),
-        ("training makespan", f"{s['training_makespan_s']:.1f} s", f"{d['training_makespan_s']:.1f} s", ""),
+        ("memory utilisation", f"{s['memory_utilization']:.0%}", f"{d['memory_utilization']:.0%}", ""),
+        ("OOM kills", f"{s['oom_kills']}", f"{d['oom_kills']}", "target: > 0 / 0"),
+        ("jobs failed", f"{s['jobs_failed']}/{s['jobs']}", f"{d['jobs_failed']}/{d['jobs']}", "4.2% / 0.7%"),
+        ("training makespan", f"{s['makespan_seconds']:.1f} s", f"{d['makespan_seconds']:.1f} s", "target <= 1.0x"),
+        ("training samples/s", f"{s['samples_per_second']:.1f}", f"{d['samples_per_second']:.1f}", ""),
+        ("preemptions", f"{s['preemptions']}", f"{d['preemptions']}", ""),
     ]
-    head = f"{'figure':<32} {'static':>10} {'dynamic':>10}   mission claim (static / dynamic)"
-    lines = [head, "-" * len(head)]
-    lines += [f"{a:<32} {b:>10} {c:>10}   {m}" for a, b, c, m in rows]
+    head = f"{'figure':<26} {'static':>10} {'dynamic':>10}   mission claim (static / dynamic); issue target"
+    lines = [f"enforcement: {doc['enforcement']}", head, "-" * len(head)]
+    lines += [f"{a:<26} {b:>10} {c:>10}   {m}" for a, b, c, m in rows]
     return "\n".join(lines)
+
+
+def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
+    """Per mode: each job's memory usage stacked, its limit as a line, CPU quotas below, OOM
+    kills marked with an x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("static", "dynamic") if m in doc.get("timeline", {})]
+    fig, axes = plt.subplots(2, len(modes), figsize=(7 * len(modes), 7), sharex="col", squeeze=False)
+    for col, mode in enumerate(modes):
+        tl = doc["timeline"][mode]
+        ts = [s["t"] for s in tl]
+        names = sorted({n for s in tl for n in s["jobs"]}, key=lambda n: int(n[5:]) if n[5:].isdigit() else 0)
+        usage = [[s["jobs"].get(n, {}).get("usage", 0) / MiB for s in tl] for n in names]
+        svc = [s["service_usage"] / MiB for s in tl]
+        ax = axes[0][col]
+        ax.stackplot(ts, [svc, *usage], labels=["service", *names], alpha=0.7)
+        limits = [
+            sum((s["jobs"].get(n, {}).get("limit") or 0) for n in names) / MiB + w_svc
+            for s in tl
+            for w_svc in [doc["workload"]["service_memory"] / MiB]
+        ]
+        ax.plot(ts, limits, "k--", lw=1, label="sum of limits")
+        ax.axhline(doc["workload"]["memory"] / MiB, color="r", lw=1, label="tenant memory")
+        for s in tl:
+            for n in s.get("ooms", []):
+                ax.plot(s["t"], doc["workload"]["memory"] / MiB * 0.95, "rx", ms=10)
+                ax.annotate(f"OOM {n}", (s["t"], doc["workload"]["memory"] / MiB * 0.9), fontsize=7, color="r")
+        ax.set_title(f"{mode}: memory (MiB)")
+        ax.legend(fontsize=6, loc="upper left", ncol=3)
+        ax2 = axes[1][col]
+        cpus = [[s["jobs"].get(n, {}).get("cpus") or 0 for s in tl] for n in names]
+        ax2.stackplot(ts, [[s["service_cpus"] for s in tl], *cpus], labels=["service", *names], alpha=0.7)
+        ax2.set_title(f"{mode}: CPU quota (cores)")
+        ax2.set_xlabel("seconds")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autoglm_rt.jobqueue.placement import CgroupPlacement
 from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec, check_job
 from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore, RunnerLock
 from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
@@ -78,6 +79,7 @@ class QueueRunner:
         known = {j.name: j.state for j in self.store.jobs()}
         for name in self.store.add_missing(spec.jobs, now):
             self._log(f"queued {name}")
+        self.placement = CgroupPlacement(self.store.path, self._log)
         failed = [n for n, st in known.items() if st == "failed"]
         if retry_failed:
             for name in failed:
@@ -272,6 +274,7 @@ class QueueRunner:
         env["AUTOGLM_RT_JOB_ATTEMPT"] = str(attempt)
         if not self.spec.uses_gpus:
             env.setdefault("OMP_NUM_THREADS", str(len(devices)))
+        env.update(self.placement.env_for(job.spec, attempt))
         self.store.update(
             job.name,
             now,
@@ -334,6 +337,7 @@ class QueueRunner:
                     os.killpg(job.pid, signal.SIGKILL)
                 return  # the slots stay taken until the group is gone
         code, reason = self._read_exit_file(job)
+        oom = self.placement.finished(job.name, job.attempt)  # removes the job's cgroup
         if job.state == "stopping":
             reason = job.stop_reason or "preempt"
             detail = f"exit {code}" if code is not None else "killed after the grace period"
@@ -352,19 +356,23 @@ class QueueRunner:
             self._log(f"stopped {job.name} ({reason}, {detail}); requeued")
             return
         ok = code == 0
-        message = reason or (None if code is not None else "the job's wrapper died without recording an exit status")
+        message = (
+            oom or reason or (None if code is not None else "the job's wrapper died without recording an exit status")
+        )
         self.store.update(
             job.name,
             now,
             "succeeded" if ok else "failed",
-            f"exit {code}" + (f": {reason}" if reason else ""),
+            oom or (f"exit {code}" + (f": {reason}" if reason else "")),
             state="succeeded" if ok else "failed",
             finished_at=now,
             exit_code=code,
             pid=None,
             message=message,
         )
-        self._log(f"{'done' if ok else 'FAILED'} {job.name} (exit {code}{': ' + reason if reason else ''})")
+        self._log(
+            f"{'done' if ok else 'FAILED'} {job.name} ({oom or f'exit {code}' + (': ' + reason if reason else '')})"
+        )
         for dependent in self.scheduler.finished(job.name, ok, now):
             self._fail_pending(dependent, now, scheduler_knows=True)
 

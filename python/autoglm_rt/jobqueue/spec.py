@@ -12,6 +12,8 @@ jobs:
     depends_on: []       # optional: names of jobs that must succeed first
     preemptible: true    # optional
     min_runtime: 0       # optional: seconds before it may be preempted
+    memory: 2Gi          # optional: the job's cgroup memory limit (bytes or "512Mi"); OOM kills are reported
+    cpus: 1.5            # optional: the job's cgroup CPU quota in cores
 ```
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_rt.policy.scheduler import Task
+from autoglm_rt.units import parse_size
 
 __all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "check_job", "detect_gpus", "load_queue_spec", "parse_queue_spec"]
 
@@ -34,7 +37,18 @@ class QueueSpecError(ValueError):
 
 
 MAX_NAME_BYTES = 255  # a job's name is its directory's name: NAME_MAX on Linux file systems
-_JOB_KEYS = {"name", "command", "urgency", "priority", "gpus", "depends_on", "preemptible", "min_runtime"}
+_JOB_KEYS = {
+    "name",
+    "command",
+    "urgency",
+    "priority",
+    "gpus",
+    "depends_on",
+    "preemptible",
+    "min_runtime",
+    "memory",
+    "cpus",
+}
 _TOP_KEYS = {"slots", "gpus", "jobs", "grace_period", "poll_interval", "aging_rate"}
 
 
@@ -50,6 +64,8 @@ class JobSpec:
     depends_on: tuple[str, ...] = ()
     preemptible: bool = True
     min_runtime: float = 0.0
+    memory: int | None = None  # bytes: the job's cgroup memory limit (None: none)
+    cpus: float | None = None  # cores: the job's cgroup CPU quota (None: none)
 
     def task(self) -> Task:
         return Task(
@@ -72,6 +88,8 @@ class JobSpec:
             "depends_on": list(self.depends_on),
             "preemptible": self.preemptible,
             "min_runtime": self.min_runtime,
+            "memory": self.memory,
+            "cpus": self.cpus,
         }
 
 
@@ -193,6 +211,18 @@ def _number(value: object, what: str, *, minimum: float) -> float:
     return float(value)
 
 
+def _memory(value: object, where: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        nbytes = parse_size(value, name=f"{where}: memory")  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise QueueSpecError(f"{exc}; expected bytes or a size like '512Mi'") from exc
+    if nbytes < 1 << 20:
+        raise QueueSpecError(f"{where}: memory must be at least 1Mi (a job cannot start below that), got {value!r}")
+    return nbytes
+
+
 def _job(raw: object, i: int, source: str) -> JobSpec:
     where = f"{source}: jobs[{i}]"
     if not isinstance(raw, Mapping):
@@ -245,6 +275,8 @@ def _job(raw: object, i: int, source: str) -> JobSpec:
         depends_on=tuple(depends),
         preemptible=preemptible,
         min_runtime=_number(raw.get("min_runtime", 0.0), f"{where}: min_runtime", minimum=0.0),
+        memory=_memory(raw.get("memory"), where),
+        cpus=None if raw.get("cpus") is None else _number(raw["cpus"], f"{where}: cpus", minimum=0.01),
     )
     try:
         spec.task()

@@ -37,14 +37,21 @@ from dataclasses import dataclass, field
 from autoglm_rt.units import parse_size
 
 __all__ = [
+    "PHASE_SHARES",
     "Device",
     "Placement",
     "Plan",
+    "PlannerConfig",
     "Preemption",
     "PriorityScheduler",
+    "ResourcePlan",
     "SchedulerError",
     "Task",
     "TaskState",
+    "TenantState",
+    "plan_dynamic",
+    "plan_static",
+    "tenant_score",
 ]
 
 
@@ -525,3 +532,207 @@ class PriorityScheduler:
                     failed.append(n)
                     changed = True
         return failed
+
+
+# ==================================================================== co-located tenants
+
+#: Share of a job's requested memory its limit follows in each phase (the mission's rule).
+PHASE_SHARES: dict[str, float] = {"initial": 0.9, "convergence": 0.6, "fine_tuning": 0.3}
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The machine given to tenants and the dynamic policy's knobs.
+
+    ``memory`` (bytes) and ``cores``: what all tenants share. ``headroom``: a job's limit never goes
+    below ``floor * (1 + headroom)``. A job whose peak exceeds ``grow_when`` of its limit is given
+    ``peak * grow_by`` when memory is free. A busy service gets ``service_cores_busy`` cores at once,
+    an idle one ``service_cores_idle``; training jobs share the rest, at least ``min_training_cores``
+    each. ``max_running``: training jobs at once. ``preempt_urgency``: a pending job at least this
+    urgent may preempt lower-scored running jobs when it does not fit."""
+
+    memory: int
+    cores: float
+    phase_shares: tuple[tuple[str, float], ...] = tuple(PHASE_SHARES.items())
+    headroom: float = 0.15
+    grow_when: float = 0.8
+    grow_by: float = 1.35
+    service_cores_busy: float = 1.0
+    service_cores_idle: float = 0.25
+    min_training_cores: float = 0.2
+    max_running: int = 4
+    preempt_urgency: float = 0.8
+    aging_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.memory <= 0 or not (math.isfinite(self.cores) and self.cores > 0):
+            raise ValueError(f"PlannerConfig: memory and cores must be > 0, got {self.memory}, {self.cores}")
+        if self.max_running < 1:
+            raise ValueError(f"PlannerConfig: max_running must be >= 1, got {self.max_running}")
+
+
+@dataclass(frozen=True)
+class TenantState:
+    """What the planner knows of one tenant at one instant. Bytes and cores.
+
+    ``kind``: "training" (admitted once, runs to the end) or "service" (always running; ``busy``
+    when requests wait). ``request_memory``/``request_cpus``: what it asked for (its static
+    partition). ``floor_memory``: its working set at the smallest micro-batch (never pushed below).
+    ``peak``/``usage``/``limit``: measured, for running tenants; ``peak`` should be the highest
+    over the last few seconds (several steps), not one instant."""
+
+    name: str
+    kind: str = "training"
+    urgency: float = 0.5
+    request_memory: int = 0
+    request_cpus: float = 1.0
+    floor_memory: int = 0
+    submitted_at: float = 0.0
+    running: bool = False
+    preemptible: bool = True
+    phase: str = "initial"
+    busy: bool = False
+    usage: int = 0
+    peak: int = 0
+    limit: int | None = None
+
+
+@dataclass
+class ResourcePlan:
+    """What to do now: start ``admit`` (in order), stop ``preempt`` (checkpoint and requeue), and
+    give every running or admitted tenant ``memory[name]`` bytes, ``cpus[name]`` cores and (dynamic
+    only) ``cpu_weights[name]``, its priority on contended cores."""
+
+    admit: list[str] = field(default_factory=list)
+    preempt: list[str] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)
+    cpus: dict[str, float] = field(default_factory=dict)
+    cpu_weights: dict[str, int] = field(default_factory=dict)  # 100: the default; higher runs first
+
+
+def tenant_score(t: TenantState, cfg: PlannerConfig, now: float) -> float:
+    """The mission's score (as :meth:`PriorityScheduler.base_score`, dependencies met) plus aging."""
+    ratio = max(t.request_memory / cfg.memory, t.request_cpus / cfg.cores)
+    return 0.5 * t.urgency + 0.3 / (1.0 + ratio) + 0.2 + cfg.aging_rate * max(0.0, now - t.submitted_at)
+
+
+def plan_static(tenants: Sequence[TenantState], cfg: PlannerConfig) -> ResourcePlan:
+    """Fixed partitions: every tenant gets exactly what it requested, admitted first come first
+    served when its partition fits beside the running ones; nothing is resized or preempted."""
+    plan = ResourcePlan()
+    running = [t for t in tenants if t.running]
+    used_mem = sum(t.request_memory for t in running)
+    used_cpu = sum(t.request_cpus for t in running)
+    n_train = sum(1 for t in running if t.kind == "training")
+    for t in sorted((t for t in tenants if not t.running), key=lambda t: (t.submitted_at, t.name)):
+        fits = used_mem + t.request_memory <= cfg.memory and used_cpu + t.request_cpus <= cfg.cores + 1e-9
+        if not fits or (t.kind == "training" and n_train >= cfg.max_running):
+            break  # FIFO: nobody overtakes the head of the queue
+        plan.admit.append(t.name)
+        used_mem += t.request_memory
+        used_cpu += t.request_cpus
+        n_train += t.kind == "training"
+    for t in tenants:
+        if t.running or t.name in plan.admit:
+            plan.memory[t.name] = t.request_memory
+            plan.cpus[t.name] = t.request_cpus
+    return plan
+
+
+def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float) -> ResourcePlan:
+    """Re-divides memory and CPU among co-located tenants (see docs/scheduling.md):
+
+    - memory: a running job wants its phase share of its request, never below its floor plus
+      headroom, and ``peak * grow_by`` when its peak presses on its limit; pending jobs are
+      admitted by score while their floor-plus-headroom fits; an urgent one that does not fit
+      preempts the lowest-scored preemptible jobs; what is left is spread as headroom;
+    - CPU: a busy service gets its share at once, training jobs split the rest in proportion to
+      their requests.
+    """
+    shares = dict(cfg.phase_shares)
+    plan = ResourcePlan()
+
+    def floor_of(t: TenantState) -> int:
+        return int(t.floor_memory * (1.0 + cfg.headroom))
+
+    def want_of(t: TenantState) -> int:
+        want = max(floor_of(t), int(shares.get(t.phase, 1.0) * t.request_memory))
+        if t.running and t.limit:
+            if t.peak > cfg.grow_when * t.limit:
+                want = max(want, int(t.peak * cfg.grow_by))  # pressed: grow
+            else:
+                # Not below what it recently used with the same margin: lowering a limit the job
+                # just grew into would flap (grow, lower, grow) and kill it at the low point.
+                want = max(want, min(t.limit, int(t.peak * cfg.grow_by)))
+        return want
+
+    running = [t for t in tenants if t.running]
+    want = {t.name: want_of(t) for t in running}
+    n_train = sum(1 for t in running if t.kind == "training")
+    pending = sorted((t for t in tenants if not t.running), key=lambda t: (-tenant_score(t, cfg, now), t.name))
+    for t in pending:
+        need = floor_of(t)
+        committed = sum(floor_of(r) for r in running if r.name not in plan.preempt) + sum(
+            floor_of(x) for x in tenants if x.name in plan.admit
+        )
+        if t.kind == "training" and n_train >= cfg.max_running and t.urgency < cfg.preempt_urgency:
+            continue
+        if committed + need > cfg.memory or (t.kind == "training" and n_train >= cfg.max_running):
+            if t.urgency < cfg.preempt_urgency:
+                continue
+            score = tenant_score(t, cfg, now)
+            victims = sorted(
+                (
+                    r
+                    for r in running
+                    if r.preemptible
+                    and r.kind == "training"
+                    and r.name not in plan.preempt
+                    and tenant_score(r, cfg, now) + 0.05 < score
+                ),
+                key=lambda r: tenant_score(r, cfg, now),
+            )
+            chosen: list[TenantState] = []
+            for v in victims:
+                if committed - sum(floor_of(c) for c in chosen) + need <= cfg.memory and (
+                    t.kind != "training" or n_train - len(chosen) < cfg.max_running
+                ):
+                    break
+                chosen.append(v)
+            freed = sum(floor_of(c) for c in chosen)
+            if committed - freed + need > cfg.memory or (
+                t.kind == "training" and n_train - len(chosen) >= cfg.max_running
+            ):
+                continue
+            plan.preempt.extend(c.name for c in chosen)
+            n_train -= len(chosen)
+        plan.admit.append(t.name)
+        want[t.name] = max(need, int(shares.get(t.phase, 1.0) * t.request_memory))
+        n_train += t.kind == "training"
+    live = [t for t in tenants if (t.running and t.name not in plan.preempt) or t.name in plan.admit]
+    # Fit the wants into memory: cut what is above the floors proportionally, then spread the rest.
+    floors = {t.name: floor_of(t) for t in live}
+    total = sum(want[t.name] for t in live)
+    if total > cfg.memory:
+        above = sum(want[t.name] - floors[t.name] for t in live)
+        room = max(0, cfg.memory - sum(floors.values()))
+        for t in live:
+            extra = want[t.name] - floors[t.name]
+            want[t.name] = floors[t.name] + (int(extra * room / above) if above else 0)
+    else:
+        spare = cfg.memory - total
+        for t in live:
+            want[t.name] += int(spare * want[t.name] / total) if total else 0
+    plan.memory = {t.name: want[t.name] for t in live}
+    service = [t for t in live if t.kind == "service"]
+    train = [t for t in live if t.kind == "training"]
+    for s in service:
+        plan.cpus[s.name] = cfg.service_cores_busy if s.busy else cfg.service_cores_idle
+        # A quota only caps; on busy cores the weight is what lets urgent work run first.
+        plan.cpu_weights[s.name] = 1000 if s.busy else 100
+    left = max(0.0, cfg.cores - sum(plan.cpus.values()))
+    asked = sum(t.request_cpus for t in train)
+    for t in train:  # in proportion to the requests: idle cores go to whoever runs
+        plan.cpus[t.name] = max(cfg.min_training_cores, left * t.request_cpus / asked if asked else left / len(train))
+        plan.cpu_weights[t.name] = 100
+    return plan
