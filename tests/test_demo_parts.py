@@ -115,39 +115,6 @@ def test_rng_streams_continue_exactly_after_a_restore() -> None:
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
-def test_comm_state_uses_the_hook_states_own_state_dict() -> None:
-    class WithStateDict:
-        def __init__(self) -> None:
-            self.loaded: Any = None
-
-        def state_dict(self) -> dict[str, Any]:
-            return {"iter": 5}
-
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            self.loaded = state
-
-    comm = WithStateDict()
-    assert checkpoint.comm_state_dict(comm) == {"iter": 5}
-    checkpoint.load_comm_state_dict(comm, {"iter": 6})
-    assert comm.loaded == {"iter": 6}
-
-
-def test_topk_state_round_trips_as_a_copy() -> None:
-    from autoglm_rt.ddp import TopKState
-
-    a = TopKState(density=0.1)
-    a.iter, a.bytes_sent, a.dense_bytes = 9, 123, 4567
-    a.bucket_density = {0: 0.1}
-    saved = checkpoint.comm_state_dict(a)
-    a.bucket_density[0] = 0.5  # the saved state does not alias the live object
-    b = TopKState(density=0.1)
-    checkpoint.load_comm_state_dict(b, saved)
-    assert (b.iter, b.bytes_sent, b.dense_bytes, b.bucket_density) == (9, 123, 4567, {0: 0.1})
-    if not hasattr(TopKState, "load_state_dict"):
-        with pytest.raises(ValueError, match="expected the fields"):
-            checkpoint.load_comm_state_dict(b, {"iter": 1})
-
-
 # -- the demo strategy, carried out by the real batch controller ----------------------------------
 def test_demo_strategy_halves_the_micro_batch_once_per_phase_change() -> None:
     strategy = Strategy.from_yaml(bundled_strategy("demo"))

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoglm_rt.demo import checkpoint
 from autoglm_rt.demo.activations import ActivationMeter
 from autoglm_rt.demo.model import loss_fn
 
@@ -130,14 +129,14 @@ class AutoglmRun:
         state and the report's history."""
         return {
             "runtime": self.runtime.state_dict(),
-            "comm": checkpoint.comm_state_dict(self.comm),
+            "comm": self.comm.state_dict(),
             "phases": list(self.phases),
             "actions": list(self.actions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.runtime.load_state_dict(state["runtime"])
-        checkpoint.load_comm_state_dict(self.comm, state["comm"])
+        self.comm.load_state_dict(state["comm"])
         self.phases = list(state["phases"])
         self.actions = list(state["actions"])
 

@@ -10,7 +10,6 @@ left-overs of an interrupted save and are ignored.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -85,47 +84,11 @@ def clear(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def comm_state_dict(comm: Any) -> dict[str, Any]:
-    """The DDP hook state's ``state_dict()``. Seam: until ``TopKState.state_dict()`` lands (issue
-    14), the fields the hook changes while it runs are read here; delete the fallback then."""
-    if hasattr(comm, "state_dict"):
-        return dict(comm.state_dict())
-    return {name: copy.deepcopy(getattr(comm, name)) for name in _TOPK_FIELDS}
-
-
-def load_comm_state_dict(comm: Any, state: dict[str, Any]) -> None:
-    if hasattr(comm, "load_state_dict"):
-        comm.load_state_dict(state)
-        return
-    if set(state) != set(_TOPK_FIELDS):
-        raise ValueError(f"comm state: expected the fields {sorted(_TOPK_FIELDS)}, got {sorted(state)}")
-    for name, value in state.items():
-        setattr(comm, name, copy.deepcopy(value))
-
-
-# The fallback's fields (TopKState before issue 14): iteration, residuals, counters, pending
-# non-finite flags and per-bucket densities. Norm parts are per iteration and start afresh.
-_TOPK_FIELDS = (
-    "iter",
-    "_residuals",
-    "bytes_sent",
-    "dense_bytes",
-    "compressed_buckets",
-    "dense_buckets",
-    "residual_resets",
-    "nonfinite_resets",
-    "_pending_nonfinite",
-    "bucket_density",
-)
-
-
 __all__ = [
     "MARKER",
     "clear",
-    "comm_state_dict",
     "commit",
     "committed",
-    "load_comm_state_dict",
     "load_rank",
     "rank_path",
     "rng_state",
