@@ -551,7 +551,7 @@ def format_comparison(doc: dict[str, Any]) -> str:
         ("training samples/s", f"{s['samples_per_second']:.1f}", f"{d['samples_per_second']:.1f}", ""),
         ("preemptions", f"{s['preemptions']}", f"{d['preemptions']}", ""),
     ]
-    head = f"{'figure':<26} {'static':>10} {'dynamic':>10}   mission claim (static / dynamic); issue target"
+    head = f"{'figure':<26} {'static':>10} {'dynamic':>10}   published reference (static / dynamic); our target"
     lines = [f"enforcement: {doc['enforcement']}", head, "-" * len(head)]
     lines += [f"{a:<26} {b:>10} {c:>10}   {m}" for a, b, c, m in rows]
     return "\n".join(lines)
