@@ -9,6 +9,7 @@ are skipped with ``autoglm_rt.resources.availability()``'s reason where no cgrou
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,24 @@ def cgroup_memory_root() -> Path:
     if reason is not None:
         pytest.skip(f"cgroup memory limits unavailable: {reason}")
     return CGROUP_V1_MEMORY
+
+
+@pytest.fixture
+def single_rank_group() -> Iterator[None]:
+    """A one-rank gloo process group whose store listens on 127.0.0.1 only
+    (``autoglm_rt.distributed``), destroyed afterwards."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from autoglm_rt.distributed import init_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    init_process_group("gloo", rank=0, world_size=1, port=port, timeout=datetime.timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

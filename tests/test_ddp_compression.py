@@ -3,18 +3,14 @@ the fused sum of squares and aliasing checks of topk_compress."""
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from autoglm_rt import ddp, ops
 from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
 from tests import ddp_compression_scenarios
-from tests.ddp_harness import free_port, run_on_two_ranks
+from tests.ddp_harness import run_on_two_ranks
 from tests.test_ddp_topk import FakeBucket
 
 METRIC_KEYS = {
@@ -135,21 +131,6 @@ def test_controller_follows_the_relative_norm_change() -> None:
 
 
 # -- TopKState on one rank --------------------------------------------------------------------------
-@pytest.fixture
-def single_rank_group() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_state_rejects_bad_momentum_and_controller() -> None:
     with pytest.raises(ValueError, match="momentum"):
         ddp.TopKState(momentum=1.0)

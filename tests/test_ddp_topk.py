@@ -3,18 +3,15 @@ gloo ranks over 127.0.0.1 (spawned, bounded in time)."""
 
 from __future__ import annotations
 
-import datetime
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from autoglm_rt import ddp, ops
 from tests import ddp_scenarios
-from tests.ddp_harness import free_port, run_on_two_ranks
+from tests.ddp_harness import run_on_two_ranks
 
 
 def test_state_rejects_bad_arguments() -> None:
@@ -60,21 +57,6 @@ class FakeBucket:
 
     def is_last(self) -> bool:
         return self._last
-
-
-@pytest.fixture
-def single_rank_group() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed

@@ -3,33 +3,13 @@ through no_sync and OOM recovery by restarting the step, against float64 full-ba
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from autoglm_rt.distributed import init_process_group
 from autoglm_rt.runtime import BatchConfig, Runtime
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def process_group() -> Iterator[None]:
-    init_process_group("gloo", rank=0, world_size=1, port=free_port())
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class FailsAbove(nn.Module):
@@ -49,7 +29,7 @@ class FailsAbove(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def test_ddp_accumulation_and_oom_restart_match_full_batch_sgd(process_group: None) -> None:
+def test_ddp_accumulation_and_oom_restart_match_full_batch_sgd(single_rank_group: None) -> None:
     net = FailsAbove(limit=20)
     ref = FailsAbove(limit=10**9)
     ref.load_state_dict(net.state_dict())

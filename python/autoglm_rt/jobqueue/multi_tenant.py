@@ -307,7 +307,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 g.set_memory_limit(limit)
                 t.hard_limit = limit
         except ResourceError:
-            pass
+            pass  # the kernel refused a hard limit below current usage: the target stands; retried next period
 
     def finish(t: _Tenant, now: float) -> None:
         assert t.proc is not None and t.group is not None

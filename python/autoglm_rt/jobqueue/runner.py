@@ -477,7 +477,7 @@ def _group_members(pgid: int, leader_created: float | None) -> list[psutil.Proce
     except ProcessLookupError:
         return []  # the common case: the group is empty
     except PermissionError:
-        pass
+        pass  # the group exists (another user's process in it): list its members below
     members = []
     for p in psutil.process_iter(["create_time", "status"]):
         try:
