@@ -16,23 +16,11 @@ import pytest
 
 from autoglm_rt import build_info, memory
 from autoglm_rt.memory import CachingPool
+from tests.test_memory_trace import reference_peak_requested
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = sorted((ROOT / "benches" / "traces").glob("*.csv")) + sorted((ROOT.parent / "shared" / "traces").glob("*.csv"))
-
-
-def reference_peak_requested(rows: list[tuple[str, int, int, int]]) -> int:
-    live: dict[int, int] = {}
-    cur = peak = 0
-    for op, ident, nbytes, _ in rows:
-        if op == "alloc":
-            live[ident] = nbytes
-            cur += nbytes
-            peak = max(peak, cur)
-        else:
-            cur -= live.pop(ident)
-    return peak
 
 
 @pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
