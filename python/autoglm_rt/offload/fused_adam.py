@@ -120,20 +120,14 @@ def step_params(
     # The counts after this step, in float32 as torch keeps them; stored only once the kernel ran.
     after = [s["step"] + 1 for s in states]
     steps = [float(t) for t in after]
-    _C.adam_step(
+    apply_step(
         list(host_params) if host_params is not None else [p.detach() for p in params],
         list(host_grads) if host_grads is not None else [p.grad.contiguous() for p in params],  # type: ignore[union-attr]
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         steps,
-        hyper.lr,
-        hyper.beta1,
-        hyper.beta2,
-        hyper.eps,
-        hyper.weight_decay,
-        hyper.decoupled_weight_decay,
-        hyper.maximize,
-        scalar,
+        hyper,
+        scalar=scalar,
     )
     for s, t in zip(states, after, strict=True):
         s["step"].copy_(t)
@@ -146,9 +140,12 @@ def apply_step(
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[float],
     hyper: AdamHyper,
+    *,
+    scalar: bool = False,
 ) -> None:
     """The native kernel on explicit tensors (pieces of parameters are fine: every element is
-    updated by itself); ``steps`` are the counts after this step."""
+    updated by itself); ``steps`` are the counts after this step; ``scalar`` forces the portable
+    oracle path."""
     _C.adam_step(
         list(params),
         list(grads),
@@ -162,6 +159,7 @@ def apply_step(
         hyper.weight_decay,
         hyper.decoupled_weight_decay,
         hyper.maximize,
+        scalar,
     )
 
 
