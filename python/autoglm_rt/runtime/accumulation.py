@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from autoglm_rt.ops import grad_stats
 from autoglm_rt.policy.batch import BatchController
 from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.runtime.batching import Batch, slice_batch
@@ -71,33 +72,33 @@ class Accumulator:
             with self.autocast():
                 loss = loss_fn(self.model, batch if whole else slice_batch(batch, start, stop))
             check_loss(loss)
-            # The micro-batch's own mean-loss gradient; its weight is applied when it is added.
-            grads = torch.autograd.grad(loss.float(), params, allow_unused=True)
+            # The micro-batch's share of the batch's mean-loss gradient, weighted through the
+            # loss (as ``(loss * weight).backward()`` would be), so no pass over the gradients
+            # scales them afterwards.
+            scaled = loss.float() if whole else loss.float() * weight
+            grads = torch.autograd.grad(scaled, params, allow_unused=True)
             # Only now, after the whole micro-batch succeeded, does it touch .grad.
-            fresh: list[torch.Tensor] = []
+            mine: list[torch.Tensor] = []
             acc: list[torch.Tensor] = []
             add: list[torch.Tensor] = []
             for p, g in zip(params, grads, strict=True):
                 if g is None:
                     continue
+                if not g.is_contiguous():
+                    g = g.contiguous()  # e.g. the expanded gradient of p.sum(): own memory
+                mine.append(g)
                 if p.grad is None:
-                    if not g.is_contiguous():
-                        g = g.contiguous()  # e.g. the expanded gradient of p.sum(): own memory
                     p.grad = g
-                    fresh.append(g)
                 else:
                     acc.append(p.grad)
                     add.append(g)
             if want_norms:
-                norms = torch.stack(torch._foreach_norm(fresh + add)) if fresh or add else None
-                sqnorms.append((0.0 if norms is None else float(norms.double().square().sum()), stop - start))
-            if not whole:
-                if fresh:
-                    torch._foreach_mul_(fresh, weight)
-                if acc:
-                    torch._foreach_add_(acc, add, alpha=weight)  # one fused call for all parameters
-            elif acc:
-                torch._foreach_add_(acc, add)
+                # The squared norm of the micro-batch's own mean-loss gradient: one fused native
+                # pass over the weighted gradients, unweighted by the scalar.
+                sq = float(grad_stats(mine).total.sumsq) / (weight * weight) if mine else 0.0
+                sqnorms.append((sq, stop - start))
+            if acc:
+                torch._foreach_add_(acc, add)  # one fused call for all parameters
             total.add_(loss.detach(), alpha=weight)
 
         run_step(n, process, controller, limit_bytes=self.limit_bytes)
