@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from autoglm_rt.resources import cpu_quota_cores
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -62,12 +64,15 @@ class Hooks:
     """Callables the Runtime calls. ``metrics_source``: monitor figures for the strategy
     (``gpu_utilization``, ``memory_usage``, ``cpu_usage``, ``load_1min`` ...). ``metrics_sink``:
     called with every ``StepReport``. ``alert``: called with every ``alert`` action. ``clock``:
-    seconds (monotonic)."""
+    seconds (monotonic). ``cpu_quota``: the CPU quota in cores that holds for this process (None:
+    none), re-read about once a second; the Runtime's thread counts stay within its whole cores
+    (see ``runtime.cpu_quota``). Default: this process's cgroup; None turns that off."""
 
     metrics_source: Callable[[], Mapping[str, Any]] | None = None
     metrics_sink: Callable[[Any], None] | None = None
     alert: Callable[[Any], None] | None = None
     clock: Callable[[], float] = time.perf_counter
+    cpu_quota: Callable[[], float | None] | None = cpu_quota_cores
 
 
 __all__ = ["BatchConfig", "Hooks", "MemoryConfig", "ThreadConfig"]

@@ -32,6 +32,7 @@ from autoglm_rt.runtime.accumulation import Accumulator, LossFn
 from autoglm_rt.runtime.assembly import build_memory_policy, build_thread_control
 from autoglm_rt.runtime.batching import Batch, batch_size, rebatch
 from autoglm_rt.runtime.config import BatchConfig, Hooks, MemoryConfig, ThreadConfig
+from autoglm_rt.runtime.cpu_quota import QuotaThreads
 from autoglm_rt.runtime.metrics import RuntimeMetrics, attach
 from autoglm_rt.runtime.observation import Observation, noise_pair, read_gradients, read_memory
 from autoglm_rt.runtime.pipeline import Decision, PolicyPipeline
@@ -91,6 +92,7 @@ class Runtime:
             threads=build_thread_control(threads),
         )
         self._thread_setter = (threads.setter if threads is not None else None) or default_thread_setter
+        self.cpu_quota = self._follow_cpu_quota(memory_policy)
         if self.batch_config.effective_batch is not None:
             self._make_controller(self.batch_config.effective_batch)
         self.precision_policy.for_phase(detector.phase)
@@ -111,6 +113,28 @@ class Runtime:
         self._samples = 0
         self._compute_seconds = 0.0
         self._last_step_end: float | None = None
+
+    def _follow_cpu_quota(self, memory_policy: MemoryPolicy | None) -> QuotaThreads | None:
+        """Routes every thread count the Runtime sets through a :class:`QuotaThreads` (None when
+        ``hooks.cpu_quota`` is None) and applies the quota that holds now."""
+        if self.hooks.cpu_quota is None:
+            return None
+        loop = self.pipeline.threads
+        wanted = loop.threads if loop is not None else max(torch.get_num_threads(), 1)
+        quota = QuotaThreads(self._thread_setter, self.hooks.cpu_quota, wanted=wanted)
+        self._thread_setter = quota.set
+        if memory_policy is not None and memory_policy.thread_setter is not None:
+            memory_policy.thread_setter = quota.set
+        if quota.poll(self.hooks.clock()):
+            self._quota_changed(quota)
+        return quota
+
+    def _quota_changed(self, quota: QuotaThreads) -> None:
+        """Narrows (or widens) the step-time loop to the quota's cap; its count is what is wanted."""
+        loop = self.pipeline.threads
+        if loop is not None:
+            loop.limit(quota.cap)
+            quota.set(loop.threads)
 
     def _make_controller(self, effective_batch: int) -> BatchController:
         controller = BatchController(
@@ -151,7 +175,11 @@ class Runtime:
 
     @property
     def threads(self) -> int | None:
-        """The thread count the step-time loop chose (None without a step-time target)."""
+        """The compute thread count the Runtime set: the step-time loop's choice within the CPU
+        quota's whole cores, or the quota's cap alone; None when it set none."""
+        quota = self.cpu_quota
+        if quota is not None and (self.pipeline.threads is not None or quota.cap is not None):
+            return quota.applied
         return None if self.pipeline.threads is None else self.pipeline.threads.threads
 
     @property
@@ -209,6 +237,8 @@ class Runtime:
         clock = self.hooks.clock
         t_start = clock()
         controller = self.controller
+        if self.cpu_quota is not None and self.cpu_quota.poll(t_start):
+            self._quota_changed(self.cpu_quota)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             raise RuntimeError("step(): no gradients; call forward_backward() first")
@@ -277,6 +307,12 @@ class Runtime:
             before, after = decision.lr_change
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] / before * after
+        if decision.lr_change is not None or decision.state.unstable:
+            # A regime where compression costs accuracy: the hook's density controller (when it
+            # has one) runs its next window at its ceiling.
+            mark_critical = getattr(getattr(self.comm_state, "controller", None), "mark_critical", None)
+            if callable(mark_critical):
+                mark_critical()
         if decision.threads is not None:
             self._thread_setter(decision.threads)
         return tuple(self.actuators.dispatch(action) for action in decision.actions)
@@ -308,6 +344,8 @@ class Runtime:
         self.precision_policy.load_state_dict(state["precision"])
         self.metrics.load_state_dict(state["metrics"])
         self.step_count = int(state["step"])
+        if self.cpu_quota is not None:
+            self._quota_changed(self.cpu_quota)  # the saved loop state, within the quota that holds now
         self._last_step_end = None  # the first step after a resume has no step time
 
 

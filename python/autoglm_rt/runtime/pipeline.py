@@ -54,14 +54,22 @@ class ThreadControl:
             raise ValueError(f"max_threads: expected a positive int, got {max_threads!r}")
         self.target = float(target)
         self.max_threads = max_threads
+        self.high = max_threads
         self.threads = min(max(threads, 1), max_threads)
         self.pid = PID(-1.0, ki=-0.5, setpoint=1.0, output_limits=(1.0, float(max_threads)))
         self.pid.reset(integral=float(self.threads))
 
+    def limit(self, cap: int | None) -> None:
+        """Narrows the loop's range to ``1..min(max_threads, cap)`` (None: back to
+        ``max_threads``), e.g. to a CPU quota's cores; a thread count above it comes down to it."""
+        self.high = self.max_threads if cap is None else max(1, min(self.max_threads, cap))
+        self.pid.output_limits = (1.0, float(self.high))
+        self.threads = min(self.threads, self.high)
+
     def update(self, step_seconds: float, step: int) -> int | None:
         """The new thread count, or None when it stays."""
         out = self.pid.update(step_seconds / self.target, now=float(step))
-        n = min(max(round(out), 1), self.max_threads)
+        n = min(max(round(out), 1), self.high)
         if n == self.threads:
             return None
         self.threads = n
