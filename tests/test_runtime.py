@@ -93,6 +93,38 @@ def test_accumulation_matches_float64_full_batch_sgd_and_estimates_noise() -> No
         torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)
 
 
+def test_single_process_noise_scale_pairs_the_micro_batches_with_the_whole_batch() -> None:
+    """The small-batch sample is the mean of the micro-batches' squared mean-loss gradient norms,
+    the large one the step's accumulated gradient: checked against norms computed by plain torch
+    on a replica that follows the same SGD trajectory."""
+    from autoglm_rt.stats import NoiseScale
+
+    x, y = make_data(64 * 3)
+    model, replica = make_model(), make_model()
+    opt_r = torch.optim.SGD(replica.parameters(), lr=0.1)
+    rt = Runtime(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), precision_by_phase={}, batch=BatchConfig(micro_batch=16)
+    )
+    expected = NoiseScale()
+    for _, (xb, yb) in rt.batches(loader(x, y, 64)):
+
+        def sqnorm(loss: torch.Tensor) -> float:
+            grads = torch.autograd.grad(loss, list(replica.parameters()))
+            return float(sum(g.double().pow(2).sum() for g in grads))
+
+        small = sum(sqnorm(mse(replica, (xb[i : i + 16], yb[i : i + 16]))) for i in range(0, 64, 16)) / 4
+        opt_r.zero_grad()
+        full = mse(replica, (xb, yb))
+        big = sqnorm(full)
+        mse(replica, (xb, yb)).backward()
+        opt_r.step()
+        expected.update(small, 16, big, 64)
+        rt.forward_backward((xb, yb), mse)
+        report = rt.step()
+        assert expected.b_simple is not None and report.noise_scale is not None
+        assert report.noise_scale == pytest.approx(float(expected.b_simple), rel=1e-3)
+
+
 class PoolBackedNet(nn.Module):
     """The MLP, with its activations' memory taken from a real CachingPool: 64 KiB per sample from
     the forward pass until the next forward (as an allocator would hold them), and as much again
