@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
+
+from autoglm_rt.runtime.pipeline import ThreadControl
 
 
 def cores_cap(quota: float | None) -> int | None:
@@ -25,9 +28,11 @@ def cores_cap(quota: float | None) -> int | None:
 class QuotaThreads:
     """Sets thread counts through ``setter``, never above the cap of the CPU quota ``read_quota``
     returns (cores, or None for none). ``wanted``: the count in effect now, kept as what the
-    Runtime wants until it sets another. Guarantees: :meth:`set` applies ``min(n, cap)``; after
-    :meth:`poll` sees the quota change, the applied count is ``min(wanted, cap)`` (``wanted`` again
-    once the quota is gone); the setter is called only when the applied count changes."""
+    Runtime wants until it sets another. ``loop``: the step-time thread loop, if any: a cap
+    change narrows (or widens) its range and its count becomes what is wanted. Guarantees:
+    :meth:`set` applies ``min(n, cap)``; after :meth:`poll` sees the quota change, the applied
+    count is ``min(wanted, cap)`` (``wanted`` again once the quota is gone); the setter is called
+    only when the applied count changes."""
 
     def __init__(
         self,
@@ -36,6 +41,7 @@ class QuotaThreads:
         *,
         wanted: int,
         interval: float = 1.0,
+        loop: ThreadControl | None = None,
     ) -> None:
         if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
             raise ValueError(f"wanted: expected a positive int, got {wanted!r}")
@@ -46,6 +52,7 @@ class QuotaThreads:
         self.interval = float(interval)
         self.wanted = wanted
         self.applied = wanted
+        self.loop = loop
         self.cap: int | None = None
         self._last_read: float | None = None
 
@@ -64,8 +71,16 @@ class QuotaThreads:
         if cap == self.cap:
             return False
         self.cap = cap
-        self._apply()
+        self.follow()
         return True
+
+    def follow(self) -> None:
+        """Re-applies the current cap: to the loop's range (its count is then what is wanted)
+        and to the applied count. Call after restoring the loop's saved state."""
+        if self.loop is not None:
+            self.loop.limit(self.cap)
+            self.wanted = self.loop.threads
+        self._apply()
 
     def _apply(self) -> None:
         n = self.wanted if self.cap is None else min(self.wanted, self.cap)
@@ -74,4 +89,25 @@ class QuotaThreads:
             self.applied = n
 
 
-__all__ = ["QuotaThreads", "cores_cap"]
+def follow_cpu_quota(
+    read_quota: Callable[[], float | None] | None,
+    setter: Callable[[int], None],
+    loop: ThreadControl | None,
+    memory_policy: Any,
+    now: float,
+) -> QuotaThreads | None:
+    """The Runtime's :class:`QuotaThreads` (None when ``read_quota`` is None), with the memory
+    policy's phase thread setter routed through it and the quota that holds at ``now`` applied."""
+    if read_quota is None:
+        return None
+    import torch
+
+    wanted = loop.threads if loop is not None else max(torch.get_num_threads(), 1)
+    quota = QuotaThreads(setter, read_quota, wanted=wanted, loop=loop)
+    if memory_policy is not None and memory_policy.thread_setter is not None:
+        memory_policy.thread_setter = quota.set
+    quota.poll(now)
+    return quota
+
+
+__all__ = ["QuotaThreads", "cores_cap", "follow_cpu_quota"]

@@ -32,7 +32,7 @@ from autoglm_rt.runtime.accumulation import Accumulator, LossFn
 from autoglm_rt.runtime.assembly import build_memory_policy, build_thread_control
 from autoglm_rt.runtime.batching import Batch, batch_size, rebatch
 from autoglm_rt.runtime.config import BatchConfig, Hooks, MemoryConfig, ThreadConfig
-from autoglm_rt.runtime.cpu_quota import QuotaThreads
+from autoglm_rt.runtime.cpu_quota import follow_cpu_quota
 from autoglm_rt.runtime.metrics import RuntimeMetrics, attach
 from autoglm_rt.runtime.observation import Observation, noise_pair, read_gradients, read_memory
 from autoglm_rt.runtime.pipeline import Decision, PolicyPipeline
@@ -92,7 +92,11 @@ class Runtime:
             threads=build_thread_control(threads),
         )
         self._thread_setter = (threads.setter if threads is not None else None) or default_thread_setter
-        self.cpu_quota = self._follow_cpu_quota(memory_policy)
+        self.cpu_quota = follow_cpu_quota(
+            self.hooks.cpu_quota, self._thread_setter, self.pipeline.threads, memory_policy, self.hooks.clock()
+        )
+        if self.cpu_quota is not None:
+            self._thread_setter = self.cpu_quota.set
         if self.batch_config.effective_batch is not None:
             self._make_controller(self.batch_config.effective_batch)
         self.precision_policy.for_phase(detector.phase)
@@ -113,28 +117,6 @@ class Runtime:
         self._samples = 0
         self._compute_seconds = 0.0
         self._last_step_end: float | None = None
-
-    def _follow_cpu_quota(self, memory_policy: MemoryPolicy | None) -> QuotaThreads | None:
-        """Routes every thread count the Runtime sets through a :class:`QuotaThreads` (None when
-        ``hooks.cpu_quota`` is None) and applies the quota that holds now."""
-        if self.hooks.cpu_quota is None:
-            return None
-        loop = self.pipeline.threads
-        wanted = loop.threads if loop is not None else max(torch.get_num_threads(), 1)
-        quota = QuotaThreads(self._thread_setter, self.hooks.cpu_quota, wanted=wanted)
-        self._thread_setter = quota.set
-        if memory_policy is not None and memory_policy.thread_setter is not None:
-            memory_policy.thread_setter = quota.set
-        if quota.poll(self.hooks.clock()):
-            self._quota_changed(quota)
-        return quota
-
-    def _quota_changed(self, quota: QuotaThreads) -> None:
-        """Narrows (or widens) the step-time loop to the quota's cap; its count is what is wanted."""
-        loop = self.pipeline.threads
-        if loop is not None:
-            loop.limit(quota.cap)
-            quota.set(loop.threads)
 
     def _make_controller(self, effective_batch: int) -> BatchController:
         controller = BatchController(
@@ -237,8 +219,8 @@ class Runtime:
         clock = self.hooks.clock
         t_start = clock()
         controller = self.controller
-        if self.cpu_quota is not None and self.cpu_quota.poll(t_start):
-            self._quota_changed(self.cpu_quota)
+        if self.cpu_quota is not None:
+            self.cpu_quota.poll(t_start)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             raise RuntimeError("step(): no gradients; call forward_backward() first")
@@ -345,7 +327,7 @@ class Runtime:
         self.metrics.load_state_dict(state["metrics"])
         self.step_count = int(state["step"])
         if self.cpu_quota is not None:
-            self._quota_changed(self.cpu_quota)  # the saved loop state, within the quota that holds now
+            self.cpu_quota.follow()  # the saved loop state, within the quota that holds now
         self._last_step_end = None  # the first step after a resume has no step time
 
 
