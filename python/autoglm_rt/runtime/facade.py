@@ -9,8 +9,9 @@
 
 The parts, one module each: ``batching`` (re-batching), ``accumulation`` (micro-batches, OOM
 recovery), ``precision`` (autocast per phase), ``observation`` (one reading of the device per
-step), ``pipeline`` (the policies, plain Python over numbers), ``policy.actuators`` (actions
-carried out or said not to be), ``metrics`` (counters and exporter sources).
+step), ``pipeline`` (the policies, plain Python over numbers), ``actuation`` (a decision carried
+out; ``policy.actuators``: actions carried out or said not to be), ``cpu_quota`` (threads within
+the CPU quota), ``metrics`` (counters and exporter sources).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from autoglm_rt.policy.memory import MemoryPolicy, default_thread_setter
 from autoglm_rt.policy.phase import PhaseDetector
 from autoglm_rt.policy.strategy import Strategy
 from autoglm_rt.runtime.accumulation import Accumulator, LossFn
+from autoglm_rt.runtime.actuation import Actuation
 from autoglm_rt.runtime.assembly import build_memory_policy, build_thread_control
 from autoglm_rt.runtime.batching import Batch, batch_size, rebatch
 from autoglm_rt.runtime.config import BatchConfig, Hooks, MemoryConfig, ThreadConfig
 from autoglm_rt.runtime.cpu_quota import follow_cpu_quota
 from autoglm_rt.runtime.metrics import RuntimeMetrics, attach
 from autoglm_rt.runtime.observation import Observation, noise_pair, read_gradients, read_memory
-from autoglm_rt.runtime.pipeline import Decision, PolicyPipeline
+from autoglm_rt.runtime.pipeline import PolicyPipeline
 from autoglm_rt.runtime.precision import Precision
 from autoglm_rt.runtime.report import StepReport
 
@@ -108,6 +110,9 @@ class Runtime:
             precision=self.set_precision,
             scheduler=scheduler if scheduler is not None else scheduler_from_environment(os.environ),
             alert=self.hooks.alert,
+        )
+        self.actuation = Actuation(
+            optimizer, self.precision_policy, memory_policy, comm_state, self._thread_setter, self.actuators
         )
         self.metrics = RuntimeMetrics()
         if exporter is not None:
@@ -249,7 +254,7 @@ class Runtime:
             monitor=dict(self.hooks.metrics_source()) if self.hooks.metrics_source is not None else {},
         )
         decision = self.pipeline.decide(obs)
-        results = self._actuate(decision)
+        results = self.actuation.carry_out(decision)
 
         t_end = clock()
         report = StepReport(
@@ -277,27 +282,6 @@ class Runtime:
         if self.hooks.metrics_sink is not None:
             self.hooks.metrics_sink(report)
         return report
-
-    def _actuate(self, decision: Decision) -> tuple[Any, ...]:
-        """Carries out what the pipeline decided, in its order."""
-        if decision.entered_phase is not None:
-            memory = self.pipeline.memory
-            if memory is not None:
-                memory.apply(decision.entered_phase, threads=memory.thread_setter is not None)
-            self.precision_policy.for_phase(decision.entered_phase)
-        if decision.lr_change is not None:
-            before, after = decision.lr_change
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] / before * after
-        if decision.lr_change is not None or decision.state.unstable:
-            # A regime where compression costs accuracy: the hook's density controller (when it
-            # has one) runs its next window at its ceiling.
-            mark_critical = getattr(getattr(self.comm_state, "controller", None), "mark_critical", None)
-            if callable(mark_critical):
-                mark_critical()
-        if decision.threads is not None:
-            self._thread_setter(decision.threads)
-        return tuple(self.actuators.dispatch(action) for action in decision.actions)
 
     def _limit_bytes(self) -> float | None:
         if self.pool is None:
