@@ -2,7 +2,8 @@
 
 - :class:`PhaseDetector` (``phase``): initial / convergence / fine-tuning plus an unstable flag.
 - :class:`MemoryPolicy` (``memory``): phase -> pool memory limit and CPU threads.
-- :class:`BatchController` (``batch``): micro-batch size and accumulation steps; LR scaling rules.
+- :class:`BatchController` (``batch``): micro-batch size and accumulation steps; goodput sizing
+  and LR scaling rules in ``goodput``.
 - :class:`PID` (``control``): holds a measured quantity at a target.
 - :class:`Strategy` (``strategy``): YAML rules -> actions; :class:`ConfigError` for bad documents.
 - :class:`PriorityScheduler` (``scheduler``): tasks by score with aging, gang admission,
@@ -17,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 from autoglm_rt.policy.actuators import ActionResult, Actuators, scheduler_from_environment
-from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, statistical_efficiency
+from autoglm_rt.policy.batch import BatchController, BatchPlan
 from autoglm_rt.policy.control import PID
+from autoglm_rt.policy.goodput import lr_factor, statistical_efficiency
 from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
 from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
