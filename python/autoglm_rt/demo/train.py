@@ -284,13 +284,13 @@ def _finish(rank: int, cfg: DemoConfig, corpus: Corpus, run_dir: Path, device: t
         "val_loss": _evaluate(net, corpus, cfg, device),
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": _peak_memory_bytes(impl.pool, device),
-        **impl.summary(),
     }
     if meter is not None:
         energy = meter.read()
         result["energy_joules"] = joules_before + energy.total_joules
         result["energy_source"] = energy.describe()
         result["energy_estimated"] = energy.cpu_estimated
+    result.update(impl.summary())  # after the energy reading: the summary may time a few steps
     gathered: list[Any] = [None] * cfg.world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -306,7 +306,7 @@ def _finish(rank: int, cfg: DemoConfig, corpus: Corpus, run_dir: Path, device: t
         }
         for key in ("energy_joules", "energy_source", "energy_estimated"):
             summary[key] = gathered[0][key]
-        for key in ("notes", "phases", "actions", "strategy", "pool", "metrics_url"):
+        for key in ("notes", "phases", "actions", "strategy", "pool", "metrics_url", "step_costs"):
             if key in gathered[0]:
                 summary[key] = gathered[0][key]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
