@@ -4,9 +4,10 @@ Per rank: the top-k hook with error feedback (density warm-up after a dense star
 (fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
 controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
 a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
-has (``Runtime.attach``). The hook is timed (``hook_seconds`` per step) and, after training, the
-step's compute without communication and the hook's callback costs are measured on this model
-(``step_costs``): the inputs of the report's projected step times (``demo.projection``).
+has (``Runtime.attach``, with the energy meter on rank 0). The hook is timed (``hook_seconds``
+per step) and, after training, the step's compute without communication and the hook's callback
+costs are measured on this model (``step_costs``): the inputs of the report's projected step
+times (``demo.projection``).
 
 On GPU the memory policy drives the pool installed as torch's CUDA allocator. On CPU there is no
 pool: torch's CPU allocator is not pluggable, so a pool would hold none of the model's tensors and
@@ -47,7 +48,18 @@ class RunSettings(Protocol):
 
 
 class AutoglmRun:
-    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: RunSettings, device: torch.device, rank: int):
+    def __init__(
+        self,
+        model: DDP,
+        optimizer: torch.optim.Optimizer,
+        cfg: RunSettings,
+        device: torch.device,
+        rank: int,
+        *,
+        energy: Any = None,
+    ) -> None:
+        """``energy``: the run's ``EnergyMeter`` (rank 0 meters the machine; None elsewhere),
+        exported with the Runtime's sources."""
         from autoglm_rt.ddp import TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
@@ -88,7 +100,7 @@ class AutoglmRun:
             batch=BatchConfig(effective_batch=cfg.batch),
             hooks=Hooks(metrics_source=metrics),
         )
-        self.runtime.attach(self.exporter)
+        self.runtime.attach(self.exporter, energy=energy)
         # What happened, for the report (saved in checkpoints, so a resumed run's report is whole).
         self.phases: list[dict[str, Any]] = []
         self.actions: list[dict[str, Any]] = []

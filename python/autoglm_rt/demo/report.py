@@ -79,16 +79,30 @@ def render_markdown(doc: dict[str, Any], steps: dict[str, list[dict[str, Any]]] 
         ("bytes communicated", lambda r: f"{r['bytes_communicated']:,} ({format_size(r['bytes_communicated'])})"),
         ("wall time (s)", lambda r: f"{r['wall_seconds']:.1f}"),
         ("peak memory (largest rank)", lambda r: format_size(r["peak_memory_bytes"])),
-        ("energy (J, estimate)" if estimated else "energy (J)", lambda r: f"{r['energy_joules']:.1f}"),
+        (
+            "energy (J, estimate)" if estimated else "energy (J)",
+            lambda r: f"{r['energy_joules']:.1f}" + (" (estimate)" if r.get("energy_estimated") else " (measured)"),
+        ),
     ]
+    if all("co2e_grams" in runs[n] for n in names):
+        # Always an estimate: energy x PUE x an assumed carbon intensity of the grid.
+        rows.append(("CO2e (g, estimate)", lambda r: f"{r['co2e_grams']:.2f} (estimate)"))
     lines.append("| | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(runs[n]) for n in names) + " |")
-    sources = [(n, runs[n]["energy_source"]) for n in names if runs[n].get("energy_source")]
+    sources = [(n, runs[n]) for n in names if runs[n].get("energy_source")]
     if sources:
-        lines += ["", "Energy is an estimate where the source says so:" if estimated else "Energy, measured:"]
-        lines += [f"- {n}: {src}" for n, src in sources]
+        lines += [
+            "",
+            "Energy of the whole machine (rank 0's meter): measured where RAPL (CPU) and NVML (GPU) counters are "
+            "readable, else an estimate from CPU busy time x watts per core; CO2e is an estimate in every case "
+            "(energy x PUE x an assumed grid carbon intensity):",
+        ]
+        lines += [
+            f"- {n} ({'estimate' if r.get('energy_estimated') else 'measured'}): {r['energy_source']}"
+            for n, r in sources
+        ]
     if "autoglm_rt" in runs and "baseline" in runs:
         lines += ["", "## autoglm_rt against the baseline", ""]
         lines += [f"- {s}" for s in comparison_sentences(runs, steps)]

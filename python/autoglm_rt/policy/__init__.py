@@ -32,7 +32,9 @@ from autoglm_rt.policy.strategy_rules import Action, Rule
 
 
 def bundled_strategy(name: str) -> Path:
-    """Path of a strategy file shipped with the package (``"dynamic_balance"``, ``"phase_aware"``)."""
+    """Path of a strategy file shipped with the package (``policy/strategies/NAME.yaml``): ``"demo"``
+    (the demo's: a phase change halves the micro-batch), ``"dynamic_balance"``, ``"phase_aware"``.
+    Raises ValueError naming the available ones for any other name."""
     path = Path(str(resources.files("autoglm_rt.policy") / "strategies" / f"{name}.yaml"))
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))
