@@ -86,7 +86,7 @@ def render_markdown(doc: dict[str, Any], steps: dict[str, list[dict[str, Any]]] 
     ]
     if all("co2e_grams" in runs[n] for n in names):
         # Always an estimate: energy x PUE x an assumed carbon intensity of the grid.
-        rows.append(("CO2e (g, estimate)", lambda r: f"{r['co2e_grams']:.2f} (estimate)"))
+        rows.append(("CO2e (g, estimate)", lambda r: f"{r['co2e_grams']:.3g} (estimate)"))
     lines.append("| | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for label, cell in rows:

@@ -238,6 +238,8 @@ def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.de
     # exports it (the exporter's ``energy`` source).
     meter = EnergyMeter(gpus=device.type == "cuda").start() if rank == 0 else None
     net, optimizer, impl = _build(run, cfg, device, rank, resume_batch, meter)
+    if meter is not None:
+        meter.start()  # restart: the run's energy is metered from here on, not the model's construction
     pos = _resume(saved, run_dir, rank, device, net, optimizer, impl)
     steps_file = _open_steps(run_dir, pos.step) if rank == 0 else None
     progress = Progress(run, cfg.steps, pos.step, enabled=show_progress and rank == 0)
