@@ -5,37 +5,25 @@ prints the projected step-time table for the same model.
 
 Inputs from ``benches/results/ddp_netns.json`` (run ``benches/ddp_netns.py`` first): the
 ``no_comm`` step (compute floor), the top-k hook's synchronous time (compression), bytes per step
-of allreduce and of the top-k hook. The scatter-add of one rank's message is timed here on the
-same gradient size (16.8 M float32, 1%), since the netns run does not separate it.
+of allreduce and of the top-k hook. The hook's callback costs (zeroing each bucket; scatter-add
+and norm gather of one rank's message) are timed here on one thread on the same buckets (16.8 M
+float32 in DDP's 25 MiB buckets: 1, 2 and 1 layers; 1%), since the netns run does not separate
+them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from autoglm_rt import ops
 from autoglm_rt.demo.projection import projected_step_times, relative_error
+from autoglm_rt.demo.step_costs import callback_seconds
 
 HERE = Path(__file__).resolve().parent
 NUMEL = 4 * (2048 * 2048 + 2048)  # benches/ddp_netns.py's model
-
-
-def _decompress_seconds(numel: int, density: float) -> float:
-    k = int(numel * density)
-    out = torch.zeros(numel)
-    values = torch.randn(k)
-    indices = torch.sort(torch.randperm(numel)[:k]).values.to(torch.int32)
-    best = float("inf")
-    for _ in range(7):
-        t = time.perf_counter()
-        ops.topk_decompress(values, indices, out, scale=0.5, check_indices=False)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -43,16 +31,19 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--latency", type=float, default=100e-6, help="alpha per message, seconds")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as each netns rank
     rows = json.loads((HERE / "results" / "ddp_netns.json").read_text())["rates"][args.rate]
     gbit = float(args.rate.removesuffix("gbit"))
     no_comm = rows["no_comm"]["step_seconds_median"]
     topk = rows["autoglm_topk_1pct"]
     dense_bytes = rows["allreduce"]["bytes_per_step"]
-    decompress = _decompress_seconds(NUMEL, 0.01)
+    layer = NUMEL // 4
+    fixed, per_rank = callback_seconds([layer, 2 * layer, layer], 0.01)
     inputs = {
         "compute_s": no_comm,
         "compress_s": topk["hook_sync_seconds_median"],
-        "decompress_s": decompress,
+        "decompress_s": per_rank,
+        "callback_s": fixed,
         "dense_bytes": dense_bytes,
         "message_bytes": topk["bytes_per_step"],
         "buckets": 3,  # 67 MB in DDP's 25 MiB buckets

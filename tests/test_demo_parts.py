@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,26 @@ def test_markdown_has_run_headers_human_sizes_and_marks_estimated_energy() -> No
     assert "- run 1 of 2: **autoglm_rt**, 4 steps, output `autoglm_rt/`" in md
     assert "- run 2 of 2: **baseline**" in md
     assert "| peak memory (largest rank) | 3.00 GiB | 3.00 GiB |" in md
-    assert "| energy (J, estimate) |" in md and "Energy is an estimate" in md
+    assert "| energy (J, estimate) | 100.0 (estimate) | 100.0 (estimate) |" in md
+    assert "- autoglm_rt (estimate): CPU [estimate: busy fraction]" in md
     assert "No memory limit is shown" in md
+
+
+def test_every_energy_and_co2_figure_says_estimate_where_it_is_one() -> None:
+    runs = _runs(energy_estimated=False, energy_source="CPU 90.0 J [rapl]", co2e_grams=0.0125)
+    runs["baseline"]["co2e_grams"] = 0.0139
+    md = render_markdown({"runs": runs, "meta": {}})
+    # RAPL-measured energy is "measured"; the TDP/busy-time model is "estimate"; CO2e always is.
+    assert "| energy (J, estimate) | 100.0 (measured) | 100.0 (estimate) |" in md
+    assert "| CO2e (g, estimate) | 0.0125 (estimate) | 0.0139 (estimate) |" in md
+    assert "- autoglm_rt (measured): CPU 90.0 J [rapl]" in md
+    assert "- baseline (estimate): CPU [estimate: busy fraction]" in md
+    figures = [line for line in md.splitlines() if re.search(r"energy|CO2e|\bJ\b", line, re.IGNORECASE)]
+    assert figures and all("estimate" in line or "measured" in line for line in figures), figures
+    runs["baseline"].update(energy_estimated=False, energy_source="CPU 95.0 J [rapl]")
+    measured = render_markdown({"runs": runs, "meta": {}})
+    assert "| energy (J) | 100.0 (measured) | 100.0 (measured) |" in measured
+    assert "| CO2e (g, estimate) |" in measured  # the carbon intensity is an assumption either way
 
 
 # -- exit codes ------------------------------------------------------------------------------------
@@ -221,3 +240,29 @@ def test_an_interrupted_demo_exits_128_plus_the_signal(
     assert cli.main(["demo", "--smoke"]) == code
     out = capsys.readouterr().out
     assert out.strip().splitlines() == [f"{signal.Signals(signum).name}: checkpointed at step 3"]
+
+
+# -- energy reaches the exporter ---------------------------------------------------------------------
+@pytest.mark.usefixtures("single_rank_group")
+def test_the_autoglm_run_exports_its_energy_meter_on_the_rank_that_meters() -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from autoglm_rt.demo.autoglm_run import AutoglmRun
+    from autoglm_rt.demo.train import PRESETS
+    from autoglm_rt.monitor.energy import EnergyMeter
+
+    cfg = PRESETS["smoke"]
+    rendered = {}
+    for with_meter in (True, False):
+        model = DDP(torch.nn.Linear(4, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        meter = EnergyMeter(gpus=False).start() if with_meter else None
+        run = AutoglmRun(model, optimizer, cfg, torch.device("cpu"), 0, energy=meter)
+        try:
+            rendered[with_meter] = run.exporter.render().decode()
+        finally:
+            run.close()
+    assert "autoglm_rt_energy_cpu_joules_total" in rendered[True]
+    assert re.search(r"^autoglm_rt_energy_cpu_estimated\{.*\} [01](\.0)?$", rendered[True], re.MULTILINE)
+    assert "autoglm_rt_energy_co2e_grams_total" in rendered[True]
+    assert "autoglm_rt_energy_" not in rendered[False]  # only rank 0 meters the machine

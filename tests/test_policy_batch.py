@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoglm_rt.policy.batch import BatchController, lr_factor, statistical_efficiency
+from autoglm_rt.policy.batch import BatchController
+from autoglm_rt.policy.goodput import lr_factor, statistical_efficiency
 from autoglm_rt.policy.oom import is_out_of_memory, run_step
 
 

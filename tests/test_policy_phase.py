@@ -88,7 +88,7 @@ def test_transition_evidence_matches_an_independent_recomputation(run: str) -> N
         assert set(e.evidence) >= {"improvement", "significance", "grad_change", "noise_ratio"}
         assert e.reason
     fine = det.phases[-1]
-    assert fine.evidence["improvement"] < det.plateau_improvement
+    assert fine.evidence["improvement"] < det.thresholds.plateau_improvement
     assert "plateau" in fine.reason
 
 

@@ -10,7 +10,7 @@ import pytest
 from autoglm_rt.cli import main
 from autoglm_rt.constants import UNLIMITED_BYTES
 from autoglm_rt.policy import ConfigError, Strategy
-from autoglm_rt.policy.strategy_file import MAX_CPU_THREADS, MAX_REPLICA_STEP
+from autoglm_rt.policy.strategy_values import MAX_CPU_THREADS, MAX_REPLICA_STEP
 from autoglm_rt.untrusted_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES
 
 HEAD = "strategy:\n  name: s\n  actions: [{trim_pool: true}]\n"

@@ -4,7 +4,10 @@ Per rank: the top-k hook with error feedback (density warm-up after a dense star
 (fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
 controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
 a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
-has (``Runtime.attach``).
+has (``Runtime.attach``, with the energy meter on rank 0). The hook is timed (``hook_seconds``
+per step) and, after training, the step's compute without communication and the hook's callback
+costs are measured on this model (``step_costs``): the inputs of the report's projected step
+times (``demo.projection``).
 
 On GPU the memory policy drives the pool installed as torch's CUDA allocator. On CPU there is no
 pool: torch's CPU allocator is not pluggable, so a pool would hold none of the model's tensors and
@@ -20,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autoglm_rt.demo.activations import ActivationMeter
 from autoglm_rt.demo.model import loss_fn
+from autoglm_rt.demo.step_costs import HookTimer, callback_seconds, compute_seconds
 
 DEMO_STRATEGY = "demo"  # policy/strategies/demo.yaml
 
@@ -44,7 +48,18 @@ class RunSettings(Protocol):
 
 
 class AutoglmRun:
-    def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: RunSettings, device: torch.device, rank: int):
+    def __init__(
+        self,
+        model: DDP,
+        optimizer: torch.optim.Optimizer,
+        cfg: RunSettings,
+        device: torch.device,
+        rank: int,
+        *,
+        energy: Any = None,
+    ) -> None:
+        """``energy``: the run's ``EnergyMeter`` (rank 0 meters the machine; None elsewhere),
+        exported with the Runtime's sources."""
         from autoglm_rt.ddp import TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
@@ -61,7 +76,10 @@ class AutoglmRun:
         self.comm = TopKState(
             density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller
         )
-        model.register_comm_hook(self.comm, topk_hook)
+        self.hook_timer = HookTimer(topk_hook)
+        model.register_comm_hook(self.comm, self.hook_timer.hook)
+        self.model = model
+        self._last: tuple[tuple[torch.Tensor, torch.Tensor], int] | None = None  # batch, micro-batch
         self.pool: Any = torch_pool(device.index or 0) if device.type == "cuda" else None
         self.sampler = Sampler(period=1.0, gpus=device.type == "cuda").start()
         self.exporter = MetricsExporter(self.sampler, rank=rank)
@@ -82,7 +100,7 @@ class AutoglmRun:
             batch=BatchConfig(effective_batch=cfg.batch),
             hooks=Hooks(metrics_source=metrics),
         )
-        self.runtime.attach(self.exporter)
+        self.runtime.attach(self.exporter, energy=energy)
         # What happened, for the report (saved in checkpoints, so a resumed run's report is whole).
         self.phases: list[dict[str, Any]] = []
         self.actions: list[dict[str, Any]] = []
@@ -90,6 +108,7 @@ class AutoglmRun:
     def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, dict[str, Any]]:
         loss = self.runtime.forward_backward(batch, self.loss_fn)
         report = self.runtime.step()
+        self._last = (batch, report.micro_batch)
         for ev in report.events:
             self.phases.append({"step": report.step, "kind": ev.kind, "before": ev.before, "after": ev.after,
                                 "reason": ev.reason})  # fmt: skip
@@ -116,6 +135,7 @@ class AutoglmRun:
             "precision": report.precision,
             "activation_bytes": self.activations.take_step_peak(),
             "bytes_communicated_total": int(metrics["bytes_sent"]),
+            "hook_seconds": self.hook_timer.take(),
             "bytes_saved_ratio": 1 - metrics["bytes_sent"] / metrics["dense_bytes"] if metrics["dense_bytes"] else 0.0,
         }
         if self.pool is not None:
@@ -140,9 +160,29 @@ class AutoglmRun:
         self.phases = list(state["phases"])
         self.actions = list(state["actions"])
 
+    def step_costs(self) -> dict[str, float] | None:
+        """Measured after training (the weights and optimizer are not touched): forward/backward
+        of the last step's batch in its micro-batches without communication, and the top-k
+        callbacks' costs on this model's buckets at the final density. None before any step."""
+        if self._last is None or not self.hook_timer.bucket_numels:
+            return None
+        (x, y), micro = self._last
+        chunks = [(x[i : i + micro], y[i : i + micro]) for i in range(0, x.shape[0], micro)]
+        numels = list(self.hook_timer.bucket_numels.values())
+        fixed, per_rank = callback_seconds(numels, self.cfg.density)
+        element = next(self.model.parameters()).element_size()
+        return {
+            "compute_s": compute_seconds(self.model, loss_fn, chunks),
+            "decompress_s": per_rank,
+            "callback_s": fixed,
+            "dense_bytes": float(sum(numels) * element),
+            "buckets": len(numels),
+        }
+
     def summary(self) -> dict[str, Any]:
         metrics = self.comm.metrics()
         return {
+            "step_costs": self.step_costs(),
             "bytes_communicated": int(metrics["bytes_sent"]),
             "dense_bytes": int(metrics["dense_bytes"]),
             "phases": self.phases,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_rt.demo.findings import comparison_sentences, plot_notes, timeline
+from autoglm_rt.demo.projection import projection_document
 from autoglm_rt.units import format_size
 
 REQUIRED_RUN_FIELDS = ("val_loss", "bytes_communicated", "wall_seconds", "peak_memory_bytes", "energy_joules")
@@ -48,8 +49,11 @@ def write_report(out: Path, runs: dict[str, dict[str, Any]], meta: dict[str, Any
             "peak_memory_ratio": a["peak_memory_bytes"] / max(1, b["peak_memory_bytes"]),
             "energy_ratio": a["energy_joules"] / b["energy_joules"] if b["energy_joules"] else None,
         }
-    (out / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     steps = {name: read_steps(out / name) for name in runs}
+    projection = projection_document(a, steps.get("autoglm_rt", [])) if a else None
+    if projection is not None:
+        doc["projection"] = projection
+    (out / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     doc["plots"] = write_plots(out, steps)
     (out / "report.md").write_text(render_markdown(doc, steps))
     return doc
@@ -75,20 +79,36 @@ def render_markdown(doc: dict[str, Any], steps: dict[str, list[dict[str, Any]]] 
         ("bytes communicated", lambda r: f"{r['bytes_communicated']:,} ({format_size(r['bytes_communicated'])})"),
         ("wall time (s)", lambda r: f"{r['wall_seconds']:.1f}"),
         ("peak memory (largest rank)", lambda r: format_size(r["peak_memory_bytes"])),
-        ("energy (J, estimate)" if estimated else "energy (J)", lambda r: f"{r['energy_joules']:.1f}"),
+        (
+            "energy (J, estimate)" if estimated else "energy (J)",
+            lambda r: f"{r['energy_joules']:.1f}" + (" (estimate)" if r.get("energy_estimated") else " (measured)"),
+        ),
     ]
+    if all("co2e_grams" in runs[n] for n in names):
+        # Always an estimate: energy x PUE x an assumed carbon intensity of the grid.
+        rows.append(("CO2e (g, estimate)", lambda r: f"{r['co2e_grams']:.3g} (estimate)"))
     lines.append("| | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(runs[n]) for n in names) + " |")
-    sources = [(n, runs[n]["energy_source"]) for n in names if runs[n].get("energy_source")]
+    sources = [(n, runs[n]) for n in names if runs[n].get("energy_source")]
     if sources:
-        lines += ["", "Energy is an estimate where the source says so:" if estimated else "Energy, measured:"]
-        lines += [f"- {n}: {src}" for n, src in sources]
+        lines += [
+            "",
+            "Energy of the whole machine (rank 0's meter): measured where RAPL (CPU) and NVML (GPU) counters are "
+            "readable, else an estimate from CPU busy time x watts per core; CO2e is an estimate in every case "
+            "(energy x PUE x an assumed grid carbon intensity):",
+        ]
+        lines += [
+            f"- {n} ({'estimate' if r.get('energy_estimated') else 'measured'}): {r['energy_source']}"
+            for n, r in sources
+        ]
     if "autoglm_rt" in runs and "baseline" in runs:
         lines += ["", "## autoglm_rt against the baseline", ""]
         lines += [f"- {s}" for s in comparison_sentences(runs, steps)]
         lines += ["", "## Timeline of the autoglm_rt run", "", *timeline(runs)]
+    if doc.get("projection"):
+        lines += ["", *projection_lines(doc["projection"])]
     for name in names:
         notes = runs[name].get("notes")
         if notes:
@@ -101,6 +121,46 @@ def render_markdown(doc: dict[str, Any], steps: dict[str, list[dict[str, Any]]] 
             if p in notes_by_plot:
                 lines += ["", notes_by_plot[p]]
     return "\n".join(lines) + "\n"
+
+
+def projection_lines(projection: dict[str, Any]) -> list[str]:
+    """The "Projected step time" section: the measured inputs, the model, its error against the
+    netns measurement, and a table of step times per rank count and link speed."""
+    m, check = projection["model"], projection["check"]
+    when = (
+        f"median of {projection['steps_used']} steps after the density warm-up"
+        if projection["settled"]
+        else f"median of {projection['steps_used']} steps still in the density warm-up (the run is too short to "
+        "reach its final density), so the message and the hook time are larger than they would settle at"
+    )
+    lines = [
+        "## Projected step time",
+        "",
+        f"From this run's own measurements (rank 0): compute without communication {m['compute_s'] * 1e3:.1f} ms "
+        f"per step (forward/backward under `no_sync`, timed after training), the top-k hook "
+        f"{m['compress_s'] * 1e3:.2f} ms per step and {format_size(m['message_bytes'])} sent per rank per step "
+        f"({when}), its callbacks {m['callback_s'] * 1e3:.2f} ms per step plus {m['decompress_s'] * 1e3:.2f} ms per "
+        f"rank's message, {format_size(m['dense_bytes'])} of gradients in {m['buckets']} bucket(s). Model "
+        f"(`autoglm_rt.demo.projection`): ring all-reduce of the dense gradients against a fixed-k all-gather, "
+        f"{projection['latency_s'] * 1e6:.0f} us per message, no overlap of communication with compute.",
+        "",
+        f"Model error at P = {check['ranks']}, {check['gbit_s']:g} Gbit/s against steps measured across a shaped "
+        f"link (`benches/ddp_netns.py`, benches/RESULTS.md): all-reduce {check['allreduce_error']:+.1%}, top-k "
+        f"{check['topk_error']:+.1%}. {check.get('note', '')}".rstrip(),
+        "",
+    ]
+    gbits = sorted({r["gbit_s"] for r in projection["rows"]})
+    ranks = sorted({r["ranks"] for r in projection["rows"]})
+    by_key = {(r["gbit_s"], r["ranks"]): r for r in projection["rows"]}
+    header = "| ranks | " + " | ".join(f"{g:g} Gbit/s: all-reduce / top-k (ms) | speedup" for g in gbits) + " |"
+    lines += [header, "|---:|" + "---:|---:|" * len(gbits)]
+    for p in ranks:
+        cells = []
+        for g in gbits:
+            r = by_key[(g, p)]
+            cells.append(f"{r['allreduce_step_s'] * 1e3:.1f} / {r['topk_step_s'] * 1e3:.1f} | {r['speedup']:.2f}x")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_plots(out: Path, steps: dict[str, list[dict[str, Any]]]) -> list[str]:

@@ -162,7 +162,12 @@ class _Position:
 
 
 def _build(
-    run: str, cfg: DemoConfig, device: torch.device, rank: int, resume_batch: tuple[torch.Tensor, torch.Tensor] | None
+    run: str,
+    cfg: DemoConfig,
+    device: torch.device,
+    rank: int,
+    resume_batch: tuple[torch.Tensor, torch.Tensor] | None,
+    energy: Any = None,
 ) -> tuple[torch.nn.Module, Any, Any]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in both runs
     net = CharGPT(cfg.gpt()).to(device)
@@ -173,7 +178,7 @@ def _build(
     if run == "autoglm_rt":
         from autoglm_rt.demo.autoglm_run import AutoglmRun
 
-        return net, optimizer, AutoglmRun(model, optimizer, cfg, device, rank)
+        return net, optimizer, AutoglmRun(model, optimizer, cfg, device, rank, energy=energy)
     from autoglm_rt.demo.baseline_run import BaselineRun
 
     return net, optimizer, BaselineRun(model, optimizer, cfg.batch)
@@ -229,9 +234,12 @@ def _train(rank: int, run: str, cfg: DemoConfig, run_dir: Path, device: torch.de
     corpus = load_corpus(cfg.corpus_chars)
     saved = checkpoint.committed(run_dir)
     resume_batch = _batch_for(corpus, cfg, rank, saved["step"], device) if saved is not None else None
-    net, optimizer, impl = _build(run, cfg, device, rank, resume_batch)
-    # Energy of the whole machine, metered once (rank 0) in both runs.
+    # Energy of the whole machine, metered once (rank 0) in both runs; the autoglm_rt run also
+    # exports it (the exporter's ``energy`` source).
     meter = EnergyMeter(gpus=device.type == "cuda").start() if rank == 0 else None
+    net, optimizer, impl = _build(run, cfg, device, rank, resume_batch, meter)
+    if meter is not None:
+        meter.start()  # restart: the run's energy is metered from here on, not the model's construction
     pos = _resume(saved, run_dir, rank, device, net, optimizer, impl)
     steps_file = _open_steps(run_dir, pos.step) if rank == 0 else None
     progress = Progress(run, cfg.steps, pos.step, enabled=show_progress and rank == 0)
@@ -284,13 +292,18 @@ def _finish(rank: int, cfg: DemoConfig, corpus: Corpus, run_dir: Path, device: t
         "val_loss": _evaluate(net, corpus, cfg, device),
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": _peak_memory_bytes(impl.pool, device),
-        **impl.summary(),
     }
     if meter is not None:
+        from autoglm_rt.monitor.energy import JOULES_PER_KWH
+
         energy = meter.read()
         result["energy_joules"] = joules_before + energy.total_joules
         result["energy_source"] = energy.describe()
         result["energy_estimated"] = energy.cpu_estimated
+        # CO2e of the whole run (the meter's own figure covers only the time since a resume).
+        result["co2e_grams"] = result["energy_joules"] / JOULES_PER_KWH * energy.pue * energy.carbon_intensity
+        result["carbon_intensity"] = energy.carbon_intensity
+    result.update(impl.summary())  # after the energy reading: the summary may time a few steps
     gathered: list[Any] = [None] * cfg.world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -304,9 +317,9 @@ def _finish(rank: int, cfg: DemoConfig, corpus: Corpus, run_dir: Path, device: t
             "config": asdict(cfg),
             "corpus": corpus.describe(),
         }
-        for key in ("energy_joules", "energy_source", "energy_estimated"):
+        for key in ("energy_joules", "energy_source", "energy_estimated", "co2e_grams", "carbon_intensity"):
             summary[key] = gathered[0][key]
-        for key in ("notes", "phases", "actions", "strategy", "pool", "metrics_url"):
+        for key in ("notes", "phases", "actions", "strategy", "pool", "metrics_url", "step_costs"):
             if key in gathered[0]:
                 summary[key] = gathered[0][key]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

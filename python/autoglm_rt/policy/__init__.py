@@ -2,7 +2,8 @@
 
 - :class:`PhaseDetector` (``phase``): initial / convergence / fine-tuning plus an unstable flag.
 - :class:`MemoryPolicy` (``memory``): phase -> pool memory limit and CPU threads.
-- :class:`BatchController` (``batch``): micro-batch size and accumulation steps; LR scaling rules.
+- :class:`BatchController` (``batch``): micro-batch size and accumulation steps; goodput sizing
+  and LR scaling rules in ``goodput``.
 - :class:`PID` (``control``): holds a measured quantity at a target.
 - :class:`Strategy` (``strategy``): YAML rules -> actions; :class:`ConfigError` for bad documents.
 - :class:`PriorityScheduler` (``scheduler``): tasks by score with aging, gang admission,
@@ -17,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 from autoglm_rt.policy.actuators import ActionResult, Actuators, scheduler_from_environment
-from autoglm_rt.policy.batch import BatchController, BatchPlan, lr_factor, statistical_efficiency
+from autoglm_rt.policy.batch import BatchController, BatchPlan
 from autoglm_rt.policy.control import PID
+from autoglm_rt.policy.goodput import lr_factor, statistical_efficiency
 from autoglm_rt.policy.memory import MemoryDecision, MemoryPolicy
 from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.policy.phase import PhaseDetector, PhaseEvent, PhaseState
@@ -30,7 +32,9 @@ from autoglm_rt.policy.strategy_rules import Action, Rule
 
 
 def bundled_strategy(name: str) -> Path:
-    """Path of a strategy file shipped with the package (``"dynamic_balance"``, ``"phase_aware"``)."""
+    """Path of a strategy file shipped with the package (``policy/strategies/NAME.yaml``): ``"demo"``
+    (the demo's: a phase change halves the micro-batch), ``"dynamic_balance"``, ``"phase_aware"``.
+    Raises ValueError naming the available ones for any other name."""
     path = Path(str(resources.files("autoglm_rt.policy") / "strategies" / f"{name}.yaml"))
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))

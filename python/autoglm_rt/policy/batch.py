@@ -6,15 +6,12 @@ pressure, grown by goodput when the gradient noise scale says it pays, with the 
   per optimizer step) never changes. Once usage stays below ``pressure_low`` for ``grow_after``
   observations, the micro-batch doubles back towards the size the user asked for, but not to a
   size that failed or was under pressure at the current limit (a raised limit forgets those).
-- Goodput mode (AdaptDL/Pollux): the statistical efficiency of effective batch B relative to the
-  base batch B0 is ``E(B) = (b_noise + B0) / (b_noise + B)``; throughput comes from a linear model
-  of step time fitted to measured steps (``step_time = accumulation * t_micro + t_fixed``);
-  goodput = throughput x efficiency. With the time spent in forward/backward measured (as the
-  Runtime does), the model's two costs are read off directly instead of fitted. The effective
-  batch moves to the best power-of-two multiple of B0 (up to ``max_effective_batch``) only when it
-  beats the current one by ``goodput_margin`` (1.05, Pollux's hysteresis).
-- LR rules for an effective batch B: ``linear`` (B/B0), ``sqrt`` (sqrt(B/B0)) and ``adascale``
-  (AdaScale's gain ``r = (B/B0) * E(B)``, between 1 and B/B0).
+- Goodput mode: the effective batch moves to the best power-of-two multiple of the base batch (up
+  to ``max_effective_batch``) by predicted goodput, only when it beats the current one by
+  ``goodput_margin`` (1.05, Pollux's hysteresis). The efficiency, step-time model and LR rules
+  (``linear``, ``sqrt``, ``adascale``) are ``policy.goodput``'s; with the time spent in
+  forward/backward measured (as the Runtime does), the step-time model is read off directly
+  instead of fitted.
 
 What happens on an out-of-memory error in the middle of a step is ``policy.oom``'s job.
 """
@@ -25,9 +22,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from autoglm_rt.policy import goodput
+from autoglm_rt.policy.goodput import LR_RULES, StepTiming
 from autoglm_rt.stateful import Stateful
-
-LR_RULES = ("adascale", "sqrt", "linear", "none")
 
 
 @dataclass(frozen=True)
@@ -48,29 +45,6 @@ class BatchChange:
     before: BatchPlan
     after: BatchPlan
     detail: str = ""
-
-
-def statistical_efficiency(batch: float, base_batch: float, noise_scale: float) -> float:
-    """Pollux's ``E(B) = (b_noise + B0) / (b_noise + B)``: progress per sample at batch B relative
-    to B0 (1 at B0, falling as B grows past the noise scale)."""
-    return (noise_scale + base_batch) / (noise_scale + batch)
-
-
-def lr_factor(rule: str, batch: float, base_batch: float, noise_scale: float | None = None) -> float:
-    """The factor to multiply the base LR (tuned at ``base_batch``) by at effective batch ``batch``.
-    ``adascale`` needs ``noise_scale`` (b_simple); without one it falls back to 1 (no scaling)."""
-    if rule not in LR_RULES:
-        raise ValueError(f"rule: expected one of {', '.join(LR_RULES)}, got {rule!r}")
-    scale = batch / base_batch
-    if rule == "linear":
-        return scale
-    if rule == "sqrt":
-        return math.sqrt(scale)
-    if rule == "adascale":
-        if noise_scale is None or not math.isfinite(noise_scale) or noise_scale < 0:
-            return 1.0
-        return scale * statistical_efficiency(batch, base_batch, noise_scale)
-    return 1.0
 
 
 class BatchController(Stateful):
@@ -144,7 +118,7 @@ class BatchController(Stateful):
         self._calm = 0
         self._failed_micro: int | None = None  # smallest micro-batch that failed under _failed_limit
         self._failed_limit: float | None = None
-        self._timings: deque[tuple[int, float, float | None]] = deque(maxlen=64)
+        self._timings: deque[StepTiming] = deque(maxlen=64)
 
     @property
     def accumulation(self) -> int:
@@ -248,28 +222,9 @@ class BatchController(Stateful):
         self._timings.append((acc, float(seconds), compute_seconds))
 
     def step_time_model(self) -> tuple[float, float] | None:
-        """``(t_micro, t_fixed)``: the time of one micro-batch and the fixed time per step. From
-        the measured compute share when every recorded step has one (medians); otherwise fitted by
-        least squares over accumulation counts, and with one count only all time is put on the
-        micro-batches (no evidence of a fixed cost)."""
-        if not self._timings:
-            return None
-        if all(c is not None for _, _, c in self._timings):
-            micro = sorted(c / a for a, _, c in self._timings if c is not None)
-            fixed = sorted(max(t - c, 0.0) for _, t, c in self._timings if c is not None)
-            return micro[len(micro) // 2], fixed[len(fixed) // 2]
-        xs = [a for a, _, _ in self._timings]
-        ys = [t for _, t, _ in self._timings]
-        n = len(xs)
-        mx, my = sum(xs) / n, sum(ys) / n
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:
-            return my / mx, 0.0
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        intercept = my - slope * mx
-        if slope <= 0:
-            return my / mx, 0.0
-        return slope, max(intercept, 0.0)
+        """``(t_micro, t_fixed)`` from the recorded steps (see ``policy.goodput.step_time_model``);
+        None without step timings."""
+        return goodput.step_time_model(self._timings)
 
     def predicted_goodput(self, batch: int, noise_scale: float) -> float | None:
         """Predicted goodput (statistically efficient samples per second) at effective batch
@@ -277,10 +232,7 @@ class BatchController(Stateful):
         model = self.step_time_model()
         if model is None:
             return None
-        t_micro, t_fixed = model
-        accumulation = -(-batch // self.micro_batch)
-        throughput = batch / (accumulation * t_micro + t_fixed)
-        return throughput * statistical_efficiency(batch, self.base_batch, noise_scale)
+        return goodput.predicted_goodput(batch, self.micro_batch, self.base_batch, model, noise_scale)
 
     def propose(self, noise_scale: float | None) -> BatchChange | None:
         """Goodput mode: moves the effective batch to the best candidate when it beats the current
@@ -307,8 +259,8 @@ class BatchController(Stateful):
         )
 
     def lr_factor(self, noise_scale: float | None = None) -> float:
-        """The LR factor for the current effective batch under ``lr_rule`` (see :func:`lr_factor`)."""
-        return lr_factor(self.lr_rule, self.effective_batch, self.base_batch, noise_scale)
+        """The LR factor for the current effective batch under ``lr_rule`` (``goodput.lr_factor``)."""
+        return goodput.lr_factor(self.lr_rule, self.effective_batch, self.base_batch, noise_scale)
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -15,17 +15,10 @@ steps (older and newer):
 
 The first three are also smoothed by an EMA (``signal_smoothing``) across steps.
 
-The candidate phase is ``initial`` while the loss still falls fast (``improvement >
-initial_improvement`` and more than ``initial_fraction`` of the best window's improvement so
-far) or the gradient norm still moves a lot (``|grad_change| > initial_grad_change``);
-``fine_tuning`` once the loss is on a plateau and the noise dominates the batch (``noise_ratio >=
-fine_tuning_noise_ratio``, when known); ``convergence`` between. Entering a plateau needs an
-improvement that is small (``< plateau_improvement``) and not significant (``<
-plateau_significance``); leaving it needs one that is large and significant (both thresholds
-times ``hysteresis``). The ``initial`` thresholds are likewise divided by ``hysteresis`` while in
-``initial``. A different candidate must persist for ``confirm`` consecutive steps, and the current
-phase must have lasted ``min_dwell`` steps, before the phase changes. Until two windows are full
-the phase stays ``initial_phase``.
+``policy.phase_rules`` turns the signals into a candidate phase (thresholds, with hysteresis). A
+different candidate must persist for ``confirm`` consecutive steps, and the current phase must
+have lasted ``min_dwell`` steps, before the phase changes. Until two windows are full the phase
+stays ``initial_phase``.
 
 ``unstable`` is raised at once by a non-finite gradient or loss, or a loss spike (above the
 running mean by ``spike_sigmas`` running standard deviations and by ``spike_ratio`` relatively);
@@ -35,6 +28,8 @@ not change while unstable.
 ``rule="variance"`` is the naive rule (EMA of the gradient variance: > 0.1 initial, < 0.01
 fine-tuning, else convergence; no hysteresis, no dwell), kept for comparison only: it depends on
 the scale of the parameters and flaps on noisy input.
+
+The constructor's threshold keywords become ``detector.thresholds`` (a ``PhaseThresholds``).
 
 Every change (phase or flag) is a :class:`PhaseEvent` with the evidence that caused it.
 """
@@ -47,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoglm_rt.constants import PHASES
+from autoglm_rt.policy.phase_rules import PhaseThresholds, signals_phase, variance_phase
 from autoglm_rt.policy.phase_signals import LossSpikes, window_signals
 from autoglm_rt.stateful import Stateful
 
@@ -134,29 +130,29 @@ class PhaseDetector(Stateful):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "window" else 0):
                 raise ValueError(f"{name}: expected an integer >= {2 if name == 'window' else 0}, got {value!r}")
-        if not hysteresis >= 1.0:
-            raise ValueError(f"hysteresis: expected a factor >= 1, got {hysteresis}")
+        self.thresholds = PhaseThresholds(
+            hysteresis=hysteresis,
+            initial_improvement=initial_improvement,
+            initial_fraction=initial_fraction,
+            initial_grad_change=initial_grad_change,
+            plateau_improvement=plateau_improvement,
+            plateau_significance=plateau_significance,
+            fine_tuning_noise_ratio=fine_tuning_noise_ratio,
+            variance_high=variance_high,
+            variance_low=variance_low,
+        )
         for name, beta in (("noise_smoothing", noise_smoothing), ("signal_smoothing", signal_smoothing)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name}: expected 0 <= beta < 1, got {beta}")
         self.rule = rule
         self.window = window
-        self.hysteresis = float(hysteresis)
         self.confirm = confirm
         self.min_dwell = min_dwell
-        self.initial_improvement = initial_improvement
-        self.initial_fraction = initial_fraction
-        self.initial_grad_change = initial_grad_change
-        self.plateau_improvement = plateau_improvement
-        self.plateau_significance = plateau_significance
-        self.fine_tuning_noise_ratio = fine_tuning_noise_ratio
         self.noise_smoothing = noise_smoothing
         self.signal_smoothing = signal_smoothing
         self.spike_sigmas = spike_sigmas
         self.spike_ratio = spike_ratio
         self.unstable_clear = unstable_clear
-        self.variance_high = variance_high
-        self.variance_low = variance_low
 
         self.phase = initial_phase
         self.unstable = False
@@ -270,53 +266,12 @@ class PhaseDetector(Stateful):
         return sig
 
     def _target(self) -> tuple[str, str]:
-        s = self.signals
         if self.rule == "variance":
-            var = s["grad_var"]
-            if var is None:
-                return self.phase, "no gradient variance yet"
-            if var > self.variance_high:
-                return "initial", f"gradient variance {var:.3g} > {self.variance_high}"
-            if var < self.variance_low:
-                return "fine_tuning", f"gradient variance {var:.3g} < {self.variance_low}"
-            return "convergence", f"gradient variance {var:.3g} between {self.variance_low} and {self.variance_high}"
-
-        imp, sig_, change, noise = s["improvement"], s["significance"], s["grad_change"], s["noise_ratio"]
-        if imp is None and change is None:
-            return self.phase, "windows not full yet"
-        h = self.hysteresis
-        # A phase's own thresholds are relaxed by h while it is the current phase.
-        relax_init = h if self.phase == "initial" else 1.0
-        relax_fine = h if self.phase == "fine_tuning" else 1.0
-        if imp is not None:
-            self._peak_improvement = max(self._peak_improvement, imp)
-            fast = self.initial_fraction * self._peak_improvement / relax_init
-            if imp > self.initial_improvement / relax_init and imp > fast:
-                return "initial", (
-                    f"loss improved {imp:.1%} between windows (> {self.initial_improvement / relax_init:.1%} and "
-                    f"> {fast:.1%}, {self.initial_fraction:.0%} of the best window)"
-                )
-        if change is not None and abs(change) > self.initial_grad_change / relax_init:
-            return "initial", f"gradient norm changed {change:+.1%} between windows"
-        # Entering a plateau needs a small improvement that is also not significant (or negligible
-        # outright: a very clean loss makes even a tiny improvement significant); leaving it needs
-        # an improvement that is both large and significant -- hysteresis in both signals.
-        if imp is None:
-            plateau = False
-        elif self.phase == "fine_tuning":
-            plateau = imp < self.plateau_improvement * h or (sig_ is not None and sig_ < self.plateau_significance * h)
-        else:
-            plateau = imp < self.plateau_improvement and (
-                (sig_ is not None and sig_ < self.plateau_significance) or imp < 0.1 * self.plateau_improvement
-            )
-        noisy = noise is None or noise >= self.fine_tuning_noise_ratio / relax_fine
-        if plateau and noisy:
-            noise_txt = "unknown" if noise is None else f"{noise:.3g}"
-            return (
-                "fine_tuning",
-                f"loss plateau (improvement {imp:.1%}, significance {sig_:.2f}), noise ratio {noise_txt}",
-            )
-        return "convergence", f"loss improving {imp:.1%}" if imp is not None else "gradient norm steady"
+            return variance_phase(self.signals["grad_var"], self.phase, self.thresholds)
+        improvement = self.signals["improvement"]
+        if improvement is not None:
+            self._peak_improvement = max(self._peak_improvement, improvement)
+        return signals_phase(self.signals, self.phase, self._peak_improvement, self.thresholds)
 
     def _advance(self, target: str, reason: str) -> PhaseEvent | None:
         if target == self.phase:

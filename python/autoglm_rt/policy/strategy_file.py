@@ -1,35 +1,25 @@
 """Strategy files: the YAML format of ``policy.strategy`` parsed into rules, as untrusted input.
 
-Anything malformed (bad YAML, unknown metric or action, bad threshold, wrong type, duplicate key,
-a value outside what its actuator accepts) raises :class:`ConfigError`, which names the file, the
-line and the field. The YAML itself is composed by ``autoglm_rt.untrusted_yaml`` (bounded alias
-expansion, depth and size: no "alias bomb").
+Anything malformed (bad YAML, unknown key, metric or action, wrong type, duplicate key or name)
+raises :class:`ConfigError`, which names the file, the line and the field; so does a value its
+field does not accept, which ``policy.strategy_values`` checks (thresholds, durations, action
+values within what their actuators accept). The YAML itself is composed by
+``autoglm_rt.untrusted_yaml`` (bounded alias expansion, depth and size: no "alias bomb").
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from autoglm_rt.constants import PHASES, PRECISIONS, UNLIMITED_BYTES
+from autoglm_rt.policy import strategy_values as values
 from autoglm_rt.policy.strategy_rules import ACTIONS, METRICS, ActionSpec, Condition, Rule, Trigger
-from autoglm_rt.units import parse_size
-from autoglm_rt.untrusted_yaml import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, UntrustedYAMLError, compose_untrusted
-
-#: Largest values actions accept (what the actuators can carry out): GPU memory limits stay below
-#: UNLIMITED_BYTES (which means "no limit"), thread counts and replica steps below these.
-MAX_CPU_THREADS = 4096
-MAX_REPLICA_STEP = 1024
+from autoglm_rt.untrusted_yaml import UntrustedYAMLError, compose_untrusted
 
 _RULE_KEYS = ("name", "description", "trigger", "for", "clear", "cooldown", "actions")
-_COND_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\S.*?)\s*$")
-_DURATION_RE = re.compile(r"^\s*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class ConfigError(ValueError):
@@ -205,81 +195,22 @@ class _Parser:
     def condition(self, metric: str, node: yaml.Node, fld: str) -> Condition:
         kind = METRICS[metric]
         line = node.start_mark.line + 1
-        if kind == "phase":
-            if isinstance(node, yaml.SequenceNode):
-                names = [self.scalar(n, fld) for n in node.value]
-                if not names:
-                    raise self.error("expected a non-empty list of phases", node, fld)
-                for n in names:
-                    if n not in PHASES:
-                        raise self.error(f"unknown phase {n!r}; expected one of {', '.join(PHASES)}", node, fld)
-                return Condition(metric, "in", tuple(names), line)
+        try:
+            if kind == "phase" and isinstance(node, yaml.SequenceNode):
+                names = values.phase_names([self.scalar(n, fld) for n in node.value])
+                return Condition(metric, "in", names, line)
             value = self.scalar(node, fld)
-            if not isinstance(value, str):
-                raise self.error(f"expected a phase name, got {value!r}", node, fld)
-            m = _COND_RE.match(value)
-            op, name = (m.group(1), m.group(2)) if m else ("==", value.strip())
-            if op not in ("==", "!=") or name not in PHASES:
-                raise self.error(
-                    f"expected a phase ({', '.join(PHASES)}), '!=phase' or a list, got {value!r}", node, fld
-                )
-            return Condition(metric, op, name, line)
-        value = self.scalar(node, fld)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise self.error(f"expected true or false, got {value!r}", node, fld)
-            return Condition(metric, "==", value, line)
-        if not isinstance(value, str):
-            raise self.error(f"expected a comparison string such as {_example(kind)}, got {value!r}", node, fld)
-        m = _COND_RE.match(value)
-        if not m:
-            raise self.error(f"expected a comparison such as {_example(kind)}, got {value!r}", node, fld)
-        op, text = m.group(1), m.group(2)
-        threshold = self.threshold(kind, text, node, fld)
+            op, threshold = values.phase_comparison(value) if kind == "phase" else values.comparison(kind, value, fld)
+        except values.InvalidValue as exc:
+            raise self.error(str(exc), node, fld) from None
         return Condition(metric, op, threshold, line)
-
-    def threshold(self, kind: str, text: str, node: yaml.Node, fld: str) -> float:
-        bad = f"bad threshold {text!r}; expected {_example(kind)}"
-        if kind == "ratio":
-            pct = text.endswith("%")
-            number = _finite_float(text[:-1] if pct else text)
-            if number is None:
-                raise self.error(bad, node, fld)
-            ratio = number / 100 if pct else number
-            if not 0.0 <= ratio <= 1.0:
-                raise self.error(f"ratio {text!r} outside 0..1 (0%..100%)", node, fld)
-            return ratio
-        if kind == "seconds":
-            seconds = _duration(text)
-            if seconds is None:
-                raise self.error(bad, node, fld)
-            return seconds
-        if kind == "bytes":
-            try:
-                return float(parse_size(text, name=fld))
-            except (TypeError, ValueError):
-                raise self.error(bad, node, fld) from None
-        number = _finite_float(text)
-        if number is None or (kind == "count" and number < 0):
-            raise self.error(bad, node, fld)
-        return number
 
     def duration(self, node: yaml.Node, fld: str) -> float:
         value = self.scalar(node, fld)
-        seconds: float | None
-        if isinstance(value, bool):
-            seconds = None
-        elif isinstance(value, (int, float)):
-            seconds = float(value) if math.isfinite(value) and value >= 0 else None
-        elif isinstance(value, str):
-            seconds = _duration(value)
-        else:
-            seconds = None
-        if seconds is None:
-            raise self.error(
-                f"expected a duration such as 30s, 250ms, 5m or a number of seconds, got {value!r}", node, fld
-            )
-        return seconds
+        try:
+            return values.duration(value)
+        except values.InvalidValue as exc:
+            raise self.error(str(exc), node, fld) from None
 
     def actions(self, node: yaml.Node, fld: str) -> tuple[ActionSpec, ...]:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -295,47 +226,13 @@ class _Parser:
             item_fld = f"{fld}[{i}].{name}"
             if name not in ACTIONS:
                 raise self.error(f"unknown action {name!r}; expected one of {', '.join(ACTIONS)}", key_node, item_fld)
-            specs.append(ActionSpec(name, self.action_value(name, value_node, item_fld), item.start_mark.line + 1))
-        return tuple(specs)
-
-    def action_value(self, name: str, node: yaml.Node, fld: str) -> Any:
-        kind = ACTIONS[name][0]
-        value = self.scalar(node, fld)
-        if kind == "positive_int":
-            top = MAX_CPU_THREADS if name == "adjust_cpu_threads" else MAX_REPLICA_STEP
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-                raise self.error(f"expected a positive integer (1..{top}), got {value!r}", node, fld)
-            return value
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise self.error(f"expected true or false, got {value!r}", node, fld)
-            return value
-        if kind == "size_or_ratio":
-            if isinstance(value, str) and value.strip().endswith("%"):
-                number = _finite_float(value.strip()[:-1])
-                if number is None or not 0 < number <= 100:
-                    raise self.error(f"expected a percentage in (0%, 100%], got {value!r}", node, fld)
-                return ("ratio", number / 100)
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise self.error(
-                    f"expected a size such as '12Gi' or a percentage such as '60%', got {value!r}", node, fld
-                )
+            value = self.scalar(value_node, item_fld)
             try:
-                size = parse_size(value, name=fld)
-            except (TypeError, ValueError) as exc:
-                raise self.error(str(exc), node, fld) from None
-            if not 0 < size < UNLIMITED_BYTES:
-                raise self.error(
-                    f"expected a positive size below {UNLIMITED_BYTES} bytes (4194304Ti), got {value!r}", node, fld
-                )
-            return size
-        if kind == "precision":
-            if value not in PRECISIONS:
-                raise self.error(f"expected one of {', '.join(PRECISIONS)}, got {value!r}", node, fld)
-            return value
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(f"expected a non-empty message, got {value!r}", node, fld)
-        return value
+                checked = values.action_value(name, value, item_fld)
+            except values.InvalidValue as exc:
+                raise self.error(str(exc), value_node, item_fld) from None
+            specs.append(ActionSpec(name, checked, item.start_mark.line + 1))
+        return tuple(specs)
 
 
 def _describe(node: yaml.Node) -> str:
@@ -346,38 +243,4 @@ def _describe(node: yaml.Node) -> str:
     return f"the value {node.value!r}"
 
 
-def _example(kind: str) -> str:
-    return {
-        "ratio": "'>80%' or '>= 0.8'",
-        "seconds": "'>250ms' or '<2s'",
-        "bytes": "'>10Gi'",
-        "count": "'>0'",
-        "number": "'>4' or '<= 1.5'",
-    }.get(kind, "'>1'")
-
-
-def _finite_float(text: str) -> float | None:
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _duration(text: str) -> float | None:
-    m = _DURATION_RE.match(text)
-    if not m:
-        return None
-    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    return seconds if math.isfinite(seconds) else None
-
-
-__all__ = [
-    "MAX_CPU_THREADS",
-    "MAX_DEPTH",
-    "MAX_DOCUMENT_BYTES",
-    "MAX_NODES",
-    "MAX_REPLICA_STEP",
-    "ConfigError",
-    "read_rules",
-]
+__all__ = ["ConfigError", "read_rules"]
