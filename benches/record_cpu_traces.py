@@ -179,7 +179,10 @@ def unet_shrink_step() -> Callable[[int], None]:
 def embbag_mlp_step() -> Callable[[int], None]:
     tables = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, 64, mode="sum") for n in (20000, 5000, 800))
     top = torch.nn.Sequential(
-        torch.nn.Linear(3 * 64 + 13, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256), torch.nn.ReLU(),
+        torch.nn.Linear(3 * 64 + 13, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 256),
+        torch.nn.ReLU(),
         torch.nn.Linear(256, 1),
     )
     opt = torch.optim.Adagrad([*tables.parameters(), *top.parameters()], lr=0.01)
