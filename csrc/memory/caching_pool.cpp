@@ -252,14 +252,24 @@ struct CachingPool::Impl {
     }
   }
   // ---- per-stream free lists ----------------------------------------------------------------
+  // The hot-list test is all the hot path pays; the hash lookup and list creation stay out of
+  // line, so the callers inlining this do not take on their register spills (measured: about
+  // 20 instructions per parked block when they were inlined, benches/RESULTS.md issue 17).
   StreamLists* find_list(std::uintptr_t stream) {
     if (hot && hot->stream == stream) return hot;
+    return find_list_slow(stream);
+  }
+  [[gnu::noinline]] StreamLists* find_list_slow(std::uintptr_t stream) {
     auto it = lists.find(stream);
     if (it == lists.end()) return nullptr;
     return hot = it->second;
   }
   StreamLists& lists_for(std::uintptr_t stream) {
-    if (StreamLists* l = find_list(stream)) return *l;
+    if (hot && hot->stream == stream) return *hot;
+    return new_or_found_list(stream);
+  }
+  [[gnu::noinline]] StreamLists& new_or_found_list(std::uintptr_t stream) {
+    if (StreamLists* l = find_list_slow(stream)) return *l;
     // The kept empty list goes first, so two lists mean two streams that hold free blocks.
     if (empty_list) {
       drop_list(empty_list);
