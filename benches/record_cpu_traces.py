@@ -11,7 +11,9 @@ micro-batches of varying length (decoder_accum). Held out (recorded after the po
 last tuned, to check it on families it was not tuned on): a small U-Net (encoder-decoder with skip
 connections) whose batch size shrinks step by step (unet_shrink: 48, 32, 24, 16, as a job backing
 off after memory pressure), and a recommender with embedding bags of random length and a random
-batch size per step, trained with Adagrad (embbag_mlp). Allocations made before recording and still
+batch size per step, trained with Adagrad (embbag_mlp); and, recorded after the placement rule
+was chosen on the eight others, a graph convolution net over a batch of random graphs whose total
+node count changes every step (gcn_graphs). Allocations made before recording and still
 live have no row.
 """
 
@@ -207,6 +209,26 @@ def embbag_mlp_step() -> Callable[[int], None]:
     return step
 
 
+def gcn_graphs_step() -> Callable[[int], None]:
+    w = [torch.nn.Linear(64, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 8)]
+    opt = torch.optim.Adam([p for lin in w for p in lin.parameters()], lr=1e-3)
+    gen = torch.Generator().manual_seed(2)
+
+    def step(i: int) -> None:
+        n = (3000, 7000, 5000, 9000)[i % 4]  # nodes in this step's batch of graphs
+        edges = torch.randint(0, n, (2, 8 * n), generator=gen)
+        adj = torch.sparse_coo_tensor(edges, torch.full((8 * n,), 1 / 8), (n, n)).coalesce()
+        h = torch.randn(n, 64, generator=gen)
+        for lin in w[:-1]:
+            h = torch.relu(torch.sparse.mm(adj, lin(h)))
+        loss = torch.nn.functional.cross_entropy(w[-1](h), torch.randint(0, 8, (n,), generator=gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 MODELS: dict[str, Callable[[], Callable[[int], None]]] = {
     "transformer_train": transformer_step,
     "lstm_train": lstm_step,
@@ -215,6 +237,7 @@ MODELS: dict[str, Callable[[], Callable[[int], None]]] = {
     "decoder_accum": decoder_accum_step,
     "unet_shrink": unet_shrink_step,
     "embbag_mlp": embbag_mlp_step,
+    "gcn_graphs": gcn_graphs_step,
 }
 
 
