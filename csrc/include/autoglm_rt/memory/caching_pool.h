@@ -4,7 +4,8 @@
 // arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
 // (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
-// allocation and coalesced with free neighbours of the same stream on free. With an expandable
+// allocation (a large block beside the hole's newer neighbour: PoolOptions::recent_neighbour_from)
+// and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
 // otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
 // `large_segment` below 10 MiB, else rounded to 2 MiB). Where the upstream's granularity exceeds
