@@ -1,7 +1,7 @@
 """Why a trace fragments the caching pool, and how far any non-moving allocator could get.
 
     PYTHONPATH=python python benches/pool_layout.py [TRACE.csv ...] [--granularity 64Ki]
-        [--policy best|lowaddr|highlarge] [--high-from 1Mi] [--classes 4Mi] [--decommit]
+        [--policy recent|best|lowaddr|highlarge] [--high-from 1Mi] [--classes 4Mi] [--decommit]
         [--compare] [--bound] [--quiet]
 
 For each trace (default: benches/traces/*.csv and ../shared/traces/*.csv) this replays a Python
@@ -21,7 +21,11 @@ shows the separate-arena layout that the chunks replace.
 Variants evaluated for benches/RESULTS.md: `--classes 4Mi` segregates a third class into an arena
 of its own; `--decommit` unmaps free whole granules before the arena maps more (the pool's
 `decommit=True` option; its peaks equal the model's); and the placement (`--policy`):
-  best       best fit by (size, address): what the pool does
+  recent     best fit by (size, address); a block >= --high-from cut from a hole goes to the end
+             of the hole whose neighbour was allocated last (the low end when neither neighbour
+             is live): what the pool does (PoolOptions::recent_neighbour_from), with granules
+             up to 4 x the small class (with larger ones, both the pool and this model use best)
+  best       best fit by (size, address), always at the low end of the hole
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole
 
@@ -47,6 +51,7 @@ SMALL = 128 * 1024
 MiB = 1 << 20
 
 Trace = list[tuple[bool, int, int]]
+POLICIES = ("recent", "best", "lowaddr", "highlarge")
 
 
 def round_up(n: int, q: int) -> int:
@@ -101,7 +106,7 @@ class Model:
     def __init__(
         self,
         granularity: int,
-        policy: str = "best",
+        policy: str = "recent",
         high_from: int = MiB,
         bounds: tuple[int, ...] = (),
         decommit: bool = False,
@@ -110,8 +115,8 @@ class Model:
         `decommit`: before an arena maps memory (to grow, or to back a block placed over granules
         unmapped earlier), the whole free granules inside its holes (and, when not growing, its
         free tail) are unmapped (one upstream call per free block); mapping is one call per block."""
-        if policy not in ("best", "lowaddr", "highlarge"):
-            raise ValueError(f"policy: expected best, lowaddr or highlarge, got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         self.gran = granularity
         self.policy = policy
         self.high_from = high_from
@@ -124,6 +129,8 @@ class Model:
         self.upstream_allocs = 0
         self.after_first = 0
         self.where: dict[int, tuple[int, int, int]] = {}  # id -> (class, address, requested)
+        self.born: dict[int, int] = {}  # live block address (per class) -> allocation number
+        self.allocs = 0
         self.snapshots = ["" for _ in self.arenas]  # per class: the layout when its arena last grew
 
     def choose(self, ar: Arena, r: int) -> tuple[int, int] | None:
@@ -158,7 +165,7 @@ class Model:
                 self.reserved += need
             hole = (ar.starts[-1], ar.size[ar.starts[-1]])
         a, s = hole
-        high = self.policy == "highlarge" and r >= self.high_from and a != ar.starts[-1]
+        high = a != ar.starts[-1] and self.place_high(ar, a, s, r)
         if s - r >= ROUND:
             cut = a + s - r if high else a + r
             bisect.insort(ar.starts, cut)
@@ -177,6 +184,8 @@ class Model:
                 self.reserved += len(back) * self.gran
                 self.upstream_allocs += 1
         ar.live[a] = ident
+        self.allocs += 1
+        self.born[(cls, a)] = self.allocs
         self.where[ident] = (cls, a, nbytes)
         self.requested += nbytes
         self.peak_requested = max(self.peak_requested, self.requested)
@@ -188,6 +197,19 @@ class Model:
                 f"{where}: alloc id {ident} of {nbytes} B ({r} rounded, "
                 f"{self.label(cls)} class) grew its arena to its peak by {grew} B"
             )
+
+    def place_high(self, ar: Arena, a: int, s: int, r: int) -> bool:
+        """Whether r bytes taken from the hole [a, a + s) (not the free tail) go at its high end."""
+        if r < self.high_from or self.policy not in ("highlarge", "recent"):
+            return False
+        if self.policy == "highlarge":
+            return True
+        if self.gran > 4 * SMALL:  # the native pool keeps the rule to arenas with a small arena of their own
+            return False
+        i = ar.starts.index(a)
+        below = self.born.get((ar.cls, ar.starts[i - 1]), 0) if i > 0 else 0
+        above = self.born.get((ar.cls, ar.starts[i + 1]), 0) if i + 1 < len(ar.starts) else 0
+        return above > below
 
     def decommit_holes(self, ar: Arena, tail: bool = False) -> None:
         free = ar.holes()
@@ -205,6 +227,7 @@ class Model:
         cls, a, nbytes = self.where.pop(ident)
         ar = self.arenas[cls]
         del ar.live[a]
+        del self.born[(cls, a)]
         self.requested -= nbytes
         i = ar.starts.index(a)
         if i + 1 < len(ar.starts) and ar.starts[i + 1] not in ar.live:
@@ -315,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace", nargs="*", type=Path)
     ap.add_argument("--granularity", default="64Ki")
-    ap.add_argument("--policy", default="best", choices=["best", "lowaddr", "highlarge"])
-    ap.add_argument("--high-from", default="1Mi", help="highlarge: smallest block cut from a hole's high end")
+    ap.add_argument("--policy", default="recent", choices=POLICIES)
+    ap.add_argument("--high-from", default="1Mi", help="recent, highlarge: smallest block the rule moves")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--classes", default="", help="more class boundaries, e.g. 4Mi (a third arena above it)")
     ap.add_argument("--compare", action="store_true", help="print the native replay beside the model")

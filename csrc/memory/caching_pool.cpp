@@ -39,6 +39,7 @@ struct Block {
   std::size_t requested = 0;
   EventHandle event = nullptr;  // recorded lazily on `stream` when another stream wants the block
   std::uint64_t trace_id = kUntraced;  // kUntraced: allocated while no trace was kept
+  std::uint64_t born = 0;  // allocation number while allocated (0: a chunk's carrier, or free)
   bool allocated = false;
   Segment* chunk = nullptr;  // set on a large-arena block that carries a small-class chunk
 };
@@ -252,14 +253,24 @@ struct CachingPool::Impl {
     }
   }
   // ---- per-stream free lists ----------------------------------------------------------------
+  // The hot-list test is all the hot path pays; the hash lookup and list creation stay out of
+  // line, so the callers inlining this do not take on their register spills (measured: about
+  // 20 instructions per parked block when they were inlined, benches/RESULTS.md issue 17).
   StreamLists* find_list(std::uintptr_t stream) {
     if (hot && hot->stream == stream) return hot;
+    return find_list_slow(stream);
+  }
+  [[gnu::noinline]] StreamLists* find_list_slow(std::uintptr_t stream) {
     auto it = lists.find(stream);
     if (it == lists.end()) return nullptr;
     return hot = it->second;
   }
   StreamLists& lists_for(std::uintptr_t stream) {
-    if (StreamLists* l = find_list(stream)) return *l;
+    if (hot && hot->stream == stream) return *hot;
+    return new_or_found_list(stream);
+  }
+  [[gnu::noinline]] StreamLists& new_or_found_list(std::uintptr_t stream) {
+    if (StreamLists* l = find_list_slow(stream)) return *l;
     // The kept empty list goes first, so two lists mean two streams that hold free blocks.
     if (empty_list) {
       drop_list(empty_list);
@@ -466,6 +477,33 @@ struct CachingPool::Impl {
       }
     }
     return nullptr;
+  }
+
+  // PoolOptions::recent_neighbour_from: whether r bytes from hole b go to its high end.
+  bool newer_above(const Block* b, std::size_t r) const {
+    if (!expand || chunk_bytes || opt.recent_neighbour_from == 0 || r < opt.recent_neighbour_from ||
+        b->size - r < opt.round_bytes)
+      return false;
+    const std::uint64_t above = b->next && b->next->allocated ? b->next->born : 0;
+    const std::uint64_t below = b->prev && b->prev->allocated ? b->prev->born : 0;
+    return above > below;
+  }
+  // Splits hole b and returns its top r bytes, allocated; the low remainder (b) goes back free.
+  Block* split_high(Block* b, std::size_t r) {
+    Block* top = new_block();
+    top->size = r;
+    top->addr = b->addr + b->size - r;
+    top->seg = b->seg;
+    top->stream = b->stream;
+    top->allocated = true;
+    top->prev = b;
+    top->next = b->next;
+    if (b->next) b->next->prev = top;
+    else b->seg->last = top;
+    b->next = top;
+    b->size -= r;
+    insert_free(b);
+    return top;
   }
 
   void split(Block* b, std::size_t r) {
@@ -869,7 +907,9 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   std::lock_guard<std::mutex> lock(m.mu);
   const std::uint64_t upstream_before = m.st.num_upstream_allocs;
   Block* b = m.take_free(r, cls, stream);
-  if (!b) {
+  if (b && m.newer_above(b, r)) {
+    b = m.split_high(b, r);
+  } else if (!b) {
     if (m.st.limit_bytes != kNoLimit && r > m.st.limit_bytes) m.throw_oom(nbytes, r, "request exceeds the limit");
     b = m.grow(r, cls, stream);
     if (!b) {
@@ -879,14 +919,17 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
                                          : "no cached block fits and the upstream refused");
     }
   }
-  b->allocated = true;  // before split, so the remainder does not merge back into it
-  m.split(b, r);
+  if (!b->allocated) {
+    b->allocated = true;  // before split, so the remainder does not merge back into it
+    m.split(b, r);
+  }
   if (b->seg->off_bytes && !m.recommit(b)) {
     b->allocated = false;
     m.insert_free(b);
     m.throw_oom(nbytes, r, "the limit or the upstream refused to map a decommitted block again");
   }
   b->requested = nbytes;
+  b->born = m.st.num_allocs + 1;
   m.drop_event(b);
   m.live.insert(b->addr, b);
   m.st.allocated_bytes += b->size;
@@ -947,6 +990,7 @@ void CachingPool::deallocate(void* ptr, std::uintptr_t stream) {
   }
   b->trace_id = kUntraced;
   b->requested = 0;
+  b->born = 0;
   m.insert_free(b);
 }
 

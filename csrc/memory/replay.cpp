@@ -151,17 +151,21 @@ ReplayResult replay(const std::vector<TraceRecord>& trace, int repeat, std::shar
   std::vector<std::uintptr_t> streams(slots, 0);
   ReplayResult res;
   double total_ns = 0;
-  std::size_t step = 0;
+  // Per op the loop tests one counter: `polling` and the record number are kept out of it.
+  const bool polling = static_cast<bool>(poll);
+  std::size_t until_poll = kPollEvery;
   for (int pass = 0; pass < repeat; ++pass) {
     const auto t0 = std::chrono::steady_clock::now();
-    std::size_t record = 0;
     for (const Op& op : ops) {
-      ++record;
-      if (poll && ++step % kPollEvery == 0) poll();
+      if (--until_poll == 0) {
+        until_poll = kPollEvery;
+        if (polling) poll();
+      }
       if (op.is_alloc) {
         try {
           ptrs[op.slot] = pool.allocate(op.bytes, op.stream);
         } catch (const OutOfMemoryError& e) {
+          const std::size_t record = static_cast<std::size_t>(&op - ops.data()) + 1;
           throw OutOfMemoryError(detail::concat("replay: pass ", pass + 1, ", record ", record, ": ", e.what()));
         }
         streams[op.slot] = op.stream;

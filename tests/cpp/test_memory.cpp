@@ -106,6 +106,32 @@ TEST(best_fit_split_and_coalesce) {
   CHECK(s.fragmentation_ratio == 0.0);
 }
 
+TEST(large_blocks_from_a_hole_go_beside_the_newer_neighbour_unless_turned_off) {
+  // a 1 MiB @0, b 2 MiB @1, c 1 MiB @3 (MiB offsets); free b: the hole [1, 3) lies between a and
+  // the newer c, so a 1 MiB request goes to its top (@2), or its bottom (@1) with the rule off.
+  for (const std::size_t from : {std::size_t{1} << 20, std::size_t{0}}) {
+    PoolOptions o = small_arenas();
+    o.recent_neighbour_from = from;
+    CachingPool pool(limiting(1ull << 34), o);
+    char* a = static_cast<char*>(pool.allocate(MiB));
+    void* b = pool.allocate(2 * MiB);
+    char* c = static_cast<char*>(pool.allocate(MiB));
+    CHECK(c == a + 3 * MiB);
+    pool.deallocate(b);
+    char* d = static_cast<char*>(pool.allocate(MiB));
+    CHECK(d == a + (from ? 2 : 1) * MiB);
+    char* e = static_cast<char*>(pool.allocate(MiB));  // the rest of the hole, exactly
+    CHECK(e == a + (from ? 1 : 2) * MiB);
+    pool.check();
+    pool.deallocate(d);
+    pool.deallocate(e);
+    pool.deallocate(a);
+    pool.deallocate(c);
+    pool.check();
+    CHECK(pool.stats().num_free_blocks <= 1);  // everything merged back into the arena's tail
+  }
+}
+
 TEST(fragmentation_ratio_and_largest_free_block) {
   CachingPool pool(limiting(1ull << 34, false), small_arenas());
   std::vector<void*> ps;

@@ -4,7 +4,8 @@
 // arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
 // (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
-// allocation and coalesced with free neighbours of the same stream on free. With an expandable
+// allocation (a large block beside the hole's newer neighbour: PoolOptions::recent_neighbour_from)
+// and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
 // otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
 // `large_segment` below 10 MiB, else rounded to 2 MiB). Where the upstream's granularity exceeds
@@ -65,6 +66,15 @@ struct PoolOptions {
   // upstream calls on every step (and, on CUDA, waits for the freed blocks' streams) for a
   // footprint near the live bytes; off by default (benches/RESULTS.md).
   bool decommit = false;
+  // Arenas with a small arena of their own (granule <= 4 * small_size, e.g. 64 KiB host arenas):
+  // a block of at least this many bytes cut from a free hole goes to the end of the hole whose
+  // neighbour was allocated last (blocks allocated together tend to be freed together, so the
+  // holes they leave merge); smaller ones, and all when 0, go to the hole's low end. Measured on
+  // the eight traces in benches/ (benches/RESULTS.md, issue 17): 1 MiB lowers or keeps every
+  // footprint with 64 KiB granules; with 2 MiB granules (small chunks in the large arena) it
+  // raised cnn and convnet by 10-13 % and cost an upstream call after the first pass, so it is
+  // not applied there.
+  std::size_t recent_neighbour_from = std::size_t{1} << 20;
 };
 
 struct PoolStats {
