@@ -407,6 +407,12 @@ class OptimizerOffload:
         # torch copies the loaded state into fresh tensors and checks it before changing anything,
         # so a bad state dict leaves the current (possibly offloaded) state as it was.
         self.optimizer.load_state_dict(inner)
+        self.resync()
+
+    def resync(self) -> None:
+        """After the optimizer's state was replaced behind this object's back (e.g. by
+        ``optimizer.load_state_dict``), moves the new state to the tier when offloaded; nothing
+        when resident."""
         if self._offloaded:
             self._drop_store()
             self.offload()
