@@ -137,6 +137,24 @@ class _DiskStore:
             if drop_page_cache:
                 os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
+    def evict(self, ranges: list[tuple[int, int]]) -> None:
+        """Evicts these byte ranges from the page cache where they are clean (a block released
+        earlier whose writeback has finished); dirty or busy pages stay."""
+        for start, end in ranges:
+            if self.map is not None and end > start:
+                aligned = start - start % _PAGE
+                os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+
+    def flush_and_evict(self) -> None:
+        """Waits for the file's writeback and evicts all of it from the page cache: what a step
+        leaves behind is then on disk only. (Released pages are dirty when first advised away, and
+        the kernel drops only clean ones; without this they stay cached and count against a
+        memory cgroup until reclaimed.)"""
+        if self.map is None:
+            return
+        os.fdatasync(self.fd)
+        os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_DONTNEED)
+
     def discard(self) -> None:
         """Deletes the file. Tensors still viewing it stay valid (the mapping outlives the name)."""
         _remove_quietly(self.path)
@@ -365,6 +383,10 @@ class OptimizerOffload:
             if pieces:
                 self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
             store.release(block.ranges(), self.drop_page_cache)
+            if self.drop_page_cache and i > 0:
+                store.evict(self._blocks[i - 1].ranges())  # its writeback has had a block's time
+        if self.drop_page_cache:
+            store.flush_and_evict()
         for p in stepping:
             self.optimizer.state[p]["step"].copy_(after[id(p)])
 

@@ -85,7 +85,9 @@ class Runtime:
         memory_config = memory if memory is not None else MemoryConfig()
         memory_policy = build_memory_policy(pool, memory_config, threads)
         # Optimizer-state offload, the escalation's last step (None unless memory.offload is set).
-        self.offloading: OffloadControl | None = build_offload_control(optimizer, memory_config, self.batch_config)
+        self.offloading: OffloadControl | None = build_offload_control(
+            optimizer, memory_config, self.batch_config, pool
+        )
         if memory_policy is not None:
             memory_policy.apply(detector.phase, threads=False)  # the starting phase's limit holds from the start
         self.pipeline = PolicyPipeline(

@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -83,6 +84,7 @@ class OffloadControl:
         self.restores = 0
         self._seen_ooms = 0
         self._failing = False
+        self._after_move: Callable[[], object] | None = None
 
     # -- what the Runtime calls --------------------------------------------------------------------
     def step(self) -> None:
@@ -161,7 +163,15 @@ class OffloadControl:
         log.info("%s: %s", what, reason)
         return ActionResult(action, True, f"{what}: {reason}")
 
+    def watch(self, signal: Any) -> None:
+        """After every move, resets ``signal``'s peak (when it has ``reset_peak_stats``): the next
+        step's reading is then the step's own peak, not the move's copy of the state."""
+        reset = getattr(signal, "reset_peak_stats", None)
+        self._after_move = reset if callable(reset) else None
+
     def _count(self, on: bool) -> None:
+        if self._after_move is not None:
+            self._after_move()
         if on:
             self.offloads += 1
         else:
@@ -209,15 +219,17 @@ class OffloadControl:
 
 
 def build_offload_control(
-    optimizer: torch.optim.Optimizer, memory: MemoryConfig, batch: BatchConfig
+    optimizer: torch.optim.Optimizer, memory: MemoryConfig, batch: BatchConfig, signal: Any
 ) -> OffloadControl | None:
-    """The control of ``memory.offload`` (a ``MemoryConfig``) with the floor of ``batch`` (a
-    ``BatchConfig``); None when offload is not asked for."""
+    """The control of ``memory.offload`` with the floor of ``batch``, watching the Runtime's
+    memory ``signal`` (its pool, or None); None when offload is not asked for."""
     if memory.offload is None:
         return None
-    return OffloadControl(
+    control = OffloadControl(
         optimizer, memory.offload, escalation=memory.escalation, min_micro_batch=batch.min_micro_batch
     )
+    control.watch(signal)
+    return control
 
 
 __all__ = ["ACTION", "SOURCE", "OffloadControl", "build_offload_control"]
