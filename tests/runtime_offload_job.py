@@ -49,7 +49,7 @@ def main() -> None:
             limits={"initial": 1.0, "convergence": 1.0, "fine_tuning": 1.0},
             threads_by_phase=False,
             offload=offload,
-            escalation=EscalationConfig(high_ratio=0.95, low_ratio=0.7, calm_steps=3),
+            escalation=EscalationConfig(high_ratio=0.95, low_ratio=0.7, calm_steps=2),
         ),
     )
     gen = torch.Generator().manual_seed(1)

@@ -59,7 +59,7 @@ def _run(tmp_path: Path, offload: bool) -> tuple[int, dict[str, Any], dict[str, 
         env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
         job = subprocess.Popen(cmd, env=env, preexec_fn=lambda: group.add(os.getpid()))
         try:
-            before = _wait(lambda: (s := _read(status)) and s["step"] >= 2 and s, 120, "two steps", job)
+            before = _wait(lambda: (s := _read(status)) and s["step"] >= 1 and s, 120, "two steps", job)
             assert before is not None, f"the job ended before two steps: exit {job.wait()}"
             # Below the job's usage between steps (baseline + model + optimizer state) by a quarter
             # of the state; above what it needs with the state on disk.
@@ -68,7 +68,7 @@ def _run(tmp_path: Path, offload: bool) -> tuple[int, dict[str, Any], dict[str, 
             _wait(
                 lambda: (
                     (s := _read(status))
-                    and (s["step"] >= before["step"] + 4 or (s["offloaded"] and s["peak_bytes"] < target))
+                    and (s["step"] >= before["step"] + 3 or (s["offloaded"] and s["peak_bytes"] < target))
                 ),
                 120,
                 "the job to react to the announced limit",
@@ -89,7 +89,7 @@ def _run(tmp_path: Path, offload: bool) -> tuple[int, dict[str, Any], dict[str, 
             if offload and job.poll() is None and group.memory_limit() == target:
                 enforced = (_read(status) or {})["step"]
                 _wait(
-                    lambda: (s := _read(status)) and s["step"] >= enforced + 3 and s, 120, "steps under the limit", job
+                    lambda: (s := _read(status)) and s["step"] >= enforced + 2 and s, 120, "steps under the limit", job
                 )
                 assert group.oom_kills() == 0 and job.poll() is None
                 group.set_memory_limit(4 << 30)  # pressure ends
