@@ -23,6 +23,7 @@ swapped; :meth:`restore` copies everything back before it swaps and only then de
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
@@ -51,6 +52,23 @@ _PAGE = mmap.PAGESIZE
 STATE_FILE = "optimizer_state.bin"
 
 
+# sync_file_range(2) (Linux; not in Python's os): write a byte range back and wait for it.
+_SYNC_RANGE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _sync_file_range_function() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _sync_file_range_function()
+
+
 def _align(n: int) -> int:
     return (n + _PAGE - 1) // _PAGE * _PAGE
 
@@ -68,6 +86,10 @@ class _Piece:
     def ranges(self) -> list[tuple[int, int]]:
         return [(off + 4 * self.begin, off + 4 * self.end) for off in (self.m_offset, self.v_offset)]
 
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """From the start of each moment up to the end of this piece."""
+        return [(off, off + 4 * self.end) for off in (self.m_offset, self.v_offset)]
+
 
 @dataclass
 class _Block:
@@ -80,6 +102,12 @@ class _Block:
 
     def ranges(self) -> list[tuple[int, int]]:
         return [r for piece in self.pieces for r in piece.ranges()]
+
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """Each moment of each piece from its start: a range the page cache can drop whole (a
+        block's own range rarely covers the large folios readahead creates, and the kernel drops
+        only folios entirely inside the range it is given)."""
+        return [r for piece in self.pieces for r in piece.prefix_ranges()]
 
 
 class _DiskStore:
@@ -110,6 +138,10 @@ class _DiskStore:
         self.fd = os.open(path, os.O_RDWR)
         self._close_fd = weakref.finalize(self, os.close, self.fd)
         self.map = mmap.mmap(self.fd, size) if size else None
+        if self.map is not None:
+            # No kernel readahead: step() prefetches exactly the next block. Readahead would keep
+            # megabytes of state ahead of the step in the page cache, which a memory cgroup counts.
+            self.map.madvise(mmap.MADV_RANDOM)
 
     def view(self, shape: torch.Size, offset: int) -> torch.Tensor:
         """A float32 tensor of ``shape`` over the file at offset (RAM for an empty tensor)."""
@@ -138,12 +170,16 @@ class _DiskStore:
                 os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
     def evict(self, ranges: list[tuple[int, int]]) -> None:
-        """Evicts these byte ranges from the page cache where they are clean (a block released
-        earlier whose writeback has finished); dirty or busy pages stay."""
+        """Waits until these byte ranges (a block released earlier, whose writeback has had a
+        block's time to run) are on disk, then evicts them from the page cache: the dirty state in
+        flight stays at about two blocks, which a memory cgroup's usage and peak would count."""
         for start, end in ranges:
-            if self.map is not None and end > start:
-                aligned = start - start % _PAGE
-                os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+            if self.map is None or end <= start:
+                continue
+            aligned = start - start % _PAGE
+            if _sync_file_range is None or _sync_file_range(self.fd, aligned, end - aligned, _SYNC_RANGE_WAIT) != 0:
+                os.fdatasync(self.fd)  # no sync_file_range here: the whole file, same effect
+            os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
 
     def flush_and_evict(self) -> None:
         """Waits for the file's writeback and evicts all of it from the page cache: what a step
@@ -384,7 +420,7 @@ class OptimizerOffload:
                 self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
             store.release(block.ranges(), self.drop_page_cache)
             if self.drop_page_cache and i > 0:
-                store.evict(self._blocks[i - 1].ranges())  # its writeback has had a block's time
+                store.evict(self._blocks[i - 1].prefix_ranges())
         if self.drop_page_cache:
             store.flush_and_evict()
         for p in stepping:
