@@ -69,6 +69,9 @@ def _sync_file_range_function() -> Any:
 _sync_file_range = _sync_file_range_function()
 
 
+_PREFETCH_CHUNK = 128 * 1024  # the kernel's default readahead window (VM_READAHEAD_PAGES)
+
+
 def _align(n: int) -> int:
     return (n + _PAGE - 1) // _PAGE * _PAGE
 
@@ -151,11 +154,14 @@ class _DiskStore:
         return torch.frombuffer(self.map, dtype=torch.float32, count=numel, offset=offset).view(shape)
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
-        """Asks the kernel to read these byte ranges ahead (returns at once)."""
+        """Asks the kernel to read these byte ranges ahead (returns once the reads are queued).
+        One call per ``_PREFETCH_CHUNK``: the kernel reads at most its readahead window
+        (``read_ahead_kb``) per call and drops the rest of a larger range."""
         for start, end in ranges:
-            if self.map is not None and end > start:
-                aligned = start - start % _PAGE
-                self.map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+            if self.map is None or end <= start:
+                continue
+            for chunk in range(start - start % _PAGE, end, _PREFETCH_CHUNK):
+                self.map.madvise(mmap.MADV_WILLNEED, chunk, min(_PREFETCH_CHUNK, end - chunk))
 
     def release(self, ranges: list[tuple[int, int]], drop_page_cache: bool) -> None:
         """Drops these byte ranges from the process; with ``drop_page_cache`` also starts writing
@@ -412,6 +418,8 @@ class OptimizerOffload:
                 stepping.append(p)
         after = {id(p): self.optimizer.state[p]["step"] + 1 for p in stepping}
         steps = {key: float(t) for key, t in after.items()}
+        if self._blocks:
+            store.prefetch(self._blocks[0].ranges())
         for i, block in enumerate(self._blocks):
             if i + 1 < len(self._blocks):
                 store.prefetch(self._blocks[i + 1].ranges())
