@@ -9,7 +9,8 @@ Tiers:
   page cache, are written back by the kernel and can be reclaimed under a memory limit). Works for
   CPU parameters (and for CUDA parameters through host staging, see ``"host"``).
 - ``"host"``: for CUDA parameters: the moments move to pinned host memory and the step runs on the
-  host with the fused CPU kernel (gradient and parameter copied down, parameter copied back).
+  host with the fused CPU kernel: parameter and gradient copied down on a side stream as backward
+  produces each gradient, the parameter copied back on it (``offload.host_staging``).
   CUDA paths: written against torch's API, not run on this project's CPU-only CI.
 
 In every state :meth:`step` uses the same native kernel in the same order for CPU parameters, so a
@@ -44,6 +45,7 @@ from autoglm_rt.offload.fused_adam import (
     params_with_grad,
     step_params,
 )
+from autoglm_rt.offload.host_staging import HostStaging
 from autoglm_rt.units import parse_size
 
 TIERS = ("host", "disk")
@@ -250,6 +252,7 @@ class OptimizerOffload:
         self._directory = str(directory) if directory is not None else None
         self._store: _DiskStore | None = None
         self._blocks: list[_Block] = []
+        self._staging: HostStaging | None = None
         self._offloaded = False
 
     # ----------------------------------------------------------------------------------- state
@@ -315,6 +318,7 @@ class OptimizerOffload:
             self._store.discard()
         self._store = None
         self._blocks = []
+        self._close_staging()
         self._offloaded = False
         return True
 
@@ -333,8 +337,10 @@ class OptimizerOffload:
                 moved.append(
                     (s, {key: s[key].to("cpu", copy=True).pin_memory() if pinned else s[key].cpu() for key in _MOMENTS})
                 )
+        staging = HostStaging([p for _, p in self._params()])  # before any swap: a failure changes nothing
         for s, m in moved:
             s.update(m)
+        self._staging = staging
 
     def _offload_disk(self) -> None:
         directory = self._directory
@@ -453,12 +459,16 @@ class OptimizerOffload:
             device_view.copy_(host)
 
     def _step_staged(self, params: list[torch.Tensor], hyper: AdamHyper) -> None:
-        """CUDA parameters with host state: copy down, step on the host, copy the parameter back."""
-        host_params = [p.detach().to("cpu", copy=True) for p in params]
-        host_grads = [p.grad.to("cpu", copy=True) for p in params]  # type: ignore[union-attr]
-        step_params(self.optimizer, params, hyper, host_params=host_params, host_grads=host_grads)
-        for p, h in zip(params, host_params, strict=True):
-            p.detach().copy_(h, non_blocking=False)
+        """CUDA parameters with host state: the pinned copies made during backward (side stream,
+        ``HostStaging``), the step on the host, the parameters back on the side stream."""
+        assert self._staging is not None  # offloaded to the host implies staging
+        if not params:
+            return
+
+        def update(host_params: list[torch.Tensor], host_grads: list[torch.Tensor]) -> None:
+            step_params(self.optimizer, params, hyper, host_params=host_params, host_grads=host_grads)
+
+        self._staging.step(params, update)
 
     # --------------------------------------------------------------------------------- persist
     def state_dict(self) -> dict[str, Any]:
@@ -488,7 +498,13 @@ class OptimizerOffload:
             self._store.discard()
         self._store = None
         self._blocks = []
+        self._close_staging()
         self._offloaded = False
+
+    def _close_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.close()
+        self._staging = None
 
     def close(self) -> None:
         """Restores the state if offloaded and removes a directory this object created."""
