@@ -180,6 +180,8 @@ def test_trajectory_is_bit_identical_whatever_the_placement() -> None:
             rt.forward_backward(batch_of(step), mse)
             placements.append(rt.step().optimizer_offloaded)
         runs[name] = ([p.detach().clone() for p in rt.model.parameters()], placements)
+        assert rt.offloading is not None
+        rt.offloading.offload.close()  # removes the temporary directory it made
     assert runs["never"][1] == [False] * steps
     assert runs["offloaded at 3, restored at 8"][1] == [False] * 3 + [True] * 5 + [False] * 6
     reference = numpy_adamw(steps)
