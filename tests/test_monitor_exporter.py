@@ -138,6 +138,10 @@ def full_exporter(**kw: Any) -> MetricsExporter:
             "actions": {("shrink_micro_batch", "true"): 3, ("migrate_task", "false"): 1},
         },
     )
+    e.add_source(
+        "offload",
+        lambda: {"offloaded": True, "resident_bytes": 0, "state_bytes": 8192, "offloads": 2, "restores": 1},
+    )
     e.add_source("energy", lambda: {"cpu_joules": 10.0, "cpu_estimated": True, "gpu_joules": 500.0, "co2e_grams": 0.07})
     e.observe_step(0.75)
     return e

@@ -318,6 +318,35 @@ def test_host_tier_steps_cuda_parameters_on_the_host():
     assert off.resident_bytes() == sum(2 * p.numel() * 4 for p in params)
 
 
+@pytest.mark.cuda
+def test_host_tier_copies_during_backward_and_sees_later_changes():
+    """Gradients from backward (copied by the side-stream hooks, twice with accumulation) and then
+    changed in place (clipping: the version moves, so step() copies again): the parameters equal
+    the fused CPU step on host copies of the final gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5)).cuda()
+    twins = [p.detach().cpu().requires_grad_(True) for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    twin_opt = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    off = OptimizerOffload(opt, tier="host")
+    assert off.offload()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for step in range(6):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(2):  # accumulation: the hooks fire on each backward
+            x = torch.randn(16, 24, device="cuda", generator=g)
+            model(x).square().mean().backward()
+        if step % 2:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # in place, after the hooks' copies
+        for p, t in zip(model.parameters(), twins, strict=True):
+            t.grad = p.grad.cpu()
+        off.step()
+        fused_adam_step(twin_opt)
+        for p, t in zip(model.parameters(), twins, strict=True):
+            assert torch.equal(p.detach().cpu(), t.detach()), step
+    assert off.restore()
+
+
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_a_bad_gradient_changes_nothing(tmp_path, offloaded):
     model, opt, off, _ = _train("Adam", tmp_path, {0: "offload"} if offloaded else {}, steps=2, block_bytes=512)

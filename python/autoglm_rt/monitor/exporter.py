@@ -148,6 +148,19 @@ SOURCE_FIELDS: dict[str, dict[str, FieldSpec]] = {
             ("action", "applied"),
         ),
     },
+    "offload": {
+        "offloaded": FieldSpec(
+            "optimizer_state_offloaded", "bool", "1 while the optimizer state lives on the slower tier."
+        ),
+        "resident_bytes": FieldSpec(
+            "optimizer_state_resident_bytes", "gauge", "Optimizer-state bytes held in the parameters' own memory."
+        ),
+        "state_bytes": FieldSpec("optimizer_state_bytes", "gauge", "Optimizer-state bytes, wherever they live."),
+        "offloads": FieldSpec(
+            "optimizer_state_offloads_total", "counter", "Moves of the optimizer state to the slower tier."
+        ),
+        "restores": FieldSpec("optimizer_state_restores_total", "counter", "Moves of the optimizer state back."),
+    },
     "energy": {
         "cpu_joules": FieldSpec("energy_cpu_joules_total", "counter", "CPU energy since the meter started."),
         "cpu_estimated": FieldSpec(
@@ -245,7 +258,7 @@ class MetricsExporter:
     # -- sources -----------------------------------------------------------------------------
     def add_source(self, kind: str, fn: Source, *, labels: Mapping[str, str] | None = None) -> None:
         """Registers ``fn`` (called at each scrape) as a source of ``kind`` (a key of
-        ``SOURCE_FIELDS``: pool, stats, compression, policy, energy). ``labels`` are added to its
+        ``SOURCE_FIELDS``: pool, stats, compression, policy, offload, energy). ``labels`` are added to its
         series (e.g. ``{"device": "cuda:0"}`` for one pool per device); the same kind may be added
         again only with different labels."""
         if kind not in SOURCE_FIELDS:

@@ -113,6 +113,11 @@ class MemoryEscalation:
         self._calm = 0
         return Decision(MemoryStep.RESTORE, f"calm for {cfg.calm_steps} observations; usage after restore {after:.2f}")
 
+    def note_pressure(self) -> None:
+        """Pressure seen outside :meth:`decide` (a strategy asking for offload): the count of calm
+        observations towards a restore starts again."""
+        self._calm = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"calm": self._calm}
 

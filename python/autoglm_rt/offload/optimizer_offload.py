@@ -9,7 +9,8 @@ Tiers:
   page cache, are written back by the kernel and can be reclaimed under a memory limit). Works for
   CPU parameters (and for CUDA parameters through host staging, see ``"host"``).
 - ``"host"``: for CUDA parameters: the moments move to pinned host memory and the step runs on the
-  host with the fused CPU kernel (gradient and parameter copied down, parameter copied back).
+  host with the fused CPU kernel: parameter and gradient copied down on a side stream as backward
+  produces each gradient, the parameter copied back on it (``offload.host_staging``).
   CUDA paths: written against torch's API, not run on this project's CPU-only CI.
 
 In every state :meth:`step` uses the same native kernel in the same order for CPU parameters, so a
@@ -23,6 +24,7 @@ swapped; :meth:`restore` copies everything back before it swaps and only then de
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
@@ -43,12 +45,33 @@ from autoglm_rt.offload.fused_adam import (
     params_with_grad,
     step_params,
 )
+from autoglm_rt.offload.host_staging import HostStaging
 from autoglm_rt.units import parse_size
 
 TIERS = ("host", "disk")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _PAGE = mmap.PAGESIZE
 STATE_FILE = "optimizer_state.bin"
+
+
+# sync_file_range(2) (Linux; not in Python's os): write a byte range back and wait for it.
+_SYNC_RANGE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _sync_file_range_function() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _sync_file_range_function()
+
+
+_PREFETCH_CHUNK = 128 * 1024  # the kernel's default readahead window (VM_READAHEAD_PAGES)
 
 
 def _align(n: int) -> int:
@@ -68,6 +91,10 @@ class _Piece:
     def ranges(self) -> list[tuple[int, int]]:
         return [(off + 4 * self.begin, off + 4 * self.end) for off in (self.m_offset, self.v_offset)]
 
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """From the start of each moment up to the end of this piece."""
+        return [(off, off + 4 * self.end) for off in (self.m_offset, self.v_offset)]
+
 
 @dataclass
 class _Block:
@@ -80,6 +107,12 @@ class _Block:
 
     def ranges(self) -> list[tuple[int, int]]:
         return [r for piece in self.pieces for r in piece.ranges()]
+
+    def prefix_ranges(self) -> list[tuple[int, int]]:
+        """Each moment of each piece from its start: a range the page cache can drop whole (a
+        block's own range rarely covers the large folios readahead creates, and the kernel drops
+        only folios entirely inside the range it is given)."""
+        return [r for piece in self.pieces for r in piece.prefix_ranges()]
 
 
 class _DiskStore:
@@ -110,6 +143,10 @@ class _DiskStore:
         self.fd = os.open(path, os.O_RDWR)
         self._close_fd = weakref.finalize(self, os.close, self.fd)
         self.map = mmap.mmap(self.fd, size) if size else None
+        if self.map is not None:
+            # No kernel readahead: step() prefetches exactly the next block. Readahead would keep
+            # megabytes of state ahead of the step in the page cache, which a memory cgroup counts.
+            self.map.madvise(mmap.MADV_RANDOM)
 
     def view(self, shape: torch.Size, offset: int) -> torch.Tensor:
         """A float32 tensor of ``shape`` over the file at offset (RAM for an empty tensor)."""
@@ -119,11 +156,14 @@ class _DiskStore:
         return torch.frombuffer(self.map, dtype=torch.float32, count=numel, offset=offset).view(shape)
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
-        """Asks the kernel to read these byte ranges ahead (returns at once)."""
+        """Asks the kernel to read these byte ranges ahead (returns once the reads are queued).
+        One call per ``_PREFETCH_CHUNK``: the kernel reads at most its readahead window
+        (``read_ahead_kb``) per call and drops the rest of a larger range."""
         for start, end in ranges:
-            if self.map is not None and end > start:
-                aligned = start - start % _PAGE
-                self.map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+            if self.map is None or end <= start:
+                continue
+            for chunk in range(start - start % _PAGE, end, _PREFETCH_CHUNK):
+                self.map.madvise(mmap.MADV_WILLNEED, chunk, min(_PREFETCH_CHUNK, end - chunk))
 
     def release(self, ranges: list[tuple[int, int]], drop_page_cache: bool) -> None:
         """Drops these byte ranges from the process; with ``drop_page_cache`` also starts writing
@@ -136,6 +176,28 @@ class _DiskStore:
             self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
             if drop_page_cache:
                 os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+
+    def evict(self, ranges: list[tuple[int, int]]) -> None:
+        """Waits until these byte ranges (a block released earlier, whose writeback has had a
+        block's time to run) are on disk, then evicts them from the page cache: the dirty state in
+        flight stays at about two blocks, which a memory cgroup's usage and peak would count."""
+        for start, end in ranges:
+            if self.map is None or end <= start:
+                continue
+            aligned = start - start % _PAGE
+            if _sync_file_range is None or _sync_file_range(self.fd, aligned, end - aligned, _SYNC_RANGE_WAIT) != 0:
+                os.fdatasync(self.fd)  # no sync_file_range here: the whole file, same effect
+            os.posix_fadvise(self.fd, aligned, end - aligned, os.POSIX_FADV_DONTNEED)
+
+    def flush_and_evict(self) -> None:
+        """Waits for the file's writeback and evicts all of it from the page cache: what a step
+        leaves behind is then on disk only. (Released pages are dirty when first advised away, and
+        the kernel drops only clean ones; without this they stay cached and count against a
+        memory cgroup until reclaimed.)"""
+        if self.map is None:
+            return
+        os.fdatasync(self.fd)
+        os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_DONTNEED)
 
     def discard(self) -> None:
         """Deletes the file. Tensors still viewing it stay valid (the mapping outlives the name)."""
@@ -190,6 +252,7 @@ class OptimizerOffload:
         self._directory = str(directory) if directory is not None else None
         self._store: _DiskStore | None = None
         self._blocks: list[_Block] = []
+        self._staging: HostStaging | None = None
         self._offloaded = False
 
     # ----------------------------------------------------------------------------------- state
@@ -255,6 +318,7 @@ class OptimizerOffload:
             self._store.discard()
         self._store = None
         self._blocks = []
+        self._close_staging()
         self._offloaded = False
         return True
 
@@ -273,8 +337,10 @@ class OptimizerOffload:
                 moved.append(
                     (s, {key: s[key].to("cpu", copy=True).pin_memory() if pinned else s[key].cpu() for key in _MOMENTS})
                 )
+        staging = HostStaging([p for _, p in self._params()])  # before any swap: a failure changes nothing
         for s, m in moved:
             s.update(m)
+        self._staging = staging
 
     def _offload_disk(self) -> None:
         directory = self._directory
@@ -358,6 +424,8 @@ class OptimizerOffload:
                 stepping.append(p)
         after = {id(p): self.optimizer.state[p]["step"] + 1 for p in stepping}
         steps = {key: float(t) for key, t in after.items()}
+        if self._blocks:
+            store.prefetch(self._blocks[0].ranges())
         for i, block in enumerate(self._blocks):
             if i + 1 < len(self._blocks):
                 store.prefetch(self._blocks[i + 1].ranges())
@@ -365,6 +433,10 @@ class OptimizerOffload:
             if pieces:
                 self._step_pieces(pieces, [steps[id(piece.param)] for piece in pieces], hypers[block.group])
             store.release(block.ranges(), self.drop_page_cache)
+            if self.drop_page_cache and i > 0:
+                store.evict(self._blocks[i - 1].prefix_ranges())
+        if self.drop_page_cache:
+            store.flush_and_evict()
         for p in stepping:
             self.optimizer.state[p]["step"].copy_(after[id(p)])
 
@@ -387,12 +459,16 @@ class OptimizerOffload:
             device_view.copy_(host)
 
     def _step_staged(self, params: list[torch.Tensor], hyper: AdamHyper) -> None:
-        """CUDA parameters with host state: copy down, step on the host, copy the parameter back."""
-        host_params = [p.detach().to("cpu", copy=True) for p in params]
-        host_grads = [p.grad.to("cpu", copy=True) for p in params]  # type: ignore[union-attr]
-        step_params(self.optimizer, params, hyper, host_params=host_params, host_grads=host_grads)
-        for p, h in zip(params, host_params, strict=True):
-            p.detach().copy_(h, non_blocking=False)
+        """CUDA parameters with host state: the pinned copies made during backward (side stream,
+        ``HostStaging``), the step on the host, the parameters back on the side stream."""
+        assert self._staging is not None  # offloaded to the host implies staging
+        if not params:
+            return
+
+        def update(host_params: list[torch.Tensor], host_grads: list[torch.Tensor]) -> None:
+            step_params(self.optimizer, params, hyper, host_params=host_params, host_grads=host_grads)
+
+        self._staging.step(params, update)
 
     # --------------------------------------------------------------------------------- persist
     def state_dict(self) -> dict[str, Any]:
@@ -407,6 +483,12 @@ class OptimizerOffload:
         # torch copies the loaded state into fresh tensors and checks it before changing anything,
         # so a bad state dict leaves the current (possibly offloaded) state as it was.
         self.optimizer.load_state_dict(inner)
+        self.resync()
+
+    def resync(self) -> None:
+        """After the optimizer's state was replaced behind this object's back (e.g. by
+        ``optimizer.load_state_dict``), moves the new state to the tier when offloaded; nothing
+        when resident."""
         if self._offloaded:
             self._drop_store()
             self.offload()
@@ -416,7 +498,13 @@ class OptimizerOffload:
             self._store.discard()
         self._store = None
         self._blocks = []
+        self._close_staging()
         self._offloaded = False
+
+    def _close_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.close()
+        self._staging = None
 
     def close(self) -> None:
         """Restores the state if offloaded and removes a directory this object created."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autoglm_rt.offload import EscalationConfig, OptimizerOffload
 
 from autoglm_rt.resources import cpu_quota_cores
 
@@ -40,11 +43,16 @@ class MemoryConfig:
     ``stats()``/``set_limit()``). ``capacity``: the device memory the phase fractions refer to
     (default: the pool's limit, else the device's or host's total memory). ``limits``: per-phase
     limits (fractions or sizes; default ``policy.memory.DEFAULT_LIMITS``). ``threads_by_phase``:
-    per-phase thread counts; ``False`` leaves the thread count alone."""
+    per-phase thread counts; ``False`` leaves the thread count alone. ``offload``: opt in to the
+    last step of the memory escalation (an ``autoglm_rt.offload.OptimizerOffload`` over the
+    Runtime's optimizer, or a tier name, ``"disk"`` or ``"host"``; see ``runtime.offloading``),
+    with the thresholds of ``escalation`` (an ``autoglm_rt.offload.EscalationConfig``)."""
 
     capacity: int | str | None = None
     limits: Mapping[str, float | int | str] | None = None
     threads_by_phase: Mapping[str, int] | bool | None = None
+    offload: OptimizerOffload | str | None = None
+    escalation: EscalationConfig | None = None
 
 
 @dataclass(frozen=True)

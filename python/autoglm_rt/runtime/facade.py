@@ -37,6 +37,7 @@ from autoglm_rt.runtime.config import BatchConfig, Hooks, MemoryConfig, ThreadCo
 from autoglm_rt.runtime.cpu_quota import follow_cpu_quota
 from autoglm_rt.runtime.metrics import RuntimeMetrics, attach
 from autoglm_rt.runtime.observation import Observation, noise_pair, read_gradients, read_memory
+from autoglm_rt.runtime.offloading import OffloadControl, build_offload_control
 from autoglm_rt.runtime.pipeline import PolicyPipeline
 from autoglm_rt.runtime.precision import Precision
 from autoglm_rt.runtime.report import StepReport
@@ -84,7 +85,12 @@ class Runtime:
         self.precision_policy = Precision(self.device.type, precision_by_phase)
 
         detector = phase_detector if phase_detector is not None else PhaseDetector()
-        memory_policy = build_memory_policy(pool, memory if memory is not None else MemoryConfig(), threads)
+        memory_config = memory if memory is not None else MemoryConfig()
+        memory_policy = build_memory_policy(pool, memory_config, threads)
+        # Optimizer-state offload, the escalation's last step (None unless memory.offload is set).
+        self.offloading: OffloadControl | None = build_offload_control(
+            optimizer, memory_config, self.batch_config, pool
+        )
         if memory_policy is not None:
             memory_policy.apply(detector.phase, threads=False)  # the starting phase's limit holds from the start
         self.pipeline = PolicyPipeline(
@@ -110,6 +116,7 @@ class Runtime:
             precision=self.set_precision,
             scheduler=scheduler if scheduler is not None else scheduler_from_environment(os.environ),
             alert=self.hooks.alert,
+            offload=self.offloading.set_offloaded if self.offloading is not None else None,
         )
         self.actuation = Actuation(
             optimizer, self.precision_policy, memory_policy, comm_state, self._thread_setter, self.actuators
@@ -190,6 +197,8 @@ class Runtime:
         (and ``energy``, an ``EnergyMeter``, when given) with ``exporter``; step durations go to
         its histogram from the next step on."""
         attach(exporter, self.metrics, comm_state=self.comm_state, pool=self.pool, energy=energy)
+        if self.offloading is not None:
+            exporter.add_source("offload", self.offloading.metrics)
 
     # -- the loop ----------------------------------------------------------------------------------
     def batches(self, loader: Iterable[Batch]) -> Iterator[tuple[int, Batch]]:
@@ -237,7 +246,7 @@ class Runtime:
         skipped = gradients.nonfinite > 0
         t_opt = clock()
         if not skipped:
-            self.optimizer.step()
+            (self.offloading.step if self.offloading is not None else self.optimizer.step)()
         self.optimizer.zero_grad(set_to_none=True)
         optimizer_seconds = clock() - t_opt
 
@@ -253,8 +262,12 @@ class Runtime:
             memory=read_memory(self.pool),
             monitor=dict(self.hooks.metrics_source()) if self.hooks.metrics_source is not None else {},
         )
+        micro_batch_run = controller.micro_batch  # before the pipeline may shrink it
         decision = self.pipeline.decide(obs)
         results = self.actuation.carry_out(decision)
+        if self.offloading is not None:  # escalation after the batch controller: offload, restore
+            escalated = self.offloading.observe(obs.memory, micro_batch_run, controller.num_ooms, t_start)
+            results += () if escalated is None else (escalated,)
 
         t_end = clock()
         report = StepReport(
@@ -274,6 +287,7 @@ class Runtime:
             precision=self.precision,
             events=decision.state.events,
             actions=results,
+            optimizer_offloaded=None if self.offloading is None else self.offloading.offload.offloaded,
             metrics=decision.strategy_metrics,
         )
         self.step_count += 1
@@ -299,16 +313,24 @@ class Runtime:
             "pipeline": self.pipeline.state_dict(),
             "precision": self.precision_policy.state_dict(),
             "metrics": self.metrics.state_dict(),
+            "offload": None if self.offloading is None else self.offloading.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output into a Runtime built the same way."""
+        """Restores :meth:`state_dict`'s output into a Runtime built the same way (with
+        ``memory.offload``: after the optimizer's own state, see ``OffloadControl``)."""
+        if (state.get("offload") is None) != (self.offloading is None):
+            raise ValueError(
+                "load_state_dict: memory.offload is set on one side only (the saved state and this runtime)"
+            )
         saved_batch = state["pipeline"].get("batch")
         if saved_batch is not None and self.pipeline.batch is None:
             self._make_controller(int(saved_batch["base_batch"]))
         self.pipeline.load_state_dict(state["pipeline"])
         self.precision_policy.load_state_dict(state["precision"])
         self.metrics.load_state_dict(state["metrics"])
+        if self.offloading is not None:
+            self.offloading.load_state_dict(state["offload"])
         self.step_count = int(state["step"])
         if self.cpu_quota is not None:
             self.cpu_quota.follow()  # the saved loop state, within the quota that holds now

@@ -14,7 +14,9 @@ class StepReport:
     """``step_seconds``: wall time from the end of the previous ``step()`` to the start of this
     one (None for the first). ``overhead_seconds``: the time ``step()`` itself took, without the
     optimizer's own step. ``actions``: every strategy action of this step, carried out or not
-    (``applied`` and ``detail`` say which and why)."""
+    (``applied`` and ``detail`` say which and why), and the memory escalation's offload or
+    restore. ``optimizer_offloaded``: whether the optimizer state is on the slower tier after this
+    step (None without ``MemoryConfig(offload=...)``)."""
 
     step: int
     loss: float | None
@@ -33,6 +35,7 @@ class StepReport:
     events: tuple[PhaseEvent, ...] = ()
     actions: tuple[ActionResult, ...] = ()
     metrics: dict[str, Any] = field(default_factory=dict)
+    optimizer_offloaded: bool | None = None
 
 
 __all__ = ["StepReport"]
