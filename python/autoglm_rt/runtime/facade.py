@@ -11,7 +11,8 @@ The parts, one module each: ``batching`` (re-batching), ``accumulation`` (micro-
 recovery), ``precision`` (autocast per phase), ``observation`` (one reading of the device per
 step), ``pipeline`` (the policies, plain Python over numbers), ``actuation`` (a decision carried
 out; ``policy.actuators``: actions carried out or said not to be), ``cpu_quota`` (threads within
-the CPU quota), ``metrics`` (counters and exporter sources).
+the CPU quota), ``offloading`` (optimizer state to a slower tier as the last memory step),
+``metrics`` (counters and exporter sources), ``views`` (what users read).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from autoglm_rt.constants import limit_or_none
 from autoglm_rt.policy.actuators import Actuators, Scheduler, scheduler_from_environment
 from autoglm_rt.policy.batch import BatchController
-from autoglm_rt.policy.memory import MemoryPolicy, default_thread_setter
+from autoglm_rt.policy.memory import default_thread_setter
 from autoglm_rt.policy.phase import PhaseDetector
 from autoglm_rt.policy.strategy import Strategy
 from autoglm_rt.runtime.accumulation import Accumulator, LossFn
@@ -41,9 +42,10 @@ from autoglm_rt.runtime.offloading import OffloadControl, build_offload_control
 from autoglm_rt.runtime.pipeline import PolicyPipeline
 from autoglm_rt.runtime.precision import Precision
 from autoglm_rt.runtime.report import StepReport
+from autoglm_rt.runtime.views import RuntimeViews
 
 
-class Runtime:
+class Runtime(RuntimeViews):
     """See the module docstring. ``strategy``: a :class:`Strategy`, YAML text or a path.
     ``comm_state``: the DDP hook state (``autoglm_rt.ddp.TopKState``: its per-rank vs averaged
     squared norms give the noise scale on several ranks; its ``metrics()`` is exported).
@@ -139,51 +141,7 @@ class Runtime:
             self.actuators.batch = controller
         return controller
 
-    # -- what users read ---------------------------------------------------------------------------
-    @property
-    def controller(self) -> BatchController:
-        if self.pipeline.batch is None:
-            raise RuntimeError("the effective batch is not known yet: pass effective_batch= or call batches() first")
-        return self.pipeline.batch
-
-    @property
-    def batch_controller(self) -> BatchController | None:
-        return self.pipeline.batch
-
-    @property
-    def phase_detector(self) -> PhaseDetector:
-        return self.pipeline.phase
-
-    @property
-    def memory_policy(self) -> MemoryPolicy | None:
-        return self.pipeline.memory
-
-    @property
-    def strategy(self) -> Strategy | None:
-        return self.pipeline.strategy
-
-    @property
-    def precision(self) -> str:
-        """The autocast precision of the next forward passes (``float32``: none)."""
-        return self.precision_policy.current
-
-    @property
-    def threads(self) -> int | None:
-        """The compute thread count the Runtime set: the step-time loop's choice within the CPU
-        quota's whole cores, or the quota's cap alone; None when it set none."""
-        quota = self.cpu_quota
-        if quota is not None and (self.pipeline.threads is not None or quota.cap is not None):
-            return quota.applied
-        return None if self.pipeline.threads is None else self.pipeline.threads.threads
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.metrics.skipped_steps
-
-    @property
-    def ooms_recovered(self) -> int:
-        return self.metrics.ooms_recovered
-
+    # -- what users change and attach ----------------------------------------------------------
     def set_precision(self, precision: str) -> None:
         """Sets the autocast dtype of the next forward passes (see :class:`Precision`)."""
         self.precision_policy.set(precision)
