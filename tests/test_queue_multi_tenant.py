@@ -12,7 +12,9 @@ import pytest
 
 from autoglm_rt.jobqueue import multi_tenant as mt
 from autoglm_rt.jobqueue import trace_sim
-from autoglm_rt.policy.scheduler import PlannerConfig, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, TenantState
 
 MiB = 1 << 20
 CFG = PlannerConfig(memory=2000 * MiB, cores=2.0, max_running=4)

@@ -5,11 +5,11 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
 ``autoglm_rt.trainers.tenant_service``) runs twice on the same machine share (``memory`` bytes,
 ``cores`` CPUs):
 
-- **static** (:func:`~autoglm_rt.policy.scheduler.plan_static`): each tenant gets a fixed
+- **static** (:func:`~autoglm_rt.policy.scheduler.static_plan.plan_static`): each tenant gets a fixed
   partition sized by its request, first come first served, no resize; jobs run as today's jobs do
   (``--fixed``: no micro-batch adaptation). A job whose input grows past its partition is
   OOM-killed by the kernel and fails.
-- **dynamic** (:func:`~autoglm_rt.policy.scheduler.plan_dynamic`): every ``tick`` seconds memory
+- **dynamic** (:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`): every ``tick`` seconds memory
   limits and CPU quotas are re-divided (phase share, priority score, preemption, headroom over
   each job's floor); a limit is lowered by announcing it (the cgroup's memory target) and
   enforcing it once the job's peak is under it, and jobs adapt their micro-batch to it
@@ -44,7 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.scheduler import PlannerConfig, ResourcePlan, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, ResourcePlan, TenantState
 from autoglm_rt.resources import JobGroup, ResourceError, availability, cleanup_stale, detect
 
 __all__ = [

@@ -1,5 +1,6 @@
 """The multi-tenant policies at cluster scale, by simulation: the same
-:func:`~autoglm_rt.policy.scheduler.plan_static` / :func:`~autoglm_rt.policy.scheduler.plan_dynamic`
+:func:`~autoglm_rt.policy.scheduler.static_plan.plan_static` /
+:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`
 the live benchmark uses, driven by a trace file over N simulated nodes.
 
 Trace format (CSV with a header; one job per row; extra columns are ignored)::
@@ -31,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.scheduler import PlannerConfig, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, TenantState
 
 __all__ = ["SimJob", "generate_trace", "load_trace", "simulate"]
 
