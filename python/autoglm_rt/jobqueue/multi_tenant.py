@@ -177,6 +177,8 @@ class _Tenant:
     hard_limit: int | None = None
     preemptions: int = 0
     peaks: list[tuple[float, int]] = field(default_factory=list)  # (time, group peak) samples
+    cpu_mark: tuple[float, float] | None = None  # (time, group CPU-seconds) at the last period
+    cpu_used: float = 0.0  # cores used over the last period
 
     def recent_peak(self, now: float, window: float = 5.0) -> int:
         """The highest peak sampled in the last ``window`` seconds (the job resets its group's
@@ -262,8 +264,30 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     timeline: list[dict[str, Any]] = []
     t0 = time.monotonic()
     svc_cpu0 = service_group.cpu_seconds()
-    pending_arrivals = list(trace)
+    pending_arrivals = [a for a in trace if a.kind != "request"]
     service_quota = w.service_cpus
+    service_lock = threading.Lock()  # the sender and the control loop both set the service's CPU
+    stop_sending = threading.Event()
+
+    def sender() -> None:
+        """Delivers each request at its arrival time (not at the control loop's next period); in
+        dynamic mode a request gives the service its busy share at once."""
+        nonlocal service_quota
+        assert service.stdin is not None
+        for a in requests:
+            if stop_sending.wait(max(0.0, t0 + a.at - time.monotonic())):
+                return
+            with service_lock:
+                if mode == "dynamic" and service_quota != cfg.service_cores_busy:
+                    service_group.set_cpu_quota(cfg.service_cores_busy)
+                    service_group.set_cpu_weight(cfg.service_weight_busy)
+                    service_quota = cfg.service_cores_busy
+                sent[a.name] = time.monotonic()
+                service.stdin.write(a.name + "\n")
+                service.stdin.flush()
+
+    sending = threading.Thread(target=sender, daemon=True)
+    sending.start()
 
     def spawn(t: _Tenant) -> None:
         t.attempt += 1
@@ -318,7 +342,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.oom_kills += kills
         t.cpu_seconds += t.group.cpu_seconds()
         t.group.remove()
-        t.group, t.hard_limit, t.peaks = None, None, []
+        t.group, t.hard_limit, t.peaks, t.cpu_mark, t.cpu_used = None, None, [], None, 0.0
         if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
             # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
             # (still starting: nothing done to lose). It waits again either way.
@@ -330,23 +354,14 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         why = "OOM-killed" if kills else f"exit {rc}"
         say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
 
+    svc_mark: tuple[float, float] | None = None
     try:
         while True:
             now = time.monotonic() - t0
             while pending_arrivals and pending_arrivals[0].at <= now:
                 a = pending_arrivals.pop(0)
-                if a.kind == "request":
-                    if mode == "dynamic" and service_quota != cfg.service_cores_busy:
-                        # Urgent work gets its share at once, not at the next tick.
-                        service_group.set_cpu_quota(cfg.service_cores_busy)
-                        service_group.set_cpu_weight(1000)
-                        service_quota = cfg.service_cores_busy
-                    sent[a.name] = t0 + a.at
-                    service.stdin.write(a.name + "\n")
-                    service.stdin.flush()
-                else:
-                    tenants[a.name].state = "pending"
-                    tenants[a.name].arrival = a
+                tenants[a.name].state = "pending"
+                tenants[a.name].arrival = a
             while not answers.empty():
                 rid, at = answers.get()
                 answered[rid] = at
@@ -365,6 +380,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         usage = t.group.memory_usage()
                         t.peaks.append((now, t.group.memory_peak()))
                         peak = t.recent_peak(now)
+                        t.cpu_used, t.cpu_mark = _cpu_rate(t.cpu_mark, now, t.group.cpu_seconds())
                 views.append(
                     TenantState(
                         t.arrival.name,
@@ -380,8 +396,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         usage=usage,
                         peak=peak,
                         limit=t.hard_limit,
+                        cpu_used=t.cpu_used,
                     )
                 )
+            svc_used, svc_mark = _cpu_rate(svc_mark, now, service_group.cpu_seconds())
             busy = len(sent) > len(answered)
             svc = TenantState(
                 "service",
@@ -394,6 +412,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 True,
                 False,
                 busy=busy,
+                cpu_used=svc_used,
             )
             plan: ResourcePlan = (
                 plan_static([svc, *views], cfg) if mode == "static" else plan_dynamic([svc, *views], cfg, now)
@@ -412,15 +431,24 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 if t is not None and t.state == "running" and t.group is not None:
                     try:
                         apply_limits(t, limit, plan.cpus[name], now)
+                        if name in plan.cpu_weights:
+                            t.group.set_cpu_weight(plan.cpu_weights[name])
                     except ResourceError as exc:
                         say(f"{mode}: {name}: {exc}")
-            want_quota = plan.cpus.get("service", w.service_cpus)
-            if want_quota != service_quota:
-                service_group.set_cpu_quota(want_quota)
-                service_quota = want_quota
-            if "service" in plan.cpu_weights:
-                service_group.set_cpu_weight(plan.cpu_weights["service"])
-            sample: dict[str, Any] = {"t": round(now, 3), "jobs": {}, "service_cpus": service_quota}
+            with service_lock:
+                if busy or len(sent) == len(answered):  # not while a request is being delivered
+                    want_quota = plan.cpus.get("service", w.service_cpus)
+                    if want_quota != service_quota:
+                        service_group.set_cpu_quota(want_quota)
+                        service_quota = want_quota
+                    if "service" in plan.cpu_weights:
+                        service_group.set_cpu_weight(plan.cpu_weights["service"])
+            sample: dict[str, Any] = {
+                "t": round(now, 3),
+                "jobs": {},
+                "service_cpus": service_quota,
+                "service_cpu_used": round(svc_used, 3),
+            }
             sample["service_usage"] = service_group.memory_usage()
             for t in tenants.values():
                 if t.group is not None and t.state in ("running", "stopping"):
@@ -429,6 +457,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                             "usage": t.group.memory_usage(),
                             "limit": t.group.memory_limit(),
                             "cpus": t.group.cpu_quota(),
+                            "cpu_used": round(t.cpu_used, 3),
                         }
             sample["ooms"] = [
                 t.arrival.name
@@ -437,15 +466,18 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             ]
             timeline.append(sample)
             training_done = all(t.state in ("succeeded", "failed") for t in tenants.values())
-            if training_done and not pending_arrivals and len(answered) >= len(sent):
+            if training_done and not sending.is_alive() and len(answered) >= len(sent):
                 break
             if now > 900:
                 say(f"{mode}: giving up after 900 s")
                 break
             time.sleep(w.tick)  # the control period, not work
     finally:
+        stop_sending.set()
+        sending.join(timeout=5)
         svc_cpu = service_group.cpu_seconds() - svc_cpu0
-        with_suppress_stdin_close(service)
+        with service_lock:
+            with_suppress_stdin_close(service)
         for t in tenants.values():
             if t.proc is not None and t.proc.poll() is None:
                 t.proc.kill()
@@ -477,6 +509,13 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         preemptions=sum(t.preemptions for t in tenants.values()),
         timeline=timeline,
     )
+
+
+def _cpu_rate(mark: tuple[float, float] | None, now: float, cpu_seconds: float) -> tuple[float, tuple[float, float]]:
+    """Cores used since ``mark`` (time, CPU-seconds) and the new mark; 0 for the first sample."""
+    if mark is None or now <= mark[0]:
+        return 0.0, (now, cpu_seconds)
+    return max(0.0, (cpu_seconds - mark[1]) / (now - mark[0])), (now, cpu_seconds)
 
 
 def with_suppress_stdin_close(proc: subprocess.Popen[str]) -> None:

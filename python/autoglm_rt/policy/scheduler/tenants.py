@@ -22,10 +22,12 @@ class PlannerConfig:
 
     ``memory`` (bytes) and ``cores``: what all tenants share. ``headroom``: a job's limit never goes
     below ``floor * (1 + headroom)``. A job whose peak exceeds ``grow_when`` of its limit is given
-    ``peak * grow_by`` when memory is free. A busy service gets ``service_cores_busy`` cores at once,
-    an idle one ``service_cores_idle``; training jobs share the rest, at least ``min_training_cores``
-    each. ``max_running``: training jobs at once. ``preempt_urgency``: a pending job at least this
-    urgent may preempt lower-scored running jobs when it does not fit."""
+    ``peak * grow_by`` when memory is free. A busy service gets ``service_cores_busy`` cores and
+    CPU weight ``service_weight_busy`` at once, an idle one ``service_cores_idle``; training jobs
+    are guaranteed the rest by weight (in proportion to their requests, at least
+    ``min_training_cores`` each) and may use what the others leave idle. ``max_running``:
+    training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
+    lower-scored running jobs when it does not fit."""
 
     memory: int
     cores: float
@@ -35,6 +37,7 @@ class PlannerConfig:
     grow_by: float = 1.35
     service_cores_busy: float = 1.0
     service_cores_idle: float = 0.25
+    service_weight_busy: int = 10000
     min_training_cores: float = 0.2
     max_running: int = 4
     preempt_urgency: float = 0.8
@@ -55,7 +58,8 @@ class TenantState:
     when requests wait). ``request_memory``/``request_cpus``: what it asked for (its static
     partition). ``floor_memory``: its working set at the smallest micro-batch (never pushed below).
     ``peak``/``usage``/``limit``: measured, for running tenants; ``peak`` should be the highest
-    over the last few seconds (several steps), not one instant."""
+    over the last few seconds (several steps), not one instant. ``cpu_used``: cores it used over
+    the last control period (from its group's CPU accounting; 0 when unknown)."""
 
     name: str
     kind: str = "training"
@@ -71,6 +75,7 @@ class TenantState:
     usage: int = 0
     peak: int = 0
     limit: int | None = None
+    cpu_used: float = 0.0
 
 
 @dataclass
