@@ -45,7 +45,13 @@ def test_trace_is_seeded_poisson_with_urgent_jobs_every_k() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"request_rate": 0.0}, "request_rate"), ({"tick": math.nan}, "tick"), ({"training_jobs": 0}, "training_jobs")],
+    [
+        ({"request_rate": 0.0}, "request_rate"),
+        ({"tick": math.nan}, "tick"),
+        ({"training_jobs": 0}, "training_jobs"),
+        ({"tenant_weight": 0}, "tenant_weight"),
+        ({"tenant_weight": 2.5}, "tenant_weight"),
+    ],
 )
 def test_bad_workloads_name_the_field(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):

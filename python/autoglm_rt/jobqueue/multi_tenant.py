@@ -121,6 +121,7 @@ class Workload:
     training_cpus: float = 0.75  # a training job's static CPU partition
     tick: float = 0.5
     seed: int = 0
+    tenant_weight: int | None = None  # CPU weight of all tenants together (100: one process); None: as is
 
     def __post_init__(self) -> None:
         for name in ("job_rate", "request_rate", "request_window", "tick", "cores"):
@@ -129,6 +130,9 @@ class Workload:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if self.training_jobs < 1:
             raise ValueError(f"training_jobs must be >= 1, got {self.training_jobs}")
+        weight = self.tenant_weight
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 10000):
+            raise ValueError(f"tenant_weight must be an int in 1..10000 or None, got {self.tenant_weight!r}")
         if self.memory < 4 * self.service_memory:
             raise ValueError(f"memory must be >= 4x service_memory ({4 * self.service_memory}), got {self.memory}")
 
@@ -544,20 +548,30 @@ _FIGURES = (
 
 def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Static then dynamic on the same trace. Returns the ``--json`` document (timelines under
-    ``timeline``)."""
+    ``timeline``; ``tenant_weight``: the CPU weight all tenants had together against the rest of
+    the machine). ``w.tenant_weight`` sets that weight for both runs and restores it after."""
     kind, reason = availability()
     doc: dict[str, Any] = {"enforcement": kind, "workload": asdict(w)}
     if kind == "none":
         doc["reason"] = reason
         return doc
-    for mode in ("static", "dynamic"):
-        r = run_mode(mode, w, work_dir, log)
-        doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
-            "requests": r.requests,
-            "requests_answered": r.requests_answered,
-            "preemptions": r.preemptions,
-        }
-        doc.setdefault("timeline", {})[mode] = r.timeline
+    tree = JobGroup.tree() if w.tenant_weight is not None else None
+    before = tree.cpu_weight() if tree is not None else None
+    try:
+        if tree is not None and w.tenant_weight is not None:
+            tree.set_cpu_weight(w.tenant_weight)  # both modes alike; restored below
+        doc["tenant_weight"] = tree.cpu_weight() if tree is not None else JobGroup.tree().cpu_weight()
+        for mode in ("static", "dynamic"):
+            r = run_mode(mode, w, work_dir, log)
+            doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
+                "requests": r.requests,
+                "requests_answered": r.requests_answered,
+                "preemptions": r.preemptions,
+            }
+            doc.setdefault("timeline", {})[mode] = r.timeline
+    finally:
+        if tree is not None and before is not None:
+            tree.set_cpu_weight(before)
     return doc
 
 
