@@ -613,8 +613,8 @@ def format_comparison(doc: dict[str, Any]) -> str:
 
 
 def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
-    """Per mode: each job's memory usage stacked, its limit as a line, CPU quotas below, OOM
-    kills marked with an x."""
+    """Per mode: each job's memory usage stacked, the sum of limits as a line, OOM kills marked
+    with an x; below, the CPU each tenant used (its group's accounting), stacked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,9 +644,11 @@ def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
         ax.set_title(f"{mode}: memory (MiB)")
         ax.legend(fontsize=6, loc="upper left", ncol=3)
         ax2 = axes[1][col]
-        cpus = [[s["jobs"].get(n, {}).get("cpus") or 0 for s in tl] for n in names]
-        ax2.stackplot(ts, [[s["service_cpus"] for s in tl], *cpus], labels=["service", *names], alpha=0.7)
-        ax2.set_title(f"{mode}: CPU quota (cores)")
+        used = [[s["jobs"].get(n, {}).get("cpu_used", 0.0) for s in tl] for n in names]
+        svc_used = [s.get("service_cpu_used", 0.0) for s in tl]
+        ax2.stackplot(ts, [svc_used, *used], labels=["service", *names], alpha=0.7)
+        ax2.axhline(doc["workload"]["cores"], color="r", lw=1, label="tenant cores")
+        ax2.set_title(f"{mode}: CPU used (cores, cpuacct); quotas are caps")
         ax2.set_xlabel("seconds")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
