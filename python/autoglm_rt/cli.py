@@ -546,7 +546,11 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
         print(f"wrote {args.png}")
     if args.json:
         doc["machine"] = machine_description()
-        doc["command"] = "autoglm-rt bench-multi-tenant" + (" --quick" if args.quick else "")
+        doc["command"] = (
+            "autoglm-rt bench-multi-tenant"
+            + (" --quick" if args.quick else "")
+            + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
+        )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
