@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from autoglm_rt.policy.scheduler import PriorityScheduler, Task
+from autoglm_rt.policy.scheduler.priority import PriorityScheduler
+from autoglm_rt.policy.scheduler.tasks import Task
 
 
 def _queue() -> tuple[PriorityScheduler, list[Task]]:

@@ -7,7 +7,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autoglm_rt.policy.scheduler import PriorityScheduler, Task, TaskState
+from autoglm_rt.policy.scheduler.priority import PriorityScheduler
+from autoglm_rt.policy.scheduler.tasks import Task, TaskState
 
 
 def reference_score(

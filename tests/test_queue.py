@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from autoglm_rt.jobqueue import QueueRunner, QueueSpecError, QueueStore, load_queue_spec, parse_queue_spec
-from autoglm_rt.policy.scheduler import SchedulerError
+from autoglm_rt.policy.scheduler.tasks import SchedulerError
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = str(Path(__file__).with_name("queue_job.py"))

@@ -12,7 +12,10 @@ import pytest
 
 from autoglm_rt.jobqueue import multi_tenant as mt
 from autoglm_rt.jobqueue import trace_sim
-from autoglm_rt.policy.scheduler import PlannerConfig, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, TenantState
+from autoglm_rt.trainers import tenant_job
 
 MiB = 1 << 20
 CFG = PlannerConfig(memory=2000 * MiB, cores=2.0, max_running=4)
@@ -42,7 +45,13 @@ def test_trace_is_seeded_poisson_with_urgent_jobs_every_k() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"request_rate": 0.0}, "request_rate"), ({"tick": math.nan}, "tick"), ({"training_jobs": 0}, "training_jobs")],
+    [
+        ({"request_rate": 0.0}, "request_rate"),
+        ({"tick": math.nan}, "tick"),
+        ({"training_jobs": 0}, "training_jobs"),
+        ({"tenant_weight": 0}, "tenant_weight"),
+        ({"tenant_weight": 2.5}, "tenant_weight"),
+    ],
 )
 def test_bad_workloads_name_the_field(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -65,7 +74,66 @@ def test_dynamic_respects_floors_and_the_machine_and_spreads_what_is_left() -> N
     assert len(live) == 4 == CFG.max_running  # admitted by score up to max_running
     assert sum(plan.memory.values()) <= CFG.memory
     assert all(plan.memory[n] >= 250 * MiB * (1 + CFG.headroom) for n in live)
-    assert sum(plan.cpus.values()) == pytest.approx(CFG.cores)
+    # Nobody has used anything yet: every quota (a cap) is the whole machine; equal requests, equal weights.
+    assert plan.cpus == {n: CFG.cores for n in live} and set(plan.cpu_weights.values()) == {100}
+
+
+def test_dynamic_cpu_quotas_lend_what_others_leave_idle_and_weights_follow_requests() -> None:
+    cfg = PlannerConfig(memory=4000 * MiB, cores=2.0)
+    svc = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, cpu_used=0.1)
+    a = job("a", running=True, limit=400 * MiB, request_cpus=1.0, cpu_used=0.2)
+    b = job("b", running=True, limit=400 * MiB, request_cpus=0.5, cpu_used=1.6)
+    plan = plan_dynamic([svc, a, b], cfg, now=0.0)
+    left = cfg.cores - cfg.service_cores_idle  # what the idle service does not reserve
+    share = {"a": left * 1.0 / 1.5, "b": left * 0.5 / 1.5}
+    assert plan.cpus["a"] == pytest.approx(max(share["a"], 2.0 - 0.1 - 1.6))  # its share: b uses the rest
+    assert plan.cpus["b"] == pytest.approx(2.0 - 0.1 - 0.2)  # lent what svc and a leave idle
+    assert plan.cpu_weights == {"svc": 100, "a": 133, "b": 67}
+    busy = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True, cpu_used=0.1)
+    plan = plan_dynamic([busy, a, b], cfg, now=0.0)
+    assert plan.cpus["svc"] == cfg.service_cores_busy and plan.cpu_weights["svc"] == cfg.service_weight_busy
+    assert plan.cpus["a"] == pytest.approx((cfg.cores - cfg.service_cores_busy) / 1.5)
+    assert all(0 < q <= cfg.cores for q in plan.cpus.values())
+
+
+def reference_cfs(caps: dict[str, float], weights: dict[str, int], cores: float) -> dict[str, float]:
+    """Weighted max-min fairness by bisection on the water level: given = min(cap, level * weight)."""
+    target = min(cores, sum(caps.values()))
+    lo, hi = 0.0, max(c / weights[n] for n, c in caps.items()) + 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(c, mid * weights[n]) for n, c in caps.items()) < target:
+            lo = mid
+        else:
+            hi = mid
+    return {n: min(c, hi * weights[n]) for n, c in caps.items()}
+
+
+@pytest.mark.parametrize(
+    ("caps", "weights", "cores"),
+    [
+        ({"a": 1.0, "b": 1.0}, {"a": 100, "b": 100}, 2.0),
+        ({"a": 0.3, "b": 4.0, "c": 4.0}, {"a": 100, "b": 100, "c": 300}, 2.0),
+        ({"a": 0.5, "b": 0.25}, {"a": 1, "b": 10000}, 8.0),
+        ({"a": 3.0, "b": 3.0, "c": 0.1, "d": 2.0}, {"a": 50, "b": 100, "c": 1000, "d": 7}, 4.0),
+    ],
+)
+def test_simulated_cfs_share_matches_a_water_filling_reference(
+    caps: dict[str, float], weights: dict[str, int], cores: float
+) -> None:
+    got = trace_sim.share_cores(caps, weights, cores)
+    want = reference_cfs(caps, weights, cores)
+    assert got == pytest.approx(want, abs=1e-9)
+    assert sum(got.values()) <= cores + 1e-9 and all(got[n] <= caps[n] + 1e-12 for n in caps)
+
+
+def test_thread_count_follows_whole_cores_of_the_quota_and_the_cpu_received() -> None:
+    assert tenant_job.thread_count(None, 0.0) == 1
+    assert tenant_job.thread_count(2.0, 0.3) == 1  # starved: a second thread would only contend
+    assert tenant_job.thread_count(2.0, 0.98) == 2  # got a whole core and may have two
+    assert tenant_job.thread_count(1.75, 1.9) == 1  # the quota grants one whole core
+    assert tenant_job.thread_count(0.25, 0.2) == 1
+    assert tenant_job.thread_count(8.0, 3.2) == 4
 
 
 def test_dynamic_grows_a_pressed_job_and_follows_the_phase_share() -> None:
@@ -85,10 +153,11 @@ def test_dynamic_preempts_the_lowest_score_for_an_urgent_job_and_gives_a_busy_se
     urgent = job("urgent", 5.0, urgency=0.9)
     plan = plan_dynamic([low, mid, urgent], small, now=5.0)
     assert plan.preempt == ["low"] and plan.admit == ["urgent"]
-    service = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True)
+    service = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True, cpu_used=0.9)
+    mid = job("mid", 0.0, running=True, limit=300 * MiB, urgency=0.3, cpu_used=1.0)
     plan = plan_dynamic([service, mid], CFG, now=0.0)
-    assert plan.cpus["svc"] == CFG.service_cores_busy and plan.cpus["mid"] == pytest.approx(1.0)
-    assert plan.cpu_weights == {"svc": 1000, "mid": 100}
+    assert plan.cpus["svc"] == CFG.service_cores_busy and plan.cpus["mid"] == pytest.approx(1.1)
+    assert plan.cpu_weights == {"svc": 10000, "mid": 100}
 
 
 def test_trace_file_errors_name_row_and_column(tmp_path: Path) -> None:

@@ -75,6 +75,22 @@ def test_limits_and_quota_round_trip_through_the_kernel(group: resources.JobGrou
     assert (group.memory_limit(), group.memory_target(), group.cpu_quota()) == (None, None, None)
 
 
+def test_the_tree_holds_every_job_group_and_its_cpu_weight_round_trips(group: resources.JobGroup) -> None:
+    tree = resources.JobGroup.tree()
+    assert group.dirs["cpu"].parent.parent == tree.dirs["cpu"]  # <tree>/<scope>/<job>
+    before = tree.cpu_weight()
+    try:
+        tree.set_cpu_weight(300)
+        if tree.backend.v2:
+            assert (tree.dirs["cpu"] / "cpu.weight").read_text().strip() == "300"
+        else:
+            assert int((tree.dirs["cpu"] / "cpu.shares").read_text()) == 3072
+        assert tree.cpu_weight() == 300
+    finally:
+        tree.set_cpu_weight(before)
+    assert tree.cpu_weight() == before
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1G"])
 def test_bad_memory_limit_is_refused_with_what_was_expected(group: resources.JobGroup, bad: object) -> None:
     with pytest.raises(ValueError, match="memory limit: expected a positive number of bytes"):

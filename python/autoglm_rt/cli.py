@@ -503,6 +503,12 @@ def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="2Gi", help="memory all tenants share (bytes or '2Gi')")
     p.add_argument("--cores", type=float, default=2.0, help="CPU cores all tenants share")
     p.add_argument("--work-dir", default=None, help="where tenants keep status, checkpoints and logs")
+    p.add_argument(
+        "--tenant-weight",
+        type=int,
+        default=None,
+        help="CPU weight of all tenants together against other processes, both modes (100: one process)",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="also write every figure to FILE as JSON")
     p.add_argument("--png", metavar="FILE", default=None, help="write the per-job memory/CPU timeline to FILE")
 
@@ -525,6 +531,7 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
             training_jobs=4 if args.quick else 8,
             job_rate=0.4 if args.quick else 0.25,
             request_window=20.0 if args.quick else 60.0,
+            tenant_weight=args.tenant_weight,
         )
     except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
@@ -539,7 +546,11 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
         print(f"wrote {args.png}")
     if args.json:
         doc["machine"] = machine_description()
-        doc["command"] = "autoglm-rt bench-multi-tenant" + (" --quick" if args.quick else "")
+        doc["command"] = (
+            "autoglm-rt bench-multi-tenant"
+            + (" --quick" if args.quick else "")
+            + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
+        )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")

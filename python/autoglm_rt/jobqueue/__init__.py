@@ -1,5 +1,5 @@
 """``autoglm-rt queue``: a crash-safe, SQLite-backed job queue that runs real commands on this
-machine's GPUs or CPU slots under :class:`autoglm_rt.policy.scheduler.PriorityScheduler`."""
+machine's GPUs or CPU slots under :class:`autoglm_rt.policy.scheduler.priority.PriorityScheduler`."""
 
 from __future__ import annotations
 

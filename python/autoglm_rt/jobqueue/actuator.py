@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from autoglm_rt.elastic import ElasticJob
 from autoglm_rt.jobqueue.runner import QueueRunner
-from autoglm_rt.policy.scheduler import SchedulerError
+from autoglm_rt.policy.scheduler.tasks import SchedulerError
 
 __all__ = ["SchedulingActuator"]
 

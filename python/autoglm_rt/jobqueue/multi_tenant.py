@@ -5,11 +5,11 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
 ``autoglm_rt.trainers.tenant_service``) runs twice on the same machine share (``memory`` bytes,
 ``cores`` CPUs):
 
-- **static** (:func:`~autoglm_rt.policy.scheduler.plan_static`): each tenant gets a fixed
+- **static** (:func:`~autoglm_rt.policy.scheduler.static_plan.plan_static`): each tenant gets a fixed
   partition sized by its request, first come first served, no resize; jobs run as today's jobs do
   (``--fixed``: no micro-batch adaptation). A job whose input grows past its partition is
   OOM-killed by the kernel and fails.
-- **dynamic** (:func:`~autoglm_rt.policy.scheduler.plan_dynamic`): every ``tick`` seconds memory
+- **dynamic** (:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`): every ``tick`` seconds memory
   limits and CPU quotas are re-divided (phase share, priority score, preemption, headroom over
   each job's floor); a limit is lowered by announcing it (the cgroup's memory target) and
   enforcing it once the job's peak is under it, and jobs adapt their micro-batch to it
@@ -44,7 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.scheduler import PlannerConfig, ResourcePlan, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, ResourcePlan, TenantState
 from autoglm_rt.resources import JobGroup, ResourceError, availability, cleanup_stale, detect
 
 __all__ = [
@@ -119,6 +121,7 @@ class Workload:
     training_cpus: float = 0.75  # a training job's static CPU partition
     tick: float = 0.5
     seed: int = 0
+    tenant_weight: int | None = None  # CPU weight of all tenants together (100: one process); None: as is
 
     def __post_init__(self) -> None:
         for name in ("job_rate", "request_rate", "request_window", "tick", "cores"):
@@ -127,6 +130,9 @@ class Workload:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if self.training_jobs < 1:
             raise ValueError(f"training_jobs must be >= 1, got {self.training_jobs}")
+        weight = self.tenant_weight
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 10000):
+            raise ValueError(f"tenant_weight must be an int in 1..10000 or None, got {self.tenant_weight!r}")
         if self.memory < 4 * self.service_memory:
             raise ValueError(f"memory must be >= 4x service_memory ({4 * self.service_memory}), got {self.memory}")
 
@@ -175,6 +181,8 @@ class _Tenant:
     hard_limit: int | None = None
     preemptions: int = 0
     peaks: list[tuple[float, int]] = field(default_factory=list)  # (time, group peak) samples
+    cpu_mark: tuple[float, float] | None = None  # (time, group CPU-seconds) at the last period
+    cpu_used: float = 0.0  # cores used over the last period
 
     def recent_peak(self, now: float, window: float = 5.0) -> int:
         """The highest peak sampled in the last ``window`` seconds (the job resets its group's
@@ -260,8 +268,30 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     timeline: list[dict[str, Any]] = []
     t0 = time.monotonic()
     svc_cpu0 = service_group.cpu_seconds()
-    pending_arrivals = list(trace)
+    pending_arrivals = [a for a in trace if a.kind != "request"]
     service_quota = w.service_cpus
+    service_lock = threading.Lock()  # the sender and the control loop both set the service's CPU
+    stop_sending = threading.Event()
+
+    def sender() -> None:
+        """Delivers each request at its arrival time (not at the control loop's next period); in
+        dynamic mode a request gives the service its busy share at once."""
+        nonlocal service_quota
+        assert service.stdin is not None
+        for a in requests:
+            if stop_sending.wait(max(0.0, t0 + a.at - time.monotonic())):
+                return
+            with service_lock:
+                if mode == "dynamic" and service_quota != cfg.service_cores_busy:
+                    service_group.set_cpu_quota(cfg.service_cores_busy)
+                    service_group.set_cpu_weight(cfg.service_weight_busy)
+                    service_quota = cfg.service_cores_busy
+                sent[a.name] = time.monotonic()
+                service.stdin.write(a.name + "\n")
+                service.stdin.flush()
+
+    sending = threading.Thread(target=sender, daemon=True)
+    sending.start()
 
     def spawn(t: _Tenant) -> None:
         t.attempt += 1
@@ -316,7 +346,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.oom_kills += kills
         t.cpu_seconds += t.group.cpu_seconds()
         t.group.remove()
-        t.group, t.hard_limit, t.peaks = None, None, []
+        t.group, t.hard_limit, t.peaks, t.cpu_mark, t.cpu_used = None, None, [], None, 0.0
         if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
             # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
             # (still starting: nothing done to lose). It waits again either way.
@@ -328,23 +358,14 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         why = "OOM-killed" if kills else f"exit {rc}"
         say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
 
+    svc_mark: tuple[float, float] | None = None
     try:
         while True:
             now = time.monotonic() - t0
             while pending_arrivals and pending_arrivals[0].at <= now:
                 a = pending_arrivals.pop(0)
-                if a.kind == "request":
-                    if mode == "dynamic" and service_quota != cfg.service_cores_busy:
-                        # Urgent work gets its share at once, not at the next tick.
-                        service_group.set_cpu_quota(cfg.service_cores_busy)
-                        service_group.set_cpu_weight(1000)
-                        service_quota = cfg.service_cores_busy
-                    sent[a.name] = t0 + a.at
-                    service.stdin.write(a.name + "\n")
-                    service.stdin.flush()
-                else:
-                    tenants[a.name].state = "pending"
-                    tenants[a.name].arrival = a
+                tenants[a.name].state = "pending"
+                tenants[a.name].arrival = a
             while not answers.empty():
                 rid, at = answers.get()
                 answered[rid] = at
@@ -363,6 +384,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         usage = t.group.memory_usage()
                         t.peaks.append((now, t.group.memory_peak()))
                         peak = t.recent_peak(now)
+                        t.cpu_used, t.cpu_mark = _cpu_rate(t.cpu_mark, now, t.group.cpu_seconds())
                 views.append(
                     TenantState(
                         t.arrival.name,
@@ -378,8 +400,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         usage=usage,
                         peak=peak,
                         limit=t.hard_limit,
+                        cpu_used=t.cpu_used,
                     )
                 )
+            svc_used, svc_mark = _cpu_rate(svc_mark, now, service_group.cpu_seconds())
             busy = len(sent) > len(answered)
             svc = TenantState(
                 "service",
@@ -392,6 +416,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 True,
                 False,
                 busy=busy,
+                cpu_used=svc_used,
             )
             plan: ResourcePlan = (
                 plan_static([svc, *views], cfg) if mode == "static" else plan_dynamic([svc, *views], cfg, now)
@@ -410,15 +435,24 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 if t is not None and t.state == "running" and t.group is not None:
                     try:
                         apply_limits(t, limit, plan.cpus[name], now)
+                        if name in plan.cpu_weights:
+                            t.group.set_cpu_weight(plan.cpu_weights[name])
                     except ResourceError as exc:
                         say(f"{mode}: {name}: {exc}")
-            want_quota = plan.cpus.get("service", w.service_cpus)
-            if want_quota != service_quota:
-                service_group.set_cpu_quota(want_quota)
-                service_quota = want_quota
-            if "service" in plan.cpu_weights:
-                service_group.set_cpu_weight(plan.cpu_weights["service"])
-            sample: dict[str, Any] = {"t": round(now, 3), "jobs": {}, "service_cpus": service_quota}
+            with service_lock:
+                if busy or len(sent) == len(answered):  # not while a request is being delivered
+                    want_quota = plan.cpus.get("service", w.service_cpus)
+                    if want_quota != service_quota:
+                        service_group.set_cpu_quota(want_quota)
+                        service_quota = want_quota
+                    if "service" in plan.cpu_weights:
+                        service_group.set_cpu_weight(plan.cpu_weights["service"])
+            sample: dict[str, Any] = {
+                "t": round(now, 3),
+                "jobs": {},
+                "service_cpus": service_quota,
+                "service_cpu_used": round(svc_used, 3),
+            }
             sample["service_usage"] = service_group.memory_usage()
             for t in tenants.values():
                 if t.group is not None and t.state in ("running", "stopping"):
@@ -427,6 +461,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                             "usage": t.group.memory_usage(),
                             "limit": t.group.memory_limit(),
                             "cpus": t.group.cpu_quota(),
+                            "cpu_used": round(t.cpu_used, 3),
                         }
             sample["ooms"] = [
                 t.arrival.name
@@ -435,15 +470,18 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             ]
             timeline.append(sample)
             training_done = all(t.state in ("succeeded", "failed") for t in tenants.values())
-            if training_done and not pending_arrivals and len(answered) >= len(sent):
+            if training_done and not sending.is_alive() and len(answered) >= len(sent):
                 break
             if now > 900:
                 say(f"{mode}: giving up after 900 s")
                 break
             time.sleep(w.tick)  # the control period, not work
     finally:
+        stop_sending.set()
+        sending.join(timeout=5)
         svc_cpu = service_group.cpu_seconds() - svc_cpu0
-        with_suppress_stdin_close(service)
+        with service_lock:
+            with_suppress_stdin_close(service)
         for t in tenants.values():
             if t.proc is not None and t.proc.poll() is None:
                 t.proc.kill()
@@ -477,6 +515,13 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     )
 
 
+def _cpu_rate(mark: tuple[float, float] | None, now: float, cpu_seconds: float) -> tuple[float, tuple[float, float]]:
+    """Cores used since ``mark`` (time, CPU-seconds) and the new mark; 0 for the first sample."""
+    if mark is None or now <= mark[0]:
+        return 0.0, (now, cpu_seconds)
+    return max(0.0, (cpu_seconds - mark[1]) / (now - mark[0])), (now, cpu_seconds)
+
+
 def with_suppress_stdin_close(proc: subprocess.Popen[str]) -> None:
     """Ends the service: end of input, then a kill if it does not exit."""
     try:
@@ -503,20 +548,30 @@ _FIGURES = (
 
 def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Static then dynamic on the same trace. Returns the ``--json`` document (timelines under
-    ``timeline``)."""
+    ``timeline``; ``tenant_weight``: the CPU weight all tenants had together against the rest of
+    the machine). ``w.tenant_weight`` sets that weight for both runs and restores it after."""
     kind, reason = availability()
     doc: dict[str, Any] = {"enforcement": kind, "workload": asdict(w)}
     if kind == "none":
         doc["reason"] = reason
         return doc
-    for mode in ("static", "dynamic"):
-        r = run_mode(mode, w, work_dir, log)
-        doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
-            "requests": r.requests,
-            "requests_answered": r.requests_answered,
-            "preemptions": r.preemptions,
-        }
-        doc.setdefault("timeline", {})[mode] = r.timeline
+    tree = JobGroup.tree() if w.tenant_weight is not None else None
+    before = tree.cpu_weight() if tree is not None else None
+    try:
+        if tree is not None and w.tenant_weight is not None:
+            tree.set_cpu_weight(w.tenant_weight)  # both modes alike; restored below
+        doc["tenant_weight"] = tree.cpu_weight() if tree is not None else JobGroup.tree().cpu_weight()
+        for mode in ("static", "dynamic"):
+            r = run_mode(mode, w, work_dir, log)
+            doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
+                "requests": r.requests,
+                "requests_answered": r.requests_answered,
+                "preemptions": r.preemptions,
+            }
+            doc.setdefault("timeline", {})[mode] = r.timeline
+    finally:
+        if tree is not None and before is not None:
+            tree.set_cpu_weight(before)
     return doc
 
 
@@ -558,8 +613,8 @@ def format_comparison(doc: dict[str, Any]) -> str:
 
 
 def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
-    """Per mode: each job's memory usage stacked, its limit as a line, CPU quotas below, OOM
-    kills marked with an x."""
+    """Per mode: each job's memory usage stacked, the sum of limits as a line, OOM kills marked
+    with an x; below, the CPU each tenant used (its group's accounting), stacked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,9 +644,11 @@ def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
         ax.set_title(f"{mode}: memory (MiB)")
         ax.legend(fontsize=6, loc="upper left", ncol=3)
         ax2 = axes[1][col]
-        cpus = [[s["jobs"].get(n, {}).get("cpus") or 0 for s in tl] for n in names]
-        ax2.stackplot(ts, [[s["service_cpus"] for s in tl], *cpus], labels=["service", *names], alpha=0.7)
-        ax2.set_title(f"{mode}: CPU quota (cores)")
+        used = [[s["jobs"].get(n, {}).get("cpu_used", 0.0) for s in tl] for n in names]
+        svc_used = [s.get("service_cpu_used", 0.0) for s in tl]
+        ax2.stackplot(ts, [svc_used, *used], labels=["service", *names], alpha=0.7)
+        ax2.axhline(doc["workload"]["cores"], color="r", lw=1, label="tenant cores")
+        ax2.set_title(f"{mode}: CPU used (cores, cpuacct); quotas are caps")
         ax2.set_xlabel("seconds")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from autoglm_rt.jobqueue.placement import CgroupPlacement
 from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec, check_job
 from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore, RunnerLock
-from autoglm_rt.policy.scheduler import PriorityScheduler, SchedulerError, TaskState
+from autoglm_rt.policy.scheduler.priority import PriorityScheduler
+from autoglm_rt.policy.scheduler.tasks import SchedulerError, TaskState
 
 if TYPE_CHECKING:
     import psutil

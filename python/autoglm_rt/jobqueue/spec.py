@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.scheduler import Task
+from autoglm_rt.policy.scheduler.tasks import Task
 from autoglm_rt.units import parse_size
 
 __all__ = ["JobSpec", "QueueSpec", "QueueSpecError", "check_job", "detect_gpus", "load_queue_spec", "parse_queue_spec"]
@@ -54,7 +54,7 @@ _TOP_KEYS = {"slots", "gpus", "jobs", "grace_period", "poll_interval", "aging_ra
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job: its command and its scheduling fields (see :class:`~autoglm_rt.policy.scheduler.Task`)."""
+    """One job: its command and its scheduling fields (see :class:`~autoglm_rt.policy.scheduler.tasks.Task`)."""
 
     name: str
     command: tuple[str, ...]

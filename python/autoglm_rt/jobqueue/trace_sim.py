@@ -1,5 +1,6 @@
 """The multi-tenant policies at cluster scale, by simulation: the same
-:func:`~autoglm_rt.policy.scheduler.plan_static` / :func:`~autoglm_rt.policy.scheduler.plan_dynamic`
+:func:`~autoglm_rt.policy.scheduler.static_plan.plan_static` /
+:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`
 the live benchmark uses, driven by a trace file over N simulated nodes.
 
 Trace format (CSV with a header; one job per row; extra columns are ignored)::
@@ -15,7 +16,9 @@ Trace format (CSV with a header; one job per row; extra columns are ignored)::
 - ``peak_memory_mib`` (optional, default ``memory_mib``) reached from ``peak_at`` (fraction of
   the run, default 1.0: never).
 
-Model: a job progresses at ``min(1, cpus given / cpus requested)`` per second. Static: a job whose
+Model: a job progresses at ``min(1, cpus given / cpus requested)`` per second, where the cores it
+is given are what CFS would give it (:func:`share_cores`: the node's cores by weight, none above
+its quota or its request). Static: a job whose
 peak exceeds its partition is OOM-killed at ``peak_at`` (a failure). Dynamic: the peak is granted
 when memory is free; otherwise the job adapts (smaller micro-batch, more accumulation) and runs
 at ``adapt_speed`` until it is; a preempted job keeps its progress (checkpoint contract). Jobs go
@@ -31,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoglm_rt.policy.scheduler import PlannerConfig, TenantState, plan_dynamic, plan_static
+from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
+from autoglm_rt.policy.scheduler.static_plan import plan_static
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, TenantState
 
-__all__ = ["SimJob", "generate_trace", "load_trace", "simulate"]
+__all__ = ["SimJob", "generate_trace", "load_trace", "share_cores", "simulate"]
 
 MiB = 1 << 20
 _QOS_URGENCY = {"latency": 1.0, "guaranteed": 0.9, "best_effort": 0.3}
@@ -186,10 +191,16 @@ def simulate(
                     continue
                 free_gpus -= need
                 j.state, j.node = "running", n
-            for j in jobs:
-                if j.node == n and j.state == "running":
-                    j.limit = plan.memory.get(j.name, j.memory)
-                    j.extra["cpus"] = plan.cpus.get(j.name, j.cpus)
+            placed = [j for j in jobs if j.node == n and j.state == "running"]
+            for j in placed:
+                j.limit = plan.memory.get(j.name, j.memory)
+            given = share_cores(
+                {j.name: min(j.cpus, plan.cpus.get(j.name, j.cpus)) for j in placed},
+                {j.name: plan.cpu_weights.get(j.name, 100) for j in placed},
+                node_cpus,
+            )
+            for j in placed:
+                j.extra["cpus"] = given[j.name]
         for j in jobs:
             if j.state != "running":
                 continue
@@ -225,6 +236,27 @@ def simulate(
     }
 
 
+def share_cores(caps: dict[str, float], weights: dict[str, int], cores: float) -> dict[str, float]:
+    """What CFS gives each job: ``cores`` divided in proportion to the weights, no job above its cap
+    (its quota or what it can use), and what a capped job leaves goes to the others (water-filling)."""
+    given = {n: 0.0 for n in caps}
+    open_ = {n for n, c in caps.items() if c > 0}
+    left = cores
+    while open_ and left > 1e-9:
+        total = sum(weights[n] for n in open_)
+        step = {n: left * weights[n] / total for n in open_}
+        capped = {n for n in open_ if given[n] + step[n] >= caps[n] - 1e-12}
+        if not capped:
+            for n in open_:
+                given[n] += step[n]
+            break
+        for n in capped:
+            left -= caps[n] - given[n]
+            given[n] = caps[n]
+        open_ -= capped
+    return given
+
+
 def _gpu_need(j: SimJob, mode: str) -> float:
     return float(math.ceil(j.gpus)) if mode == "static" else j.gpus
 
@@ -248,4 +280,5 @@ def _state(j: SimJob, mode: str) -> TenantState:
         usage=min(j.working_set(), j.limit) if running else 0,
         peak=j.working_set() if running else 0,
         limit=j.limit if running else None,
+        cpu_used=j.extra.get("cpus", 0.0) if running else 0.0,
     )

@@ -244,6 +244,16 @@ class JobGroup:
             )
         return group
 
+    @classmethod
+    def tree(cls, backend: Backend | None = None) -> JobGroup:
+        """The group every job group of this runner lives in (``<own group>/autoglm_rt``): its CPU
+        weight is theirs together against the processes outside it. Shared by every runner in the
+        same group; never remove it. Raises ResourceError when there is no writable hierarchy."""
+        backend = backend or detect()
+        if backend is None:
+            raise ResourceError(availability()[1])
+        return cls(backend, "")
+
     def exists(self) -> bool:
         return self.dirs["memory"].is_dir()
 

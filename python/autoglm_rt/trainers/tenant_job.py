@@ -10,7 +10,8 @@ trained with plain SGD inside :class:`autoglm_rt.Runtime`.
 - Adaptive (default): the Runtime's pool is the job's own cgroup
   (:class:`autoglm_rt.resources.CgroupMemory`), so the batch controller shrinks the micro-batch
   (same effective batch, more accumulation) when the step's peak presses on the live limit, and
-  grows it back when the limit rises; the thread count follows the cgroup's CPU quota.
+  grows it back when the limit rises; the thread count follows the cgroup's CPU quota and the
+  CPU the job actually received (:func:`thread_count`).
   ``--fixed``: one micro-batch of the whole batch and no adaptation (a job of today).
 - ``--status``: after every step, a JSON line-file with step, micro-batch, peak and limit.
 - ``--samples-log``: one line per micro-batch with the sample indices it processed.
@@ -26,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from torch import nn
 from autoglm_rt import resources
 from autoglm_rt.demo.model import CharGPT, GPTConfig
 
-__all__ = ["build_model", "main", "make_batch", "side_at"]
+__all__ = ["build_model", "main", "make_batch", "side_at", "thread_count"]
 
 
 def build_model(kind: str, width: int, seed: int) -> nn.Module:
@@ -90,6 +92,14 @@ def _loss(kind: str, log: Any) -> Any:
         return model(x, y)
 
     return loss_fn
+
+
+def thread_count(quota: float | None, received: float) -> int:
+    """Intra-op threads for a job with CPU quota ``quota`` (cores; None: no quota) that received
+    ``received`` cores over its last step: the whole cores of the quota, but no more than it
+    received rounded up with half a core to spare, and at least 1."""
+    cap = math.floor(quota) if quota is not None else os.cpu_count() or 1
+    return max(1, min(cap, math.ceil(received + 0.5)))
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -160,17 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         start = state["step"]
     log = open(args.samples_log, "a") if args.samples_log else None  # noqa: SIM115
     status = Path(args.status) if args.status else None
-    # One thread unless the quota grants whole cores: on a shared box more threads than granted
-    # cores only contend (measured here: 2 threads ran a step 9x slower than 1 under load).
-    threads = 1
-    torch.set_num_threads(threads)
+    # One thread unless the quota grants whole cores and the job really gets them: on a shared box
+    # more threads than the cores a job receives only contend (measured here: 2 threads ran a step
+    # 9x slower than 1 under load).
+    torch.set_num_threads(1)
     loss_fn = _loss(args.model, log)
+    mark = (time.monotonic(), time.process_time())
     try:
         for step in range(start, args.steps):
-            quota = resources.cpu_quota_cores()
-            want = max(1, math.floor(quota)) if quota is not None else threads
-            if not args.fixed and want != torch.get_num_threads():
-                torch.set_num_threads(want)
+            now = (time.monotonic(), time.process_time())
+            if not args.fixed:
+                want = thread_count(resources.cpu_quota_cores(), (now[1] - mark[1]) / max(1e-6, now[0] - mark[0]))
+                if want != torch.get_num_threads():
+                    torch.set_num_threads(want)
+            mark = now
             side = side_at(step, args.steps, args.side, args.grow_from, args.grow)
             batch = make_batch(args.model, step, args.batch, side, args.seed)
             loss = runtime.forward_backward(batch, loss_fn)
