@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tenant_job: --steps, --batch, --width and --side must be >= 1", file=sys.stderr)
         return 2
 
-    from autoglm_rt.runtime import BatchConfig, MemoryConfig, Runtime
+    from autoglm_rt.runtime import BatchConfig, Hooks, MemoryConfig, Runtime
 
     model = build_model(args.model, args.width, args.seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             threads_by_phase=False,
         ),
         precision_by_phase={},
+        # This job sets its own thread count each step (thread_count: the quota's whole cores, but
+        # no more than the cores it received), so the Runtime's quota cap stays out of the way.
+        hooks=Hooks(cpu_quota=None),
     )
     start = 0
     ckpt_dir = os.environ.get("AUTOGLM_RT_CHECKPOINT_DIR")
