@@ -127,6 +127,8 @@ class Model:
         self.policy = policy
         self.high_from = high_from
         self.decommit = decommit
+        if not tail_before >= 0:  # NaN too
+            raise ValueError(f"tail_before: expected a factor >= 0 (0 = off), got {tail_before!r}")
         self.tail_before = tail_before
         self.upstream_frees = 0
         self.bounds = (SMALL, *sorted(bounds))

@@ -196,3 +196,29 @@ def test_the_newer_neighbour_rule_stays_off_with_two_mib_granules() -> None:
     assert pool.allocate(MiB) - a == MiB  # low end of the hole, though c is newer
     assert c - a == 3 * MiB
     pool.check()
+
+
+@pytest.mark.parametrize("tail_before", [0.0, 8.0, 9.0])
+def test_tail_before_variant_keeps_a_large_hole_for_a_large_request(tail_before: float) -> None:
+    # Worked by hand, model only (not the pool's policy), offsets in MiB: a 1 @0, b 8 @1, c 1 @9,
+    # d 2 @10 then d freed (the free tail [10, 12)), b freed (the hole [1, 9)). e 1: the rule with
+    # F <= 8 takes the tail (@10), so f 8 fits the hole (@1) and nothing grows: peak 12. Without
+    # it (or F = 9 > 8 / 1) e goes into the hole beside c, the newer neighbour (@8), and f grows
+    # the arena from the tail: 10 + 8 = 18.
+    m = layout.Model(64 * 1024, tail_before=tail_before)
+    for ident, size in enumerate((1, 8, 1, 2)):
+        m.alloc(ident, size * MiB, "hand")
+    m.free(3)
+    m.free(1)
+    m.alloc(4, MiB, "hand")
+    m.alloc(5, 8 * MiB, "hand")
+    takes_tail = tail_before == 8.0
+    assert m.where[4][1] == (10 if takes_tail else 8) * MiB
+    assert m.where[5][1] == (1 if takes_tail else 10) * MiB
+    assert m.peak_reserved == (12 if takes_tail else 18) * MiB + m.arenas[0].peak
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_tail_before_rejects_a_negative_or_nan_factor(bad: float) -> None:
+    with pytest.raises(ValueError, match="tail_before: expected a factor >= 0"):
+        layout.Model(64 * 1024, tail_before=bad)
