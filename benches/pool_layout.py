@@ -2,7 +2,7 @@
 
     PYTHONPATH=python python benches/pool_layout.py [TRACE.csv ...] [--granularity 64Ki]
         [--policy recent|best|lowaddr|highlarge] [--high-from 1Mi] [--classes 4Mi] [--decommit]
-        [--tail-before F] [--compare] [--bound [--budget N]] [--quiet]
+        [--spare-ratio N] [--tail-before F] [--compare] [--bound [--budget N]] [--quiet]
 
 For each trace (default: benches/traces/*.csv and ../shared/traces/*.csv) this replays a Python
 model of the pool's arena policy and prints, at the moment of peak reserved, the layout of each
@@ -113,6 +113,7 @@ class Model:
         bounds: tuple[int, ...] = (),
         decommit: bool = False,
         tail_before: float = 0.0,
+        spare_ratio: int = 6,
     ) -> None:
         """`bounds`: more class boundaries above the small class's (each class its own arena).
         `decommit`: before an arena maps memory (to grow, or to back a block placed over granules
@@ -120,7 +121,11 @@ class Model:
         free tail) are unmapped (one upstream call per free block); mapping is one call per block.
         `tail_before` (0 = off): a request >= `high_from` whose best-fitting hole is at least
         `tail_before` times its size takes the free tail instead when the tail already holds it
-        (a rule evaluated for gcn_graphs and not adopted, benches/RESULTS.md)."""
+        (a rule evaluated for gcn_graphs and not adopted, benches/RESULTS.md).
+        `spare_ratio` (0 = off; the pool's PoolOptions::spare_hole_ratio, policy `recent` only): a
+        request >= `high_from` whose best-fitting hole holds the largest request its class has seen,
+        would not hold it once cut, and is at least `spare_ratio` times the request, takes the free
+        tail instead when the tail holds it without growing."""
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         self.gran = granularity
@@ -130,9 +135,11 @@ class Model:
         if not tail_before >= 0:  # NaN too
             raise ValueError(f"tail_before: expected a factor >= 0 (0 = off), got {tail_before!r}")
         self.tail_before = tail_before
+        self.spare_ratio = spare_ratio
         self.upstream_frees = 0
         self.bounds = (SMALL, *sorted(bounds))
         self.arenas = [Arena(c) for c in range(len(self.bounds) + 1)]
+        self.largest = [0 for _ in self.arenas]  # largest rounded request per class so far
         self.reserved = self.requested = 0
         self.peak_reserved = self.peak_requested = 0
         self.upstream_allocs = 0
@@ -148,6 +155,8 @@ class Model:
         if not holes:
             return None
         tail = ar.tail_free()
+        if self.spares(ar, r, min(s for _, s in holes)):
+            return None
         if self.tail_before and r >= self.high_from and tail >= r and min(s for _, s in holes) >= self.tail_before * r:
             return None
         if self.policy == "lowaddr":
@@ -196,6 +205,7 @@ class Model:
                 self.reserved += len(back) * self.gran
                 self.upstream_allocs += 1
         ar.live[a] = ident
+        self.largest[cls] = max(self.largest[cls], r)
         self.allocs += 1
         self.born[(cls, a)] = self.allocs
         self.where[ident] = (cls, a, nbytes)
@@ -209,6 +219,13 @@ class Model:
                 f"{where}: alloc id {ident} of {nbytes} B ({r} rounded, "
                 f"{self.label(cls)} class) grew its arena to its peak by {grew} B"
             )
+
+    def spares(self, ar: Arena, r: int, hole: int) -> bool:
+        """Whether r bytes come from the free tail rather than the best-fitting hole of `hole` bytes."""
+        if not self.spare_ratio or self.policy != "recent" or self.gran > 4 * SMALL or r < self.high_from:
+            return False
+        big = self.largest[ar.cls]
+        return hole >= big > hole - r and hole // self.spare_ratio >= r and ar.tail_free() >= r
 
     def place_high(self, ar: Arena, a: int, s: int, r: int) -> bool:
         """Whether r bytes taken from the hole [a, a + s) (not the free tail) go at its high end."""
@@ -355,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tail-before", type=float, default=0.0, help="model: take the free tail over a hole >= this x the request"
     )
+    ap.add_argument("--spare-ratio", type=int, default=6, help="recent: keep a hole for the largest request (0 = off)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--classes", default="", help="more class boundaries, e.g. 4Mi (a third arena above it)")
     ap.add_argument("--compare", action="store_true", help="print the native replay beside the model")
@@ -368,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         trace = read_trace(path)
         bounds = tuple(parse_size(b, name="classes") for b in args.classes.split(",") if b)
         high_from = parse_size(args.high_from, name="high_from")
-        m = Model(gran, args.policy, high_from, bounds, args.decommit, args.tail_before).replay(trace, args.repeat)
+        m = Model(gran, args.policy, high_from, bounds, args.decommit, args.tail_before, args.spare_ratio).replay(
+            trace, args.repeat
+        )
         print(
             f"== {path.name} ({args.policy}, granularity {gran}): peak reserved / requested = {m.ratio:.4f} "
             f"({m.peak_reserved / MiB:.3f} / {m.peak_requested / MiB:.3f} MiB), upstream allocs after the "
