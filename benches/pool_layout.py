@@ -25,8 +25,11 @@ take the already-mapped free tail instead of a hole F or more times its size; an
 (`--policy`):
   recent     best fit by (size, address); a block >= --high-from cut from a hole goes to the end
              of the hole whose neighbour was allocated last (the low end when neither neighbour
-             is live): what the pool does (PoolOptions::recent_neighbour_from), with granules
-             up to 4 x the small class (with larger ones, both the pool and this model use best)
+             is live), and such a block takes the free tail instead of a hole that holds the
+             largest request so far, would not once cut, and is >= --spare-ratio x the block, when
+             the tail holds it without growing: what the pool does
+             (PoolOptions::recent_neighbour_from, spare_hole_ratio), with granules up to 4 x the
+             small class (with larger ones, both the pool and this model use best)
   best       best fit by (size, address), always at the low end of the hole
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole
