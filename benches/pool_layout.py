@@ -2,7 +2,7 @@
 
     PYTHONPATH=python python benches/pool_layout.py [TRACE.csv ...] [--granularity 64Ki]
         [--policy recent|best|lowaddr|highlarge] [--high-from 1Mi] [--classes 4Mi] [--decommit]
-        [--compare] [--bound] [--quiet]
+        [--spare-ratio N] [--tail-before F] [--compare] [--bound [--budget N]] [--quiet]
 
 For each trace (default: benches/traces/*.csv and ../shared/traces/*.csv) this replays a Python
 model of the pool's arena policy and prints, at the moment of peak reserved, the layout of each
@@ -20,11 +20,16 @@ shows the separate-arena layout that the chunks replace.
 
 Variants evaluated for benches/RESULTS.md: `--classes 4Mi` segregates a third class into an arena
 of its own; `--decommit` unmaps free whole granules before the arena maps more (the pool's
-`decommit=True` option; its peaks equal the model's); and the placement (`--policy`):
+`decommit=True` option; its peaks equal the model's); `--tail-before F` lets a request >= --high-from
+take the already-mapped free tail instead of a hole F or more times its size; and the placement
+(`--policy`):
   recent     best fit by (size, address); a block >= --high-from cut from a hole goes to the end
              of the hole whose neighbour was allocated last (the low end when neither neighbour
-             is live): what the pool does (PoolOptions::recent_neighbour_from), with granules
-             up to 4 x the small class (with larger ones, both the pool and this model use best)
+             is live), and such a block takes the free tail instead of a hole that holds the
+             largest request so far, would not once cut, and is >= --spare-ratio x the block, when
+             the tail holds it without growing: what the pool does
+             (PoolOptions::recent_neighbour_from, spare_hole_ratio), with granules up to 4 x the
+             small class (with larger ones, both the pool and this model use best)
   best       best fit by (size, address), always at the low end of the hole
   lowaddr    first fit by address
   highlarge  best fit, but blocks >= --high-from are cut from the high end of their hole
@@ -110,20 +115,34 @@ class Model:
         high_from: int = MiB,
         bounds: tuple[int, ...] = (),
         decommit: bool = False,
+        tail_before: float = 0.0,
+        spare_ratio: int = 6,
     ) -> None:
         """`bounds`: more class boundaries above the small class's (each class its own arena).
         `decommit`: before an arena maps memory (to grow, or to back a block placed over granules
         unmapped earlier), the whole free granules inside its holes (and, when not growing, its
-        free tail) are unmapped (one upstream call per free block); mapping is one call per block."""
+        free tail) are unmapped (one upstream call per free block); mapping is one call per block.
+        `tail_before` (0 = off): a request >= `high_from` whose best-fitting hole is at least
+        `tail_before` times its size takes the free tail instead when the tail already holds it
+        (a rule evaluated for gcn_graphs and not adopted, benches/RESULTS.md).
+        `spare_ratio` (0 = off; the pool's PoolOptions::spare_hole_ratio, policy `recent` only): a
+        request >= `high_from` whose best-fitting hole holds the largest request its class has seen,
+        would not hold it once cut, and is at least `spare_ratio` times the request, takes the free
+        tail instead when the tail holds it without growing."""
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         self.gran = granularity
         self.policy = policy
         self.high_from = high_from
         self.decommit = decommit
+        if not tail_before >= 0:  # NaN too
+            raise ValueError(f"tail_before: expected a factor >= 0 (0 = off), got {tail_before!r}")
+        self.tail_before = tail_before
+        self.spare_ratio = spare_ratio
         self.upstream_frees = 0
         self.bounds = (SMALL, *sorted(bounds))
         self.arenas = [Arena(c) for c in range(len(self.bounds) + 1)]
+        self.largest = [0 for _ in self.arenas]  # largest rounded request per class so far
         self.reserved = self.requested = 0
         self.peak_reserved = self.peak_requested = 0
         self.upstream_allocs = 0
@@ -137,6 +156,11 @@ class Model:
         """The hole (address, size) for r bytes, or None to use and extend the free tail."""
         holes = [h for h in ar.holes() if h[1] >= r]
         if not holes:
+            return None
+        tail = ar.tail_free()
+        if self.spares(ar, r, min(s for _, s in holes)):
+            return None
+        if self.tail_before and r >= self.high_from and tail >= r and min(s for _, s in holes) >= self.tail_before * r:
             return None
         if self.policy == "lowaddr":
             return min(holes)
@@ -184,6 +208,7 @@ class Model:
                 self.reserved += len(back) * self.gran
                 self.upstream_allocs += 1
         ar.live[a] = ident
+        self.largest[cls] = max(self.largest[cls], r)
         self.allocs += 1
         self.born[(cls, a)] = self.allocs
         self.where[ident] = (cls, a, nbytes)
@@ -197,6 +222,13 @@ class Model:
                 f"{where}: alloc id {ident} of {nbytes} B ({r} rounded, "
                 f"{self.label(cls)} class) grew its arena to its peak by {grew} B"
             )
+
+    def spares(self, ar: Arena, r: int, hole: int) -> bool:
+        """Whether r bytes come from the free tail rather than the best-fitting hole of `hole` bytes."""
+        if not self.spare_ratio or self.policy != "recent" or self.gran > 4 * SMALL or r < self.high_from:
+            return False
+        big = self.largest[ar.cls]
+        return hole >= big > hole - r and hole // self.spare_ratio >= r and ar.tail_free() >= r
 
     def place_high(self, ar: Arena, a: int, s: int, r: int) -> bool:
         """Whether r bytes taken from the hole [a, a + s) (not the free tail) go at its high end."""
@@ -340,10 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--granularity", default="64Ki")
     ap.add_argument("--policy", default="recent", choices=POLICIES)
     ap.add_argument("--high-from", default="1Mi", help="recent, highlarge: smallest block the rule moves")
+    ap.add_argument(
+        "--tail-before", type=float, default=0.0, help="model: take the free tail over a hole >= this x the request"
+    )
+    ap.add_argument("--spare-ratio", type=int, default=6, help="recent: keep a hole for the largest request (0 = off)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--classes", default="", help="more class boundaries, e.g. 4Mi (a third arena above it)")
     ap.add_argument("--compare", action="store_true", help="print the native replay beside the model")
     ap.add_argument("--bound", action="store_true", help="search the best placements (hole first and any)")
+    ap.add_argument("--budget", type=int, default=200_000, help="--bound: search nodes before it is cut")
     ap.add_argument("--quiet", action="store_true", help="figures only, no layout")
     ap.add_argument("--decommit", action="store_true", help="model: unmap free whole granules in holes before mapping")
     args = ap.parse_args(argv)
@@ -352,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         trace = read_trace(path)
         bounds = tuple(parse_size(b, name="classes") for b in args.classes.split(",") if b)
         high_from = parse_size(args.high_from, name="high_from")
-        m = Model(gran, args.policy, high_from, bounds, args.decommit).replay(trace, args.repeat)
+        m = Model(gran, args.policy, high_from, bounds, args.decommit, args.tail_before, args.spare_ratio).replay(
+            trace, args.repeat
+        )
         print(
             f"== {path.name} ({args.policy}, granularity {gran}): peak reserved / requested = {m.ratio:.4f} "
             f"({m.peak_reserved / MiB:.3f} / {m.peak_requested / MiB:.3f} MiB), upstream allocs after the "
@@ -373,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bound:
             small = sum(a.peak for a in m.arenas[:-1]) if len(m.arenas) > 2 else m.arenas[0].peak
             for hole_first in (True, False):
-                peak, notes, complete = best_placement(trace, gran, hole_first)
+                peak, notes, complete = best_placement(trace, gran, hole_first, args.budget)
                 total = peak + small
                 label = "hole-first placements" if hole_first else "any placement (offline)"
                 print(

@@ -146,6 +146,7 @@ struct CachingPool::Impl {
   std::pmr::unsynchronized_pool_resource node_pool;
   std::vector<Segment*> segments;
   Segment* growable[2] = {nullptr, nullptr};
+  std::size_t largest[2] = {0, 0};  // largest rounded request per class so far (spare_hole)
   // With arenas whose granularity is large next to the small class (CUDA VMM's 2 MiB against
   // 128 KiB), a small arena of its own would cost at least a whole granule; small blocks then live
   // in chunks of `chunk_bytes` carved from the large arena instead (0: a small arena of its own).
@@ -487,6 +488,16 @@ struct CachingPool::Impl {
     const std::uint64_t above = b->next && b->next->allocated ? b->next->born : 0;
     const std::uint64_t below = b->prev && b->prev->allocated ? b->prev->born : 0;
     return above > below;
+  }
+  // PoolOptions::spare_hole_ratio: whether r bytes should come from the free tail of class cls's
+  // arena rather than from hole b (best fit), which holds the largest request seen and would not
+  // hold it once cut. Only when the tail holds r without growing; b then goes back to the lists.
+  bool spare_hole(const Block* b, std::size_t r, int cls, std::uintptr_t stream) {
+    if (!expand || chunk_bytes || opt.spare_hole_ratio == 0 || r < opt.recent_neighbour_from) return false;
+    const std::size_t big = largest[cls];
+    if (b->size < big || b->size - r >= big || b->size / opt.spare_hole_ratio < r) return false;
+    Block* t = growable[cls] ? growable[cls]->last : nullptr;
+    return t && !t->allocated && t->size >= r && (t->stream == stream || reusable_elsewhere(t));
   }
   // Splits hole b and returns its top r bytes, allocated; the low remainder (b) goes back free.
   Block* split_high(Block* b, std::size_t r) {
@@ -907,6 +918,10 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   std::lock_guard<std::mutex> lock(m.mu);
   const std::uint64_t upstream_before = m.st.num_upstream_allocs;
   Block* b = m.take_free(r, cls, stream);
+  if (b && m.spare_hole(b, r, cls, stream)) {
+    m.insert_free(b);
+    b = nullptr;  // grow() below takes r from the tail without mapping
+  }
   if (b && m.newer_above(b, r)) {
     b = m.split_high(b, r);
   } else if (!b) {
@@ -934,6 +949,7 @@ void* CachingPool::allocate(std::size_t nbytes, std::uintptr_t stream) {
   m.live.insert(b->addr, b);
   m.st.allocated_bytes += b->size;
   m.st.requested_bytes += nbytes;
+  m.largest[cls] = std::max(m.largest[cls], r);
   ++m.st.num_allocs;
   if (m.st.num_upstream_allocs == upstream_before) ++m.st.num_cache_hits;
   m.update_peaks();

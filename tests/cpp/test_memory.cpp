@@ -132,6 +132,44 @@ TEST(large_blocks_from_a_hole_go_beside_the_newer_neighbour_unless_turned_off) {
   }
 }
 
+TEST(a_hole_that_holds_the_largest_request_is_spared_for_it_while_the_tail_has_room) {
+  // MiB offsets: a 1 @0, b 8 @1, c 1 @9, d (tail_mib) @10; free d (the free tail) and b (the hole
+  // [1, 9), which holds the largest request so far, 8). e 1: with ratio 6 (8 / 6 >= 1) and a 2 MiB
+  // tail, e takes the tail (@10) and f 8 fits the hole (@1): nothing grows, 12 MiB reserved. With
+  // the rule off, a ratio of 9 (8 / 9 < 1), or a tail too short for e (0.5 MiB), e goes into the
+  // hole beside c, its newer neighbour (@8), and f grows the arena from the tail.
+  struct Case {
+    std::size_t ratio, tail_kib;
+    bool spared;
+  };
+  for (const Case k : {Case{6, 2048, true}, Case{0, 2048, false}, Case{9, 2048, false}, Case{6, 512, false}}) {
+    PoolOptions o = small_arenas();
+    o.spare_hole_ratio = k.ratio;
+    CachingPool pool(limiting(1ull << 34), o);
+    char* a = static_cast<char*>(pool.allocate(MiB));
+    void* b = pool.allocate(8 * MiB);
+    void* c = pool.allocate(MiB);
+    void* d = pool.allocate(k.tail_kib * 1024);
+    CHECK(static_cast<char*>(d) == a + 10 * MiB);
+    pool.deallocate(d);
+    pool.deallocate(b);
+    const auto upstream = pool.stats().num_upstream_allocs;
+    char* e = static_cast<char*>(pool.allocate(MiB));
+    CHECK(e == a + (k.spared ? 10 : 8) * MiB);
+    CHECK(pool.stats().num_upstream_allocs == upstream);  // e never grows the arena
+    char* f = static_cast<char*>(pool.allocate(8 * MiB));
+    CHECK(f == a + (k.spared ? 1 : 10) * MiB);
+    CHECK(pool.stats().reserved_bytes == (k.spared ? 12 : 18) * MiB);
+    pool.check();
+    pool.deallocate(e);
+    pool.deallocate(f);
+    pool.deallocate(c);
+    pool.deallocate(a);
+    pool.check();
+    CHECK(pool.stats().num_free_blocks <= 1);
+  }
+}
+
 TEST(fragmentation_ratio_and_largest_free_block) {
   CachingPool pool(limiting(1ull << 34, false), small_arenas());
   std::vector<void*> ps;

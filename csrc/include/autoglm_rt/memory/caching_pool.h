@@ -4,7 +4,8 @@
 // arenas, 1 MiB with segments, as torch) and larger ones live in separate arenas or segments
 // (small blocks never pin large ones). Free blocks are kept per (class, stream)
 // in sets ordered by (size, address): best fit is one lower_bound, O(log n). Blocks are split on
-// allocation (a large block beside the hole's newer neighbour: PoolOptions::recent_neighbour_from)
+// allocation (a large block beside the hole's newer neighbour: PoolOptions::recent_neighbour_from;
+// a hole that holds the largest request seen kept whole: PoolOptions::spare_hole_ratio)
 // and coalesced with free neighbours of the same stream on free. With an expandable
 // upstream each class grows one arena in place (its free tail is extended, never stranded);
 // otherwise segments come from allocate() (small: `small_segment`; large: torch's policy of
@@ -75,6 +76,12 @@ struct PoolOptions {
   // raised cnn and convnet by 10-13 % and cost an upstream call after the first pass, so it is
   // not applied there.
   std::size_t recent_neighbour_from = std::size_t{1} << 20;
+  // Same arenas, requests of at least recent_neighbour_from bytes: when the best-fitting hole can
+  // hold the largest request its class has seen, would no longer hold it once cut, and is at
+  // least this many times the request, the request takes the arena's free tail instead if the
+  // tail holds it without growing (the hole stays whole for the next large request). 0: off.
+  // gcn_graphs 1.176 -> 1.023, the other eight traces unchanged at 5-8 (benches/RESULTS.md).
+  std::size_t spare_hole_ratio = 6;
 };
 
 struct PoolStats {
