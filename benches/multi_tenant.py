@@ -5,7 +5,7 @@ with a PNG timeline beside it; and the same policies at cluster scale by simulat
     PYTHONPATH=python python benches/multi_tenant.py [--quick]
     PYTHONPATH=python python benches/multi_tenant.py --simulate TRACE.csv [--nodes N]
     PYTHONPATH=python python benches/multi_tenant.py --simulate generate [--nodes N]
-    PYTHONPATH=python python benches/multi_tenant.py --simulate benches/traces/openb_trace_sim.csv \
+    PYTHONPATH=python python benches/multi_tenant.py --simulate benches/cluster_traces/openb_trace_sim.csv \
         --nodes 4 --node-cpus 96 --node-memory-gib 768 --node-gpus 8 --dt 60 --out multi_tenant_sim_openb.json
 
 The live run is ``autoglm-rt bench-multi-tenant``; see autoglm_rt/jobqueue/multi_tenant.py for

@@ -1,4 +1,4 @@
-"""The public-trace converter (benches/traces/convert_openb.py): its mapping on hand-made rows,
+"""The public-trace converter (benches/cluster_traces/convert_openb.py): its mapping on hand-made rows,
 and the committed converted trace is exactly what the converter makes of the committed excerpt
 of Alibaba's openb pod list, and loads in the simulator."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from autoglm_rt.jobqueue import trace_sim
 
-TRACES = Path(__file__).resolve().parents[1] / "benches" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "benches" / "cluster_traces"
 HEADER = (
     "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n"
 )

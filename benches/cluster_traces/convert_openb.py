@@ -2,7 +2,7 @@
 ``csv/openb_pod_list_default.csv`` of https://github.com/alibaba/clusterdata, 8152 pods of a
 production GPU cluster) into ``autoglm_rt.jobqueue.trace_sim``'s CSV format.
 
-    python benches/traces/convert_openb.py IN.csv OUT.csv [--start 9960000] [--end 10200300]
+    python benches/cluster_traces/convert_openb.py IN.csv OUT.csv [--start 9960000] [--end 10200300]
 
 Kept: pods that were scheduled (``scheduled_time`` set) and created in ``[start, end)`` seconds of
 the trace (the default window is where the excerpt in this directory is dense: 2.8 days).
