@@ -3,6 +3,9 @@ the fused sum of squares and aliasing checks of topk_compress."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +134,27 @@ def test_controller_follows_the_relative_norm_change() -> None:
 
 
 # -- TopKState on one rank --------------------------------------------------------------------------
+def test_adam_update_rejects_bad_settings() -> None:
+    for bad in ({"beta1": 1.0}, {"beta2": -0.1}, {"beta1": True}, {"eps": 0.0}, {"eps": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ddp.AdamUpdate(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variance"):
+        ddp.AdamUpdate(variance="global")
+    with pytest.raises(ValueError, match="momentum"):
+        ddp.AdamUpdate(momentum="none")
+    with pytest.raises(ValueError, match="frozen"):
+        ddp.AdamUpdate(variance="local", momentum="global")
+    with pytest.raises(TypeError, match="AdamUpdate"):
+        ddp.TopKState(adam=0.9)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="momentum=0"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), momentum=0.9)
+    with pytest.raises(ValueError, match="error_feedback"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), error_feedback=False)
+    with pytest.raises(ValueError, match="start_iter >= 1"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), start_iter=0)
+    ddp.TopKState(adam=ddp.AdamUpdate(variance="local"), start_iter=0)  # local variance needs no start
+
+
 def test_state_rejects_bad_momentum_and_controller() -> None:
     with pytest.raises(ValueError, match="momentum"):
         ddp.TopKState(momentum=1.0)
@@ -184,6 +208,29 @@ def test_resume_continues_bit_exactly() -> None:
         assert r["metrics_full"] == r["metrics_resumed"]
         assert set(r["metrics_full"]) == METRIC_KEYS
         assert r["metrics_full"]["residual_resets"] == 0
+
+
+@pytest.mark.distributed
+def test_resume_with_adam_update_continues_bit_exactly() -> None:
+    for r in run_on_two_ranks(functools.partial(ddp_compression_scenarios.resume, adam=True), timeout=120):
+        assert r["params_equal"] and r["residuals_equal"], r
+        assert r["metrics_full"] == r["metrics_resumed"]
+        assert all(n > 0 for n in r["tables"]), r  # velocities and both moments were carried
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("variance", "momentum"), [("frozen", "local"), ("local", "local"), ("frozen", "global")])
+def test_adam_update_equals_its_formula_step_by_step(variance: str, momentum: str) -> None:
+    fn = functools.partial(ddp_compression_scenarios.adam_reference, variance=variance, momentum=momentum)
+    r0, r1 = run_on_two_ranks(fn, timeout=120)
+    assert r0["params"] == r1["params"]  # the ranks applied the same update
+    for r in (r0, r1):
+        worst, scale = r["worst"], r["scale"]
+        assert scale > 0.1, r  # Adam's direction is O(1) per coordinate
+        assert worst["start"] <= 1e-5 * scale and worst["compressed"] <= 1e-5 * scale, r
+        assert worst["adamw_params"] <= 1e-6 and worst["params"] <= 1e-6, r  # the start is AdamW
+        assert math.isnan(r["norms"]["global_sq_norm"])  # compressed: no averaged-gradient norm
+        assert r["norms"]["local_sq_norm"] > 0
 
 
 @pytest.mark.distributed
