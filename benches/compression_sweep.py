@@ -1,11 +1,12 @@
 """Density-vs-validation-loss sweep on the demo's model and data (2 gloo ranks, CPU).
 
 Trains the demo's CharGPT at a preset's size (``--preset quick``: 150 steps) with dense allreduce
-and with the top-k hook under several settings, for AdamW (the demo's optimizer) and SGD with
+and with the top-k hook under several settings, for AdamW (the demo's optimizer; "update" runs
+compress AdamW's preconditioned update with ``ddp.AdamUpdate`` and step SGD) and SGD with
 momentum, and prints one row per run: validation loss, its ratio to the same optimizer's dense
 run, and the compression ratio (dense bytes / bytes sent). Every run sees the same batches.
 
-    PYTHONPATH=python python benches/compression_sweep.py --preset quick [--only adamw]
+    PYTHONPATH=python python benches/compression_sweep.py --preset quick [--only "adamw dense,update"]
 """
 
 from __future__ import annotations
@@ -49,16 +50,20 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "adamw regime 0.5-10% eta .15": ("adamw", {"controller": (0.005, 0.1, 0.15), "start_iter": 5}),
     "sgdm dgc regime 0.5-5% eta .15": ("sgdm", {"controller": (0.005, 0.05, 0.15), "start_iter": 5, "momentum": 0.9}),
     # AdamW's update compressed (ddp.AdamUpdate; the optimizer is SGD with AdamW's lr and decay).
-    "adamw update 1% frozen": ("adamw", {"density": 0.01, "start_iter": 5, "adam": "frozen"}),
-    "adamw update 1% local": ("adamw", {"density": 0.01, "start_iter": 5, "adam": "local"}),
-    "adamw update 0.5% frozen": ("adamw", {"density": 0.005, "start_iter": 5, "adam": "frozen"}),
-    "adamw update 2% frozen": ("adamw", {"density": 0.02, "start_iter": 5, "adam": "frozen"}),
-    "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": "nomask"}),
-    "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": "global"}),
-    "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": "global"}),
+    "adamw update 1% frozen": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {}}),
+    "adamw update 1% local": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"variance": "local"}}),
+    "adamw update 0.5% frozen": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {}}),
+    "adamw update 2% frozen": ("adamw", {"density": 0.02, "start_iter": 5, "adam": {}}),
+    "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"masking": False}}),
+    "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"momentum": "global"}}),
+    "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {"momentum": "global"}}),
+    "adamw update regime 0.5-5%": ("adamw", {"controller": (0.005, 0.05), "start_iter": 5, "adam": {}}),
+    "adamw update 1% beta1 0": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.0}}),
+    "adamw update 1% beta1 .5": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.5}}),
+    "adamw update 1% lr x1.5": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {}, "lr_scale": 1.5}),
     "adamw update 1% frozen fp16": (
         "adamw",
-        {"density": 0.01, "start_iter": 5, "adam": "frozen", "value_dtype": "fp16"},
+        {"density": 0.01, "start_iter": 5, "adam": {}, "value_dtype": "fp16"},
     ),
 }
 SGD_LR = 0.5
@@ -68,12 +73,7 @@ def _state(settings: dict[str, Any]) -> ddp.TopKState:
     s = dict(settings)
     bounds = s.pop("controller", None)
     if "adam" in s:
-        mode = s["adam"]
-        s["adam"] = ddp.AdamUpdate(
-            variance="local" if mode == "local" else "frozen",
-            momentum="global" if mode == "global" else "local",
-            masking=mode != "nomask",
-        )
+        s["adam"] = ddp.AdamUpdate(**s["adam"])
     if s.get("value_dtype") == "fp16":
         s["value_dtype"] = torch.float16
     if bounds is not None:
@@ -101,11 +101,12 @@ def _worker(rank: int, port: int, cfg: DemoConfig, names: list[str], out: Any) -
         if settings is None:
             model.register_comm_hook(None, allreduce_hook)
         else:
-            state = _state(settings)
+            state = _state({k: v for k, v in settings.items() if k != "lr_scale"})
             model.register_comm_hook(state, ddp.topk_hook)
         if state is not None and state.adam is not None:
             # The hook delivers AdamW's direction: SGD's L2 term on it is AdamW's decoupled decay.
-            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+            lr = cfg.lr * settings.get("lr_scale", 1.0)
+            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0.01)
         elif opt_name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
         else:

@@ -207,6 +207,8 @@ def adam_reference(rank: int, variance: str = "frozen", momentum: str = "local")
                 v = b2 * v + (1 - b2) * g * g
                 denom = v.sqrt() / np.sqrt(1 - b2**t) + eps
             else:
+                if step == start:  # unmeasured entries (none here) take the measured mean
+                    v = torch.where(v == 0, v[v > 0].mean(), v)
                 denom = v.sqrt() / np.sqrt(1 - b2**start) + eps
             if momentum == "local":
                 if step == start:

@@ -192,6 +192,33 @@ def test_metrics_contract_and_state_round_trip() -> None:
 
 @pytest.mark.distributed
 @pytest.mark.usefixtures("single_rank_group")
+def test_adam_update_never_divides_a_first_gradient_by_eps() -> None:
+    """Entries with no gradient during the dense start (an unseen token's embedding row) take the
+    mean frozen v of their parameter's measured entries, not eps: steps stay O(1), proportional
+    to the gradient; a parameter with no measured entry takes the bucket's mean."""
+    state = ddp.TopKState(density=1.0, start_iter=3, min_numel=0, adam=ddp.AdamUpdate())
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    g[:100] = 0  # unseen during the start, in the first parameter (200 entries)
+    g[900:] = 0  # the whole last parameter unseen
+    shapes = [(200,), (700,), (100,)]
+    for _ in range(3):
+        ddp.topk_hook(state, FakeBucket(g.clone(), 0, shapes)).wait()  # type: ignore[arg-type]
+    g2 = g.clone()
+    g2[:100] = torch.linspace(-1e-3, 1e-3, 100)
+    g2[900:] = 2e-3
+    out = ddp.topk_hook(state, FakeBucket(g2.clone(), 0, shapes)).wait()  # type: ignore[arg-type]
+    # After 3 equal gradients v_hat = g^2: the first step after the start is u = m / denom
+    # (0 there) + 0.1 * g / denom, over Adam's bias correction 1 - 0.9^4.
+    scale = 0.1 / (1 - 0.9**4)
+    first_rms = float(g[100:200].square().mean().sqrt())
+    bucket_rms = float(g[100:900].square().mean().sqrt())
+    assert torch.allclose(out[:100], scale * g2[:100] / first_rms, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(out[900:], torch.full((100,), scale * 2e-3 / bucket_rms), rtol=1e-4)
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) < 10
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("single_rank_group")
 def test_local_sq_norm_comes_from_the_fused_kernel() -> None:
     state = ddp.TopKState(density=0.01, start_iter=0, min_numel=0)
     g = torch.randn(50_000, generator=torch.Generator().manual_seed(3))

@@ -57,7 +57,9 @@ class AdamUpdate:
     (``u = beta1 u + (1 - beta1) p``, started from the dense phase's ``m / denominator``), and
     sends top-k of ``u`` + residual with DGC's error feedback and factor masking; the delivered
     average is divided by ``1 - beta1^t``. variance: ``"frozen"`` keeps ``v`` of the averaged
-    gradient as it stood after the dense start, identical on every rank (1-bit Adam / 0/1 Adam);
+    gradient as it stood after the dense start, identical on every rank (1-bit Adam / 0/1 Adam),
+    except for coordinates whose gradient was zero throughout the start: those take the mean
+    ``v`` of their parameter's other entries (so a step is never ``g / eps``);
     ``"local"`` goes on updating it from each rank's own gradient (the ranks' preconditioners
     then differ; the update every rank applies is still the same gathered average).
     momentum: ``"local"`` is the DGC-style per-rank momentum above; ``"global"`` compresses the
@@ -498,6 +500,8 @@ def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, i
         updates = iteration + 1
     else:
         updates = state.start_iter  # v as the dense start left it
+        if iteration == state.start_iter:
+            _fill_unmeasured(v, [math.prod(p.shape) for p in bucket.parameters()])
     denom = (v.sqrt() / math.sqrt(1 - a.beta2**updates)).add_(a.eps)
     u = state._buffer_for(state._velocities, bucket, g)
     if a.momentum == "global":  # u is scratch for p; m moves into p's space once
@@ -507,6 +511,22 @@ def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, i
     if iteration == state.start_iter:
         u.copy_(state._buffer_for(state._adam_m, bucket, g)).div_(denom)
     return u.mul_(a.beta1).addcdiv_(g, denom, value=1 - a.beta1)
+
+
+def _fill_unmeasured(v: torch.Tensor, sizes: list[int]) -> None:
+    """Where the dense start saw no gradient (an embedding row of a token not yet seen), eps alone
+    would make the first gradient a step of g / eps: those entries of the frozen ``v`` take the
+    mean of the measured entries of their parameter (of the bucket if none). Derived from the
+    averaged gradients only, so ``v`` stays identical on every rank; and proportional to the
+    gradient, not sign-like (equal magnitudes would tie in the top-k selection)."""
+    measured = v > 0
+    if bool(measured.all()) or not bool(measured.any()):
+        return
+    fallback = v[measured].mean()
+    if sum(sizes) != v.numel():
+        sizes = [v.numel()]
+    for piece, seen in zip(torch.split(v, sizes), torch.split(measured, sizes), strict=True):
+        piece.masked_fill_(~seen, piece[seen].mean() if bool(seen.any()) else fallback)
 
 
 def _adam_deliver(a: AdamUpdate, average: torch.Tensor, m: torch.Tensor | None, iteration: int) -> torch.Tensor:

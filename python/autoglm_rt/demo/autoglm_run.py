@@ -1,6 +1,7 @@
 """The demo's ``autoglm_rt`` run: everything on.
 
-Per rank: the top-k hook with error feedback (density warm-up after a dense start), the Runtime
+Per rank: the top-k hook with error feedback compressing AdamW's preconditioned update after a
+dense start (``ddp.AdamUpdate``; the optimizer is then SGD on the delivered step), the Runtime
 (fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
 controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
 a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
@@ -13,6 +14,7 @@ a limit on it would limit nothing; the activation memory is measured instead (``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -41,11 +43,28 @@ class RunSettings(Protocol):
     def density_floor(self) -> float | None: ...
     @property
     def density_ceiling(self) -> float: ...
+    @property
+    def compress_update(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: RunSettings, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW, or under ``compress_update`` "frozen"/"local" SGD with AdamW's lr and weight decay:
+    the hook then delivers AdamW's direction, and SGD's L2 term on a momentum-free step is
+    AdamW's decoupled decay, so the pair steps as AdamW does."""
+    if cfg.compress_update not in ("frozen", "local", "off"):
+        raise ValueError(f"compress_update: expected 'frozen', 'local' or 'off', got {cfg.compress_update!r}")
+    if cfg.compress_update == "off":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=weight_decay)
 
 
 class AutoglmRun:
     def __init__(self, model: DDP, optimizer: torch.optim.Optimizer, cfg: RunSettings, device: torch.device, rank: int):
-        from autoglm_rt.ddp import TopKState, topk_hook
+        from autoglm_rt.ddp import AdamUpdate, TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
         from autoglm_rt.policy import bundled_strategy
@@ -58,8 +77,9 @@ class AutoglmRun:
 
             config = DensityControllerConfig(floor=cfg.density_floor, ceiling=cfg.density_ceiling, interval=10)
             controller = DensityController(config)
+        adam = None if cfg.compress_update == "off" else AdamUpdate(variance=cfg.compress_update)
         self.comm = TopKState(
-            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller
+            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller, adam=adam
         )
         model.register_comm_hook(self.comm, topk_hook)
         self.pool: Any = torch_pool(device.index or 0) if device.type == "cuda" else None
@@ -152,7 +172,12 @@ class AutoglmRun:
             "pool": None if self.pool is None else "torch's CUDA allocator, limit driven by the memory policy",
             "notes": [
                 f"top-k density {self.cfg.density:.3g} with error feedback after {self.cfg.dense_steps} dense steps "
-                f"and a {self.cfg.warmup_steps}-step warm-up",
+                f"and a {self.cfg.warmup_steps}-step warm-up, compressing "
+                + (
+                    "the raw gradient (AdamW steps on the sparse average)"
+                    if self.cfg.compress_update == "off"
+                    else f"AdamW's preconditioned update ({self.cfg.compress_update} second moment; SGD applies it)"
+                ),
                 f"strategy: the bundled {DEMO_STRATEGY!r} (policy/strategies/{DEMO_STRATEGY}.yaml)",
             ],
         }
