@@ -57,6 +57,11 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"masking": False}}),
     "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"momentum": "global"}}),
     "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {"momentum": "global"}}),
+    # Isolates freezing v: every entry sent every step (exact), so only the frozen v differs.
+    "adamw update 100% global m (frozen v only)": (
+        "adamw",
+        {"density": 1.0, "start_iter": 5, "adam": {"momentum": "global"}},
+    ),
     "adamw update regime 0.5-5%": ("adamw", {"controller": (0.005, 0.05), "start_iter": 5, "adam": {}}),
     "adamw update 1% beta1 0": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.0}}),
     "adamw update 1% beta1 .5": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.5}}),

@@ -233,6 +233,10 @@ def adam_reference(rank: int, variance: str = "frozen", momentum: str = "local")
                 m = b1 * m + (1 - b1) * average
                 average = m
             expected = average / (1 - b1**t)
+            # The norm estimate: the averaged gradient at the shared sketch positions.
+            at = ddp._sketch_indices(numel, step, 0, torch.device("cpu"))
+            sketch_sq = float((sum(grads) / world)[at].double().square().sum()) * numel / at.numel()
+            true_sq = float((sum(grads) / world).double().square().sum())
         # The hook.
         opt.zero_grad()
         model(x).square().mean().backward()
@@ -245,7 +249,14 @@ def adam_reference(rank: int, variance: str = "frozen", momentum: str = "local")
         worst["params"] = max(worst["params"], float((net.weight.detach().reshape(-1) - ref_w).abs().max()))
         if step == start - 1:
             worst["adamw_params"] = float((net.weight.detach() - adamw_net.weight.detach()).abs().max())
-    return {"worst": worst, "scale": scale, "params": net.weight.detach().reshape(-1).tolist(), "norms": state.norms()}
+    return {
+        "worst": worst,
+        "scale": scale,
+        "params": net.weight.detach().reshape(-1).tolist(),
+        "norms": state.norms(),
+        "sketch_sq": sketch_sq,
+        "true_sq": true_sq,
+    }
 
 
 def _char_data(corpus: Any, n: int, context: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -219,6 +219,27 @@ def test_adam_update_never_divides_a_first_gradient_by_eps() -> None:
 
 @pytest.mark.distributed
 @pytest.mark.usefixtures("single_rank_group")
+def test_adam_update_dense_bucket_after_the_start() -> None:
+    """A bucket below min_numel stays dense after the start: it delivers Adam's momentum of the
+    preconditioned gradient (one rank: no compression error) and the gradient's exact norm."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    state = ddp.TopKState(start_iter=1, min_numel=10**6, adam=ddp.AdamUpdate(beta1=b1, beta2=b2, eps=eps))
+    g0 = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    g1 = torch.randn(500, generator=torch.Generator().manual_seed(2))
+    out0 = ddp.topk_hook(state, FakeBucket(g0.clone(), 0, [(500,)])).wait()  # type: ignore[arg-type]
+    m, v = (1 - b1) * g0.double(), (1 - b2) * g0.double() ** 2
+    denom = (v / (1 - b2)).sqrt() + eps
+    assert torch.allclose(out0.double(), m / (1 - b1) / denom, rtol=1e-4, atol=1e-6)  # AdamW's first step: ~sign(g)
+    out1 = ddp.topk_hook(state, FakeBucket(g1.clone(), 0, [(500,)])).wait()  # type: ignore[arg-type]
+    expected = (b1 * m / denom + (1 - b1) * g1.double() / denom) / (1 - b1**2)
+    assert torch.allclose(out1.double(), expected, rtol=1e-4, atol=1e-6)
+    norms = state.norms()
+    assert norms is not None and norms["global_sq_norm"] == pytest.approx(float(g1.double().square().sum()))
+    assert state.dense_buckets == 2 and state.compressed_buckets == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("single_rank_group")
 def test_local_sq_norm_comes_from_the_fused_kernel() -> None:
     state = ddp.TopKState(density=0.01, start_iter=0, min_numel=0)
     g = torch.randn(50_000, generator=torch.Generator().manual_seed(3))
@@ -256,7 +277,9 @@ def test_adam_update_equals_its_formula_step_by_step(variance: str, momentum: st
         assert scale > 0.1, r  # Adam's direction is O(1) per coordinate
         assert worst["start"] <= 1e-5 * scale and worst["compressed"] <= 1e-5 * scale, r
         assert worst["adamw_params"] <= 1e-6 and worst["params"] <= 1e-6, r  # the start is AdamW
-        assert math.isnan(r["norms"]["global_sq_norm"])  # compressed: no averaged-gradient norm
+        # The averaged gradient's squared norm, estimated from the shared-position sketch.
+        assert r["norms"]["global_sq_norm"] == pytest.approx(r["sketch_sq"], rel=1e-6)
+        assert 0.5 * r["true_sq"] < r["sketch_sq"] < 2 * r["true_sq"], r
         assert r["norms"]["local_sq_norm"] > 0
 
 

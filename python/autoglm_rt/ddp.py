@@ -120,8 +120,9 @@ class TopKState:
         delivers the update direction and the optimizer must be
         ``torch.optim.SGD(params, lr=lr, weight_decay=wd)`` (no momentum). Needs
         ``error_feedback``, ``momentum == 0`` and, with frozen variance, ``start_iter >= 1``.
-        Under it, ``norms()["global_sq_norm"]`` of compressed iterations is NaN (the delivered
-        tensor is not a gradient).
+        Under it each compressed message also carries ``SKETCH_SIZE`` raw gradient entries at
+        positions shared by all ranks (1 KiB per bucket), from which
+        ``norms()["global_sq_norm"]`` is estimated (the delivered tensor is not a gradient).
 
     Residuals are keyed by bucket index and layout (element count, dtype, device, parameter
     shapes); one whose layout changed is dropped and counted in ``residual_resets``. A bucket
@@ -513,6 +514,19 @@ def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, i
     return u.mul_(a.beta1).addcdiv_(g, denom, value=1 - a.beta1)
 
 
+SKETCH_SIZE = 256  # gradient entries per bucket that AdamUpdate sends for the norm estimate
+
+
+def _sketch_indices(numel: int, iteration: int, bucket_index: int, device: torch.device) -> torch.Tensor:
+    """The entries of a bucket whose raw gradient every rank sends under :class:`AdamUpdate`:
+    ``SKETCH_SIZE`` uniform draws with replacement, seeded by (iteration, bucket) so that they are
+    the same on every rank. ``numel / SKETCH_SIZE`` times the sum of squares of the averaged
+    sketch is an unbiased estimate of the averaged gradient's squared norm (the noise-scale
+    estimator's large-batch norm)."""
+    gen = torch.Generator().manual_seed(1_000_003 * iteration + bucket_index)
+    return torch.randint(numel, (SKETCH_SIZE,), generator=gen).to(device)
+
+
 def _fill_unmeasured(v: torch.Tensor, sizes: list[int]) -> None:
     """Where the dense start saw no gradient (an embedding row of a token not yet seen), eps alone
     would make the first gradient a step of g / eps: those entries of the frozen ``v`` take the
@@ -569,24 +583,28 @@ def _dense_allreduce(
         adam_v = state._buffer_for(state._adam_v, bucket, buffer)
     velocity = None if adam_start else _velocity(state, bucket, buffer, iteration)
     global_m = _global_momentum(state, bucket, buffer) if not adam_start else None
+    # A dense bucket under AdamUpdate after the start (small, or a controller ceiling of 1) sends
+    # the gradient beside the velocity, for the averaged gradient's norm.
+    message = buffer
     if velocity is not None:
         # Averaging every rank's velocity is the velocity of the averaged gradient (it is linear),
         # so a dense bucket under momentum correction is exactly momentum SGD.
-        buffer.copy_(velocity)
-    buffer.div_(world)
-    state.bytes_sent += buffer.numel() * buffer.element_size() + local_sq.numel() * local_sq.element_size()
+        message = torch.cat([velocity, buffer]) if adam is not None else buffer.copy_(velocity)
+    message.div_(world)
+    state.bytes_sent += message.numel() * message.element_size() + local_sq.numel() * local_sq.element_size()
     state.dense_buckets += 1
     state.bucket_density[bucket.index()] = 1.0
     norm_fut = dist.all_reduce(local_sq, group=group, async_op=True).get_future()
-    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+    fut = dist.all_reduce(message, group=group, async_op=True).get_future()
 
     def done(f: torch.futures.Future[Any]) -> torch.Tensor:
         result: torch.Tensor = f.value()[0]
         norm_fut.wait()
         norms["mean_local_sq_norm"].append(local_sq / world)
-        if adam is not None and not adam_start:  # the average of preconditioned velocities
-            norms["global_sq_norm"].append(torch.full((1,), math.nan, dtype=torch.float64))
-            return result.copy_(_adam_deliver(adam, result, global_m, iteration))
+        if adam is not None and not adam_start:  # [average velocity | average gradient]
+            n = buffer.numel()
+            norms["global_sq_norm"].append(_sq_norm(result[n:]).reshape(1))
+            return buffer.copy_(_adam_deliver(adam, result[:n], global_m, iteration))
         norms["global_sq_norm"].append(_sq_norm(result))
         if adam_start:
             _adam_dense_step(adam, result, adam_m, adam_v, iteration)  # type: ignore[arg-type]
@@ -631,10 +649,16 @@ def _compressed(
     index_dtype = index_dtype_for(numel)
     index_bytes = k * torch.empty((), dtype=index_dtype).element_size()
     value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
-    message = torch.empty(8 + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
+    # Under AdamUpdate a sketch of the raw gradient follows the norm: [norm | sketch | indices |
+    # values] (the sketch's length is even, so the indices stay 8-byte aligned).
+    sketch_at = _sketch_indices(numel, iteration, bucket.index(), buffer.device) if state.adam is not None else None
+    head = 8 + (0 if sketch_at is None else 4 * sketch_at.numel())
+    message = torch.empty(head + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
     local_sq = message[:8].view(torch.float64)
-    indices = message[8 : 8 + index_bytes].view(index_dtype)
-    values = message[8 + index_bytes :].view(state.value_dtype)
+    indices = message[head : head + index_bytes].view(index_dtype)
+    values = message[head + index_bytes :].view(state.value_dtype)
+    if sketch_at is not None:
+        message[8:head].view(torch.float32).copy_(buffer[sketch_at])
     if velocity is None:
         # The kernel reads the bucket once for both the selection and its sum of squares.
         topk_compress(buffer, residual, k, values_out=values, indices_out=indices, sq_norm_out=local_sq)
@@ -659,15 +683,17 @@ def _compressed(
         f.wait()
         rows = gathered.view(world, -1)
         rank_sq = rows[:, :8].contiguous().view(torch.float64)
-        all_indices = rows[:, 8 : 8 + index_bytes].contiguous().view(index_dtype).reshape(-1)
-        all_values = rows[:, 8 + index_bytes :].contiguous().view(state.value_dtype).reshape(-1)
+        all_indices = rows[:, head : head + index_bytes].contiguous().view(index_dtype).reshape(-1)
+        all_values = rows[:, head + index_bytes :].contiguous().view(state.value_dtype).reshape(-1)
         buffer.zero_()
         # Every rank's indices come from topk_compress on a bucket of this size: no check, so on
         # a GPU the callback queues the scatter without waiting for the stream.
         topk_decompress(all_values, all_indices, buffer, scale=1.0 / world, check_indices=False)
         norms["mean_local_sq_norm"].append(rank_sq.sum() / world)
-        if state.adam is not None:  # the delivered tensor is an update, not a gradient
-            norms["global_sq_norm"].append(torch.full((1,), math.nan, dtype=torch.float64))
+        if sketch_at is not None:  # the delivered tensor is an update: the norm from the sketch
+            assert state.adam is not None
+            sketch = rows[:, 8:head].contiguous().view(torch.float32).double().mean(0)
+            norms["global_sq_norm"].append((sketch.square().sum() * (numel / sketch.numel())).reshape(1))
             return buffer.copy_(_adam_deliver(state.adam, buffer, global_m, iteration))
         # The average g is (1/W) sum_r s_r over the ranks' sparse tensors s_r, so
         # |g|^2 = (1/W) sum_r <s_r, g>: a gather of g at the sent indices, no deduplication.
