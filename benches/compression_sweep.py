@@ -54,6 +54,8 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "adamw update 1% local": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"variance": "local"}}),
     "adamw update 0.5% frozen": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {}}),
     "adamw update 2% frozen": ("adamw", {"density": 0.02, "start_iter": 5, "adam": {}}),
+    "adamw update 5% frozen": ("adamw", {"density": 0.05, "start_iter": 5, "adam": {}}),
+    "adamw update 10% frozen": ("adamw", {"density": 0.1, "start_iter": 5, "adam": {}}),
     "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"masking": False}}),
     "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"momentum": "global"}}),
     "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {"momentum": "global"}}),
