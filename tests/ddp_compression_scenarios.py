@@ -259,6 +259,14 @@ def adam_reference(rank: int, variance: str = "frozen", momentum: str = "local")
     }
 
 
+ADAM_VARIANTS = (("frozen", "local"), ("local", "local"), ("frozen", "global"))
+
+
+def adam_reference_variants(rank: int) -> dict[str, dict[str, Any]]:
+    """:func:`adam_reference` for every (variance, momentum) pair, in one pair of processes."""
+    return {f"{v}-{m}": adam_reference(rank, v, m) for v, m in ADAM_VARIANTS}
+
+
 def _char_data(corpus: Any, n: int, context: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     data = corpus.train if split == "train" else corpus.val
     rng = np.random.default_rng(seed)
