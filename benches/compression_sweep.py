@@ -58,6 +58,7 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "adamw update 10% frozen": ("adamw", {"density": 0.1, "start_iter": 5, "adam": {}}),
     "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"masking": False}}),
     "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"momentum": "global"}}),
+    "adamw update 5% global m": ("adamw", {"density": 0.05, "start_iter": 5, "adam": {"momentum": "global"}}),
     "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {"momentum": "global"}}),
     # Isolates freezing v: every entry sent every step (exact), so only the frozen v differs.
     "adamw update 100% global m (frozen v only)": (
