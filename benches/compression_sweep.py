@@ -1,11 +1,12 @@
 """Density-vs-validation-loss sweep on the demo's model and data (2 gloo ranks, CPU).
 
 Trains the demo's CharGPT at a preset's size (``--preset quick``: 150 steps) with dense allreduce
-and with the top-k hook under several settings, for AdamW (the demo's optimizer) and SGD with
+and with the top-k hook under several settings, for AdamW (the demo's optimizer; "update" runs
+compress AdamW's preconditioned update with ``ddp.AdamUpdate`` and step SGD) and SGD with
 momentum, and prints one row per run: validation loss, its ratio to the same optimizer's dense
 run, and the compression ratio (dense bytes / bytes sent). Every run sees the same batches.
 
-    PYTHONPATH=python python benches/compression_sweep.py --preset quick [--only adamw]
+    PYTHONPATH=python python benches/compression_sweep.py --preset quick [--only "adamw dense,update"]
 """
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "sgdm dgc regime 0.5-5%": ("sgdm", {"controller": (0.005, 0.05), "start_iter": 5, "momentum": 0.9}),
     "adamw regime 0.5-10% eta .15": ("adamw", {"controller": (0.005, 0.1, 0.15), "start_iter": 5}),
     "sgdm dgc regime 0.5-5% eta .15": ("sgdm", {"controller": (0.005, 0.05, 0.15), "start_iter": 5, "momentum": 0.9}),
+    # AdamW's update compressed (ddp.AdamUpdate; the optimizer is SGD with AdamW's lr and decay).
+    "adamw update 1% frozen": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {}}),
+    "adamw update 1% local": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"variance": "local"}}),
+    "adamw update 0.5% frozen": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {}}),
+    "adamw update 2% frozen": ("adamw", {"density": 0.02, "start_iter": 5, "adam": {}}),
+    "adamw update 5% frozen": ("adamw", {"density": 0.05, "start_iter": 5, "adam": {}}),
+    "adamw update 10% frozen": ("adamw", {"density": 0.1, "start_iter": 5, "adam": {}}),
+    "adamw update 1% nomask": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"masking": False}}),
+    "adamw update 1% global m": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"momentum": "global"}}),
+    "adamw update 5% global m": ("adamw", {"density": 0.05, "start_iter": 5, "adam": {"momentum": "global"}}),
+    "adamw update 0.5% global m": ("adamw", {"density": 0.005, "start_iter": 5, "adam": {"momentum": "global"}}),
+    # Isolates freezing v: every entry sent every step (exact), so only the frozen v differs.
+    "adamw update 100% global m (frozen v only)": (
+        "adamw",
+        {"density": 1.0, "start_iter": 5, "adam": {"momentum": "global"}},
+    ),
+    "adamw update regime 0.5-5%": ("adamw", {"controller": (0.005, 0.05), "start_iter": 5, "adam": {}}),
+    "adamw update 1% beta1 0": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.0}}),
+    "adamw update 1% beta1 .5": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.5}}),
+    "adamw update 1% lr x1.5": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {}, "lr_scale": 1.5}),
+    "adamw update 1% frozen fp16": (
+        "adamw",
+        {"density": 0.01, "start_iter": 5, "adam": {}, "value_dtype": "fp16"},
+    ),
 }
 SGD_LR = 0.5
 
@@ -55,6 +80,10 @@ SGD_LR = 0.5
 def _state(settings: dict[str, Any]) -> ddp.TopKState:
     s = dict(settings)
     bounds = s.pop("controller", None)
+    if "adam" in s:
+        s["adam"] = ddp.AdamUpdate(**s["adam"])
+    if s.get("value_dtype") == "fp16":
+        s["value_dtype"] = torch.float16
     if bounds is not None:
         threshold = bounds[2] if len(bounds) > 2 else 0.5
         s["controller"] = DensityController(
@@ -80,10 +109,14 @@ def _worker(rank: int, port: int, cfg: DemoConfig, names: list[str], out: Any) -
         if settings is None:
             model.register_comm_hook(None, allreduce_hook)
         else:
-            state = _state(settings)
+            state = _state({k: v for k, v in settings.items() if k != "lr_scale"})
             model.register_comm_hook(state, ddp.topk_hook)
-        if opt_name == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+        if state is not None and state.adam is not None:
+            # The hook delivers AdamW's direction: SGD's L2 term on it is AdamW's decoupled decay.
+            lr = cfg.lr * settings.get("lr_scale", 1.0)
+            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0.01)
+        elif opt_name == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
         else:
             in_hook = settings is not None and settings.get("momentum", 0) > 0
             opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=0.0 if in_hook else 0.9)
@@ -112,13 +145,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--only", default="", help="substring of the run names to keep")
+    p.add_argument("--only", default="", help="comma-separated substrings of the run names to keep")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
     cfg = PRESETS[args.preset]
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
-    names = [n for n in RUNS if args.only in n]
+    names = [n for n in RUNS if any(part in n for part in args.only.split(","))]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()

@@ -9,6 +9,13 @@ compression cannot pay; across a 1 Gbit/s link it must. Needs root (CAP_NET_ADMI
 communication-heavy: 4 x Linear(2048, 2048) (16.8 M parameters, 67 MB of float32 gradients),
 batch 8. ``no_comm`` (a hook that sends nothing) measures the compute floor every hook sits on.
 Writes ``benches/results/ddp_netns.json`` and prints a table.
+
+``--train``: time to quality instead. Over the same shaped link, trains the demo's CharGPT at the
+``quick`` preset's size with AdamW for each of ``TRAIN_HOOKS``: first dense allreduce for the
+preset's steps, whose final validation loss is the target; then every other hook until it
+reaches the target or ``--max-factor`` times the steps. Reports wall seconds (training only; the
+evaluations every ``--eval-every`` steps are excluded) and bytes to the target. Writes
+``benches/results/ddp_netns_train.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,6 +35,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ADDR = ("10.231.77.1", "10.231.77.2")
 HOOKS = ("no_comm", "allreduce", "fp16_compress", "torch_topk_1pct", "autoglm_topk_1pct", "powersgd_r1", "powersgd_r4")
+TRAIN_HOOKS = ("allreduce", "fp16_compress", "powersgd_r1", "autoglm_update_1pct")
+
+
+def time_to_target(trace: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The first evaluation in ``trace`` (dicts with step, wall_s, bytes, val_loss, in step order)
+    whose validation loss is at most ``target``; None when none is (or the target is not finite)."""
+    if not math.isfinite(target):
+        return None
+    for point in trace:
+        if math.isfinite(point["val_loss"]) and point["val_loss"] <= target:
+            return point
+    return None
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -81,7 +101,9 @@ class Link:
             sh("ip", "netns", "del", ns, check=False)
 
 
-def run_pair(link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout: float) -> dict[str, Any]:
+def run_pair(
+    link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout: float, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Runs the two ranks on ``hooks``; a pair that hangs is killed after ``timeout`` seconds and its
     unfinished hooks are reported as such."""
     out = HERE / "results" / f".ddp_netns_{link.rate}_{port}.json"
@@ -104,6 +126,7 @@ def run_pair(link: Link, hooks: tuple[str, ...], port: int, steps: int, timeout:
             str(steps),
             "--out",
             str(out),
+            *extra,
             "--hooks",
             *hooks,
         ]
@@ -279,23 +302,145 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
     dist.destroy_process_group()
 
 
+def worker_train(rank: int, port: int, out: str, hooks: list[str], eval_every: int, max_factor: float) -> None:
+    """Trains the demo model once per hook (dense allreduce first: its final loss is the target)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from autoglm_rt import ddp
+    from autoglm_rt.demo.corpus import load_corpus
+    from autoglm_rt.demo.model import CharGPT
+    from autoglm_rt.demo.train import PRESETS, WEIGHT_DECAY, _batch_for, _evaluate, loss_fn
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{ADDR[0]}:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
+    cfg = PRESETS["quick"]
+    corpus = load_corpus(cfg.corpus_chars)
+    device = torch.device("cpu")
+    sent = {"bytes": 0}
+    for name in ("all_reduce", "all_gather_into_tensor", "all_gather_single"):
+        if not hasattr(dist, name):
+            continue
+        original = getattr(dist, name)
+
+        def counting(*args: Any, _fn: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            tensor = args[1] if _name != "all_reduce" else args[0]
+            sent["bytes"] += tensor.numel() * tensor.element_size()
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, counting)
+    results: dict[str, Any] = {}
+    target = math.nan
+    for hook in ["allreduce", *[h for h in hooks if h != "allreduce"]]:
+        torch.manual_seed(cfg.seed)
+        net = CharGPT(cfg.gpt())
+        model = DDP(net, bucket_cap_mb=128 if hook.startswith("powersgd") else 25)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+        if hook == "allreduce":
+            model.register_comm_hook(None, default_hooks.allreduce_hook)
+        elif hook == "fp16_compress":
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif hook == "powersgd_r1":
+            st = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=5)
+            model.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
+        else:  # the demo's setting: AdamW's update, 1%, 5 dense steps, SGD applies it
+            state = ddp.TopKState(density=0.01, start_iter=5, adam=ddp.AdamUpdate())
+            model.register_comm_hook(state, ddp.topk_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+        max_steps = cfg.steps if hook == "allreduce" else int(cfg.steps * max_factor)
+        trace: list[dict[str, float]] = []
+        wall, total_bytes = 0.0, 0
+        for step in range(max_steps):
+            batch = _batch_for(corpus, cfg, rank, step, device)
+            sent["bytes"] = 0
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            opt.step()
+            wall += time.perf_counter() - t
+            total_bytes += sent["bytes"]
+            if (step + 1) % eval_every == 0 or step + 1 == max_steps:
+                val = _evaluate(net, corpus, cfg, device)  # the same on both ranks: no collective
+                trace.append({"step": step + 1, "wall_s": wall, "bytes": total_bytes, "val_loss": val})
+                if hook != "allreduce" and val <= target:
+                    break
+            dist.barrier()  # both ranks start each step together (the eval is outside the clock)
+        if hook == "allreduce":
+            target = trace[-1]["val_loss"]
+        hit = time_to_target(trace, target)
+        results[hook] = {"trace": trace, "target": target, "reached": hit}
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main_train(args: argparse.Namespace) -> int:
+    report: dict[str, Any] = {"model": "demo CharGPT, quick preset, AdamW", "world_size": 2, "rates": {}}
+    extra = ("--train", "--eval-every", str(args.eval_every), "--max-factor", str(args.max_factor))
+    hooks = tuple(h for h in args.hooks if h in TRAIN_HOOKS) or TRAIN_HOOKS
+    for rate in args.rates:
+        with Link(rate) as link:
+            rows = run_pair(link, hooks, 29_711, 0, args.timeout, extra)
+        report["rates"][rate] = rows
+        base = rows.get("allreduce", {}).get("reached") or {}
+        fp16 = rows.get("fp16_compress", {}).get("reached") or {}
+        print(f"\n== {rate} link: time to the dense run's final validation loss ==")
+        print(f"{'hook':<22} {'target':>7} {'steps':>6} {'wall s':>8} {'MB':>9} {'vs allreduce':>13} {'vs fp16':>8}")
+        for hook, r in rows.items():
+            if "error" in r:
+                print(f"{hook:<22} failed: {r['error']}")
+                continue
+            hit = r["reached"]
+            if hit is None:
+                last = r["trace"][-1]
+                print(f"{hook:<22} {r['target']:7.4f} never (val {last['val_loss']:.4f} after {last['step']} steps, "
+                      f"{last['wall_s']:.1f} s, {last['bytes'] / 1e6:.1f} MB)")  # fmt: skip
+                continue
+            vs_a = hit["wall_s"] / base["wall_s"] if base else math.nan
+            vs_f = hit["wall_s"] / fp16["wall_s"] if fp16 else math.nan
+            print(f"{hook:<22} {r['target']:7.4f} {hit['step']:6d} {hit['wall_s']:8.1f} {hit['bytes'] / 1e6:9.1f} "
+                  f"{vs_a:12.2f}x {vs_f:7.2f}x")  # fmt: skip
+    from autoglm_rt import benchmarking
+
+    report["machine"] = benchmarking.machine_description()
+    path = HERE / "results" / "ddp_netns_train.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29_611, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS, help="hooks to measure")
+    ap.add_argument("--hooks", nargs="+", default=None, choices=HOOKS + TRAIN_HOOKS, help="hooks to measure")
+    ap.add_argument("--train", action="store_true", help="time to quality on the demo model (see above)")
+    ap.add_argument("--eval-every", type=int, default=10, help="--train: steps between evaluations")
+    ap.add_argument("--max-factor", type=float, default=2.0, help="--train: step limit, times the dense run's")
     ap.add_argument("--steps", type=int, default=8, help="measured steps per hook (after 3 warm-up steps)")
     ap.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"], help="tc tbf rates of the link")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a pair of workers is killed")
     args = ap.parse_args()
+    if args.hooks is None:
+        args.hooks = list(TRAIN_HOOKS if args.train else HOOKS)
     if args.worker:
-        worker(args.rank, args.port, args.steps, args.out, args.hooks)
+        if args.train:
+            worker_train(args.rank, args.port, args.out, args.hooks, args.eval_every, args.max_factor)
+        else:
+            worker(args.rank, args.port, args.steps, args.out, args.hooks)
         return 0
     if os.geteuid() != 0:
         print("ddp_netns.py needs root (ip netns, tc); run it with sudo", file=sys.stderr)
         return 2
+    if args.train:
+        return main_train(args)
     report: dict[str, Any] = {"model": "4 x Linear(2048, 2048), batch 8, SGD", "world_size": 2, "rates": {}}
     for rate in args.rates:
         # PowerSGD runs in pairs of its own: on gloo it has failed or hung, which must not cost

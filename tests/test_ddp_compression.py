@@ -3,6 +3,10 @@ the fused sum of squares and aliasing checks of topk_compress."""
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +135,27 @@ def test_controller_follows_the_relative_norm_change() -> None:
 
 
 # -- TopKState on one rank --------------------------------------------------------------------------
+def test_adam_update_rejects_bad_settings() -> None:
+    for bad in ({"beta1": 1.0}, {"beta2": -0.1}, {"beta1": True}, {"eps": 0.0}, {"eps": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ddp.AdamUpdate(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variance"):
+        ddp.AdamUpdate(variance="global")
+    with pytest.raises(ValueError, match="momentum"):
+        ddp.AdamUpdate(momentum="none")
+    with pytest.raises(ValueError, match="frozen"):
+        ddp.AdamUpdate(variance="local", momentum="global")
+    with pytest.raises(TypeError, match="AdamUpdate"):
+        ddp.TopKState(adam=0.9)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="momentum=0"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), momentum=0.9)
+    with pytest.raises(ValueError, match="error_feedback"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), error_feedback=False)
+    with pytest.raises(ValueError, match="start_iter >= 1"):
+        ddp.TopKState(adam=ddp.AdamUpdate(), start_iter=0)
+    ddp.TopKState(adam=ddp.AdamUpdate(variance="local"), start_iter=0)  # local variance needs no start
+
+
 def test_state_rejects_bad_momentum_and_controller() -> None:
     with pytest.raises(ValueError, match="momentum"):
         ddp.TopKState(momentum=1.0)
@@ -168,6 +193,54 @@ def test_metrics_contract_and_state_round_trip() -> None:
 
 @pytest.mark.distributed
 @pytest.mark.usefixtures("single_rank_group")
+def test_adam_update_never_divides_a_first_gradient_by_eps() -> None:
+    """Entries with no gradient during the dense start (an unseen token's embedding row) take the
+    mean frozen v of their parameter's measured entries, not eps: steps stay O(1), proportional
+    to the gradient; a parameter with no measured entry takes the bucket's mean."""
+    state = ddp.TopKState(density=1.0, start_iter=3, min_numel=0, adam=ddp.AdamUpdate())
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    g[:100] = 0  # unseen during the start, in the first parameter (200 entries)
+    g[900:] = 0  # the whole last parameter unseen
+    shapes = [(200,), (700,), (100,)]
+    for _ in range(3):
+        ddp.topk_hook(state, FakeBucket(g.clone(), 0, shapes)).wait()  # type: ignore[arg-type]
+    g2 = g.clone()
+    g2[:100] = torch.linspace(-1e-3, 1e-3, 100)
+    g2[900:] = 2e-3
+    out = ddp.topk_hook(state, FakeBucket(g2.clone(), 0, shapes)).wait()  # type: ignore[arg-type]
+    # After 3 equal gradients v_hat = g^2: the first step after the start is u = m / denom
+    # (0 there) + 0.1 * g / denom, over Adam's bias correction 1 - 0.9^4.
+    scale = 0.1 / (1 - 0.9**4)
+    first_rms = float(g[100:200].square().mean().sqrt())
+    bucket_rms = float(g[100:900].square().mean().sqrt())
+    assert torch.allclose(out[:100], scale * g2[:100] / first_rms, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(out[900:], torch.full((100,), scale * 2e-3 / bucket_rms), rtol=1e-4)
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) < 10
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("single_rank_group")
+def test_adam_update_dense_bucket_after_the_start() -> None:
+    """A bucket below min_numel stays dense after the start: it delivers Adam's momentum of the
+    preconditioned gradient (one rank: no compression error) and the gradient's exact norm."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    state = ddp.TopKState(start_iter=1, min_numel=10**6, adam=ddp.AdamUpdate(beta1=b1, beta2=b2, eps=eps))
+    g0 = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    g1 = torch.randn(500, generator=torch.Generator().manual_seed(2))
+    out0 = ddp.topk_hook(state, FakeBucket(g0.clone(), 0, [(500,)])).wait()  # type: ignore[arg-type]
+    m, v = (1 - b1) * g0.double(), (1 - b2) * g0.double() ** 2
+    denom = (v / (1 - b2)).sqrt() + eps
+    assert torch.allclose(out0.double(), m / (1 - b1) / denom, rtol=1e-4, atol=1e-6)  # AdamW's first step: ~sign(g)
+    out1 = ddp.topk_hook(state, FakeBucket(g1.clone(), 0, [(500,)])).wait()  # type: ignore[arg-type]
+    expected = (b1 * m / denom + (1 - b1) * g1.double() / denom) / (1 - b1**2)
+    assert torch.allclose(out1.double(), expected, rtol=1e-4, atol=1e-6)
+    norms = state.norms()
+    assert norms is not None and norms["global_sq_norm"] == pytest.approx(float(g1.double().square().sum()))
+    assert state.dense_buckets == 2 and state.compressed_buckets == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("single_rank_group")
 def test_local_sq_norm_comes_from_the_fused_kernel() -> None:
     state = ddp.TopKState(density=0.01, start_iter=0, min_numel=0)
     g = torch.randn(50_000, generator=torch.Generator().manual_seed(3))
@@ -184,6 +257,37 @@ def test_resume_continues_bit_exactly() -> None:
         assert r["metrics_full"] == r["metrics_resumed"]
         assert set(r["metrics_full"]) == METRIC_KEYS
         assert r["metrics_full"]["residual_resets"] == 0
+
+
+@pytest.mark.distributed
+def test_resume_with_adam_update_continues_bit_exactly() -> None:
+    for r in run_on_two_ranks(functools.partial(ddp_compression_scenarios.resume, adam=True), timeout=120):
+        assert r["params_equal"] and r["residuals_equal"], r
+        assert r["metrics_full"] == r["metrics_resumed"]
+        assert all(n > 0 for n in r["tables"]), r  # velocities and both moments were carried
+
+
+@pytest.mark.distributed
+def test_adam_update_equals_its_formula_step_by_step() -> None:
+    """Every (variance, momentum) pair: frozen/local variance, local/global momentum."""
+    by_rank = run_on_two_ranks(ddp_compression_scenarios.adam_reference_variants, timeout=180)
+    assert set(by_rank[0]) == {f"{v}-{m}" for v, m in ddp_compression_scenarios.ADAM_VARIANTS}
+    for variant in by_rank[0]:
+        r0, r1 = by_rank[0][variant], by_rank[1][variant]
+        assert r0["params"] == r1["params"], variant  # the ranks applied the same update
+        _check_adam_reference(r0)
+        _check_adam_reference(r1)
+
+
+def _check_adam_reference(r: dict[str, Any]) -> None:
+    worst, scale = r["worst"], r["scale"]
+    assert scale > 0.1, r  # Adam's direction is O(1) per coordinate
+    assert worst["start"] <= 1e-5 * scale and worst["compressed"] <= 1e-5 * scale, r
+    assert worst["adamw_params"] <= 1e-6 and worst["params"] <= 1e-6, r  # the start is AdamW
+    # The averaged gradient's squared norm, estimated from the shared-position sketch.
+    assert r["norms"]["global_sq_norm"] == pytest.approx(r["sketch_sq"], rel=1e-6)
+    assert 0.5 * r["true_sq"] < r["sketch_sq"] < 2 * r["true_sq"], r
+    assert r["norms"]["local_sq_norm"] > 0
 
 
 @pytest.mark.distributed

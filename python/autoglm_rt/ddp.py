@@ -25,7 +25,7 @@ import torch.distributed as dist
 from autoglm_rt.ops.topk import index_dtype_for, topk_compress, topk_decompress
 from autoglm_rt.policy.compression import DensityController
 
-__all__ = ["TopKState", "topk_hook"]
+__all__ = ["AdamUpdate", "TopKState", "topk_hook"]
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,6 +43,51 @@ class _Residual:
         if len(self.keys) != len(shapes) or sum(sizes) != self.tensor.numel():
             return {}
         return dict(zip(self.keys, torch.split(self.tensor, sizes), strict=True))
+
+
+@dataclass(frozen=True)
+class AdamUpdate:
+    """Compress the Adam *update* instead of the raw gradient (:class:`TopKState`'s ``adam``).
+
+    During the dense start the hook all-reduces the gradient and returns AdamW's direction
+    ``m_hat / (sqrt(v_hat) + eps)`` of the averaged gradient (so with
+    ``torch.optim.SGD(params, lr, weight_decay=wd)`` the start is AdamW exactly: SGD's L2 term on
+    a momentum-free step equals AdamW's decoupled decay). Afterwards each rank preconditions its
+    own gradient, ``p = g / (sqrt(v_hat) + eps)``, keeps the momentum in that space
+    (``u = beta1 u + (1 - beta1) p``, started from the dense phase's ``m / denominator``), and
+    sends top-k of ``u`` + residual with DGC's error feedback and factor masking; the delivered
+    average is divided by ``1 - beta1^t``. variance: ``"frozen"`` keeps ``v`` of the averaged
+    gradient as it stood after the dense start, identical on every rank (1-bit Adam / 0/1 Adam),
+    except for coordinates whose gradient was zero throughout the start: those take the mean
+    ``v`` of their parameter's other entries (so a step is never ``g / eps``);
+    ``"local"`` goes on updating it from each rank's own gradient (the ranks' preconditioners
+    then differ; the update every rank applies is still the same gathered average).
+    momentum: ``"local"`` is the DGC-style per-rank momentum above; ``"global"`` compresses the
+    preconditioned gradient ``p`` itself (error feedback, no masking) and keeps Adam's momentum
+    of the delivered average, ``m = beta1 m + (1 - beta1) avg``, identical on every rank (needs
+    frozen variance, so that every rank's ``m`` is in the same space)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    variance: str = "frozen"
+    momentum: str = "local"
+    masking: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("beta1", "beta2"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {b!r}")
+        e = self.eps
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e > 0 and math.isfinite(e)):
+            raise ValueError(f"eps: expected a finite number > 0, got {e!r}")
+        if self.variance not in ("frozen", "local"):
+            raise ValueError(f"variance: expected 'frozen' or 'local', got {self.variance!r}")
+        if self.momentum not in ("local", "global"):
+            raise ValueError(f"momentum: expected 'local' or 'global', got {self.momentum!r}")
+        if self.momentum == "global" and self.variance != "frozen":
+            raise ValueError("momentum: 'global' needs variance='frozen' (every rank's m in the same space)")
 
 
 _COUNTERS = ("bytes_sent", "dense_bytes", "compressed_buckets", "dense_buckets", "residual_resets")
@@ -71,6 +116,13 @@ class TopKState:
         again every step, and the demo's model diverged to NaN at 1%); the optimizer then runs
         *without* momentum. 0 = off (the optimizer keeps its own momentum). Needs
         ``error_feedback``.
+    adam: an :class:`AdamUpdate` to compress AdamW's update rather than the gradient: the hook
+        delivers the update direction and the optimizer must be
+        ``torch.optim.SGD(params, lr=lr, weight_decay=wd)`` (no momentum). Needs
+        ``error_feedback``, ``momentum == 0`` and, with frozen variance, ``start_iter >= 1``.
+        Under it each compressed message also carries ``SKETCH_SIZE`` raw gradient entries at
+        positions shared by all ranks (1 KiB per bucket), from which
+        ``norms()["global_sq_norm"]`` is estimated (the delivered tensor is not a gradient).
 
     Residuals are keyed by bucket index and layout (element count, dtype, device, parameter
     shapes); one whose layout changed is dropped and counted in ``residual_resets``. A bucket
@@ -91,6 +143,7 @@ class TopKState:
         warmup_start_density: float = 0.25,
         controller: DensityController | None = None,
         momentum: float = 0.0,
+        adam: AdamUpdate | None = None,
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
@@ -107,6 +160,13 @@ class TopKState:
             raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
         if momentum > 0 and not error_feedback:
             raise ValueError("momentum: momentum correction needs error_feedback=True")
+        if adam is not None:
+            if not isinstance(adam, AdamUpdate):
+                raise TypeError(f"adam: expected an AdamUpdate or None, got {type(adam).__name__}")
+            if momentum > 0 or not error_feedback:
+                raise ValueError("adam: needs momentum=0 (it keeps Adam's own momentum) and error_feedback=True")
+            if adam.variance == "frozen" and start_iter < 1:
+                raise ValueError(f"adam: frozen variance needs start_iter >= 1 to measure it, got {start_iter}")
         self.process_group = process_group
         self.density = float(density)
         self.error_feedback = bool(error_feedback)
@@ -117,9 +177,12 @@ class TopKState:
         self.warmup_start_density = float(warmup_start_density)
         self.controller = controller
         self.momentum = float(momentum)
+        self.adam = adam
         self.iter = 0
         self._residuals: dict[int, _Residual] = {}
         self._velocities: dict[int, _Residual] = {}
+        self._adam_m: dict[int, _Residual] = {}  # AdamUpdate: Adam's moments per bucket
+        self._adam_v: dict[int, _Residual] = {}
         # Entries replaced in this iteration (DDP rebuilt its buckets): their slices may still
         # belong to buckets not yet seen.
         self._retired: dict[int, list[_Residual]] = {}
@@ -214,12 +277,10 @@ class TopKState:
         prev = self._norm_parts.get(self.iter - 1)
         return {
             "iteration": self.iter,
-            "residuals": {
-                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._residuals.items()
-            },
-            "velocities": {
-                i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in self._velocities.items()
-            },
+            "residuals": _table_state(self._residuals),
+            "velocities": _table_state(self._velocities),
+            "adam_m": _table_state(self._adam_m),
+            "adam_v": _table_state(self._adam_v),
             "counters": {name: int(getattr(self, name)) for name in _COUNTERS}
             | {"nonfinite_resets": self.nonfinite_resets},
             "bucket_density": dict(self.bucket_density),
@@ -240,7 +301,8 @@ class TopKState:
             "controller",
             "last_norms",
         }
-        if not isinstance(sd, dict) or set(sd) != expected:
+        optional = {"adam_m", "adam_v"}  # absent from states saved before AdamUpdate existed
+        if not isinstance(sd, dict) or not expected <= set(sd) <= expected | optional:
             got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
             raise ValueError(f"state dict: expected keys {sorted(expected)}, got {got}")
         if (sd["controller"] is None) != (self.controller is None):
@@ -250,14 +312,10 @@ class TopKState:
                 + " a density controller, but this state is built differently"
             )
         self.iter = int(sd["iteration"])
-        self._residuals = {
-            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
-            for i, r in sd["residuals"].items()
-        }
-        self._velocities = {
-            int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"]))
-            for i, r in sd["velocities"].items()
-        }
+        self._residuals = _table_from(sd["residuals"])
+        self._velocities = _table_from(sd["velocities"])
+        self._adam_m = _table_from(sd.get("adam_m", {}))
+        self._adam_v = _table_from(sd.get("adam_v", {}))
         self._retired = {}
         counters = sd["counters"]
         for name in _COUNTERS:
@@ -388,6 +446,14 @@ class TopKState:
             self._retired.clear()
 
 
+def _table_state(table: dict[int, _Residual]) -> dict[int, dict[str, Any]]:
+    return {i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in table.items()}
+
+
+def _table_from(saved: dict[Any, dict[str, Any]]) -> dict[int, _Residual]:
+    return {int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"])) for i, r in saved.items()}
+
+
 def _k_at(density: float, numel: int) -> int:
     # Rounded first so that 0.01 * 20000 is 200, not ceil(200.00000000000003).
     return max(1, min(numel, math.ceil(round(density * numel, 6))))
@@ -413,37 +479,135 @@ def _all_gather(output: torch.Tensor, message: torch.Tensor, group: dist.Process
     return gather(output, message, group=group, async_op=True)
 
 
-def _velocity(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor | None:
-    """Momentum correction: u = momentum * u + grad, the tensor that is sent (None when off)."""
+def _velocity(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, iteration: int) -> torch.Tensor | None:
+    """The tensor that is sent instead of the gradient: DGC's velocity u = momentum * u + grad,
+    or under :class:`AdamUpdate` the preconditioned momentum; None when neither is on."""
+    if state.adam is not None:
+        return _adam_velocity(state, bucket, buffer, iteration)
     if state.momentum == 0:
         return None
     u = state._buffer_for(state._velocities, bucket, buffer)
     return u.mul_(state.momentum).add_(buffer)
 
 
-def _dense_allreduce(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.futures.Future[Any]:
+def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, iteration: int) -> torch.Tensor:
+    """After the dense start: u = beta1 u + (1 - beta1) g / (sqrt(v_hat) + eps), with u started
+    from the dense phase's m / (sqrt(v_hat) + eps) in the first iteration after it."""
+    a = state.adam
+    assert a is not None
+    v = state._buffer_for(state._adam_v, bucket, g)
+    if a.variance == "local":
+        v.mul_(a.beta2).addcmul_(g, g, value=1 - a.beta2)
+        updates = iteration + 1
+    else:
+        updates = state.start_iter  # v as the dense start left it
+        if iteration == state.start_iter:
+            _fill_unmeasured(v, [math.prod(p.shape) for p in bucket.parameters()])
+    denom = (v.sqrt() / math.sqrt(1 - a.beta2**updates)).add_(a.eps)
+    u = state._buffer_for(state._velocities, bucket, g)
+    if a.momentum == "global":  # u is scratch for p; m moves into p's space once
+        if iteration == state.start_iter:
+            state._buffer_for(state._adam_m, bucket, g).div_(denom)
+        return u.copy_(g).div_(denom)
+    if iteration == state.start_iter:
+        u.copy_(state._buffer_for(state._adam_m, bucket, g)).div_(denom)
+    return u.mul_(a.beta1).addcdiv_(g, denom, value=1 - a.beta1)
+
+
+SKETCH_SIZE = 256  # gradient entries per bucket that AdamUpdate sends for the norm estimate
+
+
+def _sketch_indices(numel: int, iteration: int, bucket_index: int, device: torch.device) -> torch.Tensor:
+    """The entries of a bucket whose raw gradient every rank sends under :class:`AdamUpdate`:
+    ``SKETCH_SIZE`` uniform draws with replacement, seeded by (iteration, bucket) so that they are
+    the same on every rank. ``numel / SKETCH_SIZE`` times the sum of squares of the averaged
+    sketch is an unbiased estimate of the averaged gradient's squared norm (the noise-scale
+    estimator's large-batch norm)."""
+    gen = torch.Generator().manual_seed(1_000_003 * iteration + bucket_index)
+    return torch.randint(numel, (SKETCH_SIZE,), generator=gen).to(device)
+
+
+def _fill_unmeasured(v: torch.Tensor, sizes: list[int]) -> None:
+    """Where the dense start saw no gradient (an embedding row of a token not yet seen), eps alone
+    would make the first gradient a step of g / eps: those entries of the frozen ``v`` take the
+    mean of the measured entries of their parameter (of the bucket if none). Derived from the
+    averaged gradients only, so ``v`` stays identical on every rank; and proportional to the
+    gradient, not sign-like (equal magnitudes would tie in the top-k selection)."""
+    measured = v > 0
+    if bool(measured.all()) or not bool(measured.any()):
+        return
+    fallback = v[measured].mean()
+    if sum(sizes) != v.numel():
+        sizes = [v.numel()]
+    for piece, seen in zip(torch.split(v, sizes), torch.split(measured, sizes), strict=True):
+        piece.masked_fill_(~seen, piece[seen].mean() if bool(seen.any()) else fallback)
+
+
+def _adam_deliver(a: AdamUpdate, average: torch.Tensor, m: torch.Tensor | None, iteration: int) -> torch.Tensor:
+    """What the optimizer receives after the dense start: the average of momenta, or under
+    global momentum the momentum of the average, divided by Adam's 1 - beta1^t."""
+    if m is not None:
+        average = m.mul_(a.beta1).add_(average, alpha=1 - a.beta1)
+    return average.div(1 - a.beta1 ** (iteration + 1))
+
+
+def _global_momentum(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor | None:
+    """Adam's m of the delivered average under global momentum (None otherwise)."""
+    if state.adam is None or state.adam.momentum != "global":
+        return None
+    return state._buffer_for(state._adam_m, bucket, buffer)
+
+
+def _adam_dense_step(a: AdamUpdate, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, iteration: int) -> None:
+    """AdamW's moments and direction m_hat / (sqrt(v_hat) + eps) of the averaged ``grad``,
+    written into ``grad`` (the dense start under :class:`AdamUpdate`)."""
+    t = iteration + 1
+    m.mul_(a.beta1).add_(grad, alpha=1 - a.beta1)
+    v.mul_(a.beta2).addcmul_(grad, grad, value=1 - a.beta2)
+    denom = (v.sqrt() / math.sqrt(1 - a.beta2**t)).add_(a.eps)
+    grad.copy_(m).div_(denom).div_(1 - a.beta1**t)
+
+
+def _dense_allreduce(
+    state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, iteration: int
+) -> torch.futures.Future[Any]:
     group = state._group()
     world = group.size()
     norms = state._norm_lists()
     local_sq = _sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq.clone())
-    velocity = _velocity(state, bucket, buffer)
+    adam = state.adam
+    adam_start = adam is not None and iteration < state.start_iter
+    if adam_start:  # exact AdamW on the averaged gradient: its moments live in the hook
+        adam_m = state._buffer_for(state._adam_m, bucket, buffer)
+        adam_v = state._buffer_for(state._adam_v, bucket, buffer)
+    velocity = None if adam_start else _velocity(state, bucket, buffer, iteration)
+    global_m = _global_momentum(state, bucket, buffer) if not adam_start else None
+    # A dense bucket under AdamUpdate after the start (small, or a controller ceiling of 1) sends
+    # the gradient beside the velocity, for the averaged gradient's norm.
+    message = buffer
     if velocity is not None:
         # Averaging every rank's velocity is the velocity of the averaged gradient (it is linear),
         # so a dense bucket under momentum correction is exactly momentum SGD.
-        buffer.copy_(velocity)
-    buffer.div_(world)
-    state.bytes_sent += buffer.numel() * buffer.element_size() + local_sq.numel() * local_sq.element_size()
+        message = torch.cat([velocity, buffer]) if adam is not None else buffer.copy_(velocity)
+    message.div_(world)
+    state.bytes_sent += message.numel() * message.element_size() + local_sq.numel() * local_sq.element_size()
     state.dense_buckets += 1
     state.bucket_density[bucket.index()] = 1.0
     norm_fut = dist.all_reduce(local_sq, group=group, async_op=True).get_future()
-    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+    fut = dist.all_reduce(message, group=group, async_op=True).get_future()
 
     def done(f: torch.futures.Future[Any]) -> torch.Tensor:
         result: torch.Tensor = f.value()[0]
         norm_fut.wait()
         norms["mean_local_sq_norm"].append(local_sq / world)
+        if adam is not None and not adam_start:  # [average velocity | average gradient]
+            n = buffer.numel()
+            norms["global_sq_norm"].append(_sq_norm(result[n:]).reshape(1))
+            return buffer.copy_(_adam_deliver(adam, result[:n], global_m, iteration))
         norms["global_sq_norm"].append(_sq_norm(result))
+        if adam_start:
+            _adam_dense_step(adam, result, adam_m, adam_v, iteration)  # type: ignore[arg-type]
         return result
 
     return fut.then(done)
@@ -460,21 +624,24 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if density is None:
         density = state._begin_iteration()
     state.dense_bytes += numel * buffer.element_size()
+    iteration = state.iter
     try:
         if state._iteration_dense or numel < state.min_numel:
-            return _dense_allreduce(state, bucket, buffer)
-        return _compressed(state, bucket, buffer, numel, _k_at(density, numel))
+            return _dense_allreduce(state, bucket, buffer, iteration)
+        return _compressed(state, bucket, buffer, numel, _k_at(density, numel), iteration)
     finally:
         state._finish_bucket(bucket)
 
 
 def _compressed(
-    state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, numel: int, k: int
+    state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, numel: int, k: int, iteration: int
 ) -> torch.futures.Future[torch.Tensor]:
     group = state._group()
     world = group.size()
     residual = state._buffer_for(state._residuals, bucket, buffer) if state.error_feedback else None
-    velocity = _velocity(state, bucket, buffer)
+    velocity = _velocity(state, bucket, buffer, iteration)
+    global_m = _global_momentum(state, bucket, buffer)
+    mask = velocity is not None and (state.adam is None or (state.adam.momentum == "local" and state.adam.masking))
     norms = state._norm_lists()
 
     # One message per rank, as bytes: [local squared norm (float64) | indices | values]. The
@@ -482,17 +649,24 @@ def _compressed(
     index_dtype = index_dtype_for(numel)
     index_bytes = k * torch.empty((), dtype=index_dtype).element_size()
     value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
-    message = torch.empty(8 + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
+    # Under AdamUpdate a sketch of the raw gradient follows the norm: [norm | sketch | indices |
+    # values] (the sketch's length is even, so the indices stay 8-byte aligned).
+    sketch_at = _sketch_indices(numel, iteration, bucket.index(), buffer.device) if state.adam is not None else None
+    head = 8 + (0 if sketch_at is None else 4 * sketch_at.numel())
+    message = torch.empty(head + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
     local_sq = message[:8].view(torch.float64)
-    indices = message[8 : 8 + index_bytes].view(index_dtype)
-    values = message[8 + index_bytes :].view(state.value_dtype)
+    indices = message[head : head + index_bytes].view(index_dtype)
+    values = message[head + index_bytes :].view(state.value_dtype)
+    if sketch_at is not None:
+        message[8:head].view(torch.float32).copy_(buffer[sketch_at])
     if velocity is None:
         # The kernel reads the bucket once for both the selection and its sum of squares.
         topk_compress(buffer, residual, k, values_out=values, indices_out=indices, sq_norm_out=local_sq)
     else:
-        local_sq.copy_(_sq_norm(buffer).reshape(1))
+        local_sq.copy_(_sq_norm(buffer).reshape(1))  # the gradient's, not the velocity's
         topk_compress(velocity, residual, k, values_out=values, indices_out=indices)
-        velocity.index_fill_(0, indices.long(), 0)  # momentum factor masking
+        if mask:
+            velocity.index_fill_(0, indices.long(), 0)  # momentum factor masking
     norms["local_sq_norm"].append(local_sq.clone())
     if residual is not None:
         # NaN/Inf rank first, so values holds one iff the accumulated bucket had one.
@@ -509,13 +683,18 @@ def _compressed(
         f.wait()
         rows = gathered.view(world, -1)
         rank_sq = rows[:, :8].contiguous().view(torch.float64)
-        all_indices = rows[:, 8 : 8 + index_bytes].contiguous().view(index_dtype).reshape(-1)
-        all_values = rows[:, 8 + index_bytes :].contiguous().view(state.value_dtype).reshape(-1)
+        all_indices = rows[:, head : head + index_bytes].contiguous().view(index_dtype).reshape(-1)
+        all_values = rows[:, head + index_bytes :].contiguous().view(state.value_dtype).reshape(-1)
         buffer.zero_()
         # Every rank's indices come from topk_compress on a bucket of this size: no check, so on
         # a GPU the callback queues the scatter without waiting for the stream.
         topk_decompress(all_values, all_indices, buffer, scale=1.0 / world, check_indices=False)
         norms["mean_local_sq_norm"].append(rank_sq.sum() / world)
+        if sketch_at is not None:  # the delivered tensor is an update: the norm from the sketch
+            assert state.adam is not None
+            sketch = rows[:, 8:head].contiguous().view(torch.float32).double().mean(0)
+            norms["global_sq_norm"].append((sketch.square().sum() * (numel / sketch.numel())).reshape(1))
+            return buffer.copy_(_adam_deliver(state.adam, buffer, global_m, iteration))
         # The average g is (1/W) sum_r s_r over the ranks' sparse tensors s_r, so
         # |g|^2 = (1/W) sum_r <s_r, g>: a gather of g at the sent indices, no deduplication.
         at_sent = buffer[all_indices.long()].double()

@@ -1,6 +1,7 @@
 """The demo's ``autoglm_rt`` run: everything on.
 
-Per rank: the top-k hook with error feedback (density warm-up after a dense start), the Runtime
+Per rank: the top-k hook with error feedback compressing AdamW's preconditioned update after a
+dense start (``ddp.AdamUpdate``; the optimizer is then SGD on the delivered step), the Runtime
 (fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
 controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
 a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
@@ -16,6 +17,7 @@ a limit on it would limit nothing; the activation memory is measured instead (``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -45,6 +47,23 @@ class RunSettings(Protocol):
     def density_floor(self) -> float | None: ...
     @property
     def density_ceiling(self) -> float: ...
+    @property
+    def compress_update(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: RunSettings, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW, or under ``compress_update`` "frozen"/"local" SGD with AdamW's lr and weight decay:
+    the hook then delivers AdamW's direction, and SGD's L2 term on a momentum-free step is
+    AdamW's decoupled decay, so the pair steps as AdamW does."""
+    if cfg.compress_update not in ("frozen", "local", "off"):
+        raise ValueError(f"compress_update: expected 'frozen', 'local' or 'off', got {cfg.compress_update!r}")
+    if cfg.compress_update == "off":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=weight_decay)
 
 
 class AutoglmRun:
@@ -60,7 +79,7 @@ class AutoglmRun:
     ) -> None:
         """``energy``: the run's ``EnergyMeter`` (rank 0 meters the machine; None elsewhere),
         exported with the Runtime's sources."""
-        from autoglm_rt.ddp import TopKState, topk_hook
+        from autoglm_rt.ddp import AdamUpdate, TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
         from autoglm_rt.policy import bundled_strategy
@@ -73,8 +92,9 @@ class AutoglmRun:
 
             config = DensityControllerConfig(floor=cfg.density_floor, ceiling=cfg.density_ceiling, interval=10)
             controller = DensityController(config)
+        adam = None if cfg.compress_update == "off" else AdamUpdate(variance=cfg.compress_update)
         self.comm = TopKState(
-            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller
+            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller, adam=adam
         )
         self.hook_timer = HookTimer(topk_hook)
         model.register_comm_hook(self.comm, self.hook_timer.hook)
@@ -192,7 +212,12 @@ class AutoglmRun:
             "pool": None if self.pool is None else "torch's CUDA allocator, limit driven by the memory policy",
             "notes": [
                 f"top-k density {self.cfg.density:.3g} with error feedback after {self.cfg.dense_steps} dense steps "
-                f"and a {self.cfg.warmup_steps}-step warm-up",
+                f"and a {self.cfg.warmup_steps}-step warm-up, compressing "
+                + (
+                    "the raw gradient (AdamW steps on the sparse average)"
+                    if self.cfg.compress_update == "off"
+                    else f"AdamW's preconditioned update ({self.cfg.compress_update} second moment; SGD applies it)"
+                ),
                 f"strategy: the bundled {DEMO_STRATEGY!r} (policy/strategies/{DEMO_STRATEGY}.yaml)",
             ],
         }

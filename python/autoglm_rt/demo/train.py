@@ -36,6 +36,7 @@ from autoglm_rt.demo.model import CharGPT, GPTConfig, loss_fn
 from autoglm_rt.demo.progress import Progress
 
 RUNS = ("autoglm_rt", "baseline")
+WEIGHT_DECAY = 0.01  # AdamW's, in both runs
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -54,7 +55,12 @@ class DemoConfig:
     val_windows: int = 256
     density: float = 0.01
     dense_steps: int = 5  # dense allreduce first (DDP rebuilds its buckets after step 1)
-    warmup_steps: int = 20  # then the density falls geometrically to `density` (DGC warm-up)
+    warmup_steps: int = 0  # then the density falls geometrically to `density` (DGC warm-up)
+    # What the autoglm_rt run compresses: "frozen" / "local" AdamW's preconditioned update
+    # (autoglm_rt.ddp.AdamUpdate with that variance; the run then steps SGD on what the hook
+    # delivers, which is AdamW's step), "off" the raw gradient (AdamW steps on the sparse average).
+    # See docs/compression.md for the sweep.
+    compress_update: str = "frozen"
     # Regime-aware density (autoglm_rt.policy.compression) instead of the fixed `density`: None
     # keeps the fixed density (with AdamW, the regime controller measured no better; see
     # docs/compression.md), else the density of quiet 10-step windows, `density_ceiling` that of
@@ -174,11 +180,12 @@ def _build(
     model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if resume_batch is not None:
         _settle_buckets(model, resume_batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     if run == "autoglm_rt":
-        from autoglm_rt.demo.autoglm_run import AutoglmRun
+        from autoglm_rt.demo.autoglm_run import AutoglmRun, make_optimizer
 
+        optimizer = make_optimizer(model.parameters(), cfg, WEIGHT_DECAY)
         return net, optimizer, AutoglmRun(model, optimizer, cfg, device, rank, energy=energy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
     from autoglm_rt.demo.baseline_run import BaselineRun
 
     return net, optimizer, BaselineRun(model, optimizer, cfg.batch)
