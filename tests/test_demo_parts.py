@@ -159,6 +159,15 @@ def test_report_says_where_autoglm_rt_is_worse_and_slower_and_why() -> None:
     assert "estimated" in text
 
 
+def test_report_says_what_the_hook_compresses() -> None:
+    runs = _runs()
+    runs["autoglm_rt"]["config"] = {**runs["autoglm_rt"]["config"], "compress_update": "frozen"}
+    assert "of AdamW's update in each bucket" in comparison_sentences(runs, {})[0]
+    assert "frozen after the dense steps" in comparison_sentences(runs, {})[0]
+    runs["autoglm_rt"]["config"]["compress_update"] = "off"
+    assert "of each gradient bucket" in comparison_sentences(runs, {})[0]
+
+
 def test_report_says_the_same_when_it_is_the_same() -> None:
     text = " ".join(comparison_sentences(_runs(val_loss=2.001, wall_seconds=10.2), {}))
     assert "the same within 0.5%" in text and "Wall time**: the same" in text

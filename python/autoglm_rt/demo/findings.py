@@ -22,11 +22,17 @@ def comparison_sentences(runs: dict[str, dict[str, Any]], steps: dict[str, list[
     cfg = a.get("config", {})
     out: list[str] = []
     ratio = b["bytes_communicated"] / max(1, a["bytes_communicated"])
+    update = cfg.get("compress_update", "off")
+    what = (
+        "of AdamW's update in each bucket (each rank's momentum divided by Adam's second moment, "
+        f"{'frozen after the dense steps' if update == 'frozen' else 'kept per rank'}; SGD applies the average)"
+        if update in ("frozen", "local")
+        else "of each gradient bucket"
+    )
     out.append(
         f"**Bytes**: autoglm_rt sent {ratio:.1f}x fewer bytes ({format_size(a['bytes_communicated'])} vs "
         f"{format_size(b['bytes_communicated'])}): after {cfg.get('dense_steps', '?')} dense steps the top-k hook "
-        f"sends {cfg.get('density', '?')} of each gradient bucket "
-        f"(after a {cfg.get('warmup_steps', '?')}-step warm-up)."
+        f"sends {cfg.get('density', '?')} {what} (after a {cfg.get('warmup_steps', '?')}-step warm-up)."
     )
     loss = a["val_loss"] / b["val_loss"]
     if loss > 1 + SAME_LOSS:
