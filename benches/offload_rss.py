@@ -12,49 +12,35 @@ size. Usage: ``PYTHONPATH=python:. python benches/offload_rss.py [--numel N] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from autoglm_rt import resources
+
 ROOT = Path(__file__).resolve().parents[1]
-CGROUP = Path("/sys/fs/cgroup/memory")
 MiB = 2**20
 
 
 def run(numel: int, block: str | None, directory: str) -> dict[str, float]:
-    group = CGROUP / f"agrt_offload_rss_{os.getpid()}"
-    use_group = os.access(CGROUP, os.W_OK)
-    if use_group:
-        group.mkdir()
+    group = resources.JobGroup.create(f"pid-{os.getpid()}-bench", "offload-rss") if resources.detect() else None
     try:
         cmd = [sys.executable, str(ROOT / "tests" / "offload_memory_job.py"), "--numel", str(numel)]
         cmd += ["--directory", directory] + (["--offload", "--block-bytes", block] if block else [])
-        enter = f'echo $$ > {group / "cgroup.procs"} && exec "$0" "$@"' if use_group else 'exec "$0" "$@"'
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'python'}{os.pathsep}{ROOT}")
-        argv = ["sh", "-c", enter, *cmd]
-        out = subprocess.run(argv, input="go\n", capture_output=True, text=True, env=env, check=True)
+        enter = (lambda: group.add(os.getpid())) if group is not None else None
+        out = subprocess.run(cmd, input="go\n", capture_output=True, text=True, env=env, check=True, preexec_fn=enter)
         fields = dict(kv.split("=") for kv in out.stdout.split("\n")[1].split()[2:])
         result = {k: float(v) for k, v in fields.items()}
         result["checksum"] = float(out.stdout.split("\n")[1].split()[1])
-        if use_group:
-            result["cgroup_peak"] = float((group / "memory.max_usage_in_bytes").read_text())
+        if group is not None:
+            result["cgroup_peak"] = float(group.memory_peak())
         return result
     finally:
-        if use_group:
-            for pid in (group / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            for _ in range(100):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        if group is not None:
+            group.remove()  # kills what is left, then removes the group from every hierarchy
 
 
 def main() -> None:
