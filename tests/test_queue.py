@@ -191,6 +191,7 @@ def test_migrate_task_needs_a_free_slot(tmp_path: Path) -> None:
         os.killpg(job.pid, signal.SIGKILL)
         runner.close()
         os.waitpid(job.pid, 0)
+        runner.placement.finished("m", job.attempt)  # its cgroup, which a closed runner leaves
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:

@@ -24,12 +24,15 @@ class SleepingAgents(ElasticJob):
 
 
 def close_and_kill(runner: QueueRunner, job: str) -> None:
-    """Closes the runner and kills what is left of ``job``'s process group."""
-    pid = runner.store.job(job).pid
+    """Closes the runner, kills what is left of ``job``'s process group and removes its cgroup
+    (a closed runner leaves a running job's group for the next runner to adopt)."""
+    record = runner.store.job(job)
+    pid, attempt = record.pid, record.attempt
     runner.close()
     if pid is not None:
         os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+    runner.placement.finished(job, attempt)
 
 
 def test_scale_replicas_stays_within_min_and_max(tmp_path: Path) -> None:

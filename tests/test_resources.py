@@ -3,6 +3,7 @@ CPU accounting, the job-side pool view, and removal (also of groups a killed run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,6 +177,26 @@ def test_remove_kills_what_is_left_and_removes_every_hierarchy(group: resources.
     assert child.wait(timeout=5) == -signal.SIGKILL
     assert not any(d.exists() for d in group.dirs.values())
     group.remove()  # idempotent
+
+
+def test_a_group_left_in_the_cpu_hierarchy_only_is_still_found_and_removed() -> None:
+    """A removal cut short after the memory directory went (e.g. the cpu one still busy at the
+    deadline) left cpu-only groups that remove() and cleanup_stale() never saw again."""
+    scope = f"queue-test{os.getpid()}"
+    created = [resources.JobGroup.create(scope, "half"), resources.JobGroup.create(scope, "half2")]
+    try:
+        for g in created:
+            g.dirs["memory"].rmdir()
+            assert g.exists() and g.dirs["cpu"].is_dir()
+        g, g2 = created
+        g2.remove()
+        assert not g2.exists()
+        assert resources.cleanup_stale(scope=scope) == [g.rel]  # its own runner's scope: empty groups go
+        assert not g.exists() and not g.dirs["cpu"].parent.exists()  # the scope directory too
+    finally:
+        for g in created:
+            with contextlib.suppress(resources.ResourceError):
+                g.remove()
 
 
 def test_groups_of_a_runner_killed_with_sigkill_are_removed_on_the_next_start() -> None:

@@ -255,7 +255,9 @@ class JobGroup:
         return cls(backend, "")
 
     def exists(self) -> bool:
-        return self.dirs["memory"].is_dir()
+        """True while the group has a directory in any hierarchy (a removal cut short can leave
+        the cpu one after the memory one is gone; :meth:`remove` still finishes it)."""
+        return any(d.is_dir() for d in dict.fromkeys(self.dirs.values()))
 
     def add(self, pid: int) -> None:
         """Moves ``pid`` (with its threads) into the group; its future children start inside."""
@@ -267,11 +269,12 @@ class JobGroup:
         return [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
 
     def pids(self) -> list[int]:
-        try:
-            text = (self.dirs["memory"] / "cgroup.procs").read_text()
-        except OSError:
-            return []
-        return [int(x) for x in text.split()]
+        """The processes in the group, in any of its hierarchies."""
+        found: dict[int, None] = {}
+        for d in dict.fromkeys(self.dirs.values()):
+            with contextlib.suppress(OSError):
+                found.update(dict.fromkeys(int(x) for x in (d / "cgroup.procs").read_text().split()))
+        return list(found)
 
     def kill(self) -> None:
         """SIGKILLs every process in the group (v2: through ``cgroup.kill`` when the kernel has it)."""
@@ -494,12 +497,15 @@ def cpu_quota_cores(pid: int | str = "self") -> float | None:
 
 
 def _groups(backend: Backend) -> Iterator[JobGroup]:
-    base = backend.bases["memory"]
-    if not base.is_dir():
-        return
-    for scope in sorted(p for p in base.iterdir() if p.is_dir()):
-        for job in sorted(p for p in scope.iterdir() if p.is_dir()):
-            yield JobGroup(backend, f"{scope.name}/{job.name}")
+    """Every job group with a directory in any hierarchy (once each)."""
+    rels: set[str] = set()
+    for base in dict.fromkeys(backend.bases.values()):
+        if not base.is_dir():
+            continue
+        for scope in (p for p in base.iterdir() if p.is_dir()):
+            rels.update(f"{scope.name}/{job.name}" for job in scope.iterdir() if job.is_dir())
+    for rel in sorted(rels):
+        yield JobGroup(backend, rel)
 
 
 def scope_pid(scope: str) -> int | None:
@@ -530,9 +536,10 @@ def cleanup_stale(backend: Backend | None = None, scope: str | None = None, *, e
                 continue
             # An empty group of a live owner may be one just created, its job not yet in it.
             try:
-                old = now - g.dirs["memory"].stat().st_mtime >= empty_after
-            except OSError:
+                born = min(d.stat().st_mtime for d in dict.fromkeys(g.dirs.values()) if d.is_dir())
+            except (OSError, ValueError):
                 continue
+            old = now - born >= empty_after
             if s != scope and not old:
                 continue
         with contextlib.suppress(ResourceError):
