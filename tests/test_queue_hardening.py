@@ -198,6 +198,7 @@ def test_queue_migrate_without_a_runner_leaves_no_request_behind(tmp_path: Path)
         if job.pid:
             os.killpg(job.pid, signal.SIGKILL)
         runner.close()
+        runner.placement.finished("a", job.attempt)  # its cgroup, which a closed runner leaves
 
 
 @pytest.mark.parametrize("wait", ["nan", "inf", "-1"])

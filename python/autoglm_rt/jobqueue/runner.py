@@ -30,6 +30,7 @@ from autoglm_rt.jobqueue.spec import JobSpec, QueueSpec, check_job
 from autoglm_rt.jobqueue.store import TERMINAL, JobRow, QueueStore, RunnerLock
 from autoglm_rt.policy.scheduler.priority import PriorityScheduler
 from autoglm_rt.policy.scheduler.tasks import SchedulerError, TaskState
+from autoglm_rt.resources import ResourceError
 
 if TYPE_CHECKING:
     import psutil
@@ -242,6 +243,8 @@ class QueueRunner:
             self._spawn(job, devices, now)
         except (OSError, ValueError) as exc:
             reason = f"cannot start {job.name!r}: {exc}"
+            with contextlib.suppress(OSError, ResourceError):
+                self.placement.finished(job.name, job.attempt + 1)  # the group made for it, if any
             self.store.update(
                 job.name,
                 now,
