@@ -154,9 +154,9 @@ class Runtime(RuntimeViews):
         """Registers every metrics source of this runtime, its ``comm_state`` and its ``pool``
         (and ``energy``, an ``EnergyMeter``, when given) with ``exporter``; step durations go to
         its histogram from the next step on."""
-        attach(exporter, self.metrics, comm_state=self.comm_state, pool=self.pool, energy=energy)
-        if self.offloading is not None:
-            exporter.add_source("offload", self.offloading.metrics)
+        attach(
+            exporter, self.metrics, comm_state=self.comm_state, pool=self.pool, energy=energy, offload=self.offloading
+        )
 
     # -- the loop ----------------------------------------------------------------------------------
     def batches(self, loader: Iterable[Batch]) -> Iterator[tuple[int, Batch]]:

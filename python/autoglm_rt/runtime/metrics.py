@@ -3,8 +3,9 @@ sources a ``MetricsExporter`` scrapes (field names: ``monitor.exporter.SOURCE_FI
 
 ``attach(exporter, ...)`` registers every producer a Runtime has: its own ``stats`` and
 ``policy`` sources, the DDP hook state's ``compression`` source (anything with ``metrics()``),
-the memory signal's ``pool`` source (anything with ``stats()``) and, when given, an energy
-meter's ``energy`` source; step durations go to the exporter's histogram.
+the memory signal's ``pool`` source (anything with ``stats()``), the optimizer offload's
+``offload`` source and, when given, an energy meter's ``energy`` source; step durations go to
+the exporter's histogram.
 """
 
 from __future__ import annotations
@@ -97,9 +98,16 @@ class RuntimeMetrics:
 
 
 def attach(
-    exporter: Any, metrics: RuntimeMetrics, *, comm_state: Any = None, pool: Any = None, energy: Any = None
+    exporter: Any,
+    metrics: RuntimeMetrics,
+    *,
+    comm_state: Any = None,
+    pool: Any = None,
+    energy: Any = None,
+    offload: Any = None,
 ) -> None:
-    """Registers every producer with ``exporter`` (see the module docstring)."""
+    """Registers every producer with ``exporter`` (see the module docstring); ``offload``: the
+    Runtime's ``OffloadControl``, whose ``metrics`` is the ``offload`` source."""
     exporter.add_source("stats", metrics.stats)
     exporter.add_source("policy", metrics.policy)
     comm_metrics = getattr(comm_state, "metrics", None)
@@ -110,6 +118,8 @@ def attach(
         exporter.add_source("pool", pool_stats)
     if energy is not None:
         exporter.add_source("energy", energy.as_source)
+    if offload is not None:
+        exporter.add_source("offload", offload.metrics)
     metrics.exporters.append(exporter)
 
 
