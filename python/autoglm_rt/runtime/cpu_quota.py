@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
+from autoglm_rt.policy.memory import MemoryPolicy
 from autoglm_rt.runtime.pipeline import ThreadControl
 
 
@@ -93,7 +93,7 @@ def follow_cpu_quota(
     read_quota: Callable[[], float | None] | None,
     setter: Callable[[int], None],
     loop: ThreadControl | None,
-    memory_policy: Any,
+    memory_policy: MemoryPolicy | None,
     now: float,
 ) -> QuotaThreads | None:
     """The Runtime's :class:`QuotaThreads` (None when ``read_quota`` is None), with the memory
