@@ -6,6 +6,7 @@ trace reports OOM failures only where static partitions are outgrown."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_trace_is_seeded_poisson_with_urgent_jobs_every_k() -> None:
         ({"training_jobs": 0}, "training_jobs"),
         ({"tenant_weight": 0}, "tenant_weight"),
         ({"tenant_weight": 2.5}, "tenant_weight"),
+        ({"request_passes": 0}, "request_passes"),
+        ({"request_passes": 2.0}, "request_passes"),
+        ({"request_passes": True}, "request_passes"),
     ],
 )
 def test_bad_workloads_name_the_field(kwargs: dict[str, object], match: str) -> None:
@@ -79,7 +83,7 @@ def test_dynamic_respects_floors_and_the_machine_and_spreads_what_is_left() -> N
 
 
 def test_dynamic_cpu_quotas_lend_what_others_leave_idle_and_weights_follow_requests() -> None:
-    cfg = PlannerConfig(memory=4000 * MiB, cores=2.0)
+    cfg = PlannerConfig(memory=4000 * MiB, cores=2.0, service_cores_busy=1.0)
     svc = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, cpu_used=0.1)
     a = job("a", running=True, limit=400 * MiB, request_cpus=1.0, cpu_used=0.2)
     b = job("b", running=True, limit=400 * MiB, request_cpus=0.5, cpu_used=1.6)
@@ -91,9 +95,22 @@ def test_dynamic_cpu_quotas_lend_what_others_leave_idle_and_weights_follow_reque
     assert plan.cpu_weights == {"svc": 100, "a": 133, "b": 67}
     busy = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True, cpu_used=0.1)
     plan = plan_dynamic([busy, a, b], cfg, now=0.0)
-    assert plan.cpus["svc"] == cfg.service_cores_busy and plan.cpu_weights["svc"] == cfg.service_weight_busy
-    assert plan.cpus["a"] == pytest.approx((cfg.cores - cfg.service_cores_busy) / 1.5)
+    assert plan.cpus["svc"] == cfg.busy_service_cores and plan.cpu_weights["svc"] == cfg.service_weight_busy
+    assert plan.cpus["a"] == pytest.approx((cfg.cores - cfg.busy_service_cores) / 1.5)
     assert all(0 < q <= cfg.cores for q in plan.cpus.values())
+
+
+def test_a_busy_service_may_use_every_core_by_default_and_bad_caps_are_refused() -> None:
+    cfg = PlannerConfig(memory=4000 * MiB, cores=3.0)
+    busy = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True)
+    a = job("a", running=True, limit=400 * MiB, request_cpus=1.0, cpu_used=2.5)
+    plan = plan_dynamic([busy, a], cfg, now=0.0)
+    assert plan.cpus["svc"] == 3.0 and plan.cpu_weights["svc"] == cfg.service_weight_busy
+    assert plan.cpus["a"] == 3.0  # nothing else used a core last period
+    assert PlannerConfig(memory=MiB, cores=2.0, service_cores_busy=8.0).busy_service_cores == 2.0
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="service_cores_busy"):
+            PlannerConfig(memory=MiB, cores=2.0, service_cores_busy=bad)
 
 
 def reference_cfs(caps: dict[str, float], weights: dict[str, int], cores: float) -> dict[str, float]:
@@ -156,7 +173,7 @@ def test_dynamic_preempts_the_lowest_score_for_an_urgent_job_and_gives_a_busy_se
     service = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, busy=True, cpu_used=0.9)
     mid = job("mid", 0.0, running=True, limit=300 * MiB, urgency=0.3, cpu_used=1.0)
     plan = plan_dynamic([service, mid], CFG, now=0.0)
-    assert plan.cpus["svc"] == CFG.service_cores_busy and plan.cpus["mid"] == pytest.approx(1.1)
+    assert plan.cpus["svc"] == CFG.busy_service_cores and plan.cpus["mid"] == pytest.approx(1.1)
     assert plan.cpu_weights == {"svc": 10000, "mid": 100}
 
 
@@ -191,3 +208,107 @@ def test_dynamic_does_not_lower_a_limit_below_the_recent_peak_with_margin() -> N
     grown = job("grown", running=True, limit=500 * MiB, peak=350 * MiB)
     plan = plan_dynamic([grown, job("other", running=True, limit=300 * MiB, peak=260 * MiB)], CFG, now=0.0)
     assert plan.memory["grown"] >= int(350 * MiB * CFG.grow_by)
+
+
+class _Group:
+    """Records the quotas set on it, as a JobGroup would apply them; ``gone``: removed."""
+
+    def __init__(self) -> None:
+        self.quotas: list[float | None] = []
+        self.gone = False
+
+    def set_cpu_quota(self, cores: float | None) -> None:
+        if self.gone:
+            raise mt.ResourceError("gone")
+        self.quotas.append(cores)
+
+
+def test_training_yields_from_the_first_request_sent_to_the_last_answered() -> None:
+    cfg = PlannerConfig(memory=MiB, cores=2.0)
+    y = mt.TrainingYield(cfg)
+    a, b = _Group(), _Group()
+    y.plan("a", a, 1.5)  # type: ignore[arg-type]
+    y.plan("b", b, 0.005)  # type: ignore[arg-type]  # already below the cap: kept
+    assert (a.quotas, b.quotas) == ([1.5], [0.005])
+    y.sent("r0")
+    y.sent("r1")  # already serving: no second write
+    assert (a.quotas, b.quotas) == ([1.5, cfg.serving_training_cores], [0.005, 0.005])
+    y.plan("a", a, 1.0)  # a new period's plan while serving stays capped
+    assert a.quotas[-1] == cfg.serving_training_cores
+    y.answered("r0")
+    assert a.quotas[-1] == cfg.serving_training_cores and y.serving
+    b.gone = True  # b's job ended between the plan and the answer: skipped, not an error
+    y.answered("r1")
+    assert not y.serving and a.quotas[-1] == 1.0
+    y.forget("b")
+    y.sent("r2")
+    assert a.quotas[-1] == cfg.serving_training_cores and len(b.quotas) == 2  # b forgotten: untouched
+    y.answered("unknown")  # an answer to nothing in flight changes nothing
+    assert y.serving
+    with pytest.raises(ValueError, match="serving_training_cores"):
+        PlannerConfig(memory=MiB, cores=2.0, serving_training_cores=0.0)
+
+
+@pytest.mark.cgroup
+def test_a_real_training_group_is_throttled_while_serving_and_restored_after() -> None:
+    from autoglm_rt import resources
+
+    cfg = PlannerConfig(memory=MiB, cores=2.0)
+    group = resources.JobGroup.create(f"pid-{os.getpid()}-yield", "train")
+    try:
+        y = mt.TrainingYield(cfg)
+        y.plan("t", group, 1.25)
+        assert group.cpu_quota() == 1.25
+        y.sent("r")
+        assert group.cpu_quota() == pytest.approx(cfg.serving_training_cores)
+        y.answered("r")
+        assert group.cpu_quota() == 1.25
+    finally:
+        group.remove()
+
+
+def test_the_service_runs_on_the_whole_cores_of_its_quota() -> None:
+    from autoglm_rt.trainers.tenant_service import quota_threads
+
+    cores = os.cpu_count() or 1
+    assert quota_threads(None) == cores
+    assert quota_threads(0.5) == 1 and quota_threads(0.01) == 1
+    assert quota_threads(1.0) == 1 and quota_threads(1.999) == 1
+    assert quota_threads(2.0) == min(2, cores) and quota_threads(1e6) == cores
+
+
+@pytest.mark.cgroup
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a second thread")
+def test_the_live_service_starts_a_second_thread_only_when_its_quota_grants_two_cores() -> None:
+    import subprocess
+    import sys
+
+    from autoglm_rt import resources
+
+    tasks: dict[float, tuple[int, int]] = {}
+    root = Path(__file__).resolve().parents[1]
+    for quota in (0.5, 2.0):
+        group = resources.JobGroup.create(f"pid-{os.getpid()}-svc", f"q{round(quota * 10)}")
+        try:
+            group.set_cpu_quota(quota)
+            with subprocess.Popen(
+                [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", "--passes=1"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(root / "python")},
+                preexec_fn=lambda g=group: g.add(os.getpid()),  # type: ignore[misc]
+            ) as proc:
+                assert proc.stdin is not None and proc.stdout is not None
+                assert proc.stdout.readline().strip() == "ready"
+                before = len(os.listdir(f"/proc/{proc.pid}/task"))
+                proc.stdin.write("r0\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "r0"
+                tasks[quota] = (before, len(os.listdir(f"/proc/{proc.pid}/task")))
+                proc.stdin.close()
+                assert proc.wait(timeout=30) == 0
+        finally:
+            group.remove()
+    assert tasks[0.5][1] == tasks[0.5][0]  # one intra-op thread: no pool started
+    assert tasks[2.0][1] > tasks[2.0][0]  # the request ran on a second thread

@@ -13,7 +13,10 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
   limits and CPU quotas are re-divided (phase share, priority score, preemption, headroom over
   each job's floor); a limit is lowered by announcing it (the cgroup's memory target) and
   enforcing it once the job's peak is under it, and jobs adapt their micro-batch to it
-  (``Runtime(pool=CgroupMemory.own())``). A busy service gets its CPU share at once.
+  (``Runtime(pool=CgroupMemory.own())``). A request gives the service every core and the top
+  weight at once, and the training jobs yield (:class:`TrainingYield`) until it is answered; the
+  service runs each request on the whole cores of its quota (static: its 0.5-core partition, one
+  thread).
 
 Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
 answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),
@@ -44,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoglm_rt.policy.scheduler.cpu_plan import quota_while_serving
 from autoglm_rt.policy.scheduler.dynamic_plan import plan_dynamic
 from autoglm_rt.policy.scheduler.static_plan import plan_static
 from autoglm_rt.policy.scheduler.tenants import PlannerConfig, ResourcePlan, TenantState
@@ -53,6 +57,7 @@ __all__ = [
     "CATALOG",
     "Arrival",
     "JobKind",
+    "TrainingYield",
     "Workload",
     "format_comparison",
     "make_trace",
@@ -116,6 +121,7 @@ class Workload:
     urgent_every: int = 4  # every k-th training job is urgent (urgency 0.9); 0: none
     request_rate: float = 1.0
     request_window: float = 30.0
+    request_passes: int = 8  # forward passes per request: its work (~90 ms of one dev-cpu core)
     service_memory: int = 400 * MiB
     service_cpus: float = 0.5
     training_cpus: float = 0.75  # a training job's static CPU partition
@@ -128,6 +134,8 @@ class Workload:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if isinstance(self.request_passes, bool) or not isinstance(self.request_passes, int) or self.request_passes < 1:
+            raise ValueError(f"request_passes must be an int >= 1, got {self.request_passes!r}")
         if self.training_jobs < 1:
             raise ValueError(f"training_jobs must be >= 1, got {self.training_jobs}")
         weight = self.tenant_weight
@@ -191,6 +199,52 @@ class _Tenant:
         return max((p for _, p in self.peaks), default=0)
 
 
+class TrainingYield:
+    """Training jobs yield the CPU to requests in flight: from the first request sent to the last
+    one answered each training group's quota is
+    :func:`~autoglm_rt.policy.scheduler.cpu_plan.quota_while_serving` of its planned quota, and
+    the plan comes back the moment the last request is answered (event-driven: a request lasts
+    milliseconds, a control period half a second). Not thread-safe: callers hold one lock."""
+
+    def __init__(self, cfg: PlannerConfig) -> None:
+        self.cfg = cfg
+        self.in_flight: set[str] = set()
+        self._planned: dict[str, tuple[JobGroup, float]] = {}
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.in_flight)
+
+    def plan(self, name: str, group: JobGroup, cores: float) -> None:
+        """The period's quota for ``name``'s group, applied now (capped while serving)."""
+        self._planned[name] = (group, cores)
+        self._apply(name)
+
+    def forget(self, name: str) -> None:
+        """``name``'s group is gone (its job ended or was preempted)."""
+        self._planned.pop(name, None)
+
+    def sent(self, request: str) -> None:
+        was = self.serving
+        self.in_flight.add(request)
+        if not was:
+            self._apply_all()
+
+    def answered(self, request: str) -> None:
+        self.in_flight.discard(request)
+        if not self.serving:
+            self._apply_all()
+
+    def _apply_all(self) -> None:
+        for name in list(self._planned):
+            self._apply(name)
+
+    def _apply(self, name: str) -> None:
+        group, cores = self._planned[name]
+        with contextlib.suppress(ResourceError):  # a job that just ended has no group to set
+            group.set_cpu_quota(quota_while_serving(cores, self.serving, self.cfg))
+
+
 @dataclass
 class ModeResult:
     mode: str
@@ -206,6 +260,8 @@ class ModeResult:
     requests: int
     requests_answered: int
     preemptions: int
+    service_on_cpu_seconds: float = math.nan  # mean per request: the service's own CPU time
+    service_queue_seconds: float = math.nan  # mean per request: its time runnable but not running
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -239,16 +295,19 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         "MALLOC_MMAP_THRESHOLD_": "131072",  # freed activations go back to the kernel at once
         "OMP_NUM_THREADS": "1",
     }
+    # The resident service keeps glibc's default: returning every freed activation to the kernel
+    # would make each request fault its buffers in again (measured: 27 -> 36-44 ms of CPU each).
+    service_env = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     tenants = {a.name: _Tenant(a, CATALOG[a.kind]) for a in trace if a.kind != "request"}
     requests = [a for a in trace if a.kind == "request"]
     service_group = JobGroup.create(scope, "service", backend)
     service_group.set_memory_limit(w.service_memory)
     service_group.set_cpu_quota(w.service_cpus)
     service = subprocess.Popen(
-        [sys.executable, "-m", "autoglm_rt.trainers.tenant_service"],
+        [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", f"--passes={w.request_passes}"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
+        env=service_env,
         text=True,
         preexec_fn=lambda: service_group.add(os.getpid()),
     )
@@ -257,35 +316,54 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         raise RuntimeError("the inference service did not start")
     answers: queue.Queue[tuple[str, float]] = queue.Queue()
 
+    sent: dict[str, float] = {}
+    service_lock = threading.Lock()  # sender, reader and control loop all set CPU quotas
+    yielding = TrainingYield(cfg)  # dynamic: training jobs yield while requests are in flight
+
+    sched_at: dict[str, tuple[float, float]] = {}  # request -> service's (on-CPU, run-queue) s at send
+    sched_used: dict[str, tuple[float, float]] = {}  # request -> (on-CPU, run-queue wait) s while it ran
+
     def reader() -> None:
         assert service.stdout is not None
         for line in service.stdout:
-            answers.put((line.strip(), time.monotonic()))
+            at = time.monotonic()
+            rid = line.strip()
+            now_sched = _schedstat(service.pid)
+            if rid in sched_at and now_sched is not None:
+                before = sched_at[rid]
+                sched_used[rid] = (now_sched[0] - before[0], now_sched[1] - before[1])
+            answers.put((rid, at))
+            with service_lock:
+                yielding.answered(rid)  # the last one in flight: training gets its plan back
 
     threading.Thread(target=reader, daemon=True).start()
-    sent: dict[str, float] = {}
     answered: dict[str, float] = {}
     timeline: list[dict[str, Any]] = []
     t0 = time.monotonic()
     svc_cpu0 = service_group.cpu_seconds()
     pending_arrivals = [a for a in trace if a.kind != "request"]
     service_quota = w.service_cpus
-    service_lock = threading.Lock()  # the sender and the control loop both set the service's CPU
     stop_sending = threading.Event()
 
     def sender() -> None:
         """Delivers each request at its arrival time (not at the control loop's next period); in
-        dynamic mode a request gives the service its busy share at once."""
+        dynamic mode a request gives the service its busy share at once and the training jobs
+        yield until the reader sees the last request in flight answered."""
         nonlocal service_quota
         assert service.stdin is not None
         for a in requests:
             if stop_sending.wait(max(0.0, t0 + a.at - time.monotonic())):
                 return
             with service_lock:
-                if mode == "dynamic" and service_quota != cfg.service_cores_busy:
-                    service_group.set_cpu_quota(cfg.service_cores_busy)
+                if mode == "dynamic" and service_quota != cfg.busy_service_cores:
+                    service_group.set_cpu_quota(cfg.busy_service_cores)
                     service_group.set_cpu_weight(cfg.service_weight_busy)
-                    service_quota = cfg.service_cores_busy
+                    service_quota = cfg.busy_service_cores
+                if mode == "dynamic":
+                    yielding.sent(a.name)
+                stat = _schedstat(service.pid)
+                if stat is not None:
+                    sched_at[a.name] = stat
                 sent[a.name] = time.monotonic()
                 service.stdin.write(a.name + "\n")
                 service.stdin.flush()
@@ -323,7 +401,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     def apply_limits(t: _Tenant, limit: int, cores: float, now: float) -> None:
         g = t.group
         assert g is not None
-        g.set_cpu_quota(cores)
+        with service_lock:
+            yielding.plan(t.arrival.name, g, cores)
         if t.hard_limit is None or limit >= t.hard_limit:
             g.set_memory_limit(limit)
             g.set_memory_target(None)
@@ -347,6 +426,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.cpu_seconds += t.group.cpu_seconds()
         t.group.remove()
         t.group, t.hard_limit, t.peaks, t.cpu_mark, t.cpu_used = None, None, [], None, 0.0
+        with service_lock:
+            yielding.forget(t.arrival.name)
         if t.state == "stopping" and rc in (0, -signal.SIGTERM) and not kills:
             # Preempted: it checkpointed (exit 0), or SIGTERM came before it could handle it
             # (still starting: nothing done to lose). It waits again either way.
@@ -511,8 +592,20 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         requests=len(requests),
         requests_answered=len(responses),
         preemptions=sum(t.preemptions for t in tenants.values()),
+        service_on_cpu_seconds=statistics.fmean(u[0] for u in sched_used.values()) if sched_used else math.nan,
+        service_queue_seconds=statistics.fmean(u[1] for u in sched_used.values()) if sched_used else math.nan,
         timeline=timeline,
     )
+
+
+def _schedstat(pid: int) -> tuple[float, float] | None:
+    """A process's main thread's (on-CPU, run-queue wait) seconds from ``/proc/PID/schedstat``;
+    None where the kernel does not keep it or the process is gone."""
+    try:
+        on_cpu, waited = Path(f"/proc/{pid}/schedstat").read_text().split()[:2]
+        return int(on_cpu) / 1e9, int(waited) / 1e9
+    except (OSError, ValueError):
+        return None
 
 
 def _cpu_rate(mark: tuple[float, float] | None, now: float, cpu_seconds: float) -> tuple[float, tuple[float, float]]:
@@ -567,6 +660,8 @@ def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None]
                 "requests": r.requests,
                 "requests_answered": r.requests_answered,
                 "preemptions": r.preemptions,
+                "service_on_cpu_seconds": r.service_on_cpu_seconds,
+                "service_queue_seconds": r.service_queue_seconds,
             }
             doc.setdefault("timeline", {})[mode] = r.timeline
     finally:

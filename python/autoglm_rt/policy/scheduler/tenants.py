@@ -22,8 +22,11 @@ class PlannerConfig:
 
     ``memory`` (bytes) and ``cores``: what all tenants share. ``headroom``: a job's limit never goes
     below ``floor * (1 + headroom)``. A job whose peak exceeds ``grow_when`` of its limit is given
-    ``peak * grow_by`` when memory is free. A busy service gets ``service_cores_busy`` cores and
-    CPU weight ``service_weight_busy`` at once, an idle one ``service_cores_idle``; training jobs
+    ``peak * grow_by`` when memory is free. A busy service gets ``service_cores_busy`` cores (None:
+    every core, :attr:`busy_service_cores`) and CPU weight ``service_weight_busy`` at once, an idle
+    one ``service_cores_idle``; while its requests are in flight each training job's quota is at
+    most ``serving_training_cores`` (:func:`~autoglm_rt.policy.scheduler.cpu_plan.quota_while_serving`);
+    training jobs
     are guaranteed the rest by weight (in proportion to their requests, at least
     ``min_training_cores`` each) and may use what the others leave idle. ``max_running``:
     training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
@@ -35,9 +38,10 @@ class PlannerConfig:
     headroom: float = 0.15
     grow_when: float = 0.8
     grow_by: float = 1.35
-    service_cores_busy: float = 1.0
+    service_cores_busy: float | None = None
     service_cores_idle: float = 0.25
     service_weight_busy: int = 10000
+    serving_training_cores: float = 0.01  # 1 ms per 100 ms period: the kernel's minimum quota
     min_training_cores: float = 0.2
     max_running: int = 4
     preempt_urgency: float = 0.8
@@ -48,6 +52,19 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig: memory and cores must be > 0, got {self.memory}, {self.cores}")
         if self.max_running < 1:
             raise ValueError(f"PlannerConfig: max_running must be >= 1, got {self.max_running}")
+        if not (math.isfinite(self.serving_training_cores) and self.serving_training_cores > 0):
+            raise ValueError(f"PlannerConfig: serving_training_cores must be > 0, got {self.serving_training_cores}")
+        busy = self.service_cores_busy
+        if busy is not None and not (math.isfinite(busy) and busy > 0):
+            raise ValueError(f"PlannerConfig: service_cores_busy must be > 0 or None, got {busy}")
+
+    @property
+    def busy_service_cores(self) -> float:
+        """The CPU quota of a service with requests in flight: ``service_cores_busy``, at most
+        ``cores``; every core when it is None (a burst of requests may use the whole machine;
+        its weight, not its quota, keeps it first)."""
+        busy = self.service_cores_busy
+        return self.cores if busy is None else min(self.cores, busy)
 
 
 @dataclass(frozen=True)
