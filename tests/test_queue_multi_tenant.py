@@ -113,6 +113,22 @@ def test_a_busy_service_may_use_every_core_by_default_and_bad_caps_are_refused()
             PlannerConfig(memory=MiB, cores=2.0, service_cores_busy=bad)
 
 
+def test_cpu_weights_follow_request_times_urgency_with_a_mean_of_100() -> None:
+    cfg = PlannerConfig(memory=4000 * MiB, cores=2.0)
+    urgent = job("urgent", running=True, limit=400 * MiB, urgency=0.9, request_cpus=0.75)
+    low = job("low", running=True, limit=400 * MiB, urgency=0.3, request_cpus=0.75)
+    big = job("big", running=True, limit=400 * MiB, urgency=0.3, request_cpus=1.5)
+    plan = plan_dynamic([urgent, low, big], cfg, now=0.0)
+    claim = {"urgent": 0.75 * (1 + 4.0 * 0.9), "low": 0.75 * (1 + 4.0 * 0.3), "big": 1.5 * (1 + 4.0 * 0.3)}
+    mean = sum(claim.values()) / 3
+    assert plan.cpu_weights == {n: round(100 * c / mean) for n, c in claim.items()}
+    assert plan.cpu_weights["urgent"] > plan.cpu_weights["low"]
+    flat = plan_dynamic([urgent, low, big], PlannerConfig(memory=4000 * MiB, cores=2.0, urgency_cpu_weight=0.0), 0.0)
+    assert flat.cpu_weights == {"urgent": 75, "low": 75, "big": 150}  # requests alone
+    with pytest.raises(ValueError, match="urgency_cpu_weight"):
+        PlannerConfig(memory=MiB, cores=2.0, urgency_cpu_weight=-1.0)
+
+
 def reference_cfs(caps: dict[str, float], weights: dict[str, int], cores: float) -> dict[str, float]:
     """Weighted max-min fairness by bisection on the water level: given = min(cap, level * weight)."""
     target = min(cores, sum(caps.values()))

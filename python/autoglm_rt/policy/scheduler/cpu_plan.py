@@ -6,7 +6,10 @@ contended, so:
 - a busy service gets ``busy_service_cores`` (by default every core) and weight ``service_weight_busy`` at once (it runs
   before any training thread); an idle one keeps ``service_cores_idle`` and the default weight;
 - each training job's *guaranteed* share is the cores the service does not reserve, divided in
-  proportion to the requests (at least ``min_training_cores``), expressed as its weight;
+  proportion to the requests (at least ``min_training_cores``); its weight is its request times
+  ``1 + urgency_cpu_weight x urgency``, scaled to a mean of 100, so urgent work runs first on
+  contended cores (an urgent job is usually also the last to arrive, so it finishing sooner
+  shortens the makespan: no lone job left at the end on one thread);
 - its quota (the cap) is that share or, when larger, what every other tenant left unused over the
   last period (``cores - sum of the others' cpu_used``): idle cores are lent, never wasted. Quotas
   may therefore sum to more than ``cores``; the weights arbitrate when all want more.
@@ -44,13 +47,15 @@ def plan_cpus(live: Sequence[TenantState], cfg: PlannerConfig) -> tuple[dict[str
     left = max(0.0, cfg.cores - sum(cpus.values()))
     asked = sum(t.request_cpus for t in train)
     used = sum(max(0.0, t.cpu_used) for t in live)
+    claim = {t.name: t.request_cpus * (1.0 + cfg.urgency_cpu_weight * t.urgency) for t in train}
+    mean_claim = sum(claim.values()) / len(train) if train else 0.0
     for t in train:
         share = left * t.request_cpus / asked if asked else left / len(train)
         share = max(cfg.min_training_cores, share)
         idle = cfg.cores - (used - max(0.0, t.cpu_used))
         cpus[t.name] = min(cfg.cores, max(share, idle))
-        mean = asked / len(train) if asked else 1.0
-        weights[t.name] = max(1, min(10000, round(DEFAULT_WEIGHT * t.request_cpus / mean))) if asked else DEFAULT_WEIGHT
+        weight = DEFAULT_WEIGHT * claim[t.name] / mean_claim if mean_claim > 0 else DEFAULT_WEIGHT
+        weights[t.name] = max(1, min(10000, round(weight)))
     return cpus, weights
 
 

@@ -27,7 +27,8 @@ class PlannerConfig:
     one ``service_cores_idle``; while its requests are in flight each training job's quota is at
     most ``serving_training_cores`` (:func:`~autoglm_rt.policy.scheduler.cpu_plan.quota_while_serving`);
     training jobs
-    are guaranteed the rest by weight (in proportion to their requests, at least
+    are guaranteed the rest by weight (in proportion to their requests times
+    ``1 + urgency_cpu_weight x urgency``, at least
     ``min_training_cores`` each) and may use what the others leave idle. ``max_running``:
     training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
     lower-scored running jobs when it does not fit."""
@@ -42,6 +43,7 @@ class PlannerConfig:
     service_cores_idle: float = 0.25
     service_weight_busy: int = 10000
     serving_training_cores: float = 0.01  # 1 ms per 100 ms period: the kernel's minimum quota
+    urgency_cpu_weight: float = 4.0  # a training job's CPU weight scales with 1 + this x urgency
     min_training_cores: float = 0.2
     max_running: int = 4
     preempt_urgency: float = 0.8
@@ -52,6 +54,8 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig: memory and cores must be > 0, got {self.memory}, {self.cores}")
         if self.max_running < 1:
             raise ValueError(f"PlannerConfig: max_running must be >= 1, got {self.max_running}")
+        if not (math.isfinite(self.urgency_cpu_weight) and self.urgency_cpu_weight >= 0):
+            raise ValueError(f"PlannerConfig: urgency_cpu_weight must be >= 0, got {self.urgency_cpu_weight}")
         if not (math.isfinite(self.serving_training_cores) and self.serving_training_cores > 0):
             raise ValueError(f"PlannerConfig: serving_training_cores must be > 0, got {self.serving_training_cores}")
         busy = self.service_cores_busy
