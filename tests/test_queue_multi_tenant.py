@@ -259,8 +259,14 @@ def test_training_yields_from_the_first_request_sent_to_the_last_answered() -> N
     y.forget("b")
     y.sent("r2")
     assert a.quotas[-1] == cfg.serving_training_cores and len(b.quotas) == 2  # b forgotten: untouched
+    writes = len(a.quotas)
     y.answered("unknown")  # an answer to nothing in flight changes nothing
-    assert y.serving
+    assert y.serving and len(a.quotas) == writes
+    idle = mt.TrainingYield(cfg)  # static mode: nothing sent through it, answers write nothing
+    c = _Group()
+    idle.plan("c", c, 1.0)  # type: ignore[arg-type]
+    idle.answered("r9")
+    assert c.quotas == [1.0]
     with pytest.raises(ValueError, match="serving_training_cores"):
         PlannerConfig(memory=MiB, cores=2.0, serving_training_cores=0.0)
 

@@ -502,7 +502,7 @@ def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival trace")
     p.add_argument("--memory", default="2Gi", help="memory all tenants share (bytes or '2Gi')")
     p.add_argument("--cores", type=float, default=2.0, help="CPU cores all tenants share")
-    p.add_argument("--request-passes", type=int, default=8, help="forward passes per request (its size)")
+    p.add_argument("--request-passes", type=int, default=None, help="forward passes per request (default: Workload's)")
     p.add_argument("--work-dir", default=None, help="where tenants keep status, checkpoints and logs")
     p.add_argument(
         "--tenant-weight",
@@ -532,8 +532,8 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
             training_jobs=4 if args.quick else 8,
             job_rate=0.4 if args.quick else 0.25,
             request_window=20.0 if args.quick else 60.0,
-            request_passes=args.request_passes,
             tenant_weight=args.tenant_weight,
+            **({"request_passes": args.request_passes} if args.request_passes is not None else {}),
         )
     except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
@@ -552,7 +552,7 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
             "autoglm-rt bench-multi-tenant"
             + (" --quick" if args.quick else "")
             + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
-            + (f" --request-passes {args.request_passes}" if args.request_passes != 8 else "")
+            + (f" --request-passes {args.request_passes}" if args.request_passes is not None else "")
         )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -231,7 +231,9 @@ class TrainingYield:
             self._apply_all()
 
     def answered(self, request: str) -> None:
-        self.in_flight.discard(request)
+        if request not in self.in_flight:
+            return  # not sent through here (static mode) or answered twice: nothing to restore
+        self.in_flight.remove(request)
         if not self.serving:
             self._apply_all()
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from autoglm_rt import resources
 from autoglm_rt.demo.model import CharGPT, GPTConfig
+from autoglm_rt.runtime.cpu_quota import cores_cap
 
 __all__ = ["build_model", "main", "make_batch", "side_at", "thread_count"]
 
@@ -98,7 +99,7 @@ def thread_count(quota: float | None, received: float) -> int:
     """Intra-op threads for a job with CPU quota ``quota`` (cores; None: no quota) that received
     ``received`` cores over its last step: the whole cores of the quota, but no more than it
     received rounded up with half a core to spare, and at least 1."""
-    cap = math.floor(quota) if quota is not None else os.cpu_count() or 1
+    cap = cores_cap(quota) or os.cpu_count() or 1
     return max(1, min(cap, math.ceil(received + 0.5)))
 
 

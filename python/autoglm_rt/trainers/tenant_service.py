@@ -13,7 +13,6 @@ once. Exits at end of input.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -21,6 +20,7 @@ import torch
 
 from autoglm_rt import resources
 from autoglm_rt.demo.model import CharGPT, GPTConfig
+from autoglm_rt.runtime.cpu_quota import cores_cap
 
 __all__ = ["main", "quota_threads"]
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def quota_threads(quota: float | None) -> int:
     """Whole cores of a CPU quota (cores; None: no quota, every core), at least 1."""
     cores = os.cpu_count() or 1
-    return max(1, min(cores, math.floor(quota + 1e-9))) if quota is not None else cores
+    return min(cores, cores_cap(quota) or cores)
 
 
 if __name__ == "__main__":

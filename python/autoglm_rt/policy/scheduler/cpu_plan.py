@@ -3,8 +3,9 @@
 A CFS quota is a cap and a weight (``cpu.shares`` / ``cpu.weight``) decides who runs when cores are
 contended, so:
 
-- a busy service gets ``busy_service_cores`` (by default every core) and weight ``service_weight_busy`` at once (it runs
-  before any training thread); an idle one keeps ``service_cores_idle`` and the default weight;
+- a busy service gets ``busy_service_cores`` (by default every core) and weight
+  ``service_weight_busy`` at once (it runs before any training thread); an idle one keeps
+  ``service_cores_idle`` and the default weight;
 - each training job's *guaranteed* share is the cores the service does not reserve, divided in
   proportion to the requests (at least ``min_training_cores``); its weight is its request times
   ``1 + urgency_cpu_weight x urgency``, scaled to a mean of 100, so urgent work runs first on
@@ -12,8 +13,7 @@ contended, so:
   shortens the makespan: no lone job left at the end on one thread);
 - its quota (the cap) is that share or, when larger, what every other tenant left unused over the
   last period (``cores - sum of the others' cpu_used``): idle cores are lent, never wasted. Quotas
-  may therefore sum to more than ``cores``; the weights arbitrate when all want more.
-
+  may therefore sum to more than ``cores``; the weights arbitrate when all want more;
 - while the service has requests in flight, every training job yields: its quota is at most
   ``serving_training_cores`` (:func:`quota_while_serving`) from the moment a request is sent to
   the moment the last one is answered (event-driven, not per period: requests last milliseconds).

@@ -26,10 +26,9 @@ class PlannerConfig:
     every core, :attr:`busy_service_cores`) and CPU weight ``service_weight_busy`` at once, an idle
     one ``service_cores_idle``; while its requests are in flight each training job's quota is at
     most ``serving_training_cores`` (:func:`~autoglm_rt.policy.scheduler.cpu_plan.quota_while_serving`);
-    training jobs
-    are guaranteed the rest by weight (in proportion to their requests times
-    ``1 + urgency_cpu_weight x urgency``, at least
-    ``min_training_cores`` each) and may use what the others leave idle. ``max_running``:
+    training jobs are guaranteed the rest by weight (in proportion to their requests times
+    ``1 + urgency_cpu_weight x urgency``, at least ``min_training_cores`` each) and may use what
+    the others leave idle. ``max_running``:
     training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
     lower-scored running jobs when it does not fit."""
 
