@@ -15,98 +15,6 @@ using agrt::bindings::Access;
 
 namespace {
 
-// torch's DLPack export costs ~10 us per tensor (__dlpack__ plus a Python-level
-// __dlpack_device__), which would dominate grad_stats for thousands of small gradients (measured:
-// 0.2 s for 10,000 tensors against 0.04 s for torch._foreach_norm). For plain torch tensors the
-// same facts come from a handful of cheap attribute reads; the checks are those of borrow_tensor.
-// Anything else (numpy, cupy, tensor subclasses) goes through the DLPack boundary.
-struct TorchTypes {
-  py::object tensor_type, parameter_type, strided, f32, f16, bf16;
-};
-
-const TorchTypes* torch_types() {
-  static const TorchTypes* types = [] () -> const TorchTypes* {
-    py::object modules = py::module_::import("sys").attr("modules");
-    if (!modules.contains("torch")) return nullptr;
-    py::object torch = modules["torch"];
-    return new TorchTypes{torch.attr("Tensor"), torch.attr("nn").attr("Parameter"), torch.attr("strided"),
-                          torch.attr("float32"),  torch.attr("float16"),           torch.attr("bfloat16")};
-  }();
-  return types;
-}
-
-std::string torch_dtype_name(py::handle dtype) {
-  std::string s = py::str(dtype);
-  return s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
-}
-
-// A new reference from obj.name or obj.name(); throws the pending Python error on failure.
-py::object get(py::handle obj, const py::str& name) {
-  PyObject* r = PyObject_GetAttr(obj.ptr(), name.ptr());
-  if (r == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-py::object call(py::handle obj, const py::str& name) {
-  PyObject* r = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
-  if (r == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-
-// Fills `v` from a torch tensor; false when `obj` is not a plain torch.Tensor/Parameter.
-bool view_of_torch_tensor(py::handle obj, const std::string& name, std::optional<std::uintptr_t> stream,
-                          agrt::TensorView& v) {
-  const TorchTypes* tt = torch_types();
-  if (tt == nullptr) return false;
-  const PyTypeObject* type = Py_TYPE(obj.ptr());
-  if (type != reinterpret_cast<PyTypeObject*>(tt->tensor_type.ptr()) &&
-      type != reinterpret_cast<PyTypeObject*>(tt->parameter_type.ptr())) {
-    return false;
-  }
-  static const py::str s_dtype("dtype"), s_layout("layout"), s_is_contiguous("is_contiguous"),
-      s_get_device("get_device"), s_is_cpu("is_cpu"), s_is_cuda("is_cuda"), s_device("device"),
-      s_data_ptr("data_ptr"), s_numel("numel");
-  const py::object dtype = get(obj, s_dtype);
-  if (dtype.is(tt->f32)) {
-    v.dtype = agrt::DType::kFloat32;
-  } else if (dtype.is(tt->f16)) {
-    v.dtype = agrt::DType::kFloat16;
-  } else if (dtype.is(tt->bf16)) {
-    v.dtype = agrt::DType::kBFloat16;
-  } else {
-    throw agrt::TypeError(name + ": expected dtype " + agrt::bindings::kFloatingTypes.describe() + ", got " +
-                          torch_dtype_name(dtype));
-  }
-  // Non-strided layouts (sparse, mkldnn) answer is_contiguous() in every way, or raise.
-  if (!get(obj, s_layout).is(tt->strided)) {
-    throw agrt::TypeError(name + ": expected a dense (strided) tensor, got layout " +
-                          std::string(py::str(get(obj, s_layout))));
-  }
-  if (!PyObject_IsTrue(call(obj, s_is_contiguous).ptr())) {
-    throw agrt::TypeError(name + ": expected a contiguous tensor (row-major, no gaps); call .contiguous() first");
-  }
-  auto wrong_device = [&] {
-    return agrt::TypeError(name + ": expected a CPU or CUDA tensor, got one on " +
-                           std::string(py::str(get(obj, s_device))));
-  };
-  const long index = PyLong_AsLong(call(obj, s_get_device).ptr());
-  if (index < 0) {
-    v.device = agrt::Device{};
-    v.stream = 0;
-  } else {
-    if (!PyObject_IsTrue(get(obj, s_is_cuda).ptr())) throw wrong_device();
-    v.device = agrt::Device{agrt::DeviceType::kCUDA, static_cast<int>(index)};
-    v.stream = stream.value_or(0);
-  }
-  v.data = PyLong_AsVoidPtr(call(obj, s_data_ptr).ptr());
-  v.numel = PyLong_AsLongLong(call(obj, s_numel).ptr());
-  if (PyErr_Occurred()) throw py::error_already_set();
-  // get_device() is -1 for the CPU but also for devices without an index (meta): those have no
-  // data pointer, and only then is it worth asking.
-  if (index < 0 && v.data == nullptr && v.numel > 0 && !PyObject_IsTrue(get(obj, s_is_cpu).ptr())) throw wrong_device();
-  v.read_only = false;
-  return true;
-}
-
 // The tensors of a grad_stats call: torch tensors through the fast path, others through DLPack
 // (their keep-alive capsules are stored in `borrowed`). All must be on one device.
 std::vector<agrt::TensorView> borrow_inputs(py::handle seq, std::optional<std::uintptr_t> stream,
@@ -120,7 +28,7 @@ std::vector<agrt::TensorView> borrow_inputs(py::handle seq, std::optional<std::u
   for (std::size_t i = 0; i < items.size(); ++i) {
     const std::string name = "tensors[" + std::to_string(i) + "]";
     py::object item = items[i];
-    if (!view_of_torch_tensor(item, name, stream, views[i])) {
+    if (!agrt::bindings::view_torch_tensor(item, name, stream, views[i])) {
       borrowed.push_back(agrt::bindings::borrow_tensor(item, name, Access::kRead, agrt::bindings::kFloatingTypes, stream));
       views[i] = borrowed.back().view;
     }

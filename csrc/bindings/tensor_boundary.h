@@ -59,6 +59,13 @@ std::vector<BorrowedTensor> borrow_tensor_list(pybind11::handle seq, const std::
                                                Access access, DTypeSet allowed = kFloatingTypes,
                                                std::optional<std::uintptr_t> stream = std::nullopt);
 
+/// The fast path for a plain torch.Tensor or nn.Parameter: fills `v` from a few attribute reads
+/// (torch's DLPack export costs ~10 us per tensor). Returns false, touching nothing, for anything
+/// else (the caller then uses borrow_tensor). Throws agrt::TypeError for a dtype outside
+/// kFloatingTypes, a non-strided layout, a non-contiguous tensor or a device other than CPU/CUDA.
+bool view_torch_tensor(pybind11::handle obj, const std::string& name, std::optional<std::uintptr_t> stream,
+                       TensorView& v);
+
 /// Throws agrt::ValueError unless `b` is on the same device as `a`.
 void require_same_device(const BorrowedTensor& a, const std::string& a_name, const BorrowedTensor& b,
                          const std::string& b_name);

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from autoglm_rt.ops.accumulate import add_sumsq_
 from autoglm_rt.ops.grad_stats import GradStats, GradStatsTotal, grad_stats
 from autoglm_rt.ops.topk import topk_compress, topk_decompress
 
-__all__ = ["GradStats", "GradStatsTotal", "grad_stats", "topk_compress", "topk_decompress"]
+__all__ = ["GradStats", "GradStatsTotal", "add_sumsq_", "grad_stats", "topk_compress", "topk_decompress"]
