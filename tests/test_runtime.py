@@ -4,6 +4,7 @@ precision, strategy actions with real effects, metrics."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -123,6 +124,29 @@ def test_single_process_noise_scale_pairs_the_micro_batches_with_the_whole_batch
         report = rt.step()
         assert expected.b_simple is not None and report.noise_scale is not None
         assert report.noise_scale == pytest.approx(float(expected.b_simple), rel=1e-3)
+
+
+def test_fused_and_unfused_accumulation_agree() -> None:
+    """float32 CPU gradients are added and measured by the native add_sumsq_; the general path
+    (torch's foreach add and grad_stats) must give the same gradients and squared norms."""
+    from autoglm_rt.policy.batch import BatchController
+    from autoglm_rt.runtime.accumulation import Accumulator
+
+    x, y = make_data(48)
+    results = []
+    for fused in (True, False):
+        model = make_model()
+        params = list(model.parameters())
+        acc = Accumulator(model, params, contextlib.nullcontext, lambda: None)
+        assert acc.fused_norms  # float32 on the CPU
+        acc.fused_norms = fused
+        loss = acc.run((x, y), 48, mse, BatchController(48, micro_batch=16))
+        results.append((float(loss), [p.grad.clone() for p in params], acc.take_sqnorms()))
+    (loss_a, grads_a, norms_a), (loss_b, grads_b, norms_b) = results
+    assert loss_a == loss_b and len(norms_a) == len(norms_b) == 3
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    for (sq_a, n_a), (sq_b, n_b) in zip(norms_a, norms_b, strict=True):
+        assert n_a == n_b == 16 and sq_a == pytest.approx(sq_b, rel=1e-6)
 
 
 class PoolBackedNet(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from autoglm_rt.ops import grad_stats
+from autoglm_rt.ops import add_sumsq_, grad_stats
 from autoglm_rt.policy.batch import BatchController
 from autoglm_rt.policy.oom import is_out_of_memory, run_step
 from autoglm_rt.runtime.batching import Batch, slice_batch
@@ -48,6 +48,9 @@ class Accumulator:
         self.limit_bytes = limit_bytes
         self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         self.micro_sqnorms: list[tuple[float, int]] = []
+        # float32 CPU gradients are added and measured in one native pass (add_sumsq_); others
+        # (CUDA, reduced-precision parameters) by torch's foreach add and grad_stats.
+        self.fused_norms = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
     def run(self, batch: Batch, n: int, loss_fn: LossFn, controller: BatchController) -> torch.Tensor:
         """Accumulates the gradient of ``batch``'s mean loss (``n`` samples) onto ``.grad``;
@@ -78,7 +81,7 @@ class Accumulator:
             scaled = loss.float() if whole else loss.float() * weight
             grads = torch.autograd.grad(scaled, params, allow_unused=True)
             # Only now, after the whole micro-batch succeeded, does it touch .grad.
-            mine: list[torch.Tensor] = []
+            fresh: list[torch.Tensor] = []
             acc: list[torch.Tensor] = []
             add: list[torch.Tensor] = []
             for p, g in zip(params, grads, strict=True):
@@ -86,18 +89,25 @@ class Accumulator:
                     continue
                 if not g.is_contiguous():
                     g = g.contiguous()  # e.g. the expanded gradient of p.sum(): own memory
-                mine.append(g)
                 if p.grad is None:
                     p.grad = g
+                    fresh.append(g)
                 else:
                     acc.append(p.grad)
                     add.append(g)
             if want_norms:
-                # The squared norm of the micro-batch's own mean-loss gradient: one fused native
-                # pass over the weighted gradients, unweighted by the scalar.
-                sq = float(grad_stats(mine).total.sumsq) / (weight * weight) if mine else 0.0
-                sqnorms.append((sq, stop - start))
-            if acc:
+                # The squared norm of the micro-batch's own mean-loss gradient (the weighted
+                # gradients' sum of squares, unweighted by the scalar), read in the same pass
+                # that adds them where the native kernel applies.
+                if self.fused_norms:
+                    sq = add_sumsq_(acc, add) if acc else 0.0
+                    sq += add_sumsq_([], fresh) if fresh else 0.0
+                else:
+                    sq = float(grad_stats(fresh + add).total.sumsq) if fresh or add else 0.0
+                    if acc:
+                        torch._foreach_add_(acc, add)
+                sqnorms.append((sq / (weight * weight), stop - start))
+            elif acc:
                 torch._foreach_add_(acc, add)  # one fused call for all parameters
             total.add_(loss.detach(), alpha=weight)
 
