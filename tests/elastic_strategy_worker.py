@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoglm_rt.distributed import init_process_group_from_env
+from autoglm_rt.distributed import exit_rank, init_process_group_from_env
 from autoglm_rt.policy import Strategy
 from autoglm_rt.runtime import Runtime
 
@@ -59,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)

@@ -84,3 +84,19 @@ def test_the_elastic_trainer_runs_under_a_plain_torchrun(tmp_path: Path) -> None
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / trainer.STEP_LOG).read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_exit_rank_flushes_and_skips_the_interpreter_teardown() -> None:
+    """A rank leaves with its code and its buffered output, and nothing registered for the
+    interpreter's exit runs (that teardown is where torch's threads abort a finished rank)."""
+    code = (
+        "import atexit, sys\n"
+        "from autoglm_rt.distributed import exit_rank\n"
+        "atexit.register(lambda: print('TEARDOWN RAN'))\n"
+        "sys.stdout.write('out-buffered'); sys.stderr.write('err-buffered')\n"
+        "exit_rank(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "out-buffered" and proc.stderr == "err-buffered"

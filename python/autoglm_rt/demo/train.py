@@ -19,7 +19,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -149,19 +148,14 @@ def worker(rank: int, run: str, cfg: DemoConfig, out: str, port: int, show_progr
         device, backend = torch.device("cuda", rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    from autoglm_rt.distributed import init_process_group
+    from autoglm_rt.distributed import exit_rank, init_process_group
 
     init_process_group(backend, rank=rank, world_size=cfg.world, port=port, timeout=timedelta(seconds=300))
     try:
         _train(rank, run, cfg, Path(out) / run, device, show_progress, stop)
     finally:
         dist.destroy_process_group()
-    # Done and saved: leave without the interpreter's teardown. There, torch's store/gloo threads
-    # are sometimes destroyed while joinable ("terminate called without an active exception",
-    # SIGABRT in about 1 in 5 smoke demos on dev-cpu), which failed a run that had finished.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank(0)  # done and saved: no interpreter teardown (see exit_rank)
 
 
 @dataclass

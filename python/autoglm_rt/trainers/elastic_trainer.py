@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autoglm_rt.distributed import init_process_group_from_env
+from autoglm_rt.distributed import exit_rank, init_process_group_from_env
 
 CHECKPOINT = "checkpoint.pt"
 STEP_LOG = "steps.jsonl"
@@ -168,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_rank(main())  # no interpreter teardown after the process group (see exit_rank)
