@@ -248,11 +248,21 @@ class JobGroup:
     def tree(cls, backend: Backend | None = None) -> JobGroup:
         """The group every job group of this runner lives in (``<own group>/autoglm_rt``): its CPU
         weight is theirs together against the processes outside it. Shared by every runner in the
-        same group; never remove it. Raises ResourceError when there is no writable hierarchy."""
+        same group. Created when missing (:func:`cleanup_stale` removes it once empty, and a fresh
+        machine has none yet), so its weight can always be read and set. Raises ResourceError when
+        there is no writable hierarchy."""
         backend = backend or detect()
         if backend is None:
             raise ResourceError(availability()[1])
-        return cls(backend, "")
+        tree = cls(backend, "")
+        if backend.v2:
+            _enable_v2_controllers(backend.bases["memory"].parent)
+        for d in dict.fromkeys(tree.dirs.values()):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ResourceError(f"cannot create cgroup {d}: {exc.strerror}") from exc
+        return tree
 
     def exists(self) -> bool:
         """True while the group has a directory in any hierarchy (a removal cut short can leave
