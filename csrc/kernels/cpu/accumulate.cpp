@@ -1,29 +1,19 @@
-// CPU add_sumsq: tensors are cut into items of at most kItemElems elements, grouped into tasks of
-// about kTaskCost elements spread over the thread pool; each item's float64 partial sum lands in
-// its own slot and the slots are summed in item order.
+// CPU add_sumsq: the work is cut as grad_stats' (detail/work_plan.h); each item's float64 partial
+// sum lands in its own slot and the slots are summed in item order.
 #include "autoglm_rt/kernels/accumulate.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
 
+#include "autoglm_rt/detail/work_plan.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/parallel.h"
 
 namespace agrt::kernels {
 namespace {
 
-constexpr std::int64_t kItemElems = std::int64_t{1} << 16;
-// As grad_stats: below one task (512 KiB of float32) the caller's thread does it all.
-constexpr std::int64_t kTaskCost = std::int64_t{1} << 17;
-constexpr std::int64_t kItemOverhead = 64;
 constexpr int kLanes = 8;  // independent float64 sums: vectorizable, short dependency chains
-
-struct Item {
-  std::size_t tensor;
-  std::int64_t begin;
-  std::int64_t end;
-};
 
 double sumsq_range(const float* s, std::int64_t n) {
   double lane[kLanes] = {};
@@ -81,30 +71,17 @@ double add_sumsq(const std::vector<TensorView>& dst, const std::vector<TensorVie
     AGRT_EXPECTS(!dst[t].read_only, ValueError, name, ": expected a writable tensor, got a read-only one");
   }
 
-  std::vector<Item> items;
-  for (std::size_t t = 0; t < src.size(); ++t) {
-    for (std::int64_t b = 0; b < src[t].numel; b += kItemElems) {
-      items.push_back({t, b, std::min(src[t].numel, b + kItemElems)});
-    }
-  }
-  std::vector<std::size_t> task_begin{0};
-  std::int64_t cost = 0;
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    cost += items[i].end - items[i].begin + kItemOverhead;
-    if (cost >= kTaskCost && i + 1 < items.size()) {
-      task_begin.push_back(i + 1);
-      cost = 0;
-    }
-  }
-  task_begin.push_back(items.size());
+  const agrt::detail::WorkPlan plan = agrt::detail::plan_work(src);
+  const auto& items = plan.items;
+  const auto& task_begin = plan.task_begin;
 
   std::vector<double> partial(items.size(), 0.0);
-  parallel_for(0, static_cast<std::int64_t>(task_begin.size() - 1), 1, [&](std::int64_t tb, std::int64_t te) {
+  parallel_for(0, plan.tasks(), 1, [&](std::int64_t tb, std::int64_t te) {
     for (std::int64_t task = tb; task < te; ++task) {
       const auto first = task_begin[static_cast<std::size_t>(task)];
       const auto last = task_begin[static_cast<std::size_t>(task) + 1];
       for (std::size_t i = first; i < last; ++i) {
-        const Item& it = items[i];
+        const agrt::detail::WorkItem& it = items[i];
         const float* s = src[it.tensor].as<const float>() + it.begin;
         const std::int64_t n = it.end - it.begin;
         partial[i] = add ? add_sumsq_range(dst[it.tensor].as<float>() + it.begin, s, n) : sumsq_range(s, n);

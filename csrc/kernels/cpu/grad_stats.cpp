@@ -1,6 +1,6 @@
-// CPU grad_stats: tensors are cut into items of at most kItemElems elements; consecutive items are
-// grouped into tasks of similar cost and spread over the thread pool. Each item's moments land in
-// its own slot and are merged per tensor in item order, so the result depends only on the sizes.
+// CPU grad_stats: tensors are cut into items and consecutive items into tasks of similar cost for
+// the thread pool (detail/work_plan.h). Each item's moments land in its own slot and are merged
+// per tensor in item order, so the result depends only on the sizes.
 #include "autoglm_rt/kernels/grad_stats.h"
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 
 #include "autoglm_rt/build_info.h"
 #include "autoglm_rt/detail/half.h"
+#include "autoglm_rt/detail/work_plan.h"
 #include "autoglm_rt/error.h"
 #include "autoglm_rt/parallel.h"
 #include "kernels/grad_stats_cuda.h"
@@ -24,23 +25,6 @@ namespace agrt::kernels {
 namespace {
 
 using detail::Moments;
-
-// 256 KiB of float32 per item: large enough that per-item overhead vanishes, small enough that a
-// 1e9-element tensor still spreads over every thread and the float64 lane sums stay short.
-constexpr std::int64_t kItemElems = std::int64_t{1} << 16;
-// A task is a run of items worth about this many elements, counting kItemOverhead per item so
-// that thousands of tiny tensors are grouped instead of costing one scheduling step each. Below
-// one task's worth (512 KiB of float32, ~30 us) the call runs on the caller's thread alone:
-// waking a pool worker for a small model's gradients cost more CPU than it saved (measured on a
-// 67k-parameter CNN: 204 us per call with 2 threads, 74 us with this size).
-constexpr std::int64_t kTaskCost = std::int64_t{1} << 17;
-constexpr std::int64_t kItemOverhead = 64;
-
-struct Item {
-  std::size_t tensor;
-  std::int64_t begin;
-  std::int64_t end;
-};
 
 template <DType D>
 inline float load1(const void* base, std::int64_t i) noexcept {
@@ -473,28 +457,11 @@ void check_inputs(const std::vector<TensorView>& tensors, const TensorView& out)
 }
 
 void grad_stats_cpu(const std::vector<TensorView>& tensors, double* rows) {
-  std::vector<Item> items;
-  std::vector<std::size_t> first_item(tensors.size() + 1, 0);
-  for (std::size_t t = 0; t < tensors.size(); ++t) {
-    first_item[t] = items.size();
-    for (std::int64_t b = 0; b < tensors[t].numel; b += kItemElems) {
-      items.push_back({t, b, std::min(tensors[t].numel, b + kItemElems)});
-    }
-  }
-  first_item[tensors.size()] = items.size();
-
-  // Tasks: runs of consecutive items; boundaries depend only on the sizes.
-  std::vector<std::size_t> task_begin{0};
-  std::int64_t cost = 0;
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    cost += items[i].end - items[i].begin + kItemOverhead;
-    if (cost >= kTaskCost && i + 1 < items.size()) {
-      task_begin.push_back(i + 1);
-      cost = 0;
-    }
-  }
-  task_begin.push_back(items.size());
-  const auto ntasks = static_cast<std::int64_t>(task_begin.size() - 1);
+  const agrt::detail::WorkPlan plan = agrt::detail::plan_work(tensors);
+  const auto& items = plan.items;
+  const auto& first_item = plan.first_item;
+  const auto& task_begin = plan.task_begin;
+  const auto ntasks = plan.tasks();
 
   std::vector<Moments> partial(items.size());
   parallel_for(0, ntasks, 1, [&](std::int64_t tb, std::int64_t te) {
