@@ -336,18 +336,25 @@ def test_an_empty_group_is_left_while_young_and_removed_once_old(group: resource
     assert not group.exists()
 
 
-def test_the_tree_is_made_again_when_cleanup_removed_it() -> None:
+def test_the_tree_is_made_when_missing() -> None:
     """cleanup_stale removes the autoglm_rt directory once nothing is left (and a fresh machine has
-    none): reading or setting the tree's weight must still work, as bench-multi-tenant does first."""
-    resources.cleanup_stale()
-    tree = resources.JobGroup.tree()
-    for d in dict.fromkeys(tree.dirs.values()):
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            pass  # not there in the first place: the fresh-machine case
-        except OSError:
-            pytest.skip(f"{d} holds other groups; cannot take the tree away here")
-    assert not tree.exists()
-    again = resources.JobGroup.tree()
-    assert again.exists() and 1 <= again.cpu_weight() <= 10000
+    none): reading or setting the tree's weight must still work, as bench-multi-tenant does first.
+    Checked on a tree under a fresh parent group of this test's own, so no other runner's groups
+    are in the way."""
+    real = resources.detect()
+    assert real is not None
+    parents = {c: b.parent / f"agrt-tree-test-{os.getpid()}" for c, b in real.bases.items()}
+    backend = resources.Backend(real.kind, {c: parents[c] / "autoglm_rt" for c in real.bases})
+    try:
+        for d in dict.fromkeys(parents.values()):
+            d.mkdir()
+        assert not any(b.exists() for b in backend.bases.values())
+        tree = resources.JobGroup.tree(backend)
+        assert tree.exists() and all(b.is_dir() for b in backend.bases.values())
+        tree.set_cpu_weight(300)
+        assert resources.JobGroup.tree(backend).cpu_weight() == 300  # made once, then reused
+    finally:
+        for d in dict.fromkeys([*backend.bases.values(), *parents.values()]):
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
+    assert not any(d.exists() for d in parents.values())
