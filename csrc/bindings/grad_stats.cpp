@@ -13,35 +13,6 @@
 namespace py = pybind11;
 using agrt::bindings::Access;
 
-namespace {
-
-// The tensors of a grad_stats call: torch tensors through the fast path, others through DLPack
-// (their keep-alive capsules are stored in `borrowed`). All must be on one device.
-std::vector<agrt::TensorView> borrow_inputs(py::handle seq, std::optional<std::uintptr_t> stream,
-                                            std::vector<agrt::bindings::BorrowedTensor>& borrowed) {
-  if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq) || py::hasattr(seq, "__dlpack__")) {
-    throw agrt::TypeError("tensors: expected a list or tuple of tensors, got " +
-                          std::string(py::str(py::type::handle_of(seq).attr("__qualname__"))));
-  }
-  auto items = py::reinterpret_borrow<py::sequence>(seq);
-  std::vector<agrt::TensorView> views(items.size());
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    const std::string name = "tensors[" + std::to_string(i) + "]";
-    py::object item = items[i];
-    if (!agrt::bindings::view_torch_tensor(item, name, stream, views[i])) {
-      borrowed.push_back(agrt::bindings::borrow_tensor(item, name, Access::kRead, agrt::bindings::kFloatingTypes, stream));
-      views[i] = borrowed.back().view;
-    }
-    if (i > 0 && views[i].device != views[0].device) {
-      throw agrt::ValueError(name + ": expected a tensor on " + views[0].device.str() + " like tensors[0], got one on " +
-                             views[i].device.str());
-    }
-  }
-  return views;
-}
-
-}  // namespace
-
 AGRT_BINDINGS(grad_stats) {
   m.def("grad_stats_fields", [] { return agrt::kernels::kGradStatsFields; },
         "Number of float64 columns per row of grad_stats' output.");
@@ -49,7 +20,8 @@ AGRT_BINDINGS(grad_stats) {
       "grad_stats_workspace_bytes",
       [](py::handle tensors) {
         std::vector<agrt::bindings::BorrowedTensor> keep;
-        return agrt::kernels::grad_stats_workspace_bytes(borrow_inputs(tensors, std::nullopt, keep));
+        const auto views = agrt::bindings::borrow_floating_views(tensors, "tensors", Access::kRead, std::nullopt, keep);
+        return agrt::kernels::grad_stats_workspace_bytes(views);
       },
       py::arg("tensors"), "Bytes of device workspace grad_stats needs (0 for CPU tensors).");
   m.def(
@@ -57,7 +29,7 @@ AGRT_BINDINGS(grad_stats) {
       [](py::handle tensors, py::handle out, py::handle workspace, py::handle stream) {
         const auto s = agrt::bindings::parse_stream(stream);
         std::vector<agrt::bindings::BorrowedTensor> keep;
-        auto views = borrow_inputs(tensors, s, keep);
+        auto views = agrt::bindings::borrow_floating_views(tensors, "tensors", Access::kRead, s, keep);
         auto o = agrt::bindings::borrow_tensor(out, "out", Access::kWrite, {agrt::DType::kInt64}, s);
         if (!views.empty() && views[0].device != o.view.device) {
           throw agrt::ValueError("out: expected a buffer on " + views[0].device.str() + " like tensors[0], got one on " +

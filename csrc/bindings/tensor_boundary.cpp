@@ -200,6 +200,29 @@ std::vector<BorrowedTensor> borrow_tensor_list(py::handle seq, const std::string
   return out;
 }
 
+std::vector<TensorView> borrow_floating_views(py::handle seq, const std::string& arg, Access access,
+                                              std::optional<std::uintptr_t> stream,
+                                              std::vector<BorrowedTensor>& keep) {
+  if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq) || py::hasattr(seq, "__dlpack__")) {
+    throw TypeError(arg + ": expected a list or tuple of tensors, got " + type_name(seq));
+  }
+  auto items = py::reinterpret_borrow<py::sequence>(seq);
+  std::vector<TensorView> views(items.size());
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string name = arg + "[" + std::to_string(i) + "]";
+    py::object item = items[i];
+    if (!view_torch_tensor(item, name, stream, views[i])) {
+      keep.push_back(borrow_tensor(item, name, access, kFloatingTypes, stream));
+      views[i] = keep.back().view;
+    }
+    if (i > 0 && views[i].device != views[0].device) {
+      throw ValueError(name + ": expected a tensor on " + views[0].device.str() + " like " + arg + "[0], got one on " +
+                       views[i].device.str());
+    }
+  }
+  return views;
+}
+
 void require_same_device(const BorrowedTensor& a, const std::string& a_name, const BorrowedTensor& b,
                          const std::string& b_name) {
   if (a.view.device != b.view.device) {

@@ -66,6 +66,15 @@ std::vector<BorrowedTensor> borrow_tensor_list(pybind11::handle seq, const std::
 bool view_torch_tensor(pybind11::handle obj, const std::string& name, std::optional<std::uintptr_t> stream,
                        TensorView& v);
 
+/// Views of every element of a sequence of floating tensors, all on one device: plain torch
+/// tensors through view_torch_tensor, anything else through borrow_tensor (its keep-alive is
+/// appended to `keep`, which must outlive the views). Elements are named arg[i]. Throws TypeError
+/// for something that is not a list or tuple, ValueError naming the first element on another
+/// device.
+std::vector<TensorView> borrow_floating_views(pybind11::handle seq, const std::string& arg, Access access,
+                                              std::optional<std::uintptr_t> stream,
+                                              std::vector<BorrowedTensor>& keep);
+
 /// Throws agrt::ValueError unless `b` is on the same device as `a`.
 void require_same_device(const BorrowedTensor& a, const std::string& a_name, const BorrowedTensor& b,
                          const std::string& b_name);
