@@ -233,11 +233,7 @@ class JobGroup:
         group = cls(backend, rel)
         if backend.v2:
             _enable_v2_controllers(backend.bases["memory"].parent, backend.bases["memory"], group.dirs["memory"].parent)
-        for d in dict.fromkeys(group.dirs.values()):
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ResourceError(f"cannot create cgroup {d}: {exc.strerror}") from exc
+        group._make_dirs()
         if group.pids():
             raise ResourceError(
                 f"cgroup {group.rel} already exists with processes {group.pids()}; refusing to reuse it"
@@ -257,12 +253,16 @@ class JobGroup:
         tree = cls(backend, "")
         if backend.v2:
             _enable_v2_controllers(backend.bases["memory"].parent)
-        for d in dict.fromkeys(tree.dirs.values()):
+        tree._make_dirs()
+        return tree
+
+    def _make_dirs(self) -> None:
+        """Creates the group's directory in every hierarchy (parents too; existing ones are kept)."""
+        for d in dict.fromkeys(self.dirs.values()):
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ResourceError(f"cannot create cgroup {d}: {exc.strerror}") from exc
-        return tree
 
     def exists(self) -> bool:
         """True while the group has a directory in any hierarchy (a removal cut short can leave
