@@ -88,8 +88,9 @@ SGD_LR = 0.5
 
 class OneBitPrototype:
     """A sweep-only prototype (not in the package): 1-bit Adam-style compression in the space of
-    ``ddp.AdamUpdate``. ``start_iter`` dense steps are exact AdamW (all-reduced in fp16 when
-    ``fp16_start``); then v is frozen, each rank preconditions its gradient, keeps the momentum
+    ``ddp.AdamUpdate``. ``start_iter`` dense steps are exact AdamW (sent as ``dense_bits``: 16 or
+    8 when ``fp16_start``, else 32); then v is frozen (or, with ``refresh``, updated by dense steps
+    at ``refresh_first`` and its doublings), each rank preconditions its gradient, keeps the momentum
     ``u = beta1 u + (1 - beta1) p`` started from the synced one, and sends ``sign(u + e)`` times
     the mean |u + e| of each chunk of ``chunk`` entries (error feedback ``e``); the average of the
     ranks' messages becomes the synced momentum and the delivered update is it over
