@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoglm_rt import ddp
+from autoglm_rt import ddp, hook_support
 from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
 
 
@@ -234,7 +234,7 @@ def adam_reference(rank: int, variance: str = "frozen", momentum: str = "local")
                 average = m
             expected = average / (1 - b1**t)
             # The norm estimate: the averaged gradient at the shared sketch positions.
-            at = ddp._sketch_indices(numel, step, 0, torch.device("cpu"))
+            at = hook_support.sketch_indices(numel, step, 0, torch.device("cpu"))
             sketch_sq = float((sum(grads) / world)[at].double().square().sum()) * numel / at.numel()
             true_sq = float((sum(grads) / world).double().square().sum())
         # The hook.

@@ -15,34 +15,20 @@ the first) and for buckets smaller than ``min_numel``.
 # No `from __future__ import annotations` here: DDP.register_comm_hook inspects the hook's
 # annotations and wants the real dist.GradBucket and torch.futures.Future[torch.Tensor] objects.
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
+from autoglm_rt.hook_support import all_gather, fill_unmeasured, group_device, sketch_indices, sq_norm
 from autoglm_rt.ops.topk import index_dtype_for, topk_compress, topk_decompress
 from autoglm_rt.policy.compression import DensityController
 
 __all__ = ["AdamUpdate", "TopKState", "topk_hook"]
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class _Residual:
-    layout: tuple[Any, ...]  # (numel, dtype, device, parameter shapes)
-    tensor: torch.Tensor
-    keys: tuple[int, ...] = ()  # the parameters' stable keys, in bucket order (see _keys_of)
-
-    def pieces(self) -> dict[int, torch.Tensor]:
-        """This bucket's slices by parameter key (empty when keys or shapes do not add up)."""
-        shapes = self.layout[3]
-        sizes = [math.prod(s) for s in shapes]
-        if len(self.keys) != len(shapes) or sum(sizes) != self.tensor.numel():
-            return {}
-        return dict(zip(self.keys, torch.split(self.tensor, sizes), strict=True))
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ class TopKState:
         delivers the update direction and the optimizer must be
         ``torch.optim.SGD(params, lr=lr, weight_decay=wd)`` (no momentum). Needs
         ``error_feedback``, ``momentum == 0`` and, with frozen variance, ``start_iter >= 1``.
-        Under it each compressed message also carries ``SKETCH_SIZE`` raw gradient entries at
+        Under it each compressed message also carries ``hook_support.SKETCH_SIZE`` raw gradient entries at
         positions shared by all ranks (1 KiB per bucket), from which
         ``norms()["global_sq_norm"]`` is estimated (the delivered tensor is not a gradient).
 
@@ -179,17 +165,11 @@ class TopKState:
         self.momentum = float(momentum)
         self.adam = adam
         self.iter = 0
-        self._residuals: dict[int, _Residual] = {}
-        self._velocities: dict[int, _Residual] = {}
-        self._adam_m: dict[int, _Residual] = {}  # AdamUpdate: Adam's moments per bucket
-        self._adam_v: dict[int, _Residual] = {}
-        # Entries replaced in this iteration (DDP rebuilt its buckets): their slices may still
-        # belong to buckets not yet seen.
-        self._retired: dict[int, list[_Residual]] = {}
-        # id(parameter) -> (weak reference, stable key). Keys are given in the order parameters
-        # are first seen, i.e. the order of DDP's first-iteration buckets, which is the same in
-        # a fresh process and in the one a checkpoint came from.
-        self._param_key: dict[int, tuple[Any, int]] = {}
+        self._residuals: dict[int, BucketEntry] = {}
+        self._velocities: dict[int, BucketEntry] = {}
+        self._adam_m: dict[int, BucketEntry] = {}  # AdamUpdate: Adam's moments per bucket
+        self._adam_v: dict[int, BucketEntry] = {}
+        self._tables = BucketTables()
         self.bytes_sent = 0
         self.dense_bytes = 0
         self.compressed_buckets = 0
@@ -277,10 +257,10 @@ class TopKState:
         prev = self._norm_parts.get(self.iter - 1)
         return {
             "iteration": self.iter,
-            "residuals": _table_state(self._residuals),
-            "velocities": _table_state(self._velocities),
-            "adam_m": _table_state(self._adam_m),
-            "adam_v": _table_state(self._adam_v),
+            "residuals": table_state(self._residuals),
+            "velocities": table_state(self._velocities),
+            "adam_m": table_state(self._adam_m),
+            "adam_v": table_state(self._adam_v),
             "counters": {name: int(getattr(self, name)) for name in _COUNTERS}
             | {"nonfinite_resets": self.nonfinite_resets},
             "bucket_density": dict(self.bucket_density),
@@ -312,11 +292,11 @@ class TopKState:
                 + " a density controller, but this state is built differently"
             )
         self.iter = int(sd["iteration"])
-        self._residuals = _table_from(sd["residuals"])
-        self._velocities = _table_from(sd["velocities"])
-        self._adam_m = _table_from(sd.get("adam_m", {}))
-        self._adam_v = _table_from(sd.get("adam_v", {}))
-        self._retired = {}
+        self._residuals = table_from(sd["residuals"])
+        self._velocities = table_from(sd["velocities"])
+        self._adam_m = table_from(sd.get("adam_m", {}))
+        self._adam_v = table_from(sd.get("adam_v", {}))
+        self._tables.end_iteration()
         counters = sd["counters"]
         for name in _COUNTERS:
             setattr(self, name, int(counters[name]))
@@ -368,52 +348,17 @@ class TopKState:
         # flipping a threshold on one rank: all ranks take the most critical decision.
         assert self.controller is not None
         flag = torch.tensor([1.0 if self.controller.critical else 0.0], dtype=torch.float64)
-        device = _group_device(self._group())
+        device = group_device(self._group())
         flag = flag.to(device)
         self.bytes_sent += flag.numel() * flag.element_size()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group())
         self.controller.critical = bool(flag.item() > 0)
 
-    def _keys_of(self, params: list[torch.Tensor]) -> tuple[int, ...]:
-        keys = []
-        for p in params:
-            known = self._param_key.get(id(p))
-            if known is None or known[0]() is not p:  # new, or an id reused after garbage collection
-                known = (weakref.ref(p), len(self._param_key))
-                self._param_key[id(p)] = known
-            keys.append(known[1])
-        return tuple(keys)
-
-    def _buffer_for(self, table: dict[int, _Residual], bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
-        params = list(bucket.parameters())
-        layout = (buffer.numel(), buffer.dtype, buffer.device, tuple(tuple(p.shape) for p in params))
-        index = bucket.index()
-        entry = table.get(index)
-        if entry is not None and entry.layout == layout:
-            return entry.tensor
-        # A new layout (DDP rebuilt its buckets, or a resumed DDP's first iteration): carry every
-        # parameter's slice over from the entries that held it, so nothing is lost.
-        keys = self._keys_of(params)
-        new = _Residual(layout, torch.zeros_like(buffer), keys)
-        retired = self._retired.setdefault(id(table), [])
-        if entry is not None:
-            retired.append(entry)
-        pieces: dict[int, torch.Tensor] = {}
-        for old in [*retired, *table.values()]:
-            if old.layout[1:3] == layout[1:3]:
-                pieces.update(old.pieces())
-        targets = new.pieces()
-        found = 0
-        for key, target in targets.items():
-            piece = pieces.get(key)
-            if piece is not None and piece.shape == target.shape:
-                target.copy_(piece)
-                found += 1
-        lost = entry is not None and found < len(params)
+    def _buffer_for(self, table: dict[int, BucketEntry], bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
+        tensor, lost = self._tables.buffer_for(table, bucket, buffer)
         if lost and table is self._residuals:
             self.residual_resets += 1
-        table[index] = new
-        return new.tensor
+        return tensor
 
     def _clear_if(self, nonfinite: torch.Tensor, *tensors: torch.Tensor) -> None:
         """Zeroes ``tensors`` when the 0-dim bool ``nonfinite`` is set and counts it. On the CPU
@@ -443,40 +388,12 @@ class TopKState:
         if bucket.is_last():
             self.iter += 1
             self._iteration_density = None
-            self._retired.clear()
-
-
-def _table_state(table: dict[int, _Residual]) -> dict[int, dict[str, Any]]:
-    return {i: {"layout": r.layout, "tensor": r.tensor.clone(), "keys": r.keys} for i, r in table.items()}
-
-
-def _table_from(saved: dict[Any, dict[str, Any]]) -> dict[int, _Residual]:
-    return {int(i): _Residual(tuple(r["layout"]), r["tensor"].clone(), tuple(r["keys"])) for i, r in saved.items()}
+            self._tables.end_iteration()
 
 
 def _k_at(density: float, numel: int) -> int:
     # Rounded first so that 0.01 * 20000 is 200, not ceil(200.00000000000003).
     return max(1, min(numel, math.ceil(round(density * numel, 6))))
-
-
-def _group_device(group: dist.ProcessGroup) -> torch.device:
-    """The device a collective's tensors must live on for this group's backend."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm as a 0-dim float64 tensor, in one read of t (no temporaries, no sync)."""
-    if t.dtype == torch.float32:
-        return torch.dot(t, t).double()
-    return torch.linalg.vector_norm(t, dtype=torch.float32).double().square()
-
-
-def _all_gather(output: torch.Tensor, message: torch.Tensor, group: dist.ProcessGroup) -> Any:
-    # torch >= 2.13 names it all_gather_single (and deprecates all_gather_into_tensor).
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(output, message, group=group, async_op=True)
 
 
 def _velocity(state: TopKState, bucket: dist.GradBucket, buffer: torch.Tensor, iteration: int) -> torch.Tensor | None:
@@ -502,7 +419,7 @@ def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, i
     else:
         updates = state.start_iter  # v as the dense start left it
         if iteration == state.start_iter:
-            _fill_unmeasured(v, [math.prod(p.shape) for p in bucket.parameters()])
+            fill_unmeasured(v, [math.prod(p.shape) for p in bucket.parameters()])
     denom = (v.sqrt() / math.sqrt(1 - a.beta2**updates)).add_(a.eps)
     u = state._buffer_for(state._velocities, bucket, g)
     if a.momentum == "global":  # u is scratch for p; m moves into p's space once
@@ -512,35 +429,6 @@ def _adam_velocity(state: TopKState, bucket: dist.GradBucket, g: torch.Tensor, i
     if iteration == state.start_iter:
         u.copy_(state._buffer_for(state._adam_m, bucket, g)).div_(denom)
     return u.mul_(a.beta1).addcdiv_(g, denom, value=1 - a.beta1)
-
-
-SKETCH_SIZE = 256  # gradient entries per bucket that AdamUpdate sends for the norm estimate
-
-
-def _sketch_indices(numel: int, iteration: int, bucket_index: int, device: torch.device) -> torch.Tensor:
-    """The entries of a bucket whose raw gradient every rank sends under :class:`AdamUpdate`:
-    ``SKETCH_SIZE`` uniform draws with replacement, seeded by (iteration, bucket) so that they are
-    the same on every rank. ``numel / SKETCH_SIZE`` times the sum of squares of the averaged
-    sketch is an unbiased estimate of the averaged gradient's squared norm (the noise-scale
-    estimator's large-batch norm)."""
-    gen = torch.Generator().manual_seed(1_000_003 * iteration + bucket_index)
-    return torch.randint(numel, (SKETCH_SIZE,), generator=gen).to(device)
-
-
-def _fill_unmeasured(v: torch.Tensor, sizes: list[int]) -> None:
-    """Where the dense start saw no gradient (an embedding row of a token not yet seen), eps alone
-    would make the first gradient a step of g / eps: those entries of the frozen ``v`` take the
-    mean of the measured entries of their parameter (of the bucket if none). Derived from the
-    averaged gradients only, so ``v`` stays identical on every rank; and proportional to the
-    gradient, not sign-like (equal magnitudes would tie in the top-k selection)."""
-    measured = v > 0
-    if bool(measured.all()) or not bool(measured.any()):
-        return
-    fallback = v[measured].mean()
-    if sum(sizes) != v.numel():
-        sizes = [v.numel()]
-    for piece, seen in zip(torch.split(v, sizes), torch.split(measured, sizes), strict=True):
-        piece.masked_fill_(~seen, piece[seen].mean() if bool(seen.any()) else fallback)
 
 
 def _adam_deliver(a: AdamUpdate, average: torch.Tensor, m: torch.Tensor | None, iteration: int) -> torch.Tensor:
@@ -574,7 +462,7 @@ def _dense_allreduce(
     group = state._group()
     world = group.size()
     norms = state._norm_lists()
-    local_sq = _sq_norm(buffer).reshape(1)
+    local_sq = sq_norm(buffer).reshape(1)
     norms["local_sq_norm"].append(local_sq.clone())
     adam = state.adam
     adam_start = adam is not None and iteration < state.start_iter
@@ -603,9 +491,9 @@ def _dense_allreduce(
         norms["mean_local_sq_norm"].append(local_sq / world)
         if adam is not None and not adam_start:  # [average velocity | average gradient]
             n = buffer.numel()
-            norms["global_sq_norm"].append(_sq_norm(result[n:]).reshape(1))
+            norms["global_sq_norm"].append(sq_norm(result[n:]).reshape(1))
             return buffer.copy_(_adam_deliver(adam, result[:n], global_m, iteration))
-        norms["global_sq_norm"].append(_sq_norm(result))
+        norms["global_sq_norm"].append(sq_norm(result))
         if adam_start:
             _adam_dense_step(adam, result, adam_m, adam_v, iteration)  # type: ignore[arg-type]
         return result
@@ -651,7 +539,7 @@ def _compressed(
     value_bytes = k * torch.empty((), dtype=state.value_dtype).element_size()
     # Under AdamUpdate a sketch of the raw gradient follows the norm: [norm | sketch | indices |
     # values] (the sketch's length is even, so the indices stay 8-byte aligned).
-    sketch_at = _sketch_indices(numel, iteration, bucket.index(), buffer.device) if state.adam is not None else None
+    sketch_at = sketch_indices(numel, iteration, bucket.index(), buffer.device) if state.adam is not None else None
     head = 8 + (0 if sketch_at is None else 4 * sketch_at.numel())
     message = torch.empty(head + index_bytes + value_bytes, dtype=torch.uint8, device=buffer.device)
     local_sq = message[:8].view(torch.float64)
@@ -663,7 +551,7 @@ def _compressed(
         # The kernel reads the bucket once for both the selection and its sum of squares.
         topk_compress(buffer, residual, k, values_out=values, indices_out=indices, sq_norm_out=local_sq)
     else:
-        local_sq.copy_(_sq_norm(buffer).reshape(1))  # the gradient's, not the velocity's
+        local_sq.copy_(sq_norm(buffer).reshape(1))  # the gradient's, not the velocity's
         topk_compress(velocity, residual, k, values_out=values, indices_out=indices)
         if mask:
             velocity.index_fill_(0, indices.long(), 0)  # momentum factor masking
@@ -677,7 +565,7 @@ def _compressed(
     state.bytes_sent += message.numel()
     state.compressed_buckets += 1
     state.bucket_density[bucket.index()] = k / numel
-    fut = _all_gather(gathered, message, group).get_future()
+    fut = all_gather(gathered, message, group).get_future()
 
     def decompress(f: torch.futures.Future[Any]) -> torch.Tensor:
         f.wait()
