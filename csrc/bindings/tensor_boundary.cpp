@@ -22,6 +22,7 @@ std::optional<DType> to_dtype(const dlpack::DLDataType& t) {
   if (t.code == dlpack::kDLBfloat && t.bits == 16) return DType::kBFloat16;
   if (t.code == dlpack::kDLInt && t.bits == 32) return DType::kInt32;
   if (t.code == dlpack::kDLInt && t.bits == 64) return DType::kInt64;
+  if (t.code == dlpack::kDLUInt && t.bits == 8) return DType::kUInt8;
   return std::nullopt;
 }
 
@@ -97,7 +98,7 @@ py::object call(py::handle obj, const py::str& name) {
 
 std::string DTypeSet::describe() const {
   std::vector<std::string> names;
-  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kInt32, DType::kInt64}) {
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kInt32, DType::kInt64, DType::kUInt8}) {
     if (contains(t)) names.emplace_back(dtype_name(t));
   }
   std::string s;
@@ -118,8 +119,13 @@ std::optional<std::uintptr_t> parse_stream(py::handle stream) {
                   type_name(stream));
 }
 
-BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access access, DTypeSet allowed,
-                             std::optional<std::uintptr_t> stream) {
+namespace {
+
+// The DLPack export shared by borrow_tensor and borrow_rows: checks the protocol, the device and
+// the dtype, and fills everything of `out` but the layout-dependent numel. Returns the DLTensor
+// (alive while out.keepalive is) and whether the producer marked it read-only.
+std::pair<const dlpack::DLTensor*, bool> export_tensor(py::handle obj, const std::string& arg, DTypeSet allowed,
+                                                       std::optional<std::uintptr_t> stream, BorrowedTensor& out) {
   if (!py::hasattr(obj, "__dlpack__") || !py::hasattr(obj, "__dlpack_device__")) {
     throw TypeError(arg + ": expected a tensor or array that supports DLPack (torch.Tensor, "
                           "numpy.ndarray, cupy.ndarray), got " + type_name(obj));
@@ -135,7 +141,6 @@ BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access acce
                     std::to_string(dev.first));
   }
 
-  BorrowedTensor out;
   out.keepalive = export_capsule(obj, arg, stream_arg);
   PyObject* cap = out.keepalive.ptr();
   const dlpack::DLTensor* t = nullptr;
@@ -155,8 +160,31 @@ BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access acce
     throw TypeError(arg + ": expected dtype " + allowed.describe() + ", got " +
                     (dtype ? std::string(dtype_name(*dtype)) : describe_dtype(t->dtype)));
   }
-  std::int64_t numel = 1;
   out.shape.assign(t->shape, t->shape + t->ndim);
+  TensorView& v = out.view;
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.dtype = *dtype;
+  v.read_only = read_only;
+  if (t->device.device_type == dlpack::kDLCUDA) {
+    v.device = Device{DeviceType::kCUDA, t->device.device_id};
+    v.stream = stream.value_or(0);
+  }
+  return {t, read_only};
+}
+
+void require_writable(const std::string& arg, Access access, bool read_only) {
+  if (access == Access::kWrite && read_only) {
+    throw ValueError(arg + ": is read-only but this operation writes to it; pass a writable copy");
+  }
+}
+
+}  // namespace
+
+BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access access, DTypeSet allowed,
+                             std::optional<std::uintptr_t> stream) {
+  BorrowedTensor out;
+  const auto [t, read_only] = export_tensor(obj, arg, allowed, stream, out);
+  std::int64_t numel = 1;
   for (auto s : out.shape) numel *= s;
   if (t->strides != nullptr && numel > 1) {
     std::int64_t expected = 1;
@@ -168,19 +196,35 @@ BorrowedTensor borrow_tensor(py::handle obj, const std::string& arg, Access acce
       expected *= t->shape[d];
     }
   }
-  if (access == Access::kWrite && read_only) {
-    throw ValueError(arg + ": is read-only but this operation writes to it; pass a writable copy");
-  }
+  require_writable(arg, access, read_only);
+  out.view.numel = numel;
+  return out;
+}
 
-  TensorView& v = out.view;
-  v.data = static_cast<char*>(t->data) + t->byte_offset;
-  v.dtype = *dtype;
-  v.numel = numel;
-  v.read_only = read_only;
-  if (t->device.device_type == dlpack::kDLCUDA) {
-    v.device = Device{DeviceType::kCUDA, t->device.device_id};
-    v.stream = stream.value_or(0);
+BorrowedRows borrow_rows(py::handle obj, const std::string& arg, Access access, DTypeSet allowed,
+                         std::optional<std::uintptr_t> stream) {
+  BorrowedRows out;
+  const auto [t, read_only] = export_tensor(obj, arg, allowed, stream, out.tensor);
+  if (t->ndim != 1 && t->ndim != 2) {
+    throw ValueError(arg + ": expected a 1-D tensor (one row) or a 2-D tensor of rows, got " +
+                     std::to_string(t->ndim) + " dimensions");
   }
+  out.rows = t->ndim == 2 ? t->shape[0] : 1;
+  out.row_len = t->shape[t->ndim - 1];
+  out.row_stride = out.row_len;
+  if (t->strides != nullptr) {
+    if (out.row_len > 1 && t->strides[t->ndim - 1] != 1) {
+      throw TypeError(arg + ": expected each row contiguous (inner stride 1), got inner stride " +
+                      std::to_string(t->strides[t->ndim - 1]) + "; call .contiguous() first");
+    }
+    if (t->ndim == 2 && out.rows > 1) out.row_stride = t->strides[0];
+  }
+  if (out.rows > 1 && out.row_stride < out.row_len) {
+    throw TypeError(arg + ": expected rows that do not overlap (row stride >= row length " +
+                    std::to_string(out.row_len) + "), got row stride " + std::to_string(out.row_stride));
+  }
+  require_writable(arg, access, read_only);
+  out.tensor.view.numel = out.rows * out.row_len == 0 ? 0 : (out.rows - 1) * out.row_stride + out.row_len;
   return out;
 }
 

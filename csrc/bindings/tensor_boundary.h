@@ -53,6 +53,25 @@ BorrowedTensor borrow_tensor(pybind11::handle obj, const std::string& arg, Acces
                              DTypeSet allowed = kFloatingTypes,
                              std::optional<std::uintptr_t> stream = std::nullopt);
 
+/// Rows of a 1-D (one row) or 2-D tensor whose rows are each contiguous but may lie any distance
+/// apart, such as per-rank slices of one gathered message buffer. `tensor.view` spans from the
+/// first row's first element to the last row's last element ((rows - 1) * row_stride + row_len
+/// elements; 0 when empty), so it covers the gaps between rows too: pass it only where those
+/// bytes are read, never written, or treat them as part of the tensor for overlap checks.
+struct BorrowedRows {
+  BorrowedTensor tensor;
+  std::int64_t rows = 0;
+  std::int64_t row_len = 0;
+  std::int64_t row_stride = 0;  // elements from one row's start to the next (>= row_len)
+};
+
+/// Borrows `obj` as rows (see BorrowedRows) without copying. Throws agrt::TypeError as
+/// borrow_tensor does, and for an inner stride other than 1 or overlapping rows (a negative or
+/// too small row stride); agrt::ValueError for a tensor of other than one or two dimensions or,
+/// under Access::kWrite, a read-only one.
+BorrowedRows borrow_rows(pybind11::handle obj, const std::string& arg, Access access, DTypeSet allowed,
+                         std::optional<std::uintptr_t> stream = std::nullopt);
+
 /// Borrows every element of a sequence; all must be on one device (ValueError otherwise,
 /// naming the first one that differs). Elements are named arg[i].
 std::vector<BorrowedTensor> borrow_tensor_list(pybind11::handle seq, const std::string& arg,

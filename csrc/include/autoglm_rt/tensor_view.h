@@ -8,7 +8,8 @@
 
 namespace agrt {
 
-enum class DType : std::uint8_t { kFloat32, kFloat16, kBFloat16, kInt32, kInt64 };
+// kUInt8 (raw bytes: packed sign bits, message buffers) is last so the other values keep theirs.
+enum class DType : std::uint8_t { kFloat32, kFloat16, kBFloat16, kInt32, kInt64, kUInt8 };
 enum class DeviceType : std::uint8_t { kCPU, kCUDA };
 
 /// Size of one element in bytes.
@@ -19,6 +20,7 @@ constexpr std::size_t dtype_size(DType t) noexcept {
     case DType::kBFloat16: return 2;
     case DType::kInt32: return 4;
     case DType::kInt64: return 8;
+    case DType::kUInt8: return 1;
   }
   return 0;
 }
@@ -27,7 +29,7 @@ constexpr bool is_floating(DType t) noexcept {
   return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
 }
 
-/// "float32", "float16", "bfloat16", "int32", "int64": the names numpy and torch use.
+/// "float32", "float16", "bfloat16", "int32", "int64", "uint8": the names numpy and torch use.
 const char* dtype_name(DType t) noexcept;
 
 struct Device {

@@ -1,0 +1,65 @@
+"""pytest-benchmark: fused 1-bit (sign) compression and its inverse vs the torch pipeline of
+``ratios_onebit.py``; each asserts that both produce the same message. Error feedback rewrites
+the error, so every round gets a fresh copy through ``setup=`` (outside the timing). The side by
+side ratios, on one and on all threads, come from ``benches/run_ratios.py onebit``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoglm_rt import ops
+
+_spec = importlib.util.spec_from_file_location("ratios_onebit", Path(__file__).with_name("ratios_onebit.py"))
+assert _spec and _spec.loader
+ratios_onebit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ratios_onebit)
+
+N = 1 << 20
+CHUNK = ratios_onebit.CHUNK
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(N, generator=gen), 0.1 * torch.randn(N, generator=gen)
+
+
+def test_sign_compress(benchmark) -> None:  # type: ignore[no-untyped-def]
+    x, error = _inputs()
+    bits, scales = benchmark.pedantic(
+        ops.sign_compress, setup=lambda: ((x, error.clone(), CHUNK), {}), rounds=3, iterations=1
+    )
+    ref_bits, ref_scales = ratios_onebit.torch_compress(x, error.clone(), CHUNK)
+    assert torch.equal(bits, ref_bits)
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=0)
+
+
+def test_torch_compress_baseline(benchmark) -> None:  # type: ignore[no-untyped-def]
+    x, error = _inputs()
+    bits, _scales = benchmark.pedantic(
+        ratios_onebit.torch_compress, setup=lambda: ((x, error.clone(), CHUNK), {}), rounds=3, iterations=1
+    )
+    assert torch.equal(bits, ops.sign_compress(x, error.clone(), CHUNK)[0])
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_sign_decompress(benchmark, world: int) -> None:  # type: ignore[no-untyped-def]
+    x, error = _inputs()
+    bits, scales = ops.sign_compress(x, error, CHUNK)
+    rows_b = torch.stack([bits.roll(r) for r in range(world)])
+    rows_s = torch.stack([scales.roll(r) for r in range(world)])
+    out = benchmark(lambda: ops.sign_decompress(rows_b, rows_s, torch.empty(N), CHUNK, scale=1 / world))
+    expected = torch.empty(N)
+    ratios_onebit.torch_decompress(rows_b, rows_s, expected, CHUNK, 1 / world)
+    assert torch.equal(out, expected)
+
+
+def test_torch_decompress_baseline(benchmark) -> None:  # type: ignore[no-untyped-def]
+    x, error = _inputs()
+    bits, scales = ops.sign_compress(x, error, CHUNK)
+    out = torch.empty(N)
+    benchmark(lambda: ratios_onebit.torch_decompress(bits[None], scales[None], out, CHUNK, 1.0))
+    assert torch.equal(out, ops.sign_decompress(bits, scales, torch.empty(N), CHUNK))
