@@ -166,6 +166,9 @@ def test_report_says_what_the_hook_compresses() -> None:
     assert "frozen after the dense steps" in comparison_sentences(runs, {})[0]
     runs["autoglm_rt"]["config"]["compress_update"] = "off"
     assert "of each gradient bucket" in comparison_sentences(runs, {})[0]
+    runs["autoglm_rt"]["config"]["compressor"] = "onebit"
+    first = comparison_sentences(runs, {})[0]
+    assert "1-bit Adam hook sends each rank's momentum" in first and "top-k" not in first
 
 
 def test_report_says_the_same_when_it_is_the_same() -> None:

@@ -25,7 +25,7 @@ from autoglm_rt.demo.projection import (
     relative_error,
 )
 from autoglm_rt.demo.report import projection_lines, render_markdown
-from autoglm_rt.demo.step_costs import HookTimer, callback_seconds, compute_seconds
+from autoglm_rt.demo.step_costs import HookTimer, callback_seconds, compute_seconds, sign_callback_seconds
 
 MEASURED = {"compute_s": 0.2, "compress_s": 0.01, "decompress_s": 0.001, "dense_bytes": 1e6, "message_bytes": 2e4}
 
@@ -193,3 +193,20 @@ def test_callback_seconds_times_both_parts_and_rejects_bad_input() -> None:
             callback_seconds(numels, density)
     with pytest.raises(ValueError, match="repeats"):
         compute_seconds(nn.Linear(2, 2), lambda m, b: m(b).sum(), [], repeats=1)
+    fixed, per_rank = sign_callback_seconds([10_000, 5_000], 2048, repeats=2)
+    assert fixed > 0 and per_rank > 0
+    for numels, chunk in (([], 2048), ([100], 0)):
+        with pytest.raises(ValueError, match="chunk"):
+            sign_callback_seconds(numels, chunk)
+
+
+def test_the_report_names_the_hook_the_run_used() -> None:
+    run, steps = _run_and_steps(12)
+    topk = projection_document(run, steps)
+    onebit = projection_document({**run, "config": {**run["config"], "compressor": "onebit"}}, steps)
+    assert topk is not None and onebit is not None
+    assert topk["hook"] == "top-k" and onebit["hook"] == "1-bit"
+    assert onebit["rows"] == topk["rows"]  # the same fixed-size all-gather model
+    text = "\n".join(projection_lines(onebit))
+    assert "all-reduce / 1-bit (ms)" in text and "the 1-bit hook" in text
+    assert "all-reduce / top-k (ms)" in "\n".join(projection_lines(topk))

@@ -1,7 +1,8 @@
 """The demo's ``autoglm_rt`` run: everything on.
 
-Per rank: the top-k hook with error feedback compressing AdamW's preconditioned update after a
-dense start (``ddp.AdamUpdate``; the optimizer is then SGD on the delivered step), the Runtime
+Per rank: the compression hook (by default 1-bit Adam, ``autoglm_rt.onebit``; or the top-k hook
+with error feedback compressing AdamW's preconditioned update, ``ddp.AdamUpdate``; either way the
+optimizer is SGD on the delivered step), the Runtime
 (fused statistics, noise scale from the hook's local/global squared norms, phase detection, batch
 controller), the demo strategy (``policy/strategies/demo.yaml``: the phase halves the micro-batch),
 a Prometheus endpoint on 127.0.0.1 (rank r on a port of its own) with every source the Runtime
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autoglm_rt.demo.activations import ActivationMeter
 from autoglm_rt.demo.model import loss_fn
-from autoglm_rt.demo.step_costs import HookTimer, callback_seconds, compute_seconds
+from autoglm_rt.demo.step_costs import HookTimer, callback_seconds, compute_seconds, sign_callback_seconds
 
 DEMO_STRATEGY = "demo"  # policy/strategies/demo.yaml
 
@@ -50,6 +51,8 @@ class RunSettings(Protocol):
     @property
     def compress_update(self) -> str: ...
     @property
+    def compressor(self) -> str: ...
+    @property
     def lr(self) -> float: ...
 
 
@@ -59,11 +62,34 @@ def make_optimizer(
     """AdamW, or under ``compress_update`` "frozen"/"local" SGD with AdamW's lr and weight decay:
     the hook then delivers AdamW's direction, and SGD's L2 term on a momentum-free step is
     AdamW's decoupled decay, so the pair steps as AdamW does."""
+    if cfg.compressor not in ("onebit", "topk"):
+        raise ValueError(f"compressor: expected 'onebit' or 'topk', got {cfg.compressor!r}")
     if cfg.compress_update not in ("frozen", "local", "off"):
         raise ValueError(f"compress_update: expected 'frozen', 'local' or 'off', got {cfg.compress_update!r}")
-    if cfg.compress_update == "off":
+    if cfg.compressor == "topk" and cfg.compress_update == "off":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=weight_decay)
+
+
+def _hook_for(cfg: RunSettings) -> tuple[Any, Any]:
+    """The DDP hook state and hook ``cfg.compressor`` names."""
+    if cfg.compressor == "onebit":
+        from autoglm_rt.onebit import OneBitAdam, OneBitAdamState, onebit_adam_hook
+
+        return OneBitAdamState(OneBitAdam(start_iter=cfg.dense_steps)), onebit_adam_hook
+    from autoglm_rt.ddp import AdamUpdate, TopKState, topk_hook
+
+    controller = None
+    if cfg.density_floor is not None:
+        from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
+
+        config = DensityControllerConfig(floor=cfg.density_floor, ceiling=cfg.density_ceiling, interval=10)
+        controller = DensityController(config)
+    adam = None if cfg.compress_update == "off" else AdamUpdate(variance=cfg.compress_update)
+    state = TopKState(
+        density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller, adam=adam
+    )
+    return state, topk_hook
 
 
 class AutoglmRun:
@@ -79,24 +105,14 @@ class AutoglmRun:
     ) -> None:
         """``energy``: the run's ``EnergyMeter`` (rank 0 meters the machine; None elsewhere),
         exported with the Runtime's sources."""
-        from autoglm_rt.ddp import AdamUpdate, TopKState, topk_hook
         from autoglm_rt.memory import torch_pool
         from autoglm_rt.monitor import MetricsExporter, Sampler, start_metrics_server, strategy_metrics
         from autoglm_rt.policy import bundled_strategy
         from autoglm_rt.runtime import BatchConfig, Hooks, Runtime
 
         self.cfg = cfg
-        controller = None
-        if cfg.density_floor is not None:
-            from autoglm_rt.policy.compression import DensityController, DensityControllerConfig
-
-            config = DensityControllerConfig(floor=cfg.density_floor, ceiling=cfg.density_ceiling, interval=10)
-            controller = DensityController(config)
-        adam = None if cfg.compress_update == "off" else AdamUpdate(variance=cfg.compress_update)
-        self.comm = TopKState(
-            density=cfg.density, start_iter=cfg.dense_steps, warmup=cfg.warmup_steps, controller=controller, adam=adam
-        )
-        self.hook_timer = HookTimer(topk_hook)
+        self.comm, hook = _hook_for(cfg)
+        self.hook_timer = HookTimer(hook)
         model.register_comm_hook(self.comm, self.hook_timer.hook)
         self.model = model
         self._last: tuple[tuple[torch.Tensor, torch.Tensor], int] | None = None  # batch, micro-batch
@@ -189,7 +205,10 @@ class AutoglmRun:
         (x, y), micro = self._last
         chunks = [(x[i : i + micro], y[i : i + micro]) for i in range(0, x.shape[0], micro)]
         numels = list(self.hook_timer.bucket_numels.values())
-        fixed, per_rank = callback_seconds(numels, self.cfg.density)
+        if self.cfg.compressor == "onebit":
+            fixed, per_rank = sign_callback_seconds(numels, self.comm.config.chunk)
+        else:
+            fixed, per_rank = callback_seconds(numels, self.cfg.density)
         element = next(self.model.parameters()).element_size()
         return {
             "compute_s": compute_seconds(self.model, loss_fn, chunks),
@@ -211,16 +230,28 @@ class AutoglmRun:
             "metrics_url": self.server.url,
             "pool": None if self.pool is None else "torch's CUDA allocator, limit driven by the memory policy",
             "notes": [
-                f"top-k density {self.cfg.density:.3g} with error feedback after {self.cfg.dense_steps} dense steps "
-                f"and a {self.cfg.warmup_steps}-step warm-up, compressing "
-                + (
-                    "the raw gradient (AdamW steps on the sparse average)"
-                    if self.cfg.compress_update == "off"
-                    else f"AdamW's preconditioned update ({self.cfg.compress_update} second moment; SGD applies it)"
-                ),
+                self._hook_note(),
                 f"strategy: the bundled {DEMO_STRATEGY!r} (policy/strategies/{DEMO_STRATEGY}.yaml)",
             ],
         }
+
+    def _hook_note(self) -> str:
+        cfg = self.cfg
+        if cfg.compressor == "onebit":
+            return (
+                f"1-bit Adam (autoglm_rt.onebit): {cfg.dense_steps} dense AdamW steps (int8), then each rank's "
+                "momentum in AdamW's preconditioned space as 1 bit per entry with a scale per chunk and error "
+                "feedback; v refreshed by dense int8 steps at 2x the start and its doublings; SGD applies the step"
+            )
+        return (
+            f"top-k density {cfg.density:.3g} with error feedback after {cfg.dense_steps} dense steps "
+            f"and a {cfg.warmup_steps}-step warm-up, compressing "
+            + (
+                "the raw gradient (AdamW steps on the sparse average)"
+                if cfg.compress_update == "off"
+                else f"AdamW's preconditioned update ({cfg.compress_update} second moment; SGD applies it)"
+            )
+        )
 
     def close(self) -> None:
         self.server.close()

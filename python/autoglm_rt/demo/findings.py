@@ -22,6 +22,7 @@ def comparison_sentences(runs: dict[str, dict[str, Any]], steps: dict[str, list[
     cfg = a.get("config", {})
     out: list[str] = []
     ratio = b["bytes_communicated"] / max(1, a["bytes_communicated"])
+    onebit = cfg.get("compressor", "topk") == "onebit"
     update = cfg.get("compress_update", "off")
     what = (
         "of AdamW's update in each bucket (each rank's momentum divided by Adam's second moment, "
@@ -29,17 +30,30 @@ def comparison_sentences(runs: dict[str, dict[str, Any]], steps: dict[str, list[
         if update in ("frozen", "local")
         else "of each gradient bucket"
     )
+    how = (
+        f"after {cfg.get('dense_steps', '?')} dense int8 steps the 1-bit Adam hook sends each rank's momentum in "
+        "AdamW's preconditioned space as one bit per entry plus a scale per chunk, with dense int8 steps that "
+        "refresh the second moment at doubling intervals"
+        if onebit
+        else f"after {cfg.get('dense_steps', '?')} dense steps the top-k hook sends {cfg.get('density', '?')} {what} "
+        f"(after a {cfg.get('warmup_steps', '?')}-step warm-up)"
+    )
     out.append(
         f"**Bytes**: autoglm_rt sent {ratio:.1f}x fewer bytes ({format_size(a['bytes_communicated'])} vs "
-        f"{format_size(b['bytes_communicated'])}): after {cfg.get('dense_steps', '?')} dense steps the top-k hook "
-        f"sends {cfg.get('density', '?')} {what} (after a {cfg.get('warmup_steps', '?')}-step warm-up)."
+        f"{format_size(b['bytes_communicated'])}): {how}."
     )
     loss = a["val_loss"] / b["val_loss"]
     if loss > 1 + SAME_LOSS:
+        why = (
+            "Each rank sends only the sign of its momentum (the error feedback sends the rest later) and the "
+            "second moment is only refreshed at dense steps, so each update approximates AdamW's"
+            if onebit
+            else "Top-k keeps what it does not send as a residual and sends it later, so each update lags the full "
+            "gradient"
+        )
         out.append(
-            f"**Worse: validation loss** {a['val_loss']:.4f} vs {b['val_loss']:.4f} ({loss - 1:+.1%}). Top-k keeps "
-            "what it does not send as a residual and sends it later, so each update lags the full gradient; "
-            "the gap is the price of the bytes saved at this density and run length."
+            f"**Worse: validation loss** {a['val_loss']:.4f} vs {b['val_loss']:.4f} ({loss - 1:+.1%}). {why}; "
+            "the gap is the price of the bytes saved at this compression and run length."
         )
     elif loss < 1 - SAME_LOSS:
         out.append(f"**Validation loss** {a['val_loss']:.4f} vs {b['val_loss']:.4f} ({loss - 1:+.1%}): lower.")
@@ -52,10 +66,10 @@ def comparison_sentences(runs: dict[str, dict[str, Any]], steps: dict[str, list[
     step_txt = f" (median step {ta:.0f} ms vs {tb:.0f} ms)" if ta is not None and tb is not None else ""
     if wall > 1 + SAME_TIME:
         why = (
-            "over 127.0.0.1 sending bytes costs almost nothing, so the top-k selection, the sparse all-gather and "
-            "the runtime's per-step statistics cost more than the smaller messages save"
+            "over 127.0.0.1 sending bytes costs almost nothing, so the compression, the all-gather of every rank's "
+            "message and the runtime's per-step statistics cost more than the smaller messages save"
             if a.get("config", {}).get("device", "cpu") == "cpu"
-            else "the top-k selection and the runtime's per-step work cost more than the smaller messages save here"
+            else "the compression and the runtime's per-step work cost more than the smaller messages save here"
         )
         out.append(f"**Slower: wall time** {wall:.2f}x the baseline's{step_txt}: {why}.")
         shrunk = _micro_batch_changes(steps.get("autoglm_rt", []))
@@ -74,8 +88,8 @@ def comparison_sentences(runs: dict[str, dict[str, Any]], steps: dict[str, list[
     if mem > 1 + SAME_TIME:
         out.append(
             f"**More memory**: peak {format_size(a['peak_memory_bytes'])} vs {format_size(b['peak_memory_bytes'])} "
-            "(the largest rank): the runtime's residuals (one per gradient element), its sampler thread and its "
-            "metrics server."
+            "(the largest rank): the compression hook's state (a few floats per gradient element: error feedback "
+            "and moments), its sampler thread and its metrics server."
         )
     if a.get("energy_joules") and b.get("energy_joules"):
         kind = "estimated " if a.get("energy_estimated") or b.get("energy_estimated") else ""

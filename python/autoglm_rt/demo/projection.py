@@ -160,10 +160,19 @@ def inputs_from_run(run: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]) 
 
 
 def projection_document(run: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """What the demo's report shows: :func:`inputs_from_run`'s inputs, the latency assumed, the
-    rows of :func:`projected_step_times` on the default grid as dicts, and ``NETNS_CHECK``."""
+    """What the demo's report shows: :func:`inputs_from_run`'s inputs, the hook's name ("1-bit" or
+    "top-k"; both send a fixed-size message per rank), the latency assumed, the rows of
+    :func:`projected_step_times` on the default grid as dicts, and ``NETNS_CHECK`` (measured with
+    the top-k hook)."""
     inputs = inputs_from_run(run, steps)
     if inputs is None:
         return None
     rows = projected_step_times(**inputs["model"])
-    return {**inputs, "latency_s": DEFAULT_LATENCY_S, "rows": [asdict(r) for r in rows], "check": dict(NETNS_CHECK)}
+    hook = "1-bit" if run.get("config", {}).get("compressor") == "onebit" else "top-k"
+    return {
+        **inputs,
+        "hook": hook,
+        "latency_s": DEFAULT_LATENCY_S,
+        "rows": [asdict(r) for r in rows],
+        "check": dict(NETNS_CHECK),
+    }

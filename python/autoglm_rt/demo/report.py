@@ -127,6 +127,7 @@ def projection_lines(projection: dict[str, Any]) -> list[str]:
     """The "Projected step time" section: the measured inputs, the model, its error against the
     netns measurement, and a table of step times per rank count and link speed."""
     m, check = projection["model"], projection["check"]
+    hook = projection.get("hook", "top-k")
     when = (
         f"median of {projection['steps_used']} steps after the density warm-up"
         if projection["settled"]
@@ -137,11 +138,12 @@ def projection_lines(projection: dict[str, Any]) -> list[str]:
         "## Projected step time",
         "",
         f"From this run's own measurements (rank 0): compute without communication {m['compute_s'] * 1e3:.1f} ms "
-        f"per step (forward/backward under `no_sync`, timed after training), the top-k hook "
+        f"per step (forward/backward under `no_sync`, timed after training), the {hook} hook "
         f"{m['compress_s'] * 1e3:.2f} ms per step and {format_size(m['message_bytes'])} sent per rank per step "
         f"({when}), its callbacks {m['callback_s'] * 1e3:.2f} ms per step plus {m['decompress_s'] * 1e3:.2f} ms per "
         f"rank's message, {format_size(m['dense_bytes'])} of gradients in {m['buckets']} bucket(s). Model "
-        f"(`autoglm_rt.demo.projection`): ring all-reduce of the dense gradients against a fixed-k all-gather, "
+        f"(`autoglm_rt.demo.projection`): ring all-reduce of the dense gradients against an all-gather of each "
+        f"rank's fixed-size message, "
         f"{projection['latency_s'] * 1e6:.0f} us per message, no overlap of communication with compute.",
         "",
         f"Model error at P = {check['ranks']}, {check['gbit_s']:g} Gbit/s against steps measured across a shaped "
@@ -152,7 +154,7 @@ def projection_lines(projection: dict[str, Any]) -> list[str]:
     gbits = sorted({r["gbit_s"] for r in projection["rows"]})
     ranks = sorted({r["ranks"] for r in projection["rows"]})
     by_key = {(r["gbit_s"], r["ranks"]): r for r in projection["rows"]}
-    header = "| ranks | " + " | ".join(f"{g:g} Gbit/s: all-reduce / top-k (ms) | speedup" for g in gbits) + " |"
+    header = "| ranks | " + " | ".join(f"{g:g} Gbit/s: all-reduce / {hook} (ms) | speedup" for g in gbits) + " |"
     lines += [header, "|---:|" + "---:|---:|" * len(gbits)]
     for p in ranks:
         cells = []

@@ -1,7 +1,7 @@
 """Measured costs of one training step, the inputs of ``demo.projection``: the time a DDP comm hook
 spends synchronously (the compression), the compute of a step without communication, and the
-top-k hook's callback costs (zeroing each bucket; the scatter-add and norm gather of one rank's
-message), all timed on the caller's own model and bucket sizes.
+hooks' callback costs (top-k: zeroing each bucket, the scatter-add and norm gather of one rank's
+message; 1-bit: decoding one rank's message), all timed on the caller's own model and bucket sizes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from autoglm_rt.ops import topk_decompress
+from autoglm_rt.ops.onebit import sign_decompress, sign_message_sizes
 from autoglm_rt.ops.topk import index_dtype_for
 
 Hook = Callable[[Any, Any], "torch.futures.Future[torch.Tensor]"]
@@ -100,4 +101,32 @@ def callback_seconds(bucket_numels: Sequence[int], density: float, repeats: int 
     return median(fixed), median(per_rank)
 
 
-__all__ = ["HookTimer", "callback_seconds", "compute_seconds"]
+def sign_callback_seconds(bucket_numels: Sequence[int], chunk: int, repeats: int = 5) -> tuple[float, float]:
+    """``(fixed_s, per_rank_s)`` of the 1-bit hook's callbacks over buckets of ``bucket_numels``
+    float32 elements: the bias correction of the decoded step once per step, and the decoding of
+    one rank's signs and scales. Medians of ``repeats``."""
+    if not bucket_numels or chunk < 1:
+        raise ValueError(f"bucket_numels, chunk: expected buckets and chunk >= 1, got {chunk}")
+    gen = torch.Generator().manual_seed(0)
+    buckets = []
+    for numel in bucket_numels:
+        nbytes, nchunks = sign_message_sizes(numel, chunk)
+        bits = torch.randint(0, 256, (1, nbytes), dtype=torch.uint8, generator=gen)
+        buckets.append((torch.zeros(numel), bits, torch.rand(1, nchunks, generator=gen)))
+    fixed, per_rank = [], []
+    for _ in range(repeats + 1):  # the first pass warms the buffers up (page faults) and is dropped
+        fix_s = decode_s = 0.0
+        for buffer, bits, scales in buckets:
+            t = time.perf_counter()
+            sign_decompress(bits, scales, buffer, chunk, scale=0.5)
+            t1 = time.perf_counter()
+            buffer.div_(0.9)
+            t2 = time.perf_counter()
+            decode_s += t1 - t
+            fix_s += t2 - t1
+        fixed.append(fix_s)
+        per_rank.append(decode_s)
+    return median(fixed[1:]), median(per_rank[1:])
+
+
+__all__ = ["HookTimer", "callback_seconds", "compute_seconds", "sign_callback_seconds"]

@@ -61,6 +61,10 @@ class DemoConfig:
     # delivers, which is AdamW's step), "off" the raw gradient (AdamW steps on the sparse average).
     # See docs/compression.md for the sweep.
     compress_update: str = "frozen"
+    # The hook of the autoglm_rt run: "onebit" (autoglm_rt.onebit: 1-bit Adam with int8 dense steps
+    # and v refreshed; `dense_steps` is its start; SGD applies the step it delivers) or "topk" (the
+    # top-k hook above, with `density`, `warmup_steps`, `compress_update`, `density_floor`).
+    compressor: str = "onebit"
     # Regime-aware density (autoglm_rt.policy.compression) instead of the fixed `density`: None
     # keeps the fixed density (with AdamW, the regime controller measured no better; see
     # docs/compression.md), else the density of quiet 10-step windows, `density_ceiling` that of
