@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoglm_rt import ddp
+from autoglm_rt import ddp, onebit
 from autoglm_rt.demo.corpus import load_corpus
 from autoglm_rt.demo.model import CharGPT
 from autoglm_rt.demo.train import PRESETS, DemoConfig, _batch_for, _evaluate, free_port, loss_fn
@@ -66,13 +66,12 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
         {"density": 1.0, "start_iter": 5, "adam": {"momentum": "global"}},
     ),
     "adamw update regime 0.5-5%": ("adamw", {"controller": (0.005, 0.05), "start_iter": 5, "adam": {}}),
-    "adamw onebit prototype, 5 fp16 dense": ("adamw", {"onebit": {}}),
-    "adamw onebit prototype, 5 fp32 dense": ("adamw", {"onebit": {"fp16_start": False}}),
-    "adamw onebit prototype, v refreshed": ("adamw", {"onebit": {"refresh": True}}),
-    "adamw onebit prototype, v refreshed at 20, 80, 320": ("adamw", {"onebit": {"refresh": True, "refresh_first": 20}}),
-    "adamw onebit prototype, int8 dense, v refreshed": ("adamw", {"onebit": {"refresh": True, "dense_bits": 8}}),
-    "adamw onebit prototype, chunk 256": ("adamw", {"onebit": {"chunk": 256}}),
-    "adamw onebit prototype, chunk 64": ("adamw", {"onebit": {"chunk": 64}}),
+    # 1-bit Adam (autoglm_rt.onebit; SGD steps on what it delivers). The old sweep-only prototype's
+    # variants are in docs/compression.md; these are the product's settings around its defaults.
+    "adamw onebit": ("adamw", {"onebit": {}}),
+    "adamw onebit, v frozen": ("adamw", {"onebit": {"refresh_first": 0}}),
+    "adamw onebit, fp32 dense": ("adamw", {"onebit": {"dense_bits": 32}}),
+    "adamw onebit, chunk 256": ("adamw", {"onebit": {"chunk": 256}}),
     "adamw update 1% frozen, 10 dense": ("adamw", {"density": 0.01, "start_iter": 10, "adam": {}}),
     "adamw update 1% frozen, 20 dense": ("adamw", {"density": 0.01, "start_iter": 20, "adam": {}}),
     "adamw update 1% beta1 0": ("adamw", {"density": 0.01, "start_iter": 5, "adam": {"beta1": 0.0}}),
@@ -84,147 +83,6 @@ RUNS: dict[str, tuple[str, dict[str, Any] | None]] = {
     ),
 }
 SGD_LR = 0.5
-
-
-class OneBitPrototype:
-    """A sweep-only prototype (not in the package): 1-bit Adam-style compression in the space of
-    ``ddp.AdamUpdate``. ``start_iter`` dense steps are exact AdamW (sent as ``dense_bits``: 16 or
-    8 when ``fp16_start``, else 32); then v is frozen (or, with ``refresh``, updated by dense steps
-    at ``refresh_first`` and its doublings), each rank preconditions its gradient, keeps the momentum
-    ``u = beta1 u + (1 - beta1) p`` started from the synced one, and sends ``sign(u + e)`` times
-    the mean |u + e| of each chunk of ``chunk`` entries (error feedback ``e``); the average of the
-    ranks' messages becomes the synced momentum and the delivered update is it over
-    ``1 - beta1^t``. Sent bits are counted as a real implementation would send them (1 bit per
-    entry plus one float32 scale per chunk); the prototype itself all-reduces float32."""
-
-    def __init__(
-        self,
-        start_iter: int = 5,
-        chunk: int = 2048,
-        fp16_start: bool = True,
-        refresh: bool = False,
-        refresh_first: int = 0,
-        dense_bits: int = 16,
-    ) -> None:
-        self.start_iter, self.chunk, self.fp16_start, self.refresh = start_iter, chunk, fp16_start, refresh
-        self.refresh_first = refresh_first or 2 * start_iter  # then every x2 (x4 with refresh_first set)
-        self.dense_wire_bits = dense_bits if fp16_start else 32
-        self.v_at: dict[int, int] = {}  # the iteration v was last updated at
-        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
-        self.m: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self.u: dict[int, torch.Tensor] = {}
-        self.e: dict[int, torch.Tensor] = {}
-        self.t: dict[int, int] = {}
-        self.sent_bits = 0.0
-        self.dense_bits = 0.0
-        self.controller = None
-        self.adam = True
-
-    def _dense_average(self, mine: torch.Tensor) -> torch.Tensor:
-        """The ranks' sum of ``mine`` sent dense: float32, float16, or int8 with one float32 scale
-        per chunk (absmax / 127; simulated: the dequantized values are all-reduced)."""
-        bits = self.dense_wire_bits
-        if bits == 32:
-            send = mine.clone()
-        elif bits == 16:
-            send = mine.half()
-        else:
-            send = torch.empty_like(mine)
-            for a in range(0, mine.numel(), self.chunk):
-                c = mine[a : a + self.chunk]
-                scale = c.abs().max().clamp_min(1e-30) / 127
-                send[a : a + c.numel()] = torch.round(c / scale) * scale
-            self.sent_bits += 32.0 * ((mine.numel() + self.chunk - 1) // self.chunk)
-        dist.all_reduce(send)
-        self.sent_bits += float(bits) * mine.numel()
-        return send.float()
-
-    def _is_refresh(self, t: int) -> bool:
-        """v is refreshed at refresh_first, then x2 each time (x4 when refresh_first was given)."""
-        if t < self.refresh_first:
-            return False
-        q, r = divmod(t, self.refresh_first)
-        if r:
-            return False
-        if self.refresh_first != 2 * self.start_iter:
-            while q % 4 == 0:
-                q //= 4
-            return q == 1
-        return q & (q - 1) == 0
-
-    def _denom(self, pid: int) -> torch.Tensor:
-        v = self.v[pid] / (1 - self.beta2 ** (self.v_at[pid] + 1))
-        if (v == 0).any():  # never saw a gradient: the parameter's mean v (as AdamUpdate)
-            v = torch.where(v == 0, v.mean(), v)
-        return v.sqrt() + self.eps
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.dense_bits / self.sent_bits if self.sent_bits else 1.0
-
-    def hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buf = bucket.buffer()
-        world = dist.get_world_size()
-        out = torch.empty_like(buf)
-        slices, off = [], 0
-        for p in bucket.parameters():
-            slices.append((id(p), slice(off, off + p.numel())))
-            off += p.numel()
-        t = self.t.get(slices[0][0], 0)
-        self.dense_bits += 32.0 * buf.numel()
-        b1, b2 = self.beta1, self.beta2
-        if self.refresh and t >= self.start_iter and self._is_refresh(t):
-            # A dense fp16 step refreshes v (0/1 Adam's idea): the gap since the last update is
-            # folded in as if every step in it had this gradient; u and e move to the new scale.
-            g = self._dense_average(buf / world)
-            for pid, sl in slices:
-                gi = g[sl]
-                gap = t - self.v_at[pid]
-                old = self._denom(pid)
-                keep = b2**gap
-                self.v[pid].mul_(keep).addcmul_(gi, gi, value=1 - keep)
-                self.v_at[pid] = t
-                new = self._denom(pid)
-                self.u[pid] = self.u[pid] * old / new * b1 + gi / new * (1 - b1)
-                self.e[pid] = self.e[pid] * old / new
-                out[sl] = self.u[pid] / (1 - b1 ** (t + 1))
-        elif t < self.start_iter:
-            g = self._dense_average(buf / world)
-            for pid, sl in slices:
-                gi = g[sl]
-                m = self.m.setdefault(pid, torch.zeros_like(gi)).mul_(b1).add_(gi, alpha=1 - b1)
-                v = self.v.setdefault(pid, torch.zeros_like(gi)).mul_(b2).addcmul_(gi, gi, value=1 - b2)
-                denom = (v / (1 - b2 ** (t + 1))).sqrt_().add_(self.eps)
-                out[sl] = m / (1 - b1 ** (t + 1)) / denom
-                self.u[pid] = m / denom  # the momentum in the preconditioned space, uncorrected
-                self.e[pid] = torch.zeros_like(gi)
-                self.v_at[pid] = t
-        else:
-            comp = torch.empty_like(buf)
-            for pid, sl in slices:
-                p_local = buf[sl] / self._denom(pid)
-                comp[sl] = self.u[pid] * b1 + p_local * (1 - b1) + self.e[pid]
-            msg = torch.empty_like(comp)
-            nchunks = 0
-            for _, sl in slices:
-                for a in range(sl.start, sl.stop, self.chunk):
-                    c = comp[a : min(sl.stop, a + self.chunk)]
-                    msg[a : a + c.numel()] = torch.sign(c) * c.abs().mean()
-                    nchunks += 1
-            for pid, sl in slices:
-                self.e[pid] = comp[sl] - msg[sl]
-            dist.all_reduce(msg)
-            msg /= world
-            self.sent_bits += 1.0 * buf.numel() + 32.0 * nchunks
-            for pid, sl in slices:
-                self.u[pid] = msg[sl].clone()
-                out[sl] = msg[sl] / (1 - b1 ** (t + 1))
-        for pid, _ in slices:
-            self.t[pid] = t + 1
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(out)
-        return fut
 
 
 def _state(settings: dict[str, Any]) -> ddp.TopKState:
@@ -255,17 +113,17 @@ def _worker(rank: int, port: int, cfg: DemoConfig, names: list[str], out: Any) -
         torch.manual_seed(cfg.seed)
         net = CharGPT(cfg.gpt())
         model = DDP(net)
-        state = None
+        state: Any = None
         if settings is None:
             model.register_comm_hook(None, allreduce_hook)
         elif "onebit" in settings:
-            state = OneBitPrototype(**settings["onebit"])  # type: ignore[assignment]
-            # A lambda: DDP refuses a hook whose bucket annotation is not dist.GradBucket itself.
-            model.register_comm_hook(state, lambda st, bucket: st.hook(bucket))
+            state = onebit.OneBitAdamState(onebit.OneBitAdam(**settings["onebit"]))
+            model.register_comm_hook(state, onebit.onebit_adam_hook)
         else:
             state = _state({k: v for k, v in settings.items() if k != "lr_scale"})
             model.register_comm_hook(state, ddp.topk_hook)
-        if state is not None and state.adam is not None:
+        delivers_update = isinstance(state, onebit.OneBitAdamState) or getattr(state, "adam", None) is not None
+        if delivers_update:
             # The hook delivers AdamW's direction: SGD's L2 term on it is AdamW's decoupled decay.
             lr = cfg.lr * settings.get("lr_scale", 1.0)
             opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0.01)
@@ -288,7 +146,9 @@ def _worker(rank: int, port: int, cfg: DemoConfig, names: list[str], out: Any) -
                     "run": name,
                     "val_loss": val,
                     "ratio": state.compression_ratio if state else 1.0,
-                    "critical_windows": state.controller.critical_windows_seen if state and state.controller else None,
+                    "critical_windows": (
+                        state.controller.critical_windows_seen if state and getattr(state, "controller", None) else None
+                    ),
                     "wall_s": wall,
                 }
             )

@@ -34,8 +34,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ADDR = ("10.231.77.1", "10.231.77.2")
-HOOKS = ("no_comm", "allreduce", "fp16_compress", "torch_topk_1pct", "autoglm_topk_1pct", "powersgd_r1", "powersgd_r4")
-TRAIN_HOOKS = ("allreduce", "fp16_compress", "powersgd_r1", "autoglm_update_1pct")
+HOOKS = (
+    "no_comm",
+    "allreduce",
+    "fp16_compress",
+    "torch_topk_1pct",
+    "autoglm_topk_1pct",
+    "autoglm_onebit",
+    "powersgd_r1",
+    "powersgd_r4",
+)
+TRAIN_HOOKS = ("allreduce", "fp16_compress", "powersgd_r1", "autoglm_update_1pct", "autoglm_onebit")
 
 
 def time_to_target(trace: list[dict[str, float]], target: float) -> dict[str, float] | None:
@@ -160,7 +169,7 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import autoglm_rt
-    from autoglm_rt import ddp
+    from autoglm_rt import ddp, onebit
 
     torch.set_num_threads(1)
     autoglm_rt.set_num_threads(1)
@@ -266,6 +275,10 @@ def worker(rank: int, port: int, steps: int, out: str, hooks: list[str]) -> None
             model.register_comm_hook(st, timed(powerSGD_hook.powerSGD_hook))
         elif hook == "torch_topk_1pct":
             model.register_comm_hook({}, timed(torch_topk_hook))  # type: ignore[arg-type]
+        elif hook == "autoglm_onebit":
+            model.register_comm_hook(
+                onebit.OneBitAdamState(onebit.OneBitAdam(start_iter=2)), timed(onebit.onebit_adam_hook)
+            )
         else:
             state = ddp.TopKState(density=0.01, start_iter=2)
             model.register_comm_hook(state, timed(ddp.topk_hook))
@@ -309,7 +322,7 @@ def worker_train(rank: int, port: int, out: str, hooks: list[str], eval_every: i
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from autoglm_rt import ddp
+    from autoglm_rt import ddp, onebit
     from autoglm_rt.demo.corpus import load_corpus
     from autoglm_rt.demo.model import CharGPT
     from autoglm_rt.demo.train import PRESETS, WEIGHT_DECAY, _batch_for, _evaluate, loss_fn
@@ -347,7 +360,10 @@ def worker_train(rank: int, port: int, out: str, hooks: list[str], eval_every: i
         elif hook == "powersgd_r1":
             st = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=5)
             model.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
-        else:  # the demo's setting: AdamW's update, 1%, 5 dense steps, SGD applies it
+        elif hook == "autoglm_onebit":  # the demo's setting: 1-bit Adam, 5 dense steps, SGD applies it
+            model.register_comm_hook(onebit.OneBitAdamState(onebit.OneBitAdam(start_iter=5)), onebit.onebit_adam_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+        else:  # the top-k setting: AdamW's update, 1%, 5 dense steps, SGD applies it
             state = ddp.TopKState(density=0.01, start_iter=5, adam=ddp.AdamUpdate())
             model.register_comm_hook(state, ddp.topk_hook)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
