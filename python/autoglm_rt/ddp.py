@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
-from autoglm_rt.hook_support import all_gather, fill_unmeasured, group_device, sketch_indices, sq_norm
+from autoglm_rt.hook_support import IterationNorms, all_gather, fill_unmeasured, group_device, sketch_indices, sq_norm
 from autoglm_rt.ops.topk import index_dtype_for, topk_compress, topk_decompress
 from autoglm_rt.policy.compression import DensityController
 
@@ -77,7 +77,6 @@ class AdamUpdate:
 
 
 _COUNTERS = ("bytes_sent", "dense_bytes", "compressed_buckets", "dense_buckets", "residual_resets")
-_NORM_NAMES = ("local_sq_norm", "mean_local_sq_norm", "global_sq_norm")
 
 
 class TopKState:
@@ -182,7 +181,7 @@ class TopKState:
         self._iteration_density: float | None = None  # set by the iteration's first bucket
         self._iteration_dense = False
         # Per iteration: squared norms per bucket, filled by the hook and its callbacks.
-        self._norm_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self._norms = IterationNorms()
 
     # -- schedule -------------------------------------------------------------------------------
     def density_at(self, iteration: int) -> float:
@@ -221,12 +220,7 @@ class TopKState:
         compressed buckets that is the sparse average), plus ``world_size``. These are the
         small-batch and large-batch norms a gradient-noise-scale estimator needs. None before
         the first iteration finished."""
-        parts = self._norm_parts.get(self.iter - 1)
-        if parts is None:
-            return None
-        out = {name: float(sum(float(t.item()) for t in ts)) for name, ts in parts.items()}
-        out["world_size"] = float(self._group().size())
-        return out
+        return self._norms.summary(self.iter - 1, self._group().size())
 
     def metrics(self) -> dict[str, float]:
         """Cumulative counters under plain field names: ``bytes_sent`` (bytes passed to
@@ -254,7 +248,6 @@ class TopKState:
         Tensors are cloned. Take it between iterations (not during a backward pass)."""
         if self._iteration_density is not None:
             raise RuntimeError("state_dict: called during an iteration; take it between optimizer steps")
-        prev = self._norm_parts.get(self.iter - 1)
         return {
             "iteration": self.iter,
             "residuals": table_state(self._residuals),
@@ -266,7 +259,7 @@ class TopKState:
             "bucket_density": dict(self.bucket_density),
             "last_density": self.last_density,
             "controller": self.controller.state_dict() if self.controller is not None else None,
-            "last_norms": None if prev is None else {k: [float(t.item()) for t in v] for k, v in prev.items()},
+            "last_norms": self._norms.state(self.iter - 1),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -307,11 +300,7 @@ class TopKState:
         if self.controller is not None:
             self.controller.load_state_dict(sd["controller"])
         self._iteration_density = None
-        self._norm_parts = {}
-        if sd["last_norms"] is not None:
-            self._norm_parts[self.iter - 1] = {
-                k: [torch.tensor([x], dtype=torch.float64) for x in v] for k, v in sd["last_norms"].items()
-            }
+        self._norms.load(self.iter - 1, sd["last_norms"])
 
     # -- internals ------------------------------------------------------------------------------
     def _group(self) -> dist.ProcessGroup:
@@ -320,14 +309,12 @@ class TopKState:
     def _begin_iteration(self) -> float:
         """The density of the iteration that starts now (called by its first bucket)."""
         if self.controller is not None:
-            prev = self._norm_parts.get(self.iter - 1)
             # The ranks' mean local squared norm, not the averaged gradient's: the latter is the
             # norm of the *sparse* average, which depends on the density itself (a feedback loop
             # that kept flipping the decision). The mean of full local norms does not, and every
             # rank computes it from the same gathered rows.
-            if prev is not None and self.controller.observe(
-                float(sum(float(t.item()) for t in prev["mean_local_sq_norm"]))
-            ):
+            prev = self._norms.total(self.iter - 1, "mean_local_sq_norm")
+            if prev is not None and self.controller.observe(prev):
                 self._agree_on_controller()
         if self.iter < self.start_iter:
             density = 1.0
@@ -379,10 +366,7 @@ class TopKState:
         counter.add_(nonfinite)
 
     def _norm_lists(self) -> dict[str, list[torch.Tensor]]:
-        if self.iter not in self._norm_parts:
-            self._norm_parts[self.iter] = {name: [] for name in _NORM_NAMES}
-            self._norm_parts.pop(self.iter - 2, None)
-        return self._norm_parts[self.iter]
+        return self._norms.lists(self.iter)
 
     def _finish_bucket(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():

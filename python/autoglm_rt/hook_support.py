@@ -1,7 +1,8 @@
 """Small pieces the DDP communication hooks share (``autoglm_rt.ddp``, ``autoglm_rt.onebit``):
 which device a group's collectives need, a one-read squared norm, an async all-gather, the
 gradient sketch from which a hook that delivers an update estimates the averaged gradient's norm,
-and the fill of AdamW's second moment where a dense start saw no gradient."""
+the fill of AdamW's second moment where a dense start saw no gradient, and the per-iteration
+record of squared norms behind a hook's ``norms()``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["SKETCH_SIZE", "all_gather", "fill_unmeasured", "group_device", "sketch_indices", "sq_norm"]
+__all__ = [
+    "NORM_NAMES",
+    "SKETCH_SIZE",
+    "IterationNorms",
+    "all_gather",
+    "fill_unmeasured",
+    "group_device",
+    "sketch_indices",
+    "sq_norm",
+]
 
 SKETCH_SIZE = 256  # gradient entries per bucket that an update-delivering hook sends for the norm estimate
 
@@ -61,3 +71,48 @@ def fill_unmeasured(v: torch.Tensor, sizes: list[int]) -> None:
         sizes = [v.numel()]
     for piece, seen in zip(torch.split(v, sizes), torch.split(measured, sizes), strict=True):
         piece.masked_fill_(~seen, piece[seen].mean() if bool(seen.any()) else fallback)
+
+
+NORM_NAMES = ("local_sq_norm", "mean_local_sq_norm", "global_sq_norm")
+
+
+class IterationNorms:
+    """The squared gradient norms a hook records per bucket (``NORM_NAMES``: this rank's, the mean
+    over ranks of each rank's own, the averaged gradient's), for the iteration in progress and the
+    last finished one (older iterations are dropped). Tensors may be appended by a collective's
+    callback after the hook returned; they are read (a host wait on a GPU) only when asked for."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    def lists(self, iteration: int) -> dict[str, list[torch.Tensor]]:
+        """The lists to append ``iteration``'s per-bucket norms to (1-element float64 tensors)."""
+        if iteration not in self._parts:
+            self._parts[iteration] = {name: [] for name in NORM_NAMES}
+            self._parts.pop(iteration - 2, None)
+        return self._parts[iteration]
+
+    def total(self, iteration: int, name: str) -> float | None:
+        """One norm of ``iteration`` summed over its buckets; None when it has none recorded."""
+        parts = self._parts.get(iteration)
+        return None if parts is None else float(sum(float(t.item()) for t in parts[name]))
+
+    def summary(self, iteration: int, world_size: int) -> dict[str, float] | None:
+        """Every norm of ``iteration`` summed over its buckets, plus ``world_size``; None when the
+        iteration has none recorded."""
+        if iteration not in self._parts:
+            return None
+        out = {name: self.total(iteration, name) or 0.0 for name in NORM_NAMES}
+        out["world_size"] = float(world_size)
+        return out
+
+    def state(self, iteration: int) -> dict[str, list[float]] | None:
+        """``iteration``'s per-bucket norms as plain floats (for a state dict), or None."""
+        parts = self._parts.get(iteration)
+        return None if parts is None else {k: [float(t.item()) for t in v] for k, v in parts.items()}
+
+    def load(self, iteration: int, saved: dict[str, list[float]] | None) -> None:
+        """Forgets everything, then restores :meth:`state`'s output as ``iteration``'s norms."""
+        self._parts = {}
+        if saved is not None:
+            self._parts[iteration] = {k: [torch.tensor([x], dtype=torch.float64) for x in v] for k, v in saved.items()}

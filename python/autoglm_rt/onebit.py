@@ -36,12 +36,11 @@ import torch
 import torch.distributed as dist
 
 from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
-from autoglm_rt.hook_support import SKETCH_SIZE, all_gather, fill_unmeasured, sketch_indices, sq_norm
+from autoglm_rt.hook_support import SKETCH_SIZE, IterationNorms, all_gather, fill_unmeasured, sketch_indices, sq_norm
 from autoglm_rt.ops.onebit import sign_compress, sign_decompress, sign_message_sizes
 
 __all__ = ["OneBitAdam", "OneBitAdamState", "onebit_adam_hook"]
 
-_NORM_NAMES = ("local_sq_norm", "mean_local_sq_norm", "global_sq_norm")
 _COUNTERS = ("bytes_sent", "dense_bytes", "compressed_buckets", "dense_buckets", "residual_resets")
 _TABLES = ("m", "v", "denom", "u", "e")
 
@@ -133,7 +132,7 @@ class OneBitAdamState:
         self.dense_buckets = 0
         self.residual_resets = 0
         self.nonfinite_resets = 0
-        self._norm_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self._norms = IterationNorms()
         self._in_iteration = False
 
     # -- counters -------------------------------------------------------------------------------
@@ -163,12 +162,7 @@ class OneBitAdamState:
         ``TopKState.norms``: ``local_sq_norm``, ``mean_local_sq_norm`` (exact) and
         ``global_sq_norm`` (exact on dense steps; on sign steps estimated from ``SKETCH_SIZE``
         raw gradient entries per bucket, since what is delivered is an update), ``world_size``."""
-        parts = self._norm_parts.get(self.iter - 1)
-        if parts is None:
-            return None
-        out = {name: float(sum(float(t.item()) for t in ts)) for name, ts in parts.items()}
-        out["world_size"] = float(self._group().size())
-        return out
+        return self._norms.summary(self.iter - 1, self._group().size())
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -176,13 +170,12 @@ class OneBitAdamState:
         iterations, not during a backward pass."""
         if self._in_iteration:
             raise RuntimeError("state_dict: called during an iteration; take it between optimizer steps")
-        prev = self._norm_parts.get(self.iter - 1)
         return {
             "iteration": self.iter,
             "last_dense": self._last_dense,
             "tables": {name: table_state(t) for name, t in self._state.items()},
             "counters": {name: int(getattr(self, name)) for name in (*_COUNTERS, "nonfinite_resets")},
-            "last_norms": None if prev is None else {k: [float(t.item()) for t in v] for k, v in prev.items()},
+            "last_norms": self._norms.state(self.iter - 1),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -204,11 +197,7 @@ class OneBitAdamState:
         self._tables.end_iteration()
         for name, value in counters.items():
             setattr(self, name, value)
-        self._norm_parts = {}
-        if sd["last_norms"] is not None:
-            self._norm_parts[self.iter - 1] = {
-                k: [torch.tensor([x], dtype=torch.float64) for x in v] for k, v in sd["last_norms"].items()
-            }
+        self._norms.load(self.iter - 1, sd["last_norms"])
         self._in_iteration = False
 
     # -- internals ------------------------------------------------------------------------------
@@ -222,10 +211,7 @@ class OneBitAdamState:
         return tensor
 
     def _norm_lists(self) -> dict[str, list[torch.Tensor]]:
-        if self.iter not in self._norm_parts:
-            self._norm_parts[self.iter] = {name: [] for name in _NORM_NAMES}
-            self._norm_parts.pop(self.iter - 2, None)
-        return self._norm_parts[self.iter]
+        return self._norms.lists(self.iter)
 
     def _finish_bucket(self, bucket: dist.GradBucket) -> None:
         self._in_iteration = True
