@@ -276,6 +276,26 @@ def _char_data(corpus: Any, n: int, context: int, seed: int, split: str) -> tupl
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def char_train(
+    model: DDP,
+    opt: torch.optim.Optimizer,
+    corpus: Any,
+    context: int,
+    steps: int,
+    rank: int,
+    val: tuple[torch.Tensor, torch.Tensor],
+) -> float:
+    """Trains ``model`` on ``steps`` batches of 64 windows (this rank's own) and returns its
+    next-character accuracy on ``val``."""
+    for step in range(steps):
+        x, y = _char_data(corpus, 64, context, 1000 * step + rank, "train")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((model.module(val[0]).argmax(1) == val[1]).float().mean())
+
+
 class _CharMLP(nn.Module):
     def __init__(self, context: int) -> None:
         super().__init__()
@@ -309,13 +329,7 @@ def char_accuracy(rank: int) -> dict[str, float]:
             state = ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
             model.register_comm_hook(state, ddp.topk_hook)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(steps):
-            x, y = _char_data(corpus, 64, context, 1000 * step + rank, "train")
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        with torch.no_grad():
-            out[f"{name}_accuracy"] = float((model.module(xv).argmax(1) == yv).float().mean())
+        out[f"{name}_accuracy"] = char_train(model, opt, corpus, context, steps, rank, (xv, yv))
         if state is not None:
             out["ratio"] = state.compression_ratio
             out["critical_windows"] = float(state.controller.critical_windows_seen) if state.controller else -1.0

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autoglm_rt import onebit
-from tests.ddp_compression_scenarios import _char_data, _CharMLP, _mlp, _train
+from tests.ddp_compression_scenarios import _char_data, _CharMLP, _mlp, _train, char_train
 from tests.test_ddp_topk import FakeBucket
 
 SHAPES = [(40, 50), (300,), (7,)]  # 2307 entries: partial last chunk and byte
@@ -110,13 +110,7 @@ def char_accuracy(rank: int) -> dict[str, float]:
             state = onebit.OneBitAdamState(onebit.OneBitAdam())
             model.register_comm_hook(state, onebit.onebit_adam_hook)
             opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
-        for step in range(n_steps):
-            x, y = _char_data(corpus, 64, context, 1000 * step + rank, "train")
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        with torch.no_grad():
-            out[f"{name}_accuracy"] = float((model.module(xv).argmax(1) == yv).float().mean())
+        out[f"{name}_accuracy"] = char_train(model, opt, corpus, context, n_steps, rank, (xv, yv))
         if state is not None:
             out["ratio"] = state.compression_ratio
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
