@@ -2,9 +2,17 @@
 would otherwise write (pad to whole chunks, abs().mean, compare, pack eight bools per byte by a
 weighted sum, where(+-scale), error update; unpack with shifts and bitwise_and), side by side,
 at 2^20 and 2^24 float32 elements, chunk 2048, on one thread and on the default threads (both
-libraries set alike: autoglm_rt.set_num_threads and torch.set_num_threads)."""
+libraries set alike: autoglm_rt.set_num_threads and torch.set_num_threads).
+
+"adam step" times one 1-bit Adam step of the DDP hook on one rank, the exchange left out (the
+other rank's message is already in the gathered buffer): onebit_adam_compress +
+onebit_adam_decompress against the sequence the hook ran before them (torch.dot for the norm,
+div_/mul_/add_ for the momentum, sign_compress, sign_decompress, the finite check, u.copy_,
+out.div_), at 2^24 elements, chunk 2048, W = 2."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +22,10 @@ from autoglm_rt import benchmarking, ops
 SIZES = (1 << 20, 1 << 24)
 CHUNK = 2048
 WORLD = 4  # rows decoded in the decompress case (ranks of a gathered message)
+ADAM_N = 1 << 24
+ADAM_WORLD = 2
+BETA1 = 0.9
+ADAM_T = 10  # the step whose bias correction is applied
 
 
 def torch_compress(x: torch.Tensor, error: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +68,76 @@ def torch_decompress(bits: torch.Tensor, scales: torch.Tensor, out: torch.Tensor
         sign = torch.nn.functional.pad(set_, (0, nc * chunk - set_.numel())).view(nc, chunk)
         acc.addcmul_(sign.to(torch.float32).mul_(2).sub_(1), scales[r, :, None])
     torch.mul(acc.view(-1)[:n], scale, out=out.view(-1))
+
+
+@dataclass
+class AdamState:
+    """One rank's view of a 1-bit Adam step: the bucket's gradient (overwritten by the step's
+    output, as the hook does), the hook's tables and the gathered [W, ...] message rows, row 0
+    this rank's, row 1 another rank's."""
+
+    g: torch.Tensor
+    denom: torch.Tensor
+    u: torch.Tensor
+    e: torch.Tensor
+    bits: torch.Tensor
+    scales: torch.Tensor
+    sq: torch.Tensor
+
+    def clone(self) -> AdamState:
+        return AdamState(*(t.clone() for t in (self.g, self.denom, self.u, self.e, self.bits, self.scales, self.sq)))
+
+
+def adam_state(n: int, device: str, seed: int = 0) -> AdamState:
+    gen = torch.Generator().manual_seed(seed)
+    g = 1e-3 * torch.randn(n, generator=gen)
+    # sqrt(v) + eps. The step writes its output over g, and rounds repeat it: with these sizes the
+    # values stay near 1 over hundreds of steps (no overflow, no denormals to slow a round down).
+    denom = 0.5 * torch.rand(n, generator=gen) + 0.5
+    u = 0.5 * torch.randn(n, generator=gen)
+    e = 0.05 * torch.randn(n, generator=gen)
+    nbytes, nc = ops.sign_message_sizes(n, CHUNK)
+    bits = torch.empty(ADAM_WORLD, nbytes, dtype=torch.uint8)
+    scales = torch.empty(ADAM_WORLD, nc)
+    for r in range(1, ADAM_WORLD):
+        ops.sign_compress(torch.randn(n, generator=gen), None, CHUNK, bits_out=bits[r], scales_out=scales[r])
+    sq = torch.zeros(1, dtype=torch.float64)
+    return AdamState(*(t.to(device) for t in (g, denom, u, e, bits, scales, sq)))
+
+
+def fused_adam_step(s: AdamState) -> None:
+    """The two fused ops: g, denom, u, e read once; bits and scales into row 0; out into g."""
+    ops.onebit_adam_compress(
+        s.g, s.denom, s.u, s.e, BETA1, CHUNK, bits_out=s.bits[0], scales_out=s.scales[0], sq_norm_out=s.sq
+    )
+    ops.onebit_adam_decompress(s.bits, s.scales, s.g, s.u, CHUNK, scale=1 / ADAM_WORLD, bias=1 / (1 - BETA1**ADAM_T))
+
+
+def unfused_adam_step(s: AdamState) -> None:
+    """The hook's sequence before the fused ops (autoglm_rt.onebit._sign_step, one parameter)."""
+    s.sq.copy_(torch.dot(s.g, s.g).double().reshape(1))
+    c = s.g.div_(s.denom).mul_(1 - BETA1).add_(s.u, alpha=BETA1)
+    ops.sign_compress(c, s.e, CHUNK, bits_out=s.bits[0], scales_out=s.scales[0])
+    ops.sign_decompress(s.bits, s.scales, s.g, CHUNK, scale=1 / ADAM_WORLD)
+    ok = torch.isfinite(s.scales).all()
+    if ok.device.type == "cpu":
+        if bool(ok):
+            s.u.copy_(s.g)
+    else:
+        s.u.copy_(torch.where(ok, s.g, s.u))
+    s.g.div_(1 - BETA1**ADAM_T)
+
+
+def unfused_adam_step_without_fma(s: AdamState) -> None:
+    """unfused_adam_step with the momentum built one rounding at a time (no alpha=, which fuses a
+    multiply-add on the CPU): the definition the fused ops follow bit for bit, up to out, which
+    they scale by a multiply instead of a division."""
+    s.sq.copy_(torch.dot(s.g, s.g).double().reshape(1))
+    c = torch.mul(s.u, BETA1).add_(torch.div(s.g, s.denom).mul_(1 - BETA1))
+    ops.sign_compress(c, s.e, CHUNK, bits_out=s.bits[0], scales_out=s.scales[0])
+    avg = ops.sign_decompress(s.bits, s.scales, torch.empty_like(s.g), CHUNK, scale=1 / ADAM_WORLD)
+    s.u.copy_(torch.where(torch.isfinite(avg), avg, s.u))
+    s.g.copy_(avg * (1 / (1 - BETA1**ADAM_T)))
 
 
 def _with_threads(threads: int | None) -> tuple[int, int]:
@@ -131,6 +213,22 @@ def run(ctx) -> list[benchmarking.Comparison]:  # type: ignore[no-untyped-def]
                 )
                 cmp.extra = {"n": n, "chunk": CHUNK, "world": 1, "threads": threads or default_threads}
                 out.append(cmp)
+
+            n = SIZES[0] if ctx.quick else ADAM_N
+            fused_state = adam_state(n, device)
+            base_state = fused_state.clone()
+            cmp = benchmarking.compare(
+                f"adam step W={ADAM_WORLD} n=2^{n.bit_length() - 1} ({label})",
+                lambda s=fused_state: fused_adam_step(s),
+                lambda s=base_state: unfused_adam_step(s),
+                baseline_label="hook: torch momentum + sign ops + copy/div",
+                rounds=2 if ctx.quick else 5,
+                bytes_read=32 * n,  # the floor: g, denom, u, e read, e written; u read and written, out written
+                read_gbps=bw,
+                sync=sync,
+            )
+            cmp.extra = {"n": n, "chunk": CHUNK, "world": ADAM_WORLD, "threads": threads or default_threads}
+            out.append(cmp)
         finally:
             autoglm_rt.set_num_threads(old[0])
             torch.set_num_threads(old[1])

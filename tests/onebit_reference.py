@@ -107,3 +107,28 @@ def decompress_reference(
         for bits, scales in zip(np.atleast_2d(bits_rows), np.atleast_2d(scales_rows), strict=True):
             acc = (acc + decoded(bits, scales, n, chunk)).astype(np.float32)
         return (np.float32(scale) * acc).astype(np.float32)
+
+
+def adam_momentum(g: np.ndarray, denom: np.ndarray, u: np.ndarray, beta1: float) -> np.ndarray:
+    """1-bit Adam's momentum before error feedback, flattened: float32(beta1) * u +
+    float32(1 - beta1) * (g / denom), every operation in float32 and rounded once (numpy never
+    fuses a multiply-add), 1 - beta1 computed in float64 first."""
+    g32, d32, u32 = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (g, denom, u))
+    with np.errstate(all="ignore"):
+        p = (g32 / d32).astype(np.float32)
+        return ((np.float32(beta1) * u32).astype(np.float32) + (np.float32(1.0 - beta1) * p).astype(np.float32)).astype(
+            np.float32
+        )
+
+
+def adam_decompress_reference(
+    bits_rows: np.ndarray, scales_rows: np.ndarray, u: np.ndarray, n: int, chunk: int, scale: float, bias: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(out, u after) of the 1-bit Adam decompress: avg as decompress_reference; u = avg where avg is
+    finite, else u as it was (bit for bit); out = avg * float32(bias) in float32."""
+    avg = decompress_reference(bits_rows, scales_rows, n, chunk, scale)
+    u_after = np.asarray(u, dtype=np.float32).reshape(-1).copy()
+    finite = np.isfinite(avg)
+    u_after[finite] = avg[finite]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (avg * np.float32(bias)).astype(np.float32), u_after

@@ -1,9 +1,9 @@
-"""The CUDA twin of sign_compress / sign_decompress against the CPU kernel, bit for bit, on the
-cases the CUDA code has its own paths for: the fused one-warp-per-chunk kernel (chunk a multiple
-of 8, at most 16384), the general path (bytes straddling chunks; chunks of several segments),
-with and without error feedback, NaN/Inf, row-strided gathered rows, views at odd offsets, and no
-host synchronisation. All skipped without a usable CUDA device (compiled here, run by
-benches/gpu_check.sh)."""
+"""The CUDA twin of sign_compress / sign_decompress (and of the fused 1-bit Adam steps built on
+them) against the CPU kernel, bit for bit, on the cases the CUDA code has its own paths for: the
+fused one-warp-per-chunk kernel (chunk a multiple of 8, at most 16384), the general path (bytes
+straddling chunks; chunks of several segments), with and without error feedback, NaN/Inf,
+row-strided gathered rows, views at odd offsets, and no host synchronisation. All skipped
+without a usable CUDA device (compiled here, run by benches/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -173,3 +173,133 @@ def test_compress_and_decompress_never_wait_for_the_stream() -> None:
     assert not stream.query(), "sign_compress/sign_decompress waited for the stream: they must only enqueue work"
     torch.cuda.synchronize()
     assert _same_bits(bits, bits_c) and _same_bits(scales, scales_c) and _same_bits(out, out_c)
+
+
+def _adam_inputs(n: int, seed: int) -> list[torch.Tensor]:
+    """g, denom (positive), u, error."""
+    rng = np.random.default_rng(seed)
+    g = (1e-3 * rng.standard_normal(n)).astype(np.float32)
+    denom = (10.0 ** rng.uniform(-4, 1, n)).astype(np.float32)
+    u = (0.5 * rng.standard_normal(n)).astype(np.float32)
+    e = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    return [torch.from_numpy(a) for a in (g, denom, u, e)]
+
+
+def check_adam_twins(g: torch.Tensor, denom: torch.Tensor, u: torch.Tensor, error: torch.Tensor, chunk: int) -> None:
+    """onebit_adam_compress on CPU and CUDA: same bits, scales and error; sq_norm close to the CPU's
+    and the same bits on a second CUDA run."""
+    e_cpu = error.clone()
+    sq_cpu = torch.zeros(1, dtype=torch.float64)
+    bits_c, scales_c = ops.onebit_adam_compress(g, denom, u, e_cpu, 0.9, chunk, sq_norm_out=sq_cpu)
+    runs = []
+    for _ in range(2):
+        e_gpu = error.cuda()
+        sq = torch.full((1,), -1.0, dtype=torch.float64, device="cuda")
+        bits_g, scales_g = ops.onebit_adam_compress(g.cuda(), denom.cuda(), u.cuda(), e_gpu, 0.9, chunk, sq_norm_out=sq)
+        assert _same_bits(bits_g, bits_c) and _same_bits(scales_g, scales_c) and _same_bits(e_gpu, e_cpu)
+        runs.append(sq)
+    assert _same_bits(runs[0], runs[1])
+    if bool(torch.isfinite(sq_cpu).all()):
+        assert runs[0].item() == pytest.approx(sq_cpu.item(), rel=1e-12, abs=0.0)
+    else:
+        assert _same_bits(runs[0], sq_cpu)  # NaN (or Inf) either way
+
+
+@pytest.mark.parametrize("chunk", [8, 64, 2048, 16384, 1, 3, 7, 2049, 16392, 100_000])
+def test_adam_compress_matches_the_cpu_kernel(chunk: int) -> None:
+    # 8..16384: fused kernel; 1, 3, 7, 2049: bytes straddle chunks; 16392, 100_000: several segments.
+    for n in (1, 7, 8, 33, 2047, 2048, 2049, 300_007):
+        check_adam_twins(*_adam_inputs(n, n + chunk), chunk)
+
+
+def test_adam_compress_with_nan_inf_and_zero_denominators() -> None:
+    n = 50_000
+    g, denom, u, error = _adam_inputs(n, 3)
+    g[10] = float("nan")
+    denom[[5000, 6000]] = 0.0
+    g[6000] = 0.0
+    u[20_000] = float("inf")
+    for chunk in (2048, 7, 30_000):
+        check_adam_twins(g, denom, u, error, chunk)
+    g[10] = 1.0
+    check_adam_twins(g, denom, u, error, 2048)
+
+
+def test_adam_compress_of_nothing_writes_a_zero_norm() -> None:
+    sq = torch.full((1,), 5.0, dtype=torch.float64, device="cuda")
+    empty = torch.empty(0, device="cuda")
+    bits, scales = ops.onebit_adam_compress(empty, empty, empty, torch.empty(0, device="cuda"), 0.9, 64, sq_norm_out=sq)
+    assert bits.numel() == 0 and scales.numel() == 0 and sq.item() == 0.0
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("chunk", [2048, 37])
+def test_adam_decompress_matches_the_cpu_kernel(world: int, chunk: int) -> None:
+    n = 300_007
+    nbytes, nc = ops.sign_message_sizes(n, chunk)
+    msg_bytes = -(-(4 * nc + nbytes) // 4) * 4 + 4
+    gathered = torch.zeros(world, msg_bytes, dtype=torch.uint8)
+    for r in range(world):
+        ops.sign_compress(
+            _rand(n, 10 + r, 1.0 + r),
+            None,
+            chunk,
+            scales_out=gathered[r, : 4 * nc].view(torch.float32),
+            bits_out=gathered[r, 4 * nc : 4 * nc + nbytes],
+        )
+    gathered[:, : 4 * nc].view(torch.float32)[world - 1, 2] = float("nan")
+    gathered[:, : 4 * nc].view(torch.float32)[0, 5] = float("inf")
+    u = _rand(n, 99)
+    u.view(torch.int32)[::3] = 0x7FC00001  # NaN payloads stay where the average is not finite
+    u_cpu = u.clone()
+    field = (slice(4 * nc, 4 * nc + nbytes), slice(0, 4 * nc))
+    out_cpu = ops.onebit_adam_decompress(
+        gathered[:, field[0]],
+        gathered[:, field[1]].view(torch.float32),
+        torch.empty(n),
+        u_cpu,
+        chunk,
+        scale=1.0 / world,
+        bias=1.7,
+    )
+    g = gathered.cuda()
+    u_gpu = u.cuda()
+    out_gpu = ops.onebit_adam_decompress(
+        g[:, field[0]],
+        g[:, field[1]].view(torch.float32),
+        torch.empty(n, device="cuda"),
+        u_gpu,
+        chunk,
+        scale=1.0 / world,
+        bias=1.7,
+    )
+    assert _same_bits(out_gpu, out_cpu) and _same_bits(u_gpu, u_cpu)
+
+
+def test_adam_ops_reject_mixed_devices_and_never_wait_for_the_stream() -> None:
+    n, chunk = 1_000_000, 2048
+    g, denom, u, error = _adam_inputs(n, 9)
+    with pytest.raises(ValueError, match="denom: expected a tensor on cuda:0 like g, got one on cpu"):
+        ops.onebit_adam_compress(g.cuda(), denom, u.cuda(), error.cuda(), 0.9, chunk)
+    with pytest.raises(ValueError, match="sq_norm_out: expected a tensor on cuda:0 like g, got one on cpu"):
+        ops.onebit_adam_compress(
+            g.cuda(), denom.cuda(), u.cuda(), error.cuda(), 0.9, chunk, sq_norm_out=torch.zeros(1, dtype=torch.float64)
+        )
+    e_cpu, u_cpu = error.clone(), u.clone()
+    bits_c, scales_c = ops.onebit_adam_compress(g, denom, u, e_cpu, 0.9, chunk)
+    out_c = ops.onebit_adam_decompress(bits_c, scales_c, torch.empty(n), u_cpu, chunk, bias=2.0)
+    gg, dg, ug, eg = (t.cuda() for t in (g, denom, u, error))
+    # Warm up on copies: with lazy module loading the first launch of a kernel may synchronise.
+    sq = torch.zeros(1, dtype=torch.float64, device="cuda")
+    b, s = ops.onebit_adam_compress(gg, dg, ug, eg.clone(), 0.9, chunk, sq_norm_out=sq)
+    ops.onebit_adam_decompress(b, s, torch.empty(n, device="cuda"), ug.clone(), chunk)
+    ops.onebit_adam_compress(gg, dg, ug, eg.clone(), 0.9, 7, sq_norm_out=sq)  # the general path's kernels too
+    stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the kernels
+    bits, scales = ops.onebit_adam_compress(gg, dg, ug, eg, 0.9, chunk, sq_norm_out=sq)
+    out = ops.onebit_adam_decompress(bits, scales, torch.empty(n, device="cuda"), ug, chunk, bias=2.0)
+    assert not stream.query(), "onebit_adam_compress/decompress waited for the stream: they must only enqueue work"
+    torch.cuda.synchronize()
+    assert _same_bits(bits, bits_c) and _same_bits(scales, scales_c) and _same_bits(eg, e_cpu)
+    assert _same_bits(out, out_c) and _same_bits(ug, u_cpu)

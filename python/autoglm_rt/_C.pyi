@@ -103,3 +103,18 @@ def topk_decompress(
 # onebit (csrc/bindings/onebit.cpp): fused 1-bit (sign) compression with error feedback
 def sign_compress(x: Any, error: Any, chunk: int, bits: Any, scales: Any, stream: Any = None) -> None: ...
 def sign_decompress(bits: Any, scales: Any, out: Any, chunk: int, scale: float = 1.0, stream: Any = None) -> None: ...
+def onebit_adam_compress(
+    g: Any,
+    denom: Any,
+    u: Any,
+    error: Any,
+    beta1: float,
+    chunk: int,
+    bits: Any,
+    scales: Any,
+    sq_norm: Any = None,
+    stream: Any = None,
+) -> None: ...
+def onebit_adam_decompress(
+    bits: Any, scales: Any, out: Any, u: Any, chunk: int, scale: float = 1.0, bias: float = 1.0, stream: Any = None
+) -> None: ...

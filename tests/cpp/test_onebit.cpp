@@ -1,5 +1,6 @@
 // The CPU sign kernels against an element-by-element reference of the header's rules, on both
-// loops (AVX2 and portable) and several thread counts, plus bad input. Run under ASan/UBSan by
+// loops (AVX2 and portable) and several thread counts, plus bad input; the fused 1-bit Adam steps
+// against the momentum built here one rounding at a time followed by the plain kernels. Run under ASan/UBSan by
 // `make ctest-sanitize`, which is what catches a byte written past a chunk or past the end.
 #include <algorithm>
 #include <cmath>
@@ -223,6 +224,158 @@ TEST(nan_sends_a_zero_bit_and_spoils_only_its_chunk) {
   CHECK(std::isnan(scales[1]) && scales[0] == 15.0f / 16.0f && scales[2] == 1.0f && scales[3] == 1.0f);
   CHECK(bits[0] == 0xFF && bits[2] == 0xEF);  // -0.0 sends 1; NaN (element 20 = bit 4 of byte 2) sends 0
   for (int i = 0; i < 64; ++i) CHECK(std::isnan(error[static_cast<std::size_t>(i)]) == (i / 16 == 1));
+}
+
+namespace {
+
+// m = beta1 * u + (1 - beta1) * (g / denom), each step rounded to float32 (volatile: no FMA).
+std::vector<float> momentum(const std::vector<float>& g, const std::vector<float>& denom, const std::vector<float>& u,
+                            double beta1) {
+  const float b1 = static_cast<float>(beta1), rest = static_cast<float>(1.0 - beta1);
+  std::vector<float> m(g.size());
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    volatile float p = g[i] / denom[i];
+    volatile float a = b1 * u[i];
+    volatile float b = rest * p;
+    m[i] = a + b;
+  }
+  return m;
+}
+
+std::vector<float> positive_floats(std::int64_t n, unsigned seed) {
+  std::vector<float> v = random_floats(n, seed, 1.0f);
+  for (auto& f : v) f = std::fabs(f) + 1e-3f;
+  return v;
+}
+
+// sum g^2 of the first call for each (n, chunk): later loops and thread counts must match its bits.
+std::vector<double> g_norms;
+
+void check_adam_compress(std::int64_t n, std::int64_t chunk, unsigned seed, std::size_t norm_slot) {
+  std::vector<float> g = random_floats(n, seed, 1e-3f), denom = positive_floats(n, seed + 1);
+  std::vector<float> u = random_floats(n, seed + 2, 0.5f), error = random_floats(n, seed + 3, 0.1f);
+  std::vector<float> m = momentum(g, denom, u, 0.9);
+  std::vector<float> want_error = error;
+  std::vector<std::uint8_t> want_bits(static_cast<std::size_t>(kernels::sign_bits_bytes(n)));
+  std::vector<float> want_scales(static_cast<std::size_t>(kernels::sign_chunks(n, chunk)));
+  TensorView we = view(want_error, DType::kFloat32);
+  kernels::sign_compress(view(m, DType::kFloat32), &we, chunk, view(want_bits, DType::kUInt8),
+                         view(want_scales, DType::kFloat32));
+  const std::vector<float> g0 = g, denom0 = denom, u0 = u;
+  std::vector<std::uint8_t> bits_buf(want_bits.size() + 2, 0xEE);
+  std::vector<float> scales_buf(want_scales.size() + 2, -7.0f);
+  std::vector<std::int64_t> sq_buf(3, 0x5A5A5A5A);
+  TensorView bits = view(bits_buf, DType::kUInt8), scales = view(scales_buf, DType::kFloat32);
+  bits.data = bits_buf.data() + 1;
+  bits.numel -= 2;
+  scales.data = scales_buf.data() + 1;
+  scales.numel -= 2;
+  TensorView sq = view(sq_buf, DType::kInt64);
+  sq.data = sq_buf.data() + 1;
+  sq.numel = 1;
+  kernels::onebit_adam_compress(view(g, DType::kFloat32), view(denom, DType::kFloat32), view(u, DType::kFloat32),
+                                view(error, DType::kFloat32), 0.9, chunk, bits, scales, &sq);
+  CHECK(bits_buf.front() == 0xEE && bits_buf.back() == 0xEE);
+  CHECK(scales_buf.front() == -7.0f && scales_buf.back() == -7.0f);
+  CHECK(sq_buf.front() == 0x5A5A5A5A && sq_buf.back() == 0x5A5A5A5A);
+  CHECK(std::equal(want_bits.begin(), want_bits.end(), bits_buf.begin() + 1));
+  CHECK(std::memcmp(want_scales.data(), scales_buf.data() + 1, want_scales.size() * sizeof(float)) == 0);
+  CHECK(same_bits(error, want_error));
+  CHECK(same_bits(g, g0) && same_bits(denom, denom0) && same_bits(u, u0));
+  double got = 0.0, plain = 0.0;
+  std::memcpy(&got, sq_buf.data() + 1, sizeof got);
+  for (float x : g0) plain += static_cast<double>(x) * x;
+  CHECK(std::fabs(got - plain) <= 1e-12 * plain);
+  if (g_norms.size() <= norm_slot) g_norms.resize(norm_slot + 1, std::numeric_limits<double>::quiet_NaN());
+  if (std::isnan(g_norms[norm_slot])) g_norms[norm_slot] = got;
+  CHECK(std::memcmp(&g_norms[norm_slot], &got, sizeof got) == 0);
+}
+
+}  // namespace
+
+TEST(adam_compress_equals_momentum_then_sign_compress) {
+  for_each_loop([] {
+    unsigned seed = 1;
+    std::size_t slot = 0;
+    for (std::int64_t n : {1, 9, 2049, 70001, 300007}) {
+      for (std::int64_t chunk : {1, 7, 8, 2048, 2051, 300008}) check_adam_compress(n, chunk, seed++, slot++);
+    }
+  });
+}
+
+TEST(adam_decompress_equals_sign_decompress_then_the_rules) {
+  for_each_loop([] {
+    const std::int64_t n = 20011, chunk = 2048, world = 3;
+    const std::int64_t nbytes = kernels::sign_bits_bytes(n), nc = kernels::sign_chunks(n, chunk);
+    const std::int64_t bstride = nbytes + 3, sstride = nc + 1;
+    std::vector<std::uint8_t> bits(static_cast<std::size_t>(world * bstride));
+    std::vector<float> scales = random_floats(world * sstride, 5, 1.0f);
+    scales[static_cast<std::size_t>(sstride + 2)] = std::numeric_limits<float>::quiet_NaN();
+    scales[4] = std::numeric_limits<float>::infinity();
+    std::mt19937 gen(7);
+    for (auto& b : bits) b = static_cast<std::uint8_t>(gen());
+    std::vector<float> avg(static_cast<std::size_t>(n));
+    kernels::sign_decompress(rows(bits, world, nbytes, bstride), rows(scales, world, nc, sstride),
+                             view(avg, DType::kFloat32), chunk, 0.25);
+    std::vector<float> u = random_floats(n, 9, 1.0f), out(static_cast<std::size_t>(n), 123.0f);
+    const std::vector<float> u0 = u;
+    kernels::onebit_adam_decompress(rows(bits, world, nbytes, bstride), rows(scales, world, nc, sstride),
+                                    view(out, DType::kFloat32), view(u, DType::kFloat32), chunk, 0.25, 3.0);
+    bool ok = true;
+    std::int64_t kept = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const bool finite = std::isfinite(avg[i]);
+      const float want_u = finite ? avg[i] : u0[i];
+      const float want_out = avg[i] * 3.0f;
+      ok = ok && std::memcmp(&u[i], &want_u, sizeof(float)) == 0;
+      ok = ok && (std::memcmp(&out[i], &want_out, sizeof(float)) == 0 || (std::isnan(out[i]) && std::isnan(want_out)));
+      kept += finite ? 0 : 1;
+    }
+    CHECK(ok);
+    CHECK(kept == 2 * chunk);  // chunks 2 (NaN in row 1) and 4 (Inf in row 0)
+  });
+}
+
+TEST(adam_bad_input_is_refused_before_anything_is_written) {
+  std::vector<float> g(100, 1.0f), denom(100, 2.0f), u(100, 3.0f), error(100, 4.0f), scales(7, -1.0f);
+  std::vector<std::uint8_t> bits(13, 0x55);
+  std::vector<std::int64_t> sq(2, 9);
+  const TensorView gv = view(g, DType::kFloat32), dv = view(denom, DType::kFloat32), uv = view(u, DType::kFloat32);
+  const TensorView ev = view(error, DType::kFloat32), bv = view(bits, DType::kUInt8);
+  const TensorView sv = view(scales, DType::kFloat32);
+  TensorView qv = view(sq, DType::kInt64);
+  qv.numel = 1;
+  auto compress = [&](const TensorView& e, double beta1, std::int64_t chunk, const TensorView* q) {
+    kernels::onebit_adam_compress(gv, dv, uv, e, beta1, chunk, bv, sv, q);
+  };
+  CHECK_THROWS(ValueError, compress(ev, 1.0, 16, &qv));
+  CHECK_THROWS(ValueError, compress(ev, -0.1, 16, &qv));
+  CHECK_THROWS(ValueError, compress(ev, std::numeric_limits<double>::quiet_NaN(), 16, &qv));
+  CHECK_THROWS(ValueError, compress(ev, 0.9, 0, &qv));
+  CHECK_THROWS(ValueError, compress(gv, 0.9, 16, &qv));  // error overlaps g
+  TensorView two = view(sq, DType::kInt64);
+  CHECK_THROWS(ValueError, compress(ev, 0.9, 16, &two));  // 16 bytes
+  TensorView sq_in_error = view(error, DType::kInt64);
+  sq_in_error.numel = 1;
+  CHECK_THROWS(ValueError, compress(ev, 0.9, 16, &sq_in_error));
+  TensorView ro = ev;
+  ro.read_only = true;
+  CHECK_THROWS(ValueError, compress(ro, 0.9, 16, &qv));
+  CHECK(std::all_of(bits.begin(), bits.end(), [](std::uint8_t b) { return b == 0x55; }));
+  CHECK(std::all_of(scales.begin(), scales.end(), [](float f) { return f == -1.0f; }));
+  CHECK(std::all_of(error.begin(), error.end(), [](float f) { return f == 4.0f; }));
+  CHECK(sq[0] == 9 && sq[1] == 9);
+  std::vector<float> out(100, 5.0f);
+  const TensorView ov = view(out, DType::kFloat32);
+  auto decompress = [&](const TensorView& o, const TensorView& uu, double scale, double bias) {
+    kernels::onebit_adam_decompress(rows(bits, 1, 13, 13), rows(scales, 1, 7, 7), o, uu, 16, scale, bias);
+  };
+  CHECK_THROWS(ValueError, decompress(ov, ov, 1.0, 1.0));  // u overlaps out
+  CHECK_THROWS(ValueError, decompress(ov, uv, std::numeric_limits<double>::infinity(), 1.0));
+  CHECK_THROWS(ValueError, decompress(ov, uv, 1.0, std::numeric_limits<double>::quiet_NaN()));
+  CHECK_THROWS(ValueError, decompress(ov, view(scales, DType::kFloat32), 1.0, 1.0));  // 7 elements
+  CHECK(std::all_of(out.begin(), out.end(), [](float f) { return f == 5.0f; }));
+  CHECK(std::all_of(u.begin(), u.end(), [](float f) { return f == 3.0f; }));
 }
 
 AGRT_TEST_MAIN()

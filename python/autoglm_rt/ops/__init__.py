@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from autoglm_rt.ops.accumulate import add_sumsq_
 from autoglm_rt.ops.grad_stats import GradStats, GradStatsTotal, grad_stats
-from autoglm_rt.ops.onebit import sign_compress, sign_decompress, sign_message_sizes
+from autoglm_rt.ops.onebit import (
+    onebit_adam_compress,
+    onebit_adam_decompress,
+    sign_compress,
+    sign_decompress,
+    sign_message_sizes,
+)
 from autoglm_rt.ops.topk import topk_compress, topk_decompress
 
 __all__ = [
@@ -12,6 +18,8 @@ __all__ = [
     "GradStatsTotal",
     "add_sumsq_",
     "grad_stats",
+    "onebit_adam_compress",
+    "onebit_adam_decompress",
     "sign_compress",
     "sign_decompress",
     "sign_message_sizes",

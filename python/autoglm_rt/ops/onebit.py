@@ -13,9 +13,17 @@ The message of n elements is ``sign_message_sizes(n, chunk)`` = (bytes of bits, 
 scales); one uint8 buffer can hold both, e.g. ``scales = msg[:4 * nc].view(torch.float32)`` and
 ``bits = msg[4 * nc:]``, and the rows of a gathered ``[W, message bytes]`` buffer can be passed to
 ``sign_decompress`` as they are (row-strided views, no copy).
+
+``onebit_adam_compress`` / ``onebit_adam_decompress`` are the two halves of a 1-bit Adam step
+fused into one pass each: the momentum ``beta1 * u + (1 - beta1) * g / denom`` is built inside the
+compression (plus the squared norm of g), and the decompression writes the new momentum and the
+bias-corrected step together. Each gives exactly the bits of the unfused torch + sign op sequence
+its docstring spells out.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -117,4 +125,117 @@ def sign_decompress(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
     _C.sign_decompress(bits, scales, out, chunk, float(scale), _stream_of(out))
+    return out
+
+
+def _require_beta1(beta1: object) -> float:
+    if (
+        isinstance(beta1, bool)
+        or not isinstance(beta1, (int, float))
+        or not math.isfinite(beta1)
+        or not 0.0 <= beta1 < 1.0
+    ):
+        raise ValueError(f"beta1: expected a finite float in [0, 1), got {beta1!r}")
+    return float(beta1)
+
+
+def _require_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    return float(value)
+
+
+def onebit_adam_compress(
+    g: torch.Tensor,
+    denom: torch.Tensor,
+    u: torch.Tensor,
+    error: torch.Tensor,
+    beta1: float,
+    chunk: int,
+    *,
+    bits_out: torch.Tensor | None = None,
+    scales_out: torch.Tensor | None = None,
+    sq_norm_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-bit Adam's compress half in one pass: returns ``(bits, scales)`` of
+    ``sign_compress(m, error, chunk)`` where, per element in float32,
+    ``m = float32(beta1) * u + float32(1 - beta1) * (g / denom)`` (``1 - beta1`` computed in
+    float64, as torch applies a Python scalar; every operation rounded once, no fused multiply-add,
+    on CPU and CUDA alike). ``error`` is updated exactly as sign_compress updates it
+    (``c = m + error``, then ``error = c - d``): bits, scales and error are bit for bit those of
+    ``m`` built by torch or numpy one operation at a time followed by ``sign_compress``.
+
+    g, denom, u, error: float32, contiguous, same number of elements (any shapes, flattened) and
+    device; g, denom and u are only read (they may share memory with each other). ``beta1``: a
+    finite float in [0, 1). ``bits_out``/``scales_out``: as for ``sign_compress``.
+    ``sq_norm_out`` (one float64 element on g's device) receives ``sum(g ** 2)`` accumulated in
+    float64 (overwritten; 0.0 for empty g), in an order fixed by n and chunk: the same value on any
+    thread count and on every run (CPU and CUDA use different orders).
+
+    Raises before anything is written: TypeError for a non-tensor, a wrong dtype or a
+    non-contiguous tensor; ValueError for ``chunk`` not an int >= 1, ``beta1`` (bool included) not
+    a finite float in [0, 1), mismatched sizes, mixed devices, ``sq_norm_out`` not one element, or
+    error, bits_out, scales_out or sq_norm_out sharing memory with any other argument. On CUDA the
+    work is queued on the current stream and the host never waits."""
+    g = _require_tensor("g", g)
+    denom = _require_tensor("denom", denom)
+    u = _require_tensor("u", u)
+    error = _require_tensor("error", error)
+    beta1 = _require_beta1(beta1)
+    chunk = _require_chunk(chunk)
+    nbytes, nchunks = sign_message_sizes(g.numel(), chunk)
+    if bits_out is None:
+        bits_out = torch.empty(nbytes, dtype=torch.uint8, device=g.device)
+    else:
+        bits_out = _require_tensor("bits_out", bits_out)
+    if scales_out is None:
+        scales_out = torch.empty(nchunks, dtype=torch.float32, device=g.device)
+    else:
+        scales_out = _require_tensor("scales_out", scales_out)
+    sq_bits = None
+    if sq_norm_out is not None:
+        sq_norm_out = _require_tensor("sq_norm_out", sq_norm_out)
+        if sq_norm_out.dtype != torch.float64:
+            raise TypeError(f"sq_norm_out: expected dtype float64, got {str(sq_norm_out.dtype).removeprefix('torch.')}")
+        if sq_norm_out.numel() != 1:
+            raise ValueError(f"sq_norm_out: expected one element, got {sq_norm_out.numel()}")
+        # The native boundary has no float64: the kernel writes the double through its int64 bits.
+        sq_bits = sq_norm_out.reshape(1).view(torch.int64)
+    _C.onebit_adam_compress(g, denom, u, error, beta1, chunk, bits_out, scales_out, sq_bits, _stream_of(g))
+    return bits_out, scales_out
+
+
+def onebit_adam_decompress(
+    bits: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    u: torch.Tensor,
+    chunk: int,
+    *,
+    scale: float = 1.0,
+    bias: float = 1.0,
+) -> torch.Tensor:
+    """1-bit Adam's decompress half in one pass; returns ``out``.
+
+    With ``avg`` the value ``sign_decompress(bits, scales, out, chunk, scale=scale)`` would write
+    (rows added in order in float32, times ``float32(scale)``), per element: ``u = avg`` where avg is
+    finite (NaN or Inf, e.g. from a rank's NaN scale: u keeps its value, bit for bit), and
+    ``out = avg * float32(bias)`` (one float32 multiply; pass ``bias = 1 / (1 - beta1 ** t)``).
+    bits and scales as for ``sign_decompress`` (rows, possibly row-strided views of one gathered
+    buffer); out and u: float32, contiguous, n elements each, on the same device.
+
+    Raises before anything is written: TypeError as ``sign_decompress`` does (and for a scale or
+    bias that is not a number, bool included); ValueError as it does, and for a scale or bias that is
+    not finite, u's size or device, or out or u sharing memory with each other, bits or scales. On
+    CUDA the work is queued on the current stream and the host never waits."""
+    bits = _require_tensor("bits", bits)
+    scales = _require_tensor("scales", scales)
+    out = _require_tensor("out", out)
+    u = _require_tensor("u", u)
+    chunk = _require_chunk(chunk)
+    scale = _require_finite("scale", scale)
+    bias = _require_finite("bias", bias)
+    _C.onebit_adam_decompress(bits, scales, out, u, chunk, scale, bias, _stream_of(out))
     return out

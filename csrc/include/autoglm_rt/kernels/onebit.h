@@ -72,12 +72,53 @@ void sign_compress(const TensorView& x, const TensorView* error, std::int64_t ch
 void sign_decompress(const SignRows& bits, const SignRows& scales, const TensorView& out, std::int64_t chunk,
                      double scale);
 
+/// 1-bit Adam's compress half in one pass over its inputs. Per element, in float32, each
+/// operation rounded once and no FMA anywhere (CPU and CUDA alike):
+///   p = g / denom;  m = float(beta1) * u + float(1 - beta1) * p;  c = m + error
+/// (1 - beta1 computed in float64, then rounded, as torch applies a Python scalar), then
+/// sign_compress's rules on c: bits, scales (same float64 order) and error <- c - d, bit for bit
+/// what sign_compress(m, error) gives. g, denom, u: float32, n elements, read only; error:
+/// float32, n elements, updated. `sq_norm` (not null: 8 bytes, 8-byte aligned, e.g. one int64
+/// holding the bits of a float64) receives sum g_i^2 accumulated in float64 in an order fixed by
+/// n and chunk alone (overwritten; 0 for n == 0); the CPU and CUDA orders differ.
+/// Bad input is refused before anything is written: TypeError for a dtype; ValueError for sizes,
+/// devices, chunk < 1, beta1 outside [0, 1) or not finite, a read-only output, float data not
+/// 4-byte aligned, and any output (error, bits, scales, sq_norm) sharing a byte with another
+/// argument (g, denom and u may share memory with each other: they are only read).
+/// CPU: the chunks of a task, 2048 elements at a time while they are in L1: c is computed into
+/// the error buffer (which is updated anyway) together with the g^2 lanes, summed from there in
+/// the header's order, then bits and the new error are written over it: g, denom, u, error read
+/// once, error written once. Tasks as sign_compress's; the g^2 partials of the tasks are added in
+/// task order, so no result depends on the thread count or on AVX2 vs the portable loop.
+/// CUDA (compiled, not yet run on a GPU): sign_compress's two paths with c computed in the first
+/// sweep and kept in error for the second; g^2 per thread, then per block (fixed tree) into
+/// agrt::cuda::Scratch, then one block adds the blocks in order. Runs on g.stream, never waits.
+void onebit_adam_compress(const TensorView& g, const TensorView& denom, const TensorView& u, const TensorView& error,
+                          double beta1, std::int64_t chunk, const TensorView& bits, const TensorView& scales,
+                          const TensorView* sq_norm);
+
+/// 1-bit Adam's decompress half in one pass: with avg_i the value sign_decompress(bits, scales,
+/// ., chunk, scale) writes (float32 sum over the rows in order, times float(scale)):
+///   u_i = avg_i where avg_i is finite (NaN/Inf: u_i unchanged), out_i = avg_i * float(bias).
+/// out and u: float32, n elements each. Refused before anything is written: as sign_decompress,
+/// plus u's dtype, size, device, read-only or misaligned, scale or bias not finite, and out or u
+/// sharing a byte with each other or with bits or scales. CPU: sign_decompress's blocks with the
+/// last step writing u and out; CUDA: one thread per element.
+void onebit_adam_decompress(const SignRows& bits, const SignRows& scales, const TensorView& out, const TensorView& u,
+                            std::int64_t chunk, double scale, double bias);
+
 #ifdef AGRT_WITH_CUDA
 namespace cuda {
 void sign_compress(const TensorView& x, const TensorView* error, std::int64_t chunk, const TensorView& bits,
                    const TensorView& scales);
 void sign_decompress(const SignRows& bits, const SignRows& scales, const TensorView& out, std::int64_t chunk,
                      float scale);
+/// n may be 0 (then only sq_norm is written).
+void onebit_adam_compress(const TensorView& g, const TensorView& denom, const TensorView& u, const TensorView& error,
+                          float beta1, float one_minus_beta1, std::int64_t chunk, const TensorView& bits,
+                          const TensorView& scales, const TensorView* sq_norm);
+void onebit_adam_decompress(const SignRows& bits, const SignRows& scales, const TensorView& out, const TensorView& u,
+                            std::int64_t chunk, float scale, float bias);
 }  // namespace cuda
 #endif
 
