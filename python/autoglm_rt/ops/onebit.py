@@ -28,18 +28,7 @@ import math
 import torch
 
 from autoglm_rt._native import _C
-
-
-def _stream_of(t: torch.Tensor) -> int | None:
-    if t.device.type == "cuda":
-        return int(torch.cuda.current_stream(t.device).cuda_stream)
-    return None
-
-
-def _require_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
+from autoglm_rt.ops._wrapper_args import require_tensor, stream_of
 
 
 def _require_chunk(chunk: object) -> int:
@@ -83,20 +72,20 @@ def sign_compress(
     non-contiguous tensor; ValueError for ``chunk`` not an int >= 1, mismatched sizes, mixed
     devices, or any two of x, error, bits_out, scales_out sharing memory. On CUDA the work is
     queued on the current stream and the host never waits."""
-    x = _require_tensor("x", x)
+    x = require_tensor("x", x)
     if error is not None:
-        error = _require_tensor("error", error)
+        error = require_tensor("error", error)
     chunk = _require_chunk(chunk)
     nbytes, nchunks = sign_message_sizes(x.numel(), chunk)
     if bits_out is None:
         bits_out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     else:
-        bits_out = _require_tensor("bits_out", bits_out)
+        bits_out = require_tensor("bits_out", bits_out)
     if scales_out is None:
         scales_out = torch.empty(nchunks, dtype=torch.float32, device=x.device)
     else:
-        scales_out = _require_tensor("scales_out", scales_out)
-    _C.sign_compress(x, error, chunk, bits_out, scales_out, _stream_of(x))
+        scales_out = require_tensor("scales_out", scales_out)
+    _C.sign_compress(x, error, chunk, bits_out, scales_out, stream_of(x))
     return bits_out, scales_out
 
 
@@ -118,13 +107,13 @@ def sign_decompress(
     that do not match ``out``'s size, different row counts in bits and scales, mixed devices, or
     ``out`` sharing memory with bits or scales. On CUDA the work is queued on the current stream and
     the host never waits."""
-    bits = _require_tensor("bits", bits)
-    scales = _require_tensor("scales", scales)
-    out = _require_tensor("out", out)
+    bits = require_tensor("bits", bits)
+    scales = require_tensor("scales", scales)
+    out = require_tensor("out", out)
     chunk = _require_chunk(chunk)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    _C.sign_decompress(bits, scales, out, chunk, float(scale), _stream_of(out))
+    _C.sign_decompress(bits, scales, out, chunk, float(scale), stream_of(out))
     return out
 
 
@@ -179,31 +168,31 @@ def onebit_adam_compress(
     a finite float in [0, 1), mismatched sizes, mixed devices, ``sq_norm_out`` not one element, or
     error, bits_out, scales_out or sq_norm_out sharing memory with any other argument. On CUDA the
     work is queued on the current stream and the host never waits."""
-    g = _require_tensor("g", g)
-    denom = _require_tensor("denom", denom)
-    u = _require_tensor("u", u)
-    error = _require_tensor("error", error)
+    g = require_tensor("g", g)
+    denom = require_tensor("denom", denom)
+    u = require_tensor("u", u)
+    error = require_tensor("error", error)
     beta1 = _require_beta1(beta1)
     chunk = _require_chunk(chunk)
     nbytes, nchunks = sign_message_sizes(g.numel(), chunk)
     if bits_out is None:
         bits_out = torch.empty(nbytes, dtype=torch.uint8, device=g.device)
     else:
-        bits_out = _require_tensor("bits_out", bits_out)
+        bits_out = require_tensor("bits_out", bits_out)
     if scales_out is None:
         scales_out = torch.empty(nchunks, dtype=torch.float32, device=g.device)
     else:
-        scales_out = _require_tensor("scales_out", scales_out)
+        scales_out = require_tensor("scales_out", scales_out)
     sq_bits = None
     if sq_norm_out is not None:
-        sq_norm_out = _require_tensor("sq_norm_out", sq_norm_out)
+        sq_norm_out = require_tensor("sq_norm_out", sq_norm_out)
         if sq_norm_out.dtype != torch.float64:
             raise TypeError(f"sq_norm_out: expected dtype float64, got {str(sq_norm_out.dtype).removeprefix('torch.')}")
         if sq_norm_out.numel() != 1:
             raise ValueError(f"sq_norm_out: expected one element, got {sq_norm_out.numel()}")
         # The native boundary has no float64: the kernel writes the double through its int64 bits.
         sq_bits = sq_norm_out.reshape(1).view(torch.int64)
-    _C.onebit_adam_compress(g, denom, u, error, beta1, chunk, bits_out, scales_out, sq_bits, _stream_of(g))
+    _C.onebit_adam_compress(g, denom, u, error, beta1, chunk, bits_out, scales_out, sq_bits, stream_of(g))
     return bits_out, scales_out
 
 
@@ -230,12 +219,12 @@ def onebit_adam_decompress(
     bias that is not a number, bool included); ValueError as it does, and for a scale or bias that is
     not finite, u's size or device, or out or u sharing memory with each other, bits or scales. On
     CUDA the work is queued on the current stream and the host never waits."""
-    bits = _require_tensor("bits", bits)
-    scales = _require_tensor("scales", scales)
-    out = _require_tensor("out", out)
-    u = _require_tensor("u", u)
+    bits = require_tensor("bits", bits)
+    scales = require_tensor("scales", scales)
+    out = require_tensor("out", out)
+    u = require_tensor("u", u)
     chunk = _require_chunk(chunk)
     scale = _require_finite("scale", scale)
     bias = _require_finite("bias", bias)
-    _C.onebit_adam_decompress(bits, scales, out, u, chunk, scale, bias, _stream_of(out))
+    _C.onebit_adam_decompress(bits, scales, out, u, chunk, scale, bias, stream_of(out))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from autoglm_rt._native import _C
+from autoglm_rt.ops._wrapper_args import require_tensor, stream_of
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
@@ -20,18 +21,6 @@ _INT32_LIMIT = 2**31
 def index_dtype_for(numel: int) -> torch.dtype:
     """The index dtype topk_compress uses for a tensor of ``numel`` elements: int32 below 2^31."""
     return torch.int64 if numel >= _INT32_LIMIT else torch.int32
-
-
-def _stream_of(t: torch.Tensor) -> int | None:
-    if t.device.type == "cuda":
-        return int(torch.cuda.current_stream(t.device).cuda_stream)
-    return None
-
-
-def _require_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
 
 
 def topk_compress(
@@ -57,9 +46,9 @@ def topk_compress(
     device) receives the sum of squares of ``grad`` (not of acc), accumulated in float64 in the
     same pass that reads grad. On CUDA the work is queued on the current stream and the host
     never waits."""
-    grad = _require_tensor("grad", grad)
+    grad = require_tensor("grad", grad)
     if residual is not None:
-        residual = _require_tensor("residual", residual)
+        residual = require_tensor("residual", residual)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     numel = grad.numel()
@@ -71,23 +60,23 @@ def topk_compress(
             raise TypeError(f"value_dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         values_out = torch.empty(k, dtype=dtype, device=grad.device)
     else:
-        values_out = _require_tensor("values_out", values_out)
+        values_out = require_tensor("values_out", values_out)
         if value_dtype is not None and values_out.dtype != value_dtype:
             raise TypeError(f"values_out: has dtype {values_out.dtype} but value_dtype is {value_dtype}")
     if indices_out is None:
         indices_out = torch.empty(k, dtype=index_dtype_for(numel), device=grad.device)
     else:
-        indices_out = _require_tensor("indices_out", indices_out)
+        indices_out = require_tensor("indices_out", indices_out)
     sq_bits = None
     if sq_norm_out is not None:
-        sq_norm_out = _require_tensor("sq_norm_out", sq_norm_out)
+        sq_norm_out = require_tensor("sq_norm_out", sq_norm_out)
         if sq_norm_out.dtype != torch.float64 or sq_norm_out.numel() != 1:
             raise TypeError(
                 f"sq_norm_out: expected one float64 element, got {sq_norm_out.numel()} of {sq_norm_out.dtype}"
             )
         # The native boundary has no float64: the kernel writes the double through its int64 bits.
         sq_bits = sq_norm_out.reshape(1).view(torch.int64)
-    _C.topk_compress(grad, residual, k, values_out, indices_out, _stream_of(grad), sq_bits)
+    _C.topk_compress(grad, residual, k, values_out, indices_out, stream_of(grad), sq_bits)
     return values_out, indices_out
 
 
@@ -108,12 +97,12 @@ def topk_decompress(
     ``check_indices=False`` skips that check: an index outside ``out`` is then skipped (never
     written) instead of raising, and on CUDA the host never waits. For indices that come from
     ``topk_compress`` on a tensor of out's size, as in the DDP hook."""
-    values = _require_tensor("values", values)
-    indices = _require_tensor("indices", indices)
-    out = _require_tensor("out", out)
+    values = require_tensor("values", values)
+    indices = require_tensor("indices", indices)
+    out = require_tensor("out", out)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
     if not isinstance(check_indices, bool):
         raise TypeError(f"check_indices: expected a bool, got {type(check_indices).__name__}")
-    _C.topk_decompress(values, indices, out, float(scale), _stream_of(out), check_indices)
+    _C.topk_decompress(values, indices, out, float(scale), stream_of(out), check_indices)
     return out
