@@ -135,7 +135,12 @@ def test_the_report_table_shows_every_projected_row() -> None:
     lines = projection_lines(doc)
     assert lines[0] == "## Projected step time"
     text = "\n".join(lines)
-    assert f"all-reduce {NETNS_CHECK['allreduce_error']:+.1%}, top-k {NETNS_CHECK['topk_error']:+.1%}" in text
+    check = NETNS_CHECK
+    errors = (
+        f"all-reduce {check['allreduce_error']:+.1%}, 1-bit {check['onebit_error']:+.1%}, "
+        f"top-k {check['topk_error']:+.1%}"
+    )
+    assert errors in text
     assert "after the density warm-up" in text and "50.0 ms" in text  # compute_s of this run
     ref = reference_rows(doc["model"], DEFAULT_LATENCY_S)
     table = [line for line in lines if re.match(r"^\| \d+ \|", line)]
@@ -194,7 +199,7 @@ def test_callback_seconds_times_both_parts_and_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="repeats"):
         compute_seconds(nn.Linear(2, 2), lambda m, b: m(b).sum(), [], repeats=1)
     fixed, per_rank = sign_callback_seconds([10_000, 5_000], 2048, repeats=2)
-    assert fixed > 0 and per_rank > 0
+    assert fixed >= 0 and per_rank >= 0 and fixed + per_rank > 0  # the split of a real time
     for numels, chunk in (([], 2048), ([100], 0)):
         with pytest.raises(ValueError, match="chunk"):
             sign_callback_seconds(numels, chunk)

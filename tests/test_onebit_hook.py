@@ -74,8 +74,15 @@ def test_the_hook_follows_the_1bit_adam_formulas_step_by_step(bits: int) -> None
             # Non-finite on one rank: delivered non-finite where it was, the shared state kept.
             assert not np.isfinite(got).all(), t
             nxt = [_rank_state(r["before"]) for r in (by_rank[0][t + 1], by_rank[1][t + 1])]
-            for name in ("v", "denom", "u"):
+            for name in ("v", "denom"):
                 assert np.array_equal(getattr(nxt[0], name), getattr(states[0], name)), (t, name)
+            if t == onebit_scenarios.INF_STEP:  # a dense step keeps u whole
+                assert np.array_equal(nxt[0].u, states[0].u), t
+            else:  # a sign step keeps u only where the average is non-finite
+                bad_u = ~np.isfinite(after[0].u)
+                assert bad_u.any() and not bad_u.all(), t
+                assert np.array_equal(nxt[0].u[bad_u], states[0].u[bad_u]), t
+                assert _close(nxt[0].u[~bad_u], after[0].u[~bad_u], scale, ambiguous[~bad_u]), t
             bad = 1 if t == onebit_scenarios.NAN_STEP else None
             if bad is not None:  # the sign step's offending rank clears its error feedback
                 assert not nxt[bad].e.any() and by_rank[bad][t]["metrics"]["nonfinite_resets"] == 1

@@ -14,9 +14,10 @@ momentum-free step equals AdamW's decoupled decay. After 1-bit Adam (Tang et al.
 - **Sign steps** (all others): each rank preconditions its own gradient by the last dense step's
   denominator, ``p = g / (sqrt(v_hat) + eps)``, forms ``c = beta1 u + (1 - beta1) p + e`` from
   the synced momentum ``u`` and its error feedback ``e``, and sends ``sign(c)`` with the mean
-  ``|c|`` of each chunk (``autoglm_rt.ops.sign_compress``: 1 bit per entry plus one float32 per
-  chunk) in one fixed-size ``all_gather``. The ranks' average (decoded in rank order, so it is
-  bit-identical everywhere) becomes ``u``; the delivered step is ``u / (1 - beta1^t)``.
+  ``|c|`` of each chunk (``autoglm_rt.ops.onebit_adam_compress``, one pass over g: 1 bit per
+  entry plus one float32 per chunk) in one fixed-size ``all_gather``. The ranks' average
+  (``onebit_adam_decompress``, decoded in rank order, so it is bit-identical everywhere) becomes
+  ``u``; the delivered step is ``u / (1 - beta1^t)``.
 - **v is refreshed** at dense steps ``refresh_first``, then at its doublings: the gap since the
   last update is folded in as if each step in it had this gradient,
   ``v = beta2^gap v + (1 - beta2^gap) g^2``, and ``u`` and ``e`` are rescaled to the new
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
 from autoglm_rt.hook_support import SKETCH_SIZE, IterationNorms, all_gather, fill_unmeasured, sketch_indices, sq_norm
-from autoglm_rt.ops.onebit import sign_compress, sign_decompress, sign_message_sizes
+from autoglm_rt.ops.onebit import onebit_adam_compress, onebit_adam_decompress, sign_message_sizes
 
 __all__ = ["OneBitAdam", "OneBitAdamState", "onebit_adam_hook"]
 
@@ -111,9 +112,10 @@ class OneBitAdamState:
     it), ``v``, ``denom`` (``sqrt(v_hat) + eps`` of the last dense step, with entries the dense
     steps never saw filled from their parameter's mean ``v``), ``u`` and ``e``. A bucket whose
     gradient holds NaN or Inf on any rank is delivered non-finite (so the optimizer or a
-    GradScaler sees it and can skip the step) while ``m``, ``v``, ``denom`` and ``u`` keep their
-    values; on a sign step the offending rank also clears its error feedback ``e`` (counted in
-    ``nonfinite_resets``)."""
+    GradScaler sees it and can skip the step). A dense step then keeps ``m``, ``v``, ``denom``
+    and ``u``; a sign step keeps ``u`` where the decoded average is non-finite (the offending
+    rank's chunks) and updates it elsewhere, and the offending rank clears its error feedback
+    ``e`` (counted in ``nonfinite_resets``)."""
 
     def __init__(self, config: OneBitAdam | None = None, process_group: dist.ProcessGroup | None = None) -> None:
         if config is None:
@@ -382,23 +384,28 @@ def _sign_step(
     head = 8 + 4 * SKETCH_SIZE
     size = head + 4 * nc + nbytes
     message = torch.empty(size, dtype=torch.uint8, device=buffer.device)
-    local_sq = message[:8].view(torch.float64)
-    local_sq.copy_(sq_norm(buffer).reshape(1))
     sketch_at = sketch_indices(n, iteration, bucket.index(), buffer.device)
     message[8:head].view(torch.float32).copy_(buffer[sketch_at])
-    norms["local_sq_norm"].append(local_sq.clone())
-    # c = beta1 u + (1 - beta1) g / denom, then + e in the kernel; built in the bucket's buffer.
-    c = buffer.div_(denom).mul_(1 - cfg.beta1).add_(u, alpha=cfg.beta1)
+    # One fused pass per parameter: c = beta1 u + (1 - beta1) g / denom + e to signs, scales and
+    # the new e, with each parameter's sum of g^2 on the side (the buffer is only read).
     scales = message[head : head + 4 * nc].view(torch.float32)
     bits = message[head + 4 * nc :]
-    for at, size_p, s_at, chunks_p, b_at, bytes_p in layout:
-        sign_compress(
-            c[at : at + size_p],
+    part_sq = torch.empty(len(layout), dtype=torch.float64, device=buffer.device)
+    for i, (at, size_p, s_at, chunks_p, b_at, bytes_p) in enumerate(layout):
+        onebit_adam_compress(
+            buffer[at : at + size_p],
+            denom[at : at + size_p],
+            u[at : at + size_p],
             e[at : at + size_p],
+            cfg.beta1,
             cfg.chunk,
             bits_out=bits[b_at : b_at + bytes_p],
             scales_out=scales[s_at : s_at + chunks_p],
+            sq_norm_out=part_sq[i : i + 1],
         )
+    local_sq = message[:8].view(torch.float64)
+    torch.sum(part_sq, dim=0, keepdim=True, out=local_sq)
+    norms["local_sq_norm"].append(local_sq.clone())
     local_ok = torch.isfinite(scales).all()
     if local_ok.device.type == "cpu":
         if not bool(local_ok):
@@ -416,19 +423,21 @@ def _sign_step(
         rows = gathered.view(world, size)
         all_scales = _field(rows, head, head + 4 * nc, torch.float32)
         all_bits = rows[:, head + 4 * nc :]
+        bias = 1.0 / (1 - cfg.beta1 ** (iteration + 1))
         for at, size_p, s_at, chunks_p, b_at, bytes_p in layout:
-            sign_decompress(
+            onebit_adam_decompress(  # u = average where finite; the buffer gets average * bias
                 all_bits[:, b_at : b_at + bytes_p],  # row-strided views: no copy
                 all_scales[:, s_at : s_at + chunks_p],
                 buffer[at : at + size_p],
+                u[at : at + size_p],
                 cfg.chunk,
                 scale=1.0 / world,
+                bias=bias,
             )
         norms["mean_local_sq_norm"].append(_field(rows, 0, 8, torch.float64).sum().reshape(1) / world)
         sketch = _field(rows, 8, head, torch.float32).double().mean(0)
         norms["global_sq_norm"].append((sketch.square().sum() * (n / SKETCH_SIZE)).reshape(1))
-        _keep_if(torch.isfinite(all_scales).all(), u, buffer)
-        return buffer.div_(1 - cfg.beta1 ** (iteration + 1))
+        return buffer
 
     return fut.then(decompress)
 

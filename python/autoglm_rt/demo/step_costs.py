@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from autoglm_rt.ops import topk_decompress
-from autoglm_rt.ops.onebit import sign_decompress, sign_message_sizes
+from autoglm_rt.ops.onebit import onebit_adam_decompress, sign_message_sizes
 from autoglm_rt.ops.topk import index_dtype_for
 
 Hook = Callable[[Any, Any], "torch.futures.Future[torch.Tensor]"]
@@ -102,31 +102,36 @@ def callback_seconds(bucket_numels: Sequence[int], density: float, repeats: int 
 
 
 def sign_callback_seconds(bucket_numels: Sequence[int], chunk: int, repeats: int = 5) -> tuple[float, float]:
-    """``(fixed_s, per_rank_s)`` of the 1-bit hook's callbacks over buckets of ``bucket_numels``
-    float32 elements: the bias correction of the decoded step once per step, and the decoding of
-    one rank's signs and scales. Medians of ``repeats``."""
+    """``(fixed_s, per_rank_s)`` of the 1-bit hook's callback over buckets of ``bucket_numels``
+    float32 elements (``onebit_adam_decompress``: decode the ranks' signs and scales, write ``u``
+    and the bias-corrected step in one pass), fitted to passes over 2 and 8 ranks' rows:
+    ``per_rank_s`` is what each further row adds, ``fixed_s`` the rest (both at least 0).
+    Medians of ``repeats``."""
     if not bucket_numels or chunk < 1:
         raise ValueError(f"bucket_numels, chunk: expected buckets and chunk >= 1, got {chunk}")
+    few, many = 2, 8
     gen = torch.Generator().manual_seed(0)
     buckets = []
     for numel in bucket_numels:
         nbytes, nchunks = sign_message_sizes(numel, chunk)
-        bits = torch.randint(0, 256, (1, nbytes), dtype=torch.uint8, generator=gen)
-        buckets.append((torch.zeros(numel), bits, torch.rand(1, nchunks, generator=gen)))
-    fixed, per_rank = [], []
+        bits = torch.randint(0, 256, (many, nbytes), dtype=torch.uint8, generator=gen)
+        buckets.append((torch.zeros(numel), torch.zeros(numel), bits, torch.rand(many, nchunks, generator=gen)))
+    few_s, many_s = [], []
     for _ in range(repeats + 1):  # the first pass warms the buffers up (page faults) and is dropped
-        fix_s = decode_s = 0.0
-        for buffer, bits, scales in buckets:
+        a = b = 0.0
+        for buffer, u, bits, scales in buckets:
             t = time.perf_counter()
-            sign_decompress(bits, scales, buffer, chunk, scale=0.5)
+            onebit_adam_decompress(bits[:few], scales[:few], buffer, u, chunk, scale=1 / few, bias=1.1)
             t1 = time.perf_counter()
-            buffer.div_(0.9)
+            onebit_adam_decompress(bits, scales, buffer, u, chunk, scale=1 / many, bias=1.1)
             t2 = time.perf_counter()
-            decode_s += t1 - t
-            fix_s += t2 - t1
-        fixed.append(fix_s)
-        per_rank.append(decode_s)
-    return median(fixed[1:]), median(per_rank[1:])
+            a += t1 - t
+            b += t2 - t1
+        few_s.append(a)
+        many_s.append(b)
+    at_few, at_many = median(few_s[1:]), median(many_s[1:])
+    per_rank = max((at_many - at_few) / (many - few), 0.0)
+    return max(at_few - few * per_rank, 0.0), per_rank
 
 
 __all__ = ["HookTimer", "callback_seconds", "compute_seconds", "sign_callback_seconds"]
