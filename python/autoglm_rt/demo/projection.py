@@ -46,13 +46,13 @@ DEFAULT_LATENCY_S = 50e-6
 NETNS_CHECK: dict[str, float | str] = {
     "ranks": 2,
     "gbit_s": 1.0,
-    "allreduce_error": -0.047,
-    "topk_error": -0.334,
-    "command": "PYTHONPATH=python python benches/projection_check.py --rate 1gbit",
+    "allreduce_error": -0.055,
+    "onebit_error": 0.077,
+    "topk_error": -0.122,
+    "command": "PYTHONPATH=python python benches/projection_check.py --rate 1gbit --hook onebit|topk",
     "note": (
-        "Without the callbacks' cost the top-k error was -38.4%; the rest of the gap is not in any cost "
-        "measured here. A re-run on a busier machine (load 7 on 2 cores, step times varying 2.6x within the "
-        "run) gave -3.2% and +7.7%: at P = 2 the top-k figure is uncertain by tens of percent."
+        "Measured on one quiet run (load 0.4); earlier runs gave top-k -33.4% and, on a busier machine "
+        "(load 7 on 2 cores), -3.2%: at P = 2 the compressed figures are uncertain by tens of percent."
     ),
 }
 
@@ -163,7 +163,7 @@ def projection_document(run: Mapping[str, Any], steps: Sequence[Mapping[str, Any
     """What the demo's report shows: :func:`inputs_from_run`'s inputs, the hook's name ("1-bit" or
     "top-k"; both send a fixed-size message per rank), the latency assumed, the rows of
     :func:`projected_step_times` on the default grid as dicts, and ``NETNS_CHECK`` (measured with
-    the top-k hook)."""
+    both hooks)."""
     inputs = inputs_from_run(run, steps)
     if inputs is None:
         return None

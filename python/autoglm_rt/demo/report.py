@@ -147,8 +147,8 @@ def projection_lines(projection: dict[str, Any]) -> list[str]:
         f"{projection['latency_s'] * 1e6:.0f} us per message, no overlap of communication with compute.",
         "",
         f"Model error at P = {check['ranks']}, {check['gbit_s']:g} Gbit/s against steps measured across a shaped "
-        f"link (`benches/ddp_netns.py`, benches/RESULTS.md): all-reduce {check['allreduce_error']:+.1%}, top-k "
-        f"{check['topk_error']:+.1%}. {check.get('note', '')}".rstrip(),
+        f"link (`benches/ddp_netns.py`, benches/RESULTS.md): all-reduce {check['allreduce_error']:+.1%}, 1-bit "
+        f"{check['onebit_error']:+.1%}, top-k {check['topk_error']:+.1%}. {check.get('note', '')}".rstrip(),
         "",
     ]
     gbits = sorted({r["gbit_s"] for r in projection["rows"]})
