@@ -15,14 +15,11 @@ import torch
 import autoglm_rt
 from autoglm_rt import ops
 from tests import onebit_reference as ref
+from tests.onebit_messages import gathered_messages, message_fields, rand
 
 SIZES = [1, 7, 8, 9, 33, 2047, 2048, 2049, 4099, 70_001]
 CHUNKS = [1, 3, 8, 13, 2048, 2056, 5000, 100_000]
 BETA1 = 0.9
-
-
-def _rand(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.from_numpy((scale * np.random.default_rng(seed).standard_normal(n)).astype(np.float32))
 
 
 def _denom(n: int, seed: int) -> torch.Tensor:
@@ -33,7 +30,7 @@ def _denom(n: int, seed: int) -> torch.Tensor:
 
 def _inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """g, denom, u, error."""
-    return _rand(n, seed, 1e-3), _denom(n, seed + 1), _rand(n, seed + 2, 0.5), _rand(n, seed + 3, 0.1)
+    return rand(n, seed, 1e-3), _denom(n, seed + 1), rand(n, seed + 2, 0.5), rand(n, seed + 3, 0.1)
 
 
 def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -192,28 +189,16 @@ def test_any_shape_is_flattened_and_no_norm_requested() -> None:
 
 
 def _gathered(world: int, n: int, chunk: int, poison: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-strided (bits, scales) views of a gathered [world, message] buffer, with a gap after
-    each message; poison[r] overwrites scale 1 of row r (NaN, Inf)."""
-    nbytes, nc = ops.sign_message_sizes(n, chunk)
-    msg_bytes = -(-(4 * nc + nbytes) // 4) * 4 + 4
-    gathered = torch.zeros(world, msg_bytes, dtype=torch.uint8)
-    for r in range(world):
-        ops.sign_compress(
-            _rand(n, 100 + r, 1.0 + r),
-            _rand(n, 200 + r, 0.1),
-            chunk,
-            scales_out=gathered[r, : 4 * nc].view(torch.float32),
-            bits_out=gathered[r, 4 * nc : 4 * nc + nbytes],
-        )
-    gathered[:, 4 * nc + nbytes :] = 0xFF  # never read
-    scales = gathered[:, : 4 * nc].view(torch.float32)
+    """Row-strided (bits, scales) views of a gathered [world, message] buffer; poison[r]
+    overwrites scale 1 of row r (NaN, Inf)."""
+    bits, scales = message_fields(gathered_messages(world, n, chunk), n, chunk)
     for r, value in poison.items():
-        scales[r, min(1, nc - 1)] = value
-    return gathered[:, 4 * nc : 4 * nc + nbytes], scales
+        scales[r, min(1, scales.shape[1] - 1)] = value
+    return bits, scales
 
 
 def _u_with_special_values(n: int, seed: int) -> torch.Tensor:
-    u = _rand(n, seed)
+    u = rand(n, seed)
     u.view(torch.int32)[::5] = 0x7FC12345  # NaN with a payload: kept bit for bit where avg is not finite
     u[1::7] = -0.0
     return u
@@ -301,17 +286,17 @@ def _compress_cases(
     yield TypeError, r"^denom: expected dtype float32, got float16$", {"denom": g.half()}
     yield TypeError, r"^u: expected dtype float32, got bfloat16$", {"u": g.bfloat16()}
     yield TypeError, r"^error: expected dtype float32, got float64$", {"error": error.double()}
-    yield TypeError, r"^g: expected a contiguous tensor", {"g": _rand(2 * n, 3)[::2]}
-    yield TypeError, r"^denom: expected a contiguous tensor", {"denom": _rand(2 * n, 3)[::2]}
-    yield TypeError, r"^u: expected a contiguous tensor", {"u": _rand(2 * n, 3)[::2]}
-    yield TypeError, r"^error: expected a contiguous tensor", {"error": _rand(2 * n, 3)[::2]}
+    yield TypeError, r"^g: expected a contiguous tensor", {"g": rand(2 * n, 3)[::2]}
+    yield TypeError, r"^denom: expected a contiguous tensor", {"denom": rand(2 * n, 3)[::2]}
+    yield TypeError, r"^u: expected a contiguous tensor", {"u": rand(2 * n, 3)[::2]}
+    yield TypeError, r"^error: expected a contiguous tensor", {"error": rand(2 * n, 3)[::2]}
     for bad in (0, -3, True, 16.0):
         yield ValueError, rf"^chunk: expected an int >= 1, got {bad!r}$", {"chunk": bad}
     for bad in (1.0, -0.1, float("nan"), float("inf"), True, False, "0.9", None):
         yield ValueError, r"^beta1: expected a finite float in \[0, 1\), got ", {"beta1": bad}
-    yield ValueError, r"^onebit_adam_compress: denom has 99 elements, g has 100$", {"denom": _rand(99, 4)}
-    yield ValueError, r"^onebit_adam_compress: u has 101 elements, g has 100$", {"u": _rand(101, 4)}
-    yield ValueError, r"^onebit_adam_compress: error has 99 elements, g has 100$", {"error": _rand(99, 4)}
+    yield ValueError, r"^onebit_adam_compress: denom has 99 elements, g has 100$", {"denom": rand(99, 4)}
+    yield ValueError, r"^onebit_adam_compress: u has 101 elements, g has 100$", {"u": rand(101, 4)}
+    yield ValueError, r"^onebit_adam_compress: error has 99 elements, g has 100$", {"error": rand(99, 4)}
     yield (
         TypeError,
         r"^bits_out: expected dtype uint8, got int32$",
@@ -405,7 +390,7 @@ def test_compress_refuses_a_read_only_error_and_lets_inputs_share_memory() -> No
 def test_decompress_refuses_bad_input_before_writing_anything() -> None:
     n, chunk = 100, 16
     nbytes, nc = ops.sign_message_sizes(n, chunk)
-    bits, scales = ops.sign_compress(_rand(n, 1), None, chunk)
+    bits, scales = ops.sign_compress(rand(n, 1), None, chunk)
     rows_b, rows_s = torch.stack([bits, bits]), torch.stack([scales, scales])
     out = torch.full((n,), 4.0)
     u = torch.full((n,), 5.0)

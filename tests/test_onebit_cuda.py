@@ -13,12 +13,9 @@ import torch
 
 from autoglm_rt import ops
 from tests import onebit_reference as ref
+from tests.onebit_messages import gathered_messages, message_fields, rand
 
 pytestmark = pytest.mark.cuda
-
-
-def _rand(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.from_numpy((scale * np.random.default_rng(seed).standard_normal(n)).astype(np.float32))
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -44,13 +41,13 @@ def check_twins(x: torch.Tensor, error: torch.Tensor | None, chunk: int) -> None
 def test_compress_matches_the_cpu_kernel(chunk: int, feedback: bool) -> None:
     # 8..16384: fused kernel; 1, 3, 7, 2049: bytes straddle chunks; 16392, 100_000: several segments.
     for n in (1, 7, 8, 33, 2047, 2048, 2049, 300_007):
-        x = _rand(n, n + chunk)
-        check_twins(x, _rand(n, n + chunk + 1, 0.3) if feedback else None, chunk)
+        x = rand(n, n + chunk)
+        check_twins(x, rand(n, n + chunk + 1, 0.3) if feedback else None, chunk)
 
 
 def test_compress_matches_the_reference_on_cuda() -> None:
     n, chunk = 1_000_003, 2048
-    x, error = _rand(n, 1), _rand(n, 2, 0.1)
+    x, error = rand(n, 1), rand(n, 2, 0.1)
     ref_bits, ref_scales, ref_after = ref.compress_reference(x.numpy(), error.numpy(), chunk)
     e = error.cuda()
     bits, scales = ops.sign_compress(x.cuda(), e, chunk)
@@ -61,7 +58,7 @@ def test_compress_matches_the_reference_on_cuda() -> None:
 
 def test_nan_inf_and_signed_zeros_match_the_cpu_kernel() -> None:
     n = 50_000
-    x = _rand(n, 3)
+    x = rand(n, 3)
     x[[10, 20_000]] = float("nan")
     x[[5000, 49_999]] = float("inf")
     x[7] = -float("inf")
@@ -69,7 +66,7 @@ def test_nan_inf_and_signed_zeros_match_the_cpu_kernel() -> None:
     x[200:300] = -0.0
     for chunk in (2048, 7, 30_000):
         check_twins(x, None, chunk)
-        check_twins(x, _rand(n, 4, 0.1), chunk)
+        check_twins(x, rand(n, 4, 0.1), chunk)
 
 
 def test_float64_sum_order_matches_the_cpu_kernel_where_it_decides_the_rounding() -> None:
@@ -85,7 +82,7 @@ def test_float64_sum_order_matches_the_cpu_kernel_where_it_decides_the_rounding(
 def test_views_at_odd_offsets_and_outputs_in_one_message() -> None:
     n, chunk = 100_003, 2048
     nbytes, nc = ops.sign_message_sizes(n, chunk)
-    big_x, big_e = _rand(n + 3, 5), _rand(n + 3, 6, 0.2)
+    big_x, big_e = rand(n + 3, 5), rand(n + 3, 6, 0.2)
     bits_c, scales_c = ops.sign_compress(big_x[3:], big_e[3:].clone(), chunk)
     msg = torch.zeros(4 * nc + nbytes + 1, dtype=torch.uint8, device="cuda")
     e = big_e.cuda()[3:]
@@ -102,38 +99,17 @@ def test_views_at_odd_offsets_and_outputs_in_one_message() -> None:
 @pytest.mark.parametrize("chunk", [2048, 37])
 def test_decompress_of_gathered_rows_matches_the_cpu_kernel(world: int, chunk: int) -> None:
     n = 300_007
-    nbytes, nc = ops.sign_message_sizes(n, chunk)
-    msg_bytes = -(-(4 * nc + nbytes) // 4) * 4 + 4
-    gathered = torch.zeros(world, msg_bytes, dtype=torch.uint8)
-    for r in range(world):
-        ops.sign_compress(
-            _rand(n, 10 + r, 1.0 + r),
-            _rand(n, 20 + r, 0.1),
-            chunk,
-            scales_out=gathered[r, : 4 * nc].view(torch.float32),
-            bits_out=gathered[r, 4 * nc : 4 * nc + nbytes],
-        )
-    cpu = ops.sign_decompress(
-        gathered[:, 4 * nc : 4 * nc + nbytes],
-        gathered[:, : 4 * nc].view(torch.float32),
-        torch.empty(n),
-        chunk,
-        scale=1.0 / world,
-    )
-    g = gathered.cuda()
+    gathered = gathered_messages(world, n, chunk, seed=10)
+    cpu = ops.sign_decompress(*message_fields(gathered, n, chunk), torch.empty(n), chunk, scale=1.0 / world)
     gpu = ops.sign_decompress(
-        g[:, 4 * nc : 4 * nc + nbytes],
-        g[:, : 4 * nc].view(torch.float32),
-        torch.empty(n, device="cuda"),
-        chunk,
-        scale=1.0 / world,
+        *message_fields(gathered.cuda(), n, chunk), torch.empty(n, device="cuda"), chunk, scale=1.0 / world
     )
     assert _same_bits(gpu, cpu)
 
 
 def test_round_trip_identity_on_cuda() -> None:
     n, chunk = 500_000, 2048
-    x, error = _rand(n, 7).cuda(), _rand(n, 8, 0.1).cuda()
+    x, error = rand(n, 7).cuda(), rand(n, 8, 0.1).cuda()
     c = x + error
     bits, scales = ops.sign_compress(x, error, chunk)
     d = ops.sign_decompress(bits, scales, torch.empty(n, device="cuda"), chunk)
@@ -157,7 +133,7 @@ def test_mixed_devices_are_rejected_before_anything_changes() -> None:
 
 def test_compress_and_decompress_never_wait_for_the_stream() -> None:
     n, chunk = 1_000_000, 2048
-    x, error = _rand(n, 9), _rand(n, 10, 0.1)
+    x, error = rand(n, 9), rand(n, 10, 0.1)
     bits_c, scales_c = ops.sign_compress(x, error.clone(), chunk)
     out_c = ops.sign_decompress(bits_c, scales_c, torch.empty(n), chunk)
     xg, eg = x.cuda(), error.cuda()
@@ -236,37 +212,19 @@ def test_adam_compress_of_nothing_writes_a_zero_norm() -> None:
 @pytest.mark.parametrize("chunk", [2048, 37])
 def test_adam_decompress_matches_the_cpu_kernel(world: int, chunk: int) -> None:
     n = 300_007
-    nbytes, nc = ops.sign_message_sizes(n, chunk)
-    msg_bytes = -(-(4 * nc + nbytes) // 4) * 4 + 4
-    gathered = torch.zeros(world, msg_bytes, dtype=torch.uint8)
-    for r in range(world):
-        ops.sign_compress(
-            _rand(n, 10 + r, 1.0 + r),
-            None,
-            chunk,
-            scales_out=gathered[r, : 4 * nc].view(torch.float32),
-            bits_out=gathered[r, 4 * nc : 4 * nc + nbytes],
-        )
-    gathered[:, : 4 * nc].view(torch.float32)[world - 1, 2] = float("nan")
-    gathered[:, : 4 * nc].view(torch.float32)[0, 5] = float("inf")
-    u = _rand(n, 99)
+    gathered = gathered_messages(world, n, chunk, seed=10, error=False)
+    scales = message_fields(gathered, n, chunk)[1]
+    scales[world - 1, 2] = float("nan")
+    scales[0, 5] = float("inf")
+    u = rand(n, 99)
     u.view(torch.int32)[::3] = 0x7FC00001  # NaN payloads stay where the average is not finite
     u_cpu = u.clone()
-    field = (slice(4 * nc, 4 * nc + nbytes), slice(0, 4 * nc))
     out_cpu = ops.onebit_adam_decompress(
-        gathered[:, field[0]],
-        gathered[:, field[1]].view(torch.float32),
-        torch.empty(n),
-        u_cpu,
-        chunk,
-        scale=1.0 / world,
-        bias=1.7,
+        *message_fields(gathered, n, chunk), torch.empty(n), u_cpu, chunk, scale=1.0 / world, bias=1.7
     )
-    g = gathered.cuda()
     u_gpu = u.cuda()
     out_gpu = ops.onebit_adam_decompress(
-        g[:, field[0]],
-        g[:, field[1]].view(torch.float32),
+        *message_fields(gathered.cuda(), n, chunk),
         torch.empty(n, device="cuda"),
         u_gpu,
         chunk,

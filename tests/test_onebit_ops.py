@@ -11,13 +11,10 @@ import torch
 import autoglm_rt
 from autoglm_rt import ops
 from tests import onebit_reference as ref
+from tests.onebit_messages import gathered_messages, message_fields, rand
 
 SIZES = [1, 7, 8, 9, 31, 33, 100, 2047, 2048, 2049, 4099, 70_001]
 CHUNKS = [1, 3, 8, 13, 100, 2048, 2056, 5000, 100_000]
-
-
-def _rand(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.from_numpy((scale * np.random.default_rng(seed).standard_normal(n)).astype(np.float32))
 
 
 def check_compress(x: torch.Tensor, error: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,15 +42,15 @@ def check_compress(x: torch.Tensor, error: torch.Tensor | None, chunk: int) -> t
 def test_compress_matches_reference_over_sizes_and_chunks(feedback: bool) -> None:
     for n in SIZES:
         for chunk in CHUNKS:
-            x = _rand(n, n + chunk)
-            error = _rand(n, 7 * n + chunk, 0.3) if feedback else None
+            x = rand(n, n + chunk)
+            error = rand(n, 7 * n + chunk, 0.3) if feedback else None
             check_compress(x, error, chunk)
 
 
 def test_large_tensor_with_several_segments_per_chunk_and_ragged_end() -> None:
     n = 300_007  # many tasks on the thread pool; chunks of 2.4 segments; a short last chunk
     for chunk in (2048, 4900, 65_536, n, n + 1):
-        check_compress(_rand(n, chunk), _rand(n, chunk + 1, 0.1), chunk)
+        check_compress(rand(n, chunk), rand(n, chunk + 1, 0.1), chunk)
 
 
 def test_scales_reflect_the_float64_sum_not_a_float32_one() -> None:
@@ -92,8 +89,8 @@ def test_scales_follow_the_documented_float64_order(simd: str, monkeypatch: pyte
 
 
 def test_any_shape_is_flattened() -> None:
-    x = _rand(3 * 5 * 7, 1).reshape(3, 5, 7)
-    error = _rand(105, 2).reshape(15, 7)
+    x = rand(3 * 5 * 7, 1).reshape(3, 5, 7)
+    error = rand(105, 2).reshape(15, 7)
     check_compress(x, error, 10)
 
 
@@ -106,14 +103,14 @@ def test_signs_of_zero_nan_and_padding_bits() -> None:
 
 def test_simd_and_portable_loops_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     n = 100_003
-    x = _rand(n, 3)
+    x = rand(n, 3)
     x[::97] = 0.0
     x[5::101] = -0.0
     for chunk in (1, 7, 2048, 3000):
         results = []
         for simd in ("auto", "scalar"):
             monkeypatch.setenv("AUTOGLM_RT_ONEBIT_SIMD", simd)
-            error = _rand(n, 4, 0.2)
+            error = rand(n, 4, 0.2)
             bits, scales = ops.sign_compress(x, error, chunk)
             out = ops.sign_decompress(
                 torch.stack([bits, bits.flip(0)]), torch.stack([scales, scales]), torch.empty(n), chunk
@@ -125,8 +122,8 @@ def test_simd_and_portable_loops_give_the_same_bits(monkeypatch: pytest.MonkeyPa
 
 def test_error_feedback_identity() -> None:
     n, chunk = 200_003, 2048
-    x = _rand(n, 11)
-    error = _rand(n, 12, 0.1)
+    x = rand(n, 11)
+    error = rand(n, 12, 0.1)
     c = x + error
     bits, scales = ops.sign_compress(x, error, chunk)
     d = ops.sign_decompress(bits, scales, torch.empty(n), chunk)
@@ -141,13 +138,13 @@ def test_error_feedback_identity() -> None:
 @pytest.mark.parametrize("chunk", [7, 2048])
 def test_deterministic_across_thread_counts(chunk: int) -> None:
     n = 3_000_001
-    x = _rand(n, 21)
+    x = rand(n, 21)
     results = []
     old = autoglm_rt.num_threads()
     try:
         for threads in (1, 2, 3):
             autoglm_rt.set_num_threads(threads)
-            error = _rand(n, 22, 0.5)
+            error = rand(n, 22, 0.5)
             bits, scales = ops.sign_compress(x, error, chunk)
             rows = torch.stack([bits, bits.roll(1), bits.roll(2)])
             out = ops.sign_decompress(rows, torch.stack([scales] * 3), torch.empty(n), chunk, scale=1 / 3)
@@ -157,7 +154,7 @@ def test_deterministic_across_thread_counts(chunk: int) -> None:
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
-    ref_bits, ref_scales, ref_after = ref.compress_reference(x.numpy(), _rand(n, 22, 0.5).numpy(), chunk)
+    ref_bits, ref_scales, ref_after = ref.compress_reference(x.numpy(), rand(n, 22, 0.5).numpy(), chunk)
     np.testing.assert_array_equal(results[0][0].numpy(), ref_bits)
     np.testing.assert_array_equal(results[0][1].numpy(), ref_scales)
     np.testing.assert_array_equal(results[0][2].numpy(), ref_after)
@@ -167,7 +164,7 @@ def test_outputs_can_be_views_into_one_message_buffer() -> None:
     n, chunk = 10_007, 512
     nbytes, nc = ops.sign_message_sizes(n, chunk)
     msg = torch.full((4 * nc + nbytes,), 0xAB, dtype=torch.uint8)
-    x, e1 = _rand(n, 5), _rand(n, 6, 0.2)
+    x, e1 = rand(n, 5), rand(n, 6, 0.2)
     e2 = e1.clone()
     scales_out, bits_out = msg[: 4 * nc].view(torch.float32), msg[4 * nc :]
     bits, scales = ops.sign_compress(x, e1, chunk, bits_out=bits_out, scales_out=scales_out)
@@ -179,21 +176,8 @@ def test_outputs_can_be_views_into_one_message_buffer() -> None:
 @pytest.mark.parametrize("world", [1, 2, 5])
 @pytest.mark.parametrize(("n", "chunk"), [(1, 1), (13, 3), (2048, 2048), (100_003, 2048), (100_003, 37)])
 def test_decompress_rows_of_a_gathered_buffer_match_reference(world: int, n: int, chunk: int) -> None:
-    nbytes, nc = ops.sign_message_sizes(n, chunk)
-    # Rows a multiple of 4 bytes (so scales can be viewed as float32) with a gap after each message.
-    msg_bytes = -(-(4 * nc + nbytes) // 4) * 4 + 4
-    gathered = torch.zeros(world, msg_bytes, dtype=torch.uint8)
-    for r in range(world):
-        ops.sign_compress(
-            _rand(n, 100 + r, 1.0 + r),
-            _rand(n, 200 + r, 0.1),
-            chunk,
-            scales_out=gathered[r, : 4 * nc].view(torch.float32),
-            bits_out=gathered[r, 4 * nc : 4 * nc + nbytes],
-        )
-    gathered[:, 4 * nc + nbytes :] = 0xFF  # never read
-    scales = gathered[:, : 4 * nc].view(torch.float32)
-    bits = gathered[:, 4 * nc : 4 * nc + nbytes]
+    gathered = gathered_messages(world, n, chunk)
+    bits, scales = message_fields(gathered, n, chunk)
     assert not bits.is_contiguous() or world == 1
     before = gathered.clone()
     out = ops.sign_decompress(bits, scales, torch.empty(n), chunk, scale=1.0 / world)
@@ -222,7 +206,7 @@ def test_decompress_adds_rows_in_order_in_float32() -> None:
 
 def test_decompress_writes_only_its_view_of_a_larger_buffer() -> None:
     n, chunk = 5003, 64
-    bits, scales = ops.sign_compress(_rand(n, 9), None, chunk)
+    bits, scales = ops.sign_compress(rand(n, 9), None, chunk)
     big = torch.full((n + 20,), 7.0)
     out = big[5 : 5 + n]
     res = ops.sign_decompress(bits, scales, out, chunk, scale=2)
@@ -239,8 +223,8 @@ def test_decompress_writes_only_its_view_of_a_larger_buffer() -> None:
 
 def test_nan_and_inf_stay_in_their_chunk() -> None:
     n, chunk = 10_000, 1000
-    x = _rand(n, 31)
-    error = _rand(n, 32, 0.1)
+    x = rand(n, 31)
+    error = rand(n, 32, 0.1)
     x[1500] = float("nan")
     x[3200] = float("inf")
     error[7001] = float("-inf")
@@ -304,8 +288,8 @@ def _unchanged(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bo
 def test_compress_refuses_bad_input_before_writing_anything() -> None:
     n, chunk = 100, 16
     nbytes, nc = ops.sign_message_sizes(n, chunk)
-    x = _rand(n, 1)
-    error = _rand(n, 2)
+    x = rand(n, 1)
+    error = rand(n, 2)
     bits_out = torch.full((nbytes,), 0x5A, dtype=torch.uint8)
     scales_out = torch.full((nc,), -3.0)
     msg = torch.full((4 * nc + nbytes,), 0x11, dtype=torch.uint8)
@@ -314,13 +298,13 @@ def test_compress_refuses_bad_input_before_writing_anything() -> None:
         (TypeError, r"^error: expected a torch.Tensor, got list$", {"error": [0.0] * n}),
         (TypeError, r"^x: expected dtype float32, got float64$", {"x": x.double()}),
         (TypeError, r"^error: expected dtype float32, got float16$", {"error": error.half()}),
-        (TypeError, r"^x: expected a contiguous tensor", {"x": _rand(2 * n, 3)[::2]}),
-        (TypeError, r"^error: expected a contiguous tensor", {"error": _rand(2 * n, 3)[::2]}),
+        (TypeError, r"^x: expected a contiguous tensor", {"x": rand(2 * n, 3)[::2]}),
+        (TypeError, r"^error: expected a contiguous tensor", {"error": rand(2 * n, 3)[::2]}),
         (ValueError, r"^chunk: expected an int >= 1, got 0$", {"chunk": 0}),
         (ValueError, r"^chunk: expected an int >= 1, got -3$", {"chunk": -3}),
         (ValueError, r"^chunk: expected an int >= 1, got True$", {"chunk": True}),
         (ValueError, r"^chunk: expected an int >= 1, got 16.0$", {"chunk": 16.0}),
-        (ValueError, r"^sign_compress: error has 99 elements, x has 100$", {"error": _rand(99, 4)}),
+        (ValueError, r"^sign_compress: error has 99 elements, x has 100$", {"error": rand(99, 4)}),
         (
             TypeError,
             r"^bits_out: expected dtype uint8, got int32$",
@@ -387,7 +371,7 @@ def test_compress_refuses_a_read_only_error() -> None:
 def test_decompress_refuses_bad_input_before_writing_anything() -> None:
     n, chunk = 100, 16
     nbytes, nc = ops.sign_message_sizes(n, chunk)
-    bits, scales = ops.sign_compress(_rand(n, 1), None, chunk)
+    bits, scales = ops.sign_compress(rand(n, 1), None, chunk)
     rows_b, rows_s = torch.stack([bits, bits]), torch.stack([scales, scales])
     out = torch.full((n,), 4.0)
     msg = torch.zeros(4 * n + 64, dtype=torch.uint8)
@@ -457,7 +441,7 @@ def test_decompress_accepts_numpy_rows_through_the_native_boundary() -> None:
     # The boundary speaks DLPack: numpy rows of a gathered buffer work without torch as well.
     n, chunk = 1000, 100
     nbytes, nc = ops.sign_message_sizes(n, chunk)
-    bits, scales = ops.sign_compress(_rand(n, 3), None, chunk)
+    bits, scales = ops.sign_compress(rand(n, 3), None, chunk)
     gathered = np.zeros((2, -(-(4 * nc + nbytes) // 4) * 4 + 4), dtype=np.uint8)
     for r in range(2):
         gathered[r, : 4 * nc] = scales.numpy().view(np.uint8)
