@@ -22,7 +22,15 @@ import torch
 import torch.distributed as dist
 
 from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
-from autoglm_rt.hook_support import IterationNorms, all_gather, fill_unmeasured, group_device, sketch_indices, sq_norm
+from autoglm_rt.hook_support import (
+    IterationNorms,
+    all_gather,
+    check_adam_hyperparameters,
+    fill_unmeasured,
+    group_device,
+    sketch_indices,
+    sq_norm,
+)
 from autoglm_rt.ops.topk import index_dtype_for, topk_compress, topk_decompress
 from autoglm_rt.policy.compression import DensityController
 
@@ -61,13 +69,7 @@ class AdamUpdate:
     masking: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("beta1", "beta2"):
-            b = getattr(self, name)
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-                raise ValueError(f"{name}: expected a number in [0, 1), got {b!r}")
-        e = self.eps
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e > 0 and math.isfinite(e)):
-            raise ValueError(f"eps: expected a finite number > 0, got {e!r}")
+        check_adam_hyperparameters(self.beta1, self.beta2, self.eps)
         if self.variance not in ("frozen", "local"):
             raise ValueError(f"variance: expected 'frozen' or 'local', got {self.variance!r}")
         if self.momentum not in ("local", "global"):

@@ -1,11 +1,12 @@
 """Small pieces the DDP communication hooks share (``autoglm_rt.ddp``, ``autoglm_rt.onebit``):
 which device a group's collectives need, a one-read squared norm, an async all-gather, the
 gradient sketch from which a hook that delivers an update estimates the averaged gradient's norm,
-the fill of AdamW's second moment where a dense start saw no gradient, and the per-iteration
-record of squared norms behind a hook's ``norms()``."""
+the fill of AdamW's second moment where a dense start saw no gradient, the check of Adam's
+hyperparameters, and the per-iteration record of squared norms behind a hook's ``norms()``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "SKETCH_SIZE",
     "IterationNorms",
     "all_gather",
+    "check_adam_hyperparameters",
     "fill_unmeasured",
     "group_device",
     "sketch_indices",
@@ -37,6 +39,16 @@ def sq_norm(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.float32:
         return torch.dot(t, t).double()
     return torch.linalg.vector_norm(t, dtype=torch.float32).double().square()
+
+
+def check_adam_hyperparameters(beta1: object, beta2: object, eps: object) -> None:
+    """ValueError naming the first of ``beta1``, ``beta2`` (numbers in [0, 1)) and ``eps`` (a
+    finite number > 0) that is not one; bools are not numbers here."""
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+            raise ValueError(f"{name}: expected a number in [0, 1), got {b!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
 
 
 def all_gather(output: torch.Tensor, message: torch.Tensor, group: dist.ProcessGroup) -> Any:

@@ -37,7 +37,15 @@ import torch
 import torch.distributed as dist
 
 from autoglm_rt.bucket_tables import BucketEntry, BucketTables, table_from, table_state
-from autoglm_rt.hook_support import SKETCH_SIZE, IterationNorms, all_gather, fill_unmeasured, sketch_indices, sq_norm
+from autoglm_rt.hook_support import (
+    SKETCH_SIZE,
+    IterationNorms,
+    all_gather,
+    check_adam_hyperparameters,
+    fill_unmeasured,
+    sketch_indices,
+    sq_norm,
+)
 from autoglm_rt.ops.onebit import onebit_adam_compress, onebit_adam_decompress, sign_message_sizes
 
 __all__ = ["OneBitAdam", "OneBitAdamState", "onebit_adam_hook"]
@@ -81,13 +89,7 @@ class OneBitAdam:
                 )
         if isinstance(self.dense_bits, bool) or self.dense_bits not in (8, 32):
             raise ValueError(f"dense_bits: expected 8 or 32, got {self.dense_bits!r}")
-        for name in ("beta1", "beta2"):
-            b = getattr(self, name)
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-                raise ValueError(f"{name}: expected a number in [0, 1), got {b!r}")
-        e = self.eps
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e > 0 and math.isfinite(e)):
-            raise ValueError(f"eps: expected a finite number > 0, got {e!r}")
+        check_adam_hyperparameters(self.beta1, self.beta2, self.eps)
 
     @property
     def first_refresh(self) -> int:
