@@ -441,9 +441,12 @@ def test_decompress_refuses_bad_input_before_writing_anything() -> None:
         ),
         (TypeError, r"^scale: expected a float, got bool$", {"scale": True}),
         (TypeError, r"^bias: expected a float, got str$", {"bias": "2"}),
-        (ValueError, r"^scale: expected a finite float, got nan$", {"scale": float("nan")}),
-        (ValueError, r"^bias: expected a finite float, got inf$", {"bias": float("inf")}),
-        (ValueError, r"^bias: expected a finite float, got -inf$", {"bias": -float("inf")}),
+        (ValueError, r"^scale: expected a float finite in float32, got nan$", {"scale": float("nan")}),
+        (ValueError, r"^bias: expected a float finite in float32, got inf$", {"bias": float("inf")}),
+        (ValueError, r"^bias: expected a float finite in float32, got -inf$", {"bias": -float("inf")}),
+        # Finite as a double, infinite once rounded to the float32 the kernel applies.
+        (ValueError, r"^scale: expected a float finite in float32, got 1e\+39$", {"scale": 1e39}),
+        (ValueError, r"^bias: expected a float finite in float32, got -3\.5e\+38$", {"bias": -3.5e38}),
     ]
     for exc, match, override in cases:
         kwargs: dict[str, object] = {"bits": rows_b, "scales": rows_s, "out": out, "u": u, "chunk": chunk}
@@ -464,8 +467,8 @@ def test_native_checks_hold_without_the_python_wrapper() -> None:
             )
     bits, scales = torch.zeros(2, dtype=torch.uint8), torch.zeros(3)
     out, u = torch.full((10,), 2.0), torch.full((10,), 3.0)
-    for scale, bias, name in ((float("inf"), 1.0, "scale"), (1.0, float("nan"), "bias")):
-        with pytest.raises(ValueError, match=rf"^onebit_adam_decompress: {name}: expected a finite float"):
+    for scale, bias, name in ((float("inf"), 1.0, "scale"), (1.0, float("nan"), "bias"), (1e39, 1.0, "scale")):
+        with pytest.raises(ValueError, match=rf"^onebit_adam_decompress: {name}: expected a float finite in float32"):
             autoglm_rt._C.onebit_adam_decompress(bits, scales, out, u, 4, scale, bias)
     assert bool((out == 2.0).all()) and bool((u == 3.0).all())
     with pytest.raises(ValueError, match=r"^onebit_adam_compress: sq_norm_out: expected 8 bytes"):

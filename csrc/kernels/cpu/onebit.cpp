@@ -598,8 +598,14 @@ void check_adam_decompress_args(const SignRows& bits, const SignRows& scales, co
   const char* op = "onebit_adam_decompress";
   check_decompress_args(op, bits, scales, out, chunk);
   check_float_like(op, u, "u", out.numel, out, "out", true);
-  AGRT_EXPECTS(std::isfinite(scale), ValueError, op, ": scale: expected a finite float, got ", scale);
-  AGRT_EXPECTS(std::isfinite(bias), ValueError, op, ": bias: expected a finite float, got ", bias);
+  // Both are applied as float32: 1e39 is finite as a double but not as a float. A double rounds to
+  // a finite float exactly when its magnitude is below the midpoint of FLT_MAX and 2^128
+  // (compared as doubles: converting an out-of-range double to float is undefined behaviour).
+  constexpr double kFloatRoundsToInf = 3.4028235677973366e38;  // (2 - 2^-24) * 2^127
+  AGRT_EXPECTS(std::fabs(scale) < kFloatRoundsToInf, ValueError, op,
+               ": scale: expected a float finite in float32, got ", scale);
+  AGRT_EXPECTS(std::fabs(bias) < kFloatRoundsToInf, ValueError, op,
+               ": bias: expected a float finite in float32, got ", bias);
   const Named args[] = {
       {&bits.span, "bits", false}, {&scales.span, "scales", false}, {&out, "out", true}, {&u, "u", true}};
   check_no_overlap(op, args);

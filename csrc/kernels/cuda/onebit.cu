@@ -1,7 +1,8 @@
 // CUDA twin of the fused 1-bit (sign) compression, its averaging inverse and the fused 1-bit Adam
 // steps, on the caller's stream with no host synchronisation. Sums follow the header's order
 // exactly (lane l of a warp adds elements l, l + 32, ... of a segment; a shuffle-down tree;
-// segments in order), so scales, bits and error equal the CPU twin's bit for bit.
+// segments in order), so scales, bits and error equal the CPU twin's bit for bit, except for the
+// sign and payload of a NaN: the GPU writes its canonical NaN, x86 keeps or makes its own.
 //
 //   chunk % 8 == 0 and chunk <= kFusedMaxChunk (the usual case): one kernel, one warp per chunk:
 //     segment sums -> scale -> ballot-packed bits and error over the chunk (now in L1/L2).
@@ -269,7 +270,10 @@ void compress(Source src, long long n, long long chunk, const TensorView& bits, 
   auto* bp = bits.as<unsigned char>();
   float* sp = scales.as<float>();
   const bool fused = chunk % 8 == 0 && chunk <= kFusedMaxChunk;
-  const long long spc = (chunk + kSignSegment - 1) / kSignSegment;
+  // Segments per chunk: no chunk holds more than min(chunk, n) elements, so a huge chunk over a
+  // small tensor does not size the scratch (or the grid) by the chunk.
+  const long long longest = chunk < n ? chunk : (n > 0 ? n : 1);
+  const long long spc = (longest + kSignSegment - 1) / kSignSegment;
   const long long slots = nc * spc;
   const unsigned int grid = fused ? blocks_for(nc, kWarpsPerBlock) : blocks_for(slots, kWarpsPerBlock);
   // Scratch: per-block g^2 partials, then (multi-segment chunks off the fused path) segment sums.

@@ -19,11 +19,17 @@ fused into one pass each: the momentum ``beta1 * u + (1 - beta1) * g / denom`` i
 compression (plus the squared norm of g), and the decompression writes the new momentum and the
 bias-corrected step together. Each gives exactly the bits of the unfused torch + sign op sequence
 its docstring spells out.
+
+"Same bits" and "bit for bit" here hold for every value that is not NaN; where a result is NaN,
+its sign and payload are not specified and differ between CPU and CUDA (a GPU writes its one
+canonical NaN). Values the kernels keep rather than compute (``u`` where the average is not
+finite) keep their bits everywhere.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -128,11 +134,17 @@ def _require_beta1(beta1: object) -> float:
     return float(beta1)
 
 
-def _require_finite(name: str, value: object) -> float:
+def _require_finite32(name: str, value: object) -> float:
+    """``value`` as a float if it is a number that stays finite when rounded to float32 (the
+    kernels apply it as one); TypeError or ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    try:
+        finite = math.isfinite(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:  # beyond float32's range after rounding
+        finite = False
+    if not finite:
+        raise ValueError(f"{name}: expected a float finite in float32, got {value!r}")
     return float(value)
 
 
@@ -216,15 +228,16 @@ def onebit_adam_decompress(
     buffer); out and u: float32, contiguous, n elements each, on the same device.
 
     Raises before anything is written: TypeError as ``sign_decompress`` does (and for a scale or
-    bias that is not a number, bool included); ValueError as it does, and for a scale or bias that is
-    not finite, u's size or device, or out or u sharing memory with each other, bits or scales. On
-    CUDA the work is queued on the current stream and the host never waits."""
+    bias that is not a number, bool included); ValueError as it does, and for a scale or bias that
+    is not finite once rounded to float32, u's size or device, or out or u sharing memory with each
+    other, bits or scales. On CUDA the work is queued on the current stream and the host never
+    waits."""
     bits = require_tensor("bits", bits)
     scales = require_tensor("scales", scales)
     out = require_tensor("out", out)
     u = require_tensor("u", u)
     chunk = _require_chunk(chunk)
-    scale = _require_finite("scale", scale)
-    bias = _require_finite("bias", bias)
+    scale = _require_finite32("scale", scale)
+    bias = _require_finite32("bias", bias)
     _C.onebit_adam_decompress(bits, scales, out, u, chunk, scale, bias, stream_of(out))
     return out

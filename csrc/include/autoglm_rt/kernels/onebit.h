@@ -14,7 +14,8 @@
 // from 0.0, then lanes are combined by the tree "for off = 16, 8, 4, 2, 1: lane[l] += lane[l + off]
 // for l < off" (a warp's shuffle-down reduction); the chunk's sum is 0.0 + seg_0 + seg_1 + ... in
 // order. It differs from numpy's pairwise float64 sum in the last float64 bits only, which after
-// rounding to float32 almost never shows.
+// rounding to float32 almost never shows. "Same bits" below holds for every value that is not
+// NaN: a NaN's sign and payload differ between CPU and CUDA (a GPU writes its canonical NaN).
 #pragma once
 
 #include <cstdint>
