@@ -160,11 +160,12 @@ def test_simulated_cfs_share_matches_a_water_filling_reference(
     assert sum(got.values()) <= cores + 1e-9 and all(got[n] <= caps[n] + 1e-12 for n in caps)
 
 
-def test_thread_count_follows_whole_cores_of_the_quota_and_the_cpu_received() -> None:
+def test_thread_count_follows_the_quotas_cores_and_the_cpu_received() -> None:
     assert tenant_job.thread_count(None, 0.0) == 1
     assert tenant_job.thread_count(2.0, 0.3) == 1  # starved: a second thread would only contend
     assert tenant_job.thread_count(2.0, 0.98) == 2  # got a whole core and may have two
-    assert tenant_job.thread_count(1.75, 1.9) == 1  # the quota grants one whole core
+    assert tenant_job.thread_count(1.5, 1.9) == 1  # the quota grants one whole core
+    assert tenant_job.thread_count(1.75, 1.9) == 2  # within a quarter core of two
     assert tenant_job.thread_count(0.25, 0.2) == 1
     assert tenant_job.thread_count(8.0, 3.2) == 4
 
@@ -295,8 +296,9 @@ def test_the_service_runs_on_the_whole_cores_of_its_quota() -> None:
     cores = os.cpu_count() or 1
     assert quota_threads(None) == cores
     assert quota_threads(0.5) == 1 and quota_threads(0.01) == 1
-    assert quota_threads(1.0) == 1 and quota_threads(1.999) == 1
-    assert quota_threads(2.0) == min(2, cores) and quota_threads(1e6) == cores
+    assert quota_threads(1.0) == 1 and quota_threads(1.7) == 1
+    assert quota_threads(1.75) == min(2, cores) and quota_threads(2.0) == min(2, cores)
+    assert quota_threads(1e6) == cores
 
 
 @pytest.mark.cgroup

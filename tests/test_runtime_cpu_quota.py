@@ -35,10 +35,10 @@ class Clock:
         return self.t
 
 
-def test_cores_cap_is_whole_cores_at_least_one_and_none_for_no_quota() -> None:
-    reference = {0.25: 1, 0.5: 1, 1.0: 1, 1.5: 1, 2.0: 2, 3.99: 3, 64.0: 64}
+def test_cores_cap_is_whole_cores_with_a_quarter_core_of_slack_and_none_for_no_quota() -> None:
+    reference = {0.25: 1, 0.5: 1, 1.0: 1, 1.5: 1, 1.74: 1, 1.75: 2, 1.9: 2, 2.0: 2, 2.7: 2, 3.99: 4, 64.0: 64}
     for quota, cap in reference.items():
-        assert cores_cap(quota) == max(1, math.floor(quota)) == cap
+        assert cores_cap(quota) == cap, quota
     for no_quota in (None, 0.0, -1.0, math.inf, math.nan):
         assert cores_cap(no_quota) is None
 

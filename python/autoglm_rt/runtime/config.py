@@ -73,7 +73,7 @@ class Hooks:
     (``gpu_utilization``, ``memory_usage``, ``cpu_usage``, ``load_1min`` ...). ``metrics_sink``:
     called with every ``StepReport``. ``alert``: called with every ``alert`` action. ``clock``:
     seconds (monotonic). ``cpu_quota``: the CPU quota in cores that holds for this process (None:
-    none), re-read about once a second; the Runtime's thread counts stay within its whole cores
+    none), re-read about once a second; the Runtime's thread counts stay within ``cores_cap`` of it
     (see ``runtime.cpu_quota``). Default: this process's cgroup; None turns that off."""
 
     metrics_source: Callable[[], Mapping[str, Any]] | None = None

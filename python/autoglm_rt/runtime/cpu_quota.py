@@ -1,11 +1,15 @@
 """Thread counts that follow the process's CPU quota.
 
-A job whose cgroup grants it ``q`` cores gains nothing from more than ``floor(q)`` compute threads
+A job whose cgroup grants it ``q`` cores gains little from more than ``floor(q)`` compute threads
 (at least one): the extra threads only wait for quota and contend with each other (on this
 project's 2-core machines, 2 threads under a 1-core quota ran a step several times slower than
-1). torch does not read the quota, so the Runtime does: :class:`QuotaThreads` sets every thread
-count the Runtime chooses through one setter, capped at the quota's whole cores, and re-reads the
-quota at most every ``interval`` seconds so a scheduler that changes it mid-run is followed.
+1). Within a quarter core of the next whole core the extra thread pays: CFS throttles a group's
+threads together, so 2 threads under 1.75 cores run at 1.75 cores where 1 thread runs at 1 (a
+lone tenant under 1.75-1.9 cores went from 1.0 to 1.6-2.0 cores used). :func:`cores_cap` is that
+rule. torch does not read the quota, so the Runtime does: :class:`QuotaThreads` sets every thread
+count the Runtime chooses through one setter, capped at :func:`cores_cap` of the quota, and
+re-reads the quota at most every ``interval`` seconds so a scheduler that changes it mid-run is
+followed.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from autoglm_rt.runtime.pipeline import ThreadControl
 
 
 def cores_cap(quota: float | None) -> int | None:
-    """The thread cap for a quota of ``quota`` cores: its whole cores, at least 1 (None: no cap,
-    also for a quota that is not a finite positive number)."""
+    """The thread cap for a quota of ``quota`` cores: ``floor(quota + 0.25)``, its whole cores
+    with a quota within a quarter core of the next counting as it (1.75 -> 2, 1.5 -> 1), at
+    least 1 (None: no cap, also for a quota that is not a finite positive number)."""
     if quota is None or not isinstance(quota, (int, float)) or not math.isfinite(quota) or quota <= 0:
         return None
-    return max(1, math.floor(quota))
+    return max(1, math.floor(quota + 0.25))
 
 
 class QuotaThreads:

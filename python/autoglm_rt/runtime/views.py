@@ -55,7 +55,7 @@ class RuntimeViews:
     @property
     def threads(self) -> int | None:
         """The compute thread count the Runtime set: the step-time loop's choice within the CPU
-        quota's whole cores, or the quota's cap alone; None when it set none."""
+        quota's ``cores_cap``, or that cap alone; None when it set none."""
         quota = self.cpu_quota
         if quota is not None and (self.pipeline.threads is not None or quota.cap is not None):
             return quota.applied

@@ -97,8 +97,8 @@ def _loss(kind: str, log: Any) -> Any:
 
 def thread_count(quota: float | None, received: float) -> int:
     """Intra-op threads for a job with CPU quota ``quota`` (cores; None: no quota) that received
-    ``received`` cores over its last step: the whole cores of the quota, but no more than it
-    received rounded up with half a core to spare, and at least 1."""
+    ``received`` cores over its last step: :func:`~autoglm_rt.runtime.cpu_quota.cores_cap` of the
+    quota, but no more than it received rounded up with half a core to spare, and at least 1."""
     cap = cores_cap(quota) or os.cpu_count() or 1
     return max(1, min(cap, math.ceil(received + 0.5)))
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             threads_by_phase=False,
         ),
         precision_by_phase={},
-        # This job sets its own thread count each step (thread_count: the quota's whole cores, but
+        # This job sets its own thread count each step (thread_count: cores_cap of the quota, but
         # no more than the cores it received), so the Runtime's quota cap stays out of the way.
         hooks=Hooks(cpu_quota=None),
     )

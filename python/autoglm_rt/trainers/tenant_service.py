@@ -5,7 +5,7 @@ stdin (one line: the request id) with a forward pass, writing the id back on std
 
 Each request is real work (a no-grad forward of CharGPT on ``--batch`` sequences), so its
 response time reflects the CPU the service is given. Each request runs on as many intra-op
-threads as its cgroup's CPU quota has whole cores (at least 1; every core without a quota;
+threads as ``cores_cap`` of its cgroup's CPU quota grants (at least 1; every core without a quota;
 ``--threads N`` fixes it), read when the request arrives, so a quota raised for a burst is used at
 once. Exits at end of input.
 """
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=96)
     ap.add_argument("--passes", type=int, default=2, help="forward passes per request")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: the CPU quota's whole cores")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: cores_cap of the CPU quota")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
