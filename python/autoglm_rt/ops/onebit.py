@@ -52,6 +52,16 @@ def sign_message_sizes(numel: int, chunk: int) -> tuple[int, int]:
     return -(-numel // 8), -(-numel // chunk)
 
 
+def _message_outputs(
+    x: torch.Tensor, chunk: int, bits_out: object, scales_out: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's message buffers (checked to be tensors), or new ones sized for x on x's device."""
+    nbytes, nchunks = sign_message_sizes(x.numel(), chunk)
+    bits = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if bits_out is None else bits_out
+    scales = torch.empty(nchunks, dtype=torch.float32, device=x.device) if scales_out is None else scales_out
+    return require_tensor("bits_out", bits), require_tensor("scales_out", scales)
+
+
 def sign_compress(
     x: torch.Tensor,
     error: torch.Tensor | None,
@@ -82,15 +92,7 @@ def sign_compress(
     if error is not None:
         error = require_tensor("error", error)
     chunk = _require_chunk(chunk)
-    nbytes, nchunks = sign_message_sizes(x.numel(), chunk)
-    if bits_out is None:
-        bits_out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-    else:
-        bits_out = require_tensor("bits_out", bits_out)
-    if scales_out is None:
-        scales_out = torch.empty(nchunks, dtype=torch.float32, device=x.device)
-    else:
-        scales_out = require_tensor("scales_out", scales_out)
+    bits_out, scales_out = _message_outputs(x, chunk, bits_out, scales_out)
     _C.sign_compress(x, error, chunk, bits_out, scales_out, stream_of(x))
     return bits_out, scales_out
 
@@ -186,15 +188,7 @@ def onebit_adam_compress(
     error = require_tensor("error", error)
     beta1 = _require_beta1(beta1)
     chunk = _require_chunk(chunk)
-    nbytes, nchunks = sign_message_sizes(g.numel(), chunk)
-    if bits_out is None:
-        bits_out = torch.empty(nbytes, dtype=torch.uint8, device=g.device)
-    else:
-        bits_out = require_tensor("bits_out", bits_out)
-    if scales_out is None:
-        scales_out = torch.empty(nchunks, dtype=torch.float32, device=g.device)
-    else:
-        scales_out = require_tensor("scales_out", scales_out)
+    bits_out, scales_out = _message_outputs(g, chunk, bits_out, scales_out)
     sq_bits = None
     if sq_norm_out is not None:
         sq_norm_out = require_tensor("sq_norm_out", sq_norm_out)
