@@ -194,6 +194,36 @@ def test_dynamic_preempts_the_lowest_score_for_an_urgent_job_and_gives_a_busy_se
     assert plan.cpu_weights == {"svc": 10000, "mid": 100}
 
 
+def test_an_urgent_job_short_only_of_a_slot_pauses_its_victim_which_resumes_first() -> None:
+    cfg = PlannerConfig(memory=4096 * MiB, cores=2.0, max_running=2)  # memory is plenty
+    low = job("low", 0.0, running=True, limit=300 * MiB, urgency=0.1)
+    mid = job("mid", 0.0, running=True, limit=300 * MiB, urgency=0.3)
+    urgent = job("urgent", 5.0, urgency=0.9)
+    plan = plan_dynamic([low, mid, urgent], cfg, now=5.0)
+    # The lowest score is held in place: no stop, its memory kept, the minimum CPU quota.
+    assert plan.pause == ["low"] and plan.preempt == [] and plan.admit == ["urgent"]
+    assert plan.cpus["low"] == cfg.paused_cores and plan.cpu_weights["low"] == 1
+    assert plan.memory["low"] >= int(250 * MiB * (1 + cfg.headroom))
+    assert plan.cpus["mid"] > cfg.paused_cores and plan.cpus["urgent"] > cfg.paused_cores
+    # While the slots stay full it stays paused; another urgent job pauses a running one, not it.
+    held = job("low", 0.0, running=True, limit=300 * MiB, urgency=0.1, paused=True)
+    running_urgent = job("urgent", 5.0, running=True, limit=300 * MiB, urgency=0.9)
+    second = job("second", 6.0, urgency=0.95)
+    plan = plan_dynamic([held, mid, running_urgent, second], cfg, now=6.0)
+    assert plan.pause == ["mid"] and plan.admit == ["second"] and plan.preempt == []
+    assert plan.cpus["low"] == cfg.paused_cores and plan.cpus["mid"] == cfg.paused_cores
+    # A slot frees (mid is gone): the paused job resumes before a waiting job of higher score.
+    newcomer = job("new", 7.0, urgency=0.5)
+    plan = plan_dynamic([held, running_urgent, newcomer], cfg, now=8.0)
+    assert plan.admit == ["low"] and plan.pause == [] and plan.cpus["low"] > cfg.paused_cores
+    # Short of memory as well: the victim is stopped and requeued, which frees its memory.
+    tight = PlannerConfig(memory=700 * MiB, cores=2.0, max_running=2)
+    plan = plan_dynamic([low, mid, urgent], tight, now=5.0)
+    assert plan.preempt == ["low"] and plan.pause == [] and plan.admit == ["urgent"]
+    with pytest.raises(ValueError, match="paused_cores must be > 0"):
+        PlannerConfig(memory=MiB, cores=1.0, paused_cores=0.0)
+
+
 def test_trace_file_errors_name_row_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "t.csv"
     bad.write_text("arrival_s,duration_s,cpus,memory_mib,gpus,qos\n0,10,1,100,0,gold\n")

@@ -9,22 +9,24 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
   partition sized by its request, first come first served, no resize; jobs run as today's jobs do
   (``--fixed``: no micro-batch adaptation). A job whose input grows past its partition is
   OOM-killed by the kernel and fails.
-- **dynamic** (:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`): every ``tick`` seconds memory
-  limits and CPU quotas are re-divided (phase share, priority score, preemption, headroom over
-  each job's floor); a limit is lowered by announcing it (the cgroup's memory target) and
-  enforcing it once the job's peak is under it, and jobs adapt their micro-batch to it
+- **dynamic** (:func:`~autoglm_rt.policy.scheduler.dynamic_plan.plan_dynamic`): every ``tick``
+  seconds memory limits and CPU quotas are re-divided (phase share, priority score, preemption,
+  headroom over each job's floor; an urgent job blocked only by the running-job cap pauses its
+  victim in place, memory kept and CPU quota at the minimum, and the victim resumes when a slot
+  frees); a limit is lowered by announcing it (the cgroup's memory target) and enforcing it once
+  the job's peak is under it, and jobs adapt their micro-batch to it
   (``Runtime(pool=CgroupMemory.own())``). A request gives the service every core and the top
   weight at once, and the training jobs yield (:class:`TrainingYield`) until it is answered; the
-  service runs each request on the whole cores of its quota (static: its 0.5-core partition, one
+  service runs each request on ``cores_cap`` of its quota (static: its 0.5-core partition, one
   thread).
 
 Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
 answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),
 ``memory_utilization`` = mean over samples of the tenants' summed usage / ``memory``,
 ``oom_kills`` (the groups' kernel counters), ``jobs_failed``, ``jobs``, ``makespan_seconds``
-(first arrival to last training job done) and ``samples_per_second`` (training samples of
-succeeded jobs / makespan). Without a writable cgroup hierarchy the comparison cannot enforce
-anything and says so (``enforcement: none``).
+(first arrival to last training job done), ``samples_per_second`` (training samples of
+succeeded jobs / makespan) and ``preemptions`` (stops and pauses). Without a writable cgroup
+hierarchy the comparison cannot enforce anything and says so (``enforcement: none``).
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def make_trace(w: Workload) -> list[Arrival]:
 class _Tenant:
     arrival: Arrival
     job: JobKind
-    state: str = "pending"  # pending | running | stopping | succeeded | failed
+    state: str = "pending"  # pending | running | paused | stopping | succeeded | failed
     proc: subprocess.Popen[bytes] | None = None
     group: JobGroup | None = None
     attempt: int = 0
@@ -453,12 +455,12 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 rid, at = answers.get()
                 answered[rid] = at
             for t in tenants.values():
-                if t.state in ("running", "stopping") and t.proc is not None and t.proc.poll() is not None:
+                if t.state in ("running", "paused", "stopping") and t.proc is not None and t.proc.poll() is not None:
                     finish(t, now)
             arrived = [t for t in tenants.values() if t.arrival.at <= now]
             views = []
             for t in arrived:
-                if t.state not in ("pending", "running", "stopping"):
+                if t.state not in ("pending", "running", "paused", "stopping"):
                     continue
                 st = _status(work / t.arrival.name / "status.json") if t.state != "pending" else {}
                 usage = peak = 0
@@ -479,6 +481,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         t.arrival.at,
                         running=t.state != "pending",
                         preemptible=t.state == "running",
+                        paused=t.state == "paused",
                         phase=str(st.get("phase", "initial")),
                         usage=usage,
                         peak=peak,
@@ -510,12 +513,21 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                     t.proc.send_signal(signal.SIGTERM)
                     t.state = "stopping"
                     t.preemptions += 1
+            for name in plan.pause:  # held in place: its quota drops to the plan's below
+                t = tenants[name]
+                if t.state == "running":
+                    t.state = "paused"
+                    t.preemptions += 1
+                    say(f"{mode}: {name} paused in place")
             for name in plan.admit:
                 if name in tenants and tenants[name].state == "pending":
                     spawn(tenants[name])
+                elif name in tenants and tenants[name].state == "paused":
+                    tenants[name].state = "running"
+                    say(f"{mode}: {name} resumed")
             for name, limit in plan.memory.items():
                 t = tenants.get(name)  # type: ignore[assignment]
-                if t is not None and t.state == "running" and t.group is not None:
+                if t is not None and t.state in ("running", "paused") and t.group is not None:
                     try:
                         apply_limits(t, limit, plan.cpus[name], now)
                         if name in plan.cpu_weights:
@@ -538,7 +550,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             }
             sample["service_usage"] = service_group.memory_usage()
             for t in tenants.values():
-                if t.group is not None and t.state in ("running", "stopping"):
+                if t.group is not None and t.state in ("running", "paused", "stopping"):
                     with contextlib.suppress(ResourceError):
                         sample["jobs"][t.arrival.name] = {
                             "usage": t.group.memory_usage(),

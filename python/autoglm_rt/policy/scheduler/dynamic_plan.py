@@ -18,35 +18,51 @@ def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float)
     - memory: a running job wants its phase share of its request, never below its floor plus
       headroom, and ``peak * grow_by`` when its peak presses on its limit; pending jobs are
       admitted by score while their floor-plus-headroom fits; an urgent one that does not fit
-      preempts the lowest-scored preemptible jobs; what is left is spread as headroom;
+      preempts the lowest-scored preemptible jobs: paused in place when only ``max_running``
+      stands in its way (memory fits), stopped and requeued when memory is short; paused jobs
+      resume first when a slot frees; what is left is spread as headroom;
     - CPU: see :func:`~autoglm_rt.policy.scheduler.cpu_plan.plan_cpus`.
     """
     plan = ResourcePlan()
     running = [t for t in tenants if t.running]
     want = {t.name: memory_want(t, cfg) for t in running}
-    n_train = sum(1 for t in running if t.kind == "training")
-    pending = sorted((t for t in tenants if not t.running), key=lambda t: (-tenant_score(t, cfg, now), t.name))
-    for t in pending:
+    n_train = sum(1 for t in running if t.kind == "training" and not t.paused)
+    # Paused jobs first (their memory is already held and their work half done), then by score.
+    waiting = [t for t in tenants if not t.running or t.paused]
+    waiting.sort(key=lambda t: (not t.paused, -tenant_score(t, cfg, now), t.name))
+    for t in waiting:
+        if t.paused:  # resumes as soon as a slot is free
+            if n_train < cfg.max_running:
+                plan.admit.append(t.name)
+                n_train += 1
+            continue
         need = memory_floor(t, cfg)
         committed = sum(memory_floor(r, cfg) for r in running if r.name not in plan.preempt) + sum(
-            memory_floor(x, cfg) for x in tenants if x.name in plan.admit
+            memory_floor(x, cfg) for x in tenants if x.name in plan.admit and not x.running
         )
-        if t.kind == "training" and n_train >= cfg.max_running and t.urgency < cfg.preempt_urgency:
+        slots_full = t.kind == "training" and n_train >= cfg.max_running
+        if slots_full and t.urgency < cfg.preempt_urgency:
             continue
-        if committed + need > cfg.memory or (t.kind == "training" and n_train >= cfg.max_running):
+        if committed + need > cfg.memory or slots_full:
             if t.urgency < cfg.preempt_urgency:
                 continue
-            chosen = _victims(t, running, plan.preempt, committed, n_train, cfg, now)
+            chosen = _victims(t, running, [*plan.preempt, *plan.pause], committed, n_train, cfg, now)
             if chosen is None:
                 continue
-            plan.preempt.extend(c.name for c in chosen)
+            if committed + need <= cfg.memory:  # only the slots are short: pause, nothing to redo
+                plan.pause.extend(c.name for c in chosen)
+            else:
+                plan.preempt.extend(c.name for c in chosen)
             n_train -= len(chosen)
         plan.admit.append(t.name)
         want[t.name] = memory_want(t, cfg)
         n_train += t.kind == "training"
     live = [t for t in tenants if (t.running and t.name not in plan.preempt) or t.name in plan.admit]
     plan.memory = fit_memory(live, want, cfg)
-    plan.cpus, plan.cpu_weights = plan_cpus(live, cfg)
+    paused = {t.name for t in live if (t.paused and t.name not in plan.admit) or t.name in plan.pause}
+    plan.cpus, plan.cpu_weights = plan_cpus([t for t in live if t.name not in paused], cfg)
+    for name in paused:
+        plan.cpus[name], plan.cpu_weights[name] = cfg.paused_cores, 1
     return plan
 
 
@@ -68,6 +84,7 @@ def _victims(
             r
             for r in running
             if r.preemptible
+            and not r.paused
             and r.kind == "training"
             and r.name not in already
             and tenant_score(r, cfg, now) + 0.05 < score

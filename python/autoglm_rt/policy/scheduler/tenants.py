@@ -30,7 +30,8 @@ class PlannerConfig:
     ``1 + urgency_cpu_weight x urgency``, at least ``min_training_cores`` each) and may use what
     the others leave idle. ``max_running``:
     training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
-    lower-scored running jobs when it does not fit."""
+    lower-scored running jobs when it does not fit. ``paused_cores``: the CPU quota of a job
+    paused in place (1 ms per 100 ms period: the kernel's minimum)."""
 
     memory: int
     cores: float
@@ -47,6 +48,7 @@ class PlannerConfig:
     max_running: int = 4
     preempt_urgency: float = 0.8
     aging_rate: float = 0.01
+    paused_cores: float = 0.01
 
     def __post_init__(self) -> None:
         if self.memory <= 0 or not (math.isfinite(self.cores) and self.cores > 0):
@@ -57,6 +59,8 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig: urgency_cpu_weight must be >= 0, got {self.urgency_cpu_weight}")
         if not (math.isfinite(self.serving_training_cores) and self.serving_training_cores > 0):
             raise ValueError(f"PlannerConfig: serving_training_cores must be > 0, got {self.serving_training_cores}")
+        if not (math.isfinite(self.paused_cores) and self.paused_cores > 0):
+            raise ValueError(f"PlannerConfig: paused_cores must be > 0, got {self.paused_cores}")
         busy = self.service_cores_busy
         if busy is not None and not (math.isfinite(busy) and busy > 0):
             raise ValueError(f"PlannerConfig: service_cores_busy must be > 0 or None, got {busy}")
@@ -79,7 +83,9 @@ class TenantState:
     partition). ``floor_memory``: its working set at the smallest micro-batch (never pushed below).
     ``peak``/``usage``/``limit``: measured, for running tenants; ``peak`` should be the highest
     over the last few seconds (several steps), not one instant. ``cpu_used``: cores it used over
-    the last control period (from its group's CPU accounting; 0 when unknown)."""
+    the last control period (from its group's CPU accounting; 0 when unknown). ``paused``: a
+    running job held in place by a :attr:`ResourcePlan.pause` (process and memory kept, minimal
+    CPU); it counts as running for memory, not for ``max_running``."""
 
     name: str
     kind: str = "training"
@@ -96,16 +102,20 @@ class TenantState:
     peak: int = 0
     limit: int | None = None
     cpu_used: float = 0.0
+    paused: bool = False
 
 
 @dataclass
 class ResourcePlan:
-    """What to do now: start ``admit`` (in order), stop ``preempt`` (checkpoint and requeue), and
-    give every running or admitted tenant ``memory[name]`` bytes, ``cpus[name]`` cores and (dynamic
-    only) ``cpu_weights[name]``, its priority on contended cores."""
+    """What to do now: start ``admit`` (in order; a paused job in it resumes), stop ``preempt``
+    (checkpoint and requeue), hold ``pause`` in place (dynamic only: process and memory kept, CPU
+    quota ``paused_cores``, nothing to redo on resume), and give every running or admitted tenant
+    ``memory[name]`` bytes, ``cpus[name]`` cores and (dynamic only) ``cpu_weights[name]``, its
+    priority on contended cores."""
 
     admit: list[str] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
+    pause: list[str] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     cpus: dict[str, float] = field(default_factory=dict)
     cpu_weights: dict[str, int] = field(default_factory=dict)  # 100: the default; higher runs first
