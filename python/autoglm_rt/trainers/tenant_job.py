@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         start = state["step"]
     log = open(args.samples_log, "a") if args.samples_log else None  # noqa: SIM115
     status = Path(args.status) if args.status else None
-    # One thread unless the quota grants whole cores and the job really gets them: on a shared box
+    # One thread unless cores_cap of the quota allows more and the job really gets them: on a shared box
     # more threads than the cores a job receives only contend (measured here: 2 threads ran a step
     # 9x slower than 1 under load).
     torch.set_num_threads(1)
