@@ -5,6 +5,7 @@ trace reports OOM failures only where static partitions are outgrown."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -366,3 +367,22 @@ def test_the_live_service_starts_a_second_thread_only_when_its_quota_grants_two_
             group.remove()
     assert tasks[0.5][1] == tasks[0.5][0]  # one intra-op thread: no pool started
     assert tasks[2.0][1] > tasks[2.0][0]  # the request ran on a second thread
+
+
+@pytest.mark.cgroup
+def test_a_live_run_reports_the_work_its_groups_did_and_each_jobs_progress(tmp_path: Path) -> None:
+    w = mt.Workload(training_jobs=1, request_window=2.0, seed=1)  # one cnn-s job and three requests
+    assert [a.kind for a in mt.make_trace(w) if a.kind != "request"] == ["cnn-s"]
+    r = mt.run_mode("dynamic", w, tmp_path)
+    assert r.jobs_failed == 0 and r.requests_answered == r.requests == 3
+    steps = int(next(a for a in mt.CATALOG["cnn-s"].args if a.startswith("--steps="))[len("--steps=") :])
+    progress = [s["jobs"]["train0"] for s in r.timeline if "step" in s["jobs"].get("train0", {})]
+    seen = [p["step"] for p in progress]
+    assert seen and seen == sorted(seen) and 1 <= seen[-1] <= steps
+    assert all(p["micro_batch"] >= 1 and p["threads"] >= 1 for p in progress)
+    # The sampled rates integrate to at most what the group's accounting says it used in all.
+    integral = sum(
+        b["jobs"].get("train0", {}).get("cpu_used", 0.0) * (b["t"] - a["t"]) for a, b in itertools.pairwise(r.timeline)
+    )
+    assert 1.0 < r.training_cpu_seconds <= w.cores * r.makespan_seconds + 1.0  # an interpreter, torch, 30 steps
+    assert integral <= r.training_cpu_seconds * 1.05 + 0.1

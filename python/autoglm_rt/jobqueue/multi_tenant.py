@@ -25,7 +25,10 @@ answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x mak
 ``memory_utilization`` = mean over samples of the tenants' summed usage / ``memory``,
 ``oom_kills`` (the groups' kernel counters), ``jobs_failed``, ``jobs``, ``makespan_seconds``
 (first arrival to last training job done), ``samples_per_second`` (training samples of
-succeeded jobs / makespan) and ``preemptions`` (stops and pauses). Without a writable cgroup
+succeeded jobs / makespan), ``preemptions`` (stops and pauses) and ``training_cpu_seconds`` (the
+training groups' CPU time: the work each mode did, up to the kill for a failed job; the
+makespan is read beside it). Each timeline sample keeps a job's step, micro-batch and threads
+from its status file. Without a writable cgroup
 hierarchy the comparison cannot enforce anything and says so (``enforcement: none``).
 """
 
@@ -266,7 +269,12 @@ class ModeResult:
     preemptions: int
     service_on_cpu_seconds: float = math.nan  # mean per request: the service's own CPU time
     service_queue_seconds: float = math.nan  # mean per request: its time runnable but not running
+    training_cpu_seconds: float = 0.0  # all training groups' CPU time, failed and preempted attempts too
     timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: What the timeline keeps of a job's status file (see ``tenant_job --status``).
+_STATUS_KEYS = ("step", "micro_batch", "threads")
 
 
 def _status(path: Path) -> dict[str, Any]:
@@ -340,7 +348,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             with service_lock:
                 yielding.answered(rid)  # the last one in flight: training gets its plan back
 
-    threading.Thread(target=reader, daemon=True).start()
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
     answered: dict[str, float] = {}
     timeline: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -458,6 +467,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 if t.state in ("running", "paused", "stopping") and t.proc is not None and t.proc.poll() is not None:
                     finish(t, now)
             arrived = [t for t in tenants.values() if t.arrival.at <= now]
+            statuses: dict[str, dict[str, Any]] = {}
             views = []
             for t in arrived:
                 if t.state not in ("pending", "running", "paused", "stopping"):
@@ -470,6 +480,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         t.peaks.append((now, t.group.memory_peak()))
                         peak = t.recent_peak(now)
                         t.cpu_used, t.cpu_mark = _cpu_rate(t.cpu_mark, now, t.group.cpu_seconds())
+                statuses[t.arrival.name] = st
                 views.append(
                     TenantState(
                         t.arrival.name,
@@ -557,6 +568,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                             "limit": t.group.memory_limit(),
                             "cpus": t.group.cpu_quota(),
                             "cpu_used": round(t.cpu_used, 3),
+                            **{k: v for k, v in statuses.get(t.arrival.name, {}).items() if k in _STATUS_KEYS},
                         }
             sample["ooms"] = [
                 t.arrival.name
@@ -577,6 +589,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         svc_cpu = service_group.cpu_seconds() - svc_cpu0
         with service_lock:
             with_suppress_stdin_close(service)
+        reading.join(timeout=5)  # the service has exited: its output ends
+        if not reading.is_alive():
+            service.stdout.close()
         for t in tenants.values():
             if t.proc is not None and t.proc.poll() is None:
                 t.proc.kill()
@@ -608,6 +623,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         preemptions=sum(t.preemptions for t in tenants.values()),
         service_on_cpu_seconds=statistics.fmean(u[0] for u in sched_used.values()) if sched_used else math.nan,
         service_queue_seconds=statistics.fmean(u[1] for u in sched_used.values()) if sched_used else math.nan,
+        training_cpu_seconds=sum(t.cpu_seconds for t in tenants.values()),
         timeline=timeline,
     )
 
@@ -676,6 +692,7 @@ def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None]
                 "preemptions": r.preemptions,
                 "service_on_cpu_seconds": r.service_on_cpu_seconds,
                 "service_queue_seconds": r.service_queue_seconds,
+                "training_cpu_seconds": r.training_cpu_seconds,
             }
             doc.setdefault("timeline", {})[mode] = r.timeline
     finally:
@@ -712,6 +729,12 @@ def format_comparison(doc: dict[str, Any]) -> str:
         ("OOM kills", f"{s['oom_kills']}", f"{d['oom_kills']}", "target: > 0 / 0"),
         ("jobs failed", f"{s['jobs_failed']}/{s['jobs']}", f"{d['jobs_failed']}/{d['jobs']}", "4.2% / 0.7%"),
         ("training makespan", f"{s['makespan_seconds']:.1f} s", f"{d['makespan_seconds']:.1f} s", "target <= 1.0x"),
+        (
+            "training CPU-seconds",
+            f"{s['training_cpu_seconds']:.1f}",
+            f"{d['training_cpu_seconds']:.1f}",
+            "the work done: a failed job's ends where it was killed",
+        ),
         ("training samples/s", f"{s['samples_per_second']:.1f}", f"{d['samples_per_second']:.1f}", ""),
         ("preemptions", f"{s['preemptions']}", f"{d['preemptions']}", ""),
     ]
