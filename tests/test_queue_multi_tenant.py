@@ -225,6 +225,33 @@ def test_an_urgent_job_short_only_of_a_slot_pauses_its_victim_which_resumes_firs
         PlannerConfig(memory=MiB, cores=1.0, paused_cores=0.0)
 
 
+def test_the_victim_is_the_lowest_mission_score_then_the_job_nearest_its_end() -> None:
+    cfg = PlannerConfig(memory=4096 * MiB, cores=2.0, max_running=3)  # memory is plenty
+    # Equal mission scores; aging alone would rank the newest ("new") lowest.
+    old = job("old", 0.0, running=True, limit=300 * MiB, progress=0.2)
+    near = job("near", 4.0, running=True, limit=300 * MiB, progress=0.8)
+    new = job("new", 8.0, running=True, limit=300 * MiB, progress=0.0)
+    urgent = job("urgent", 9.0, urgency=0.9)
+    plan = plan_dynamic([old, near, new, urgent], cfg, now=9.0)
+    assert plan.pause == ["near"] and plan.admit == ["urgent"]
+    # A job that has done all its steps is ending: the next nearest goes instead.
+    done = job("near", 4.0, running=True, limit=300 * MiB, progress=1.0)
+    assert plan_dynamic([old, done, new, urgent], cfg, now=9.0).pause == ["old"]
+    # Unknown progress counts as none done; a lower mission score still goes first.
+    unknown = job("near", 4.0, running=True, limit=300 * MiB)
+    assert plan_dynamic([old, unknown, new, urgent], cfg, now=9.0).pause == ["old"]
+    low = job("new", 8.0, running=True, limit=300 * MiB, progress=0.0, urgency=0.1)
+    assert plan_dynamic([old, near, low, urgent], cfg, now=9.0).pause == ["new"]
+
+
+def test_the_live_progress_is_read_from_valid_status_steps_only() -> None:
+    assert mt._progress({"step": 5, "steps": 20}) == 0.25
+    assert mt._progress({"step": 20, "steps": 20}) == 1.0
+    for bad in ({}, {"step": 5}, {"step": "5", "steps": 20}, {"step": True, "steps": 20}, {"step": 21, "steps": 20}):
+        assert mt._progress(bad) is None
+    assert mt._progress({"step": -1, "steps": 20}) is None and mt._progress({"step": 0, "steps": 0}) is None
+
+
 def test_trace_file_errors_name_row_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "t.csv"
     bad.write_text("arrival_s,duration_s,cpus,memory_mib,gpus,qos\n0,10,1,100,0,gold\n")

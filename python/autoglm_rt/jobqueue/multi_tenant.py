@@ -277,6 +277,15 @@ class ModeResult:
 _STATUS_KEYS = ("step", "micro_batch", "threads")
 
 
+def _progress(status: dict[str, Any]) -> float | None:
+    """``step / steps`` from a job's status, or None unless both are ints with 0 <= step <= steps > 0."""
+    step, steps = status.get("step"), status.get("steps")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, steps)):
+        return None
+    assert isinstance(step, int) and isinstance(steps, int)
+    return step / steps if 0 <= step <= steps and steps > 0 else None
+
+
 def _status(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -494,6 +503,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         preemptible=t.state == "running",
                         paused=t.state == "paused",
                         phase=str(st.get("phase", "initial")),
+                        progress=_progress(st),
                         usage=usage,
                         peak=peak,
                         limit=t.hard_limit,

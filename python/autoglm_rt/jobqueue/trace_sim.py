@@ -281,4 +281,5 @@ def _state(j: SimJob, mode: str) -> TenantState:
         peak=j.working_set() if running else 0,
         limit=j.limit if running else None,
         cpu_used=j.extra.get("cpus", 0.0) if running else 0.0,
+        progress=min(1.0, j.done / j.duration) if running else None,
     )

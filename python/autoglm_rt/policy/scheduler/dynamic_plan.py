@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from autoglm_rt.policy.scheduler.cpu_plan import plan_cpus
 from autoglm_rt.policy.scheduler.memory_plan import fit_memory, memory_floor, memory_want
-from autoglm_rt.policy.scheduler.tenants import PlannerConfig, ResourcePlan, TenantState, tenant_score
+from autoglm_rt.policy.scheduler.tenants import PlannerConfig, ResourcePlan, TenantState, base_score, tenant_score
 
 __all__ = ["plan_dynamic"]
 
@@ -18,7 +18,7 @@ def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float)
     - memory: a running job wants its phase share of its request, never below its floor plus
       headroom, and ``peak * grow_by`` when its peak presses on its limit; pending jobs are
       admitted by score while their floor-plus-headroom fits; an urgent one that does not fit
-      preempts the lowest-scored preemptible jobs: paused in place when only ``max_running``
+      preempts the lowest-scored preemptible jobs (:func:`_victims`): paused in place when only ``max_running``
       stands in its way (memory fits), stopped and requeued when memory is short; paused jobs
       resume first when a slot frees; what is left is spread as headroom;
     - CPU: see :func:`~autoglm_rt.policy.scheduler.cpu_plan.plan_cpus`.
@@ -76,7 +76,13 @@ def _victims(
     now: float,
 ) -> list[TenantState] | None:
     """The lowest-scored preemptible training jobs (score below ``t``'s by 0.05) whose floors,
-    once freed, let ``t`` fit in memory and under ``max_running``; None if no such set exists."""
+    once freed, let ``t`` fit in memory and under ``max_running``; None if no such set exists.
+
+    Victims go by the mission's score without aging (aging keeps a *waiting* job from starving;
+    how long a running job has been in the system says nothing about what preempting it costs);
+    among equal scores, the one nearest its end goes first: it has the most slack before the
+    last job ends, and a pause delays any job's completion by the same time. A job that has done
+    all its steps is ending and frees its slot by itself: it is never chosen."""
     need = memory_floor(t, cfg)
     score = tenant_score(t, cfg, now)
     victims = sorted(
@@ -87,9 +93,10 @@ def _victims(
             and not r.paused
             and r.kind == "training"
             and r.name not in already
+            and (r.progress is None or r.progress < 1.0)
             and tenant_score(r, cfg, now) + 0.05 < score
         ),
-        key=lambda r: tenant_score(r, cfg, now),
+        key=lambda r: (round(base_score(r, cfg), 9), -(r.progress or 0.0), r.name),
     )
 
     def fits(chosen: list[TenantState]) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from autoglm_rt.policy.scheduler.score import mission_score
 
-__all__ = ["PHASE_SHARES", "PlannerConfig", "ResourcePlan", "TenantState", "tenant_score"]
+__all__ = ["PHASE_SHARES", "PlannerConfig", "ResourcePlan", "TenantState", "base_score", "tenant_score"]
 
 #: Share of a job's requested memory its limit follows in each phase (the mission's rule).
 PHASE_SHARES: dict[str, float] = {"initial": 0.9, "convergence": 0.6, "fine_tuning": 0.3}
@@ -85,7 +85,8 @@ class TenantState:
     over the last few seconds (several steps), not one instant. ``cpu_used``: cores it used over
     the last control period (from its group's CPU accounting; 0 when unknown). ``paused``: a
     running job held in place by a :attr:`ResourcePlan.pause` (process and memory kept, minimal
-    CPU); it counts as running for memory, not for ``max_running``."""
+    CPU); it counts as running for memory, not for ``max_running``. ``progress``: the share of
+    its steps a running job has done (0..1, from its status; None: unknown)."""
 
     name: str
     kind: str = "training"
@@ -103,6 +104,7 @@ class TenantState:
     limit: int | None = None
     cpu_used: float = 0.0
     paused: bool = False
+    progress: float | None = None
 
 
 @dataclass
@@ -123,5 +125,10 @@ class ResourcePlan:
 
 def tenant_score(t: TenantState, cfg: PlannerConfig, now: float) -> float:
     """The mission's score (as :meth:`PriorityScheduler.base_score`, dependencies met) plus aging."""
+    return base_score(t, cfg) + cfg.aging_rate * max(0.0, now - t.submitted_at)
+
+
+def base_score(t: TenantState, cfg: PlannerConfig) -> float:
+    """The mission's score alone (urgency and resource ratio; dependencies met), without aging."""
     ratio = max(t.request_memory / cfg.memory, t.request_cpus / cfg.cores)
-    return mission_score(t.urgency, ratio) + cfg.aging_rate * max(0.0, now - t.submitted_at)
+    return mission_score(t.urgency, ratio)
