@@ -280,10 +280,9 @@ _STATUS_KEYS = ("step", "micro_batch", "threads")
 def _progress(status: dict[str, Any]) -> float | None:
     """``step / steps`` from a job's status, or None unless both are ints with 0 <= step <= steps > 0."""
     step, steps = status.get("step"), status.get("steps")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, steps)):
+    if type(step) is not int or type(steps) is not int or not 0 <= step <= steps or steps == 0:
         return None
-    assert isinstance(step, int) and isinstance(steps, int)
-    return step / steps if 0 <= step <= steps and steps > 0 else None
+    return step / steps
 
 
 def _status(path: Path) -> dict[str, Any]:

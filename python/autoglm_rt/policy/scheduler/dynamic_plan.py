@@ -18,9 +18,9 @@ def plan_dynamic(tenants: Sequence[TenantState], cfg: PlannerConfig, now: float)
     - memory: a running job wants its phase share of its request, never below its floor plus
       headroom, and ``peak * grow_by`` when its peak presses on its limit; pending jobs are
       admitted by score while their floor-plus-headroom fits; an urgent one that does not fit
-      preempts the lowest-scored preemptible jobs (:func:`_victims`): paused in place when only ``max_running``
-      stands in its way (memory fits), stopped and requeued when memory is short; paused jobs
-      resume first when a slot frees; what is left is spread as headroom;
+      preempts the lowest-scored preemptible jobs (:func:`_victims`): paused in place when only
+      ``max_running`` stands in its way (memory fits), stopped and requeued when memory is short;
+      paused jobs resume first when a slot frees; what is left is spread as headroom;
     - CPU: see :func:`~autoglm_rt.policy.scheduler.cpu_plan.plan_cpus`.
     """
     plan = ResourcePlan()
