@@ -19,10 +19,22 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "multi_tenant_cpu.json"
+
+
+def periods(doc: dict[str, Any], mode: str) -> Iterator[tuple[float, float, dict[str, Any]]]:
+    """``(t, dt, sample)`` for every sample after the first: the period ending at ``t`` and the
+    rates the sample holds for it."""
+    prev: float | None = None
+    for sample in doc["timeline"][mode]:
+        t = float(sample["t"])
+        if prev is not None:
+            yield t, t - prev, sample
+        prev = t
 
 
 def account(doc: dict[str, Any], mode: str) -> dict[str, float]:
@@ -30,17 +42,13 @@ def account(doc: dict[str, Any], mode: str) -> dict[str, float]:
     cores = float(doc["workload"]["cores"])
     end = float(doc[mode]["makespan_seconds"])
     train = service = idle = 0.0
-    prev: float | None = None
-    for sample in doc["timeline"][mode]:
-        t = float(sample["t"])
-        if prev is not None and t <= end + 0.5:
-            dt = t - prev
+    for t, dt, sample in periods(doc, mode):
+        if t <= end + 0.5:
             used = sum(float(j["cpu_used"]) for j in sample["jobs"].values())
             svc = float(sample.get("service_cpu_used", 0.0))
             train += used * dt
             service += svc * dt
             idle += max(0.0, cores - used - svc) * dt
-        prev = t
     return {
         "makespan_seconds": end,
         "training_cpu_seconds": train,
@@ -52,13 +60,9 @@ def account(doc: dict[str, Any], mode: str) -> dict[str, float]:
 def job_cpu_seconds(doc: dict[str, Any], mode: str) -> dict[str, float]:
     """Each training job's CPU-seconds in ``mode``, from the timeline's rates."""
     out: dict[str, float] = {}
-    prev: float | None = None
-    for sample in doc["timeline"][mode]:
-        t = float(sample["t"])
-        if prev is not None:
-            for name, j in sample["jobs"].items():
-                out[name] = out.get(name, 0.0) + float(j["cpu_used"]) * (t - prev)
-        prev = t
+    for _, dt, sample in periods(doc, mode):
+        for name, j in sample["jobs"].items():
+            out[name] = out.get(name, 0.0) + float(j["cpu_used"]) * dt
     return out
 
 
