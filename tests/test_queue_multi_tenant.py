@@ -361,7 +361,7 @@ def test_the_service_runs_on_the_whole_cores_of_its_quota() -> None:
 
 @pytest.mark.cgroup
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a second thread")
-def test_the_live_service_starts_a_second_thread_only_when_its_quota_grants_two_cores() -> None:
+def test_the_live_service_starts_a_second_worker_only_when_its_quota_grants_two_cores() -> None:
     import subprocess
     import sys
 
@@ -374,11 +374,11 @@ def test_the_live_service_starts_a_second_thread_only_when_its_quota_grants_two_
         try:
             group.set_cpu_quota(quota)
             with subprocess.Popen(
-                [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", "--passes=1"],
+                [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", "--passes=2"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "PYTHONPATH": str(root / "python")},
+                env={**os.environ, "PYTHONPATH": str(root / "python"), "OMP_NUM_THREADS": "1"},
                 preexec_fn=lambda g=group: g.add(os.getpid()),  # type: ignore[misc]
             ) as proc:
                 assert proc.stdin is not None and proc.stdout is not None
@@ -392,8 +392,34 @@ def test_the_live_service_starts_a_second_thread_only_when_its_quota_grants_two_
                 assert proc.wait(timeout=30) == 0
         finally:
             group.remove()
-    assert tasks[0.5][1] == tasks[0.5][0]  # one intra-op thread: no pool started
-    assert tasks[2.0][1] > tasks[2.0][0]  # the request ran on a second thread
+    assert tasks[0.5][1] == tasks[0.5][0]  # one worker: the request ran on the main thread alone
+    assert tasks[2.0][1] == tasks[2.0][0] + 1  # one helper thread for the second pass, no intra-op pool
+
+
+@pytest.mark.parametrize("passes", [1, 2, 7, 8, 9])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3, 16])
+def test_a_requests_passes_are_split_evenly_over_its_workers(passes: int, workers: int) -> None:
+    from autoglm_rt.trainers.tenant_service import split_passes
+
+    parts = split_passes(passes, workers)
+    assert sum(parts) == passes
+    assert len(parts) == max(1, min(passes, workers))
+    assert max(parts) - min(parts) <= 1 and parts == sorted(parts, reverse=True) and min(parts) >= 1
+
+
+def test_the_service_refuses_passes_below_one() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", "--passes=0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root / "python")},
+        timeout=60,
+    )
+    assert run.returncode == 2 and "--passes must be >= 1" in run.stderr.splitlines()[-1]
 
 
 @pytest.mark.cgroup
