@@ -452,3 +452,27 @@ def test_a_runner_that_died_while_starting_a_job_neither_loses_nor_repeats_it(
     assert rc == 0 and again.state == "succeeded"
     assert marks.read_text().split() == (["run"] if wrapper_started else ["run", "run"])
     assert again.attempt == (1 if wrapper_started else 2)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--quick"],
+        ["--quick", "--seed", "7", "--memory", "3Gi", "--cores", "1.5"],
+        ["--seed", "2", "--memory", "2147483648", "--cores", "0.1", "--tenant-weight", "50", "--request-passes", "3"],
+    ],
+)
+def test_the_recorded_multi_tenant_command_runs_the_same_trace(argv: list[str]) -> None:
+    import shlex
+
+    from autoglm_rt import cli
+    from autoglm_rt.jobqueue.multi_tenant import make_trace
+
+    args = cli.build_parser().parse_args(["bench-multi-tenant", *argv])
+    command = cli._multi_tenant_command(args)
+    words = shlex.split(command)
+    assert words[:2] == ["autoglm-rt", "bench-multi-tenant"]
+    again = cli.build_parser().parse_args(words[1:])
+    assert cli._multi_tenant_workload(again) == cli._multi_tenant_workload(args)
+    assert make_trace(cli._multi_tenant_workload(again)) == make_trace(cli._multi_tenant_workload(args))

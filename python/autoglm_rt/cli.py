@@ -11,10 +11,14 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from autoglm_rt.jobqueue.multi_tenant import Workload
 
 USAGE_TEXT = """\
 autoglm_rt keeps data-parallel PyTorch training inside its memory and bandwidth while it runs:
@@ -514,6 +518,34 @@ def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="FILE", default=None, help="write the per-job memory/CPU timeline to FILE")
 
 
+def _multi_tenant_workload(args: argparse.Namespace) -> Workload:
+    """The trace ``bench-multi-tenant``'s arguments describe (ValueError/TypeError on bad ones)."""
+    from autoglm_rt.jobqueue.multi_tenant import Workload
+    from autoglm_rt.units import parse_size
+
+    return Workload(
+        memory=parse_size(args.memory, name="--memory"),
+        cores=args.cores,
+        seed=args.seed,
+        training_jobs=4 if args.quick else 8,
+        job_rate=0.4 if args.quick else 0.25,
+        request_window=20.0 if args.quick else 60.0,
+        tenant_weight=args.tenant_weight,
+        **({"request_passes": args.request_passes} if args.request_passes is not None else {}),
+    )
+
+
+def _multi_tenant_command(args: argparse.Namespace) -> str:
+    """The command line that runs the same trace again (every argument that shapes it)."""
+    return (
+        "autoglm-rt bench-multi-tenant"
+        + (" --quick" if args.quick else "")
+        + f" --seed {args.seed} --memory {shlex.quote(args.memory)} --cores {args.cores!r}"
+        + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
+        + (f" --request-passes {args.request_passes}" if args.request_passes is not None else "")
+    )
+
+
 @command("bench-multi-tenant", _multi_tenant_args)
 def _bench_multi_tenant(args: argparse.Namespace) -> int:
     """Real training tenants under live cgroup limits: static partitions vs. the dynamic policy."""
@@ -521,20 +553,10 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autoglm_rt.benchmarking import machine_description
-    from autoglm_rt.jobqueue.multi_tenant import Workload, format_comparison, run_comparison, write_timeline_png
-    from autoglm_rt.units import parse_size
+    from autoglm_rt.jobqueue.multi_tenant import format_comparison, run_comparison, write_timeline_png
 
     try:
-        workload = Workload(
-            memory=parse_size(args.memory, name="--memory"),
-            cores=args.cores,
-            seed=args.seed,
-            training_jobs=4 if args.quick else 8,
-            job_rate=0.4 if args.quick else 0.25,
-            request_window=20.0 if args.quick else 60.0,
-            tenant_weight=args.tenant_weight,
-            **({"request_passes": args.request_passes} if args.request_passes is not None else {}),
-        )
+        workload = _multi_tenant_workload(args)
     except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
         return 2
@@ -548,12 +570,7 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
         print(f"wrote {args.png}")
     if args.json:
         doc["machine"] = machine_description()
-        doc["command"] = (
-            "autoglm-rt bench-multi-tenant"
-            + (" --quick" if args.quick else "")
-            + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
-            + (f" --request-passes {args.request_passes}" if args.request_passes is not None else "")
-        )
+        doc["command"] = _multi_tenant_command(args)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
