@@ -56,6 +56,10 @@ def test_trace_is_seeded_poisson_with_urgent_jobs_every_k() -> None:
         ({"request_passes": 0}, "request_passes"),
         ({"request_passes": 2.0}, "request_passes"),
         ({"request_passes": True}, "request_passes"),
+        ({"service_cpus": -1.0}, "service_cpus"),
+        ({"training_cpus": math.inf}, "training_cpus"),
+        ({"cores": 1.0}, r"cores must be >= .*\(0\.5 \+ 0\.75\), got 1$"),
+        ({"cores": 3.0, "training_cpus": 2.75}, r"cores must be >= .*\(0\.5 \+ 2\.75\), got 3$"),
     ],
 )
 def test_bad_workloads_name_the_field(kwargs: dict[str, object], match: str) -> None:

@@ -135,7 +135,7 @@ class Workload:
     tenant_weight: int | None = None  # CPU weight of all tenants together (100: one process); None: as is
 
     def __post_init__(self) -> None:
-        for name in ("job_rate", "request_rate", "request_window", "tick", "cores"):
+        for name in ("job_rate", "request_rate", "request_window", "tick", "cores", "service_cpus", "training_cpus"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -148,6 +148,13 @@ class Workload:
             raise ValueError(f"tenant_weight must be an int in 1..10000 or None, got {self.tenant_weight!r}")
         if self.memory < 4 * self.service_memory:
             raise ValueError(f"memory must be >= 4x service_memory ({4 * self.service_memory}), got {self.memory}")
+        if self.cores < self.service_cpus + self.training_cpus:
+            # Static partitions would never admit a training job beside the service: the run
+            # could only wait out its time limit.
+            raise ValueError(
+                f"cores must be >= the service's and one training job's static partitions "
+                f"({self.service_cpus:g} + {self.training_cpus:g}), got {self.cores:g}"
+            )
 
 
 @dataclass(frozen=True)
