@@ -352,20 +352,21 @@ def test_a_real_training_group_is_throttled_while_serving_and_restored_after() -
         group.remove()
 
 
-def test_the_service_runs_on_the_whole_cores_of_its_quota() -> None:
-    from autoglm_rt.trainers.tenant_service import quota_threads
+def test_the_service_takes_one_worker_per_core_its_quota_reaches_into() -> None:
+    from autoglm_rt.trainers.tenant_service import quota_workers
 
     cores = os.cpu_count() or 1
-    assert quota_threads(None) == cores
-    assert quota_threads(0.5) == 1 and quota_threads(0.01) == 1
-    assert quota_threads(1.0) == 1 and quota_threads(1.7) == 1
-    assert quota_threads(1.75) == min(2, cores) and quota_threads(2.0) == min(2, cores)
-    assert quota_threads(1e6) == cores
+    assert quota_workers(None) == cores and quota_workers(math.nan) == cores and quota_workers(-1.0) == cores
+    assert quota_workers(0.5) == 1 and quota_workers(0.01) == 1 and quota_workers(1.0) == 1
+    assert quota_workers(1.0 + 1e-9) == 1  # a quota read back from microseconds is not rounded up
+    assert quota_workers(1.25) == min(2, cores) and quota_workers(1.5) == min(2, cores)
+    assert quota_workers(2.0) == min(2, cores) and quota_workers(2.01) == min(3, cores)
+    assert quota_workers(1e6) == cores
 
 
 @pytest.mark.cgroup
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a second thread")
-def test_the_live_service_starts_a_second_worker_only_when_its_quota_grants_two_cores() -> None:
+def test_the_live_service_starts_a_second_worker_only_when_its_quota_reaches_a_second_core() -> None:
     import subprocess
     import sys
 
@@ -373,7 +374,7 @@ def test_the_live_service_starts_a_second_worker_only_when_its_quota_grants_two_
 
     tasks: dict[float, tuple[int, int]] = {}
     root = Path(__file__).resolve().parents[1]
-    for quota in (0.5, 2.0):
+    for quota in (0.5, 1.5, 2.0):
         group = resources.JobGroup.create(f"pid-{os.getpid()}-svc", f"q{round(quota * 10)}")
         try:
             group.set_cpu_quota(quota)
@@ -397,7 +398,8 @@ def test_the_live_service_starts_a_second_worker_only_when_its_quota_grants_two_
         finally:
             group.remove()
     assert tasks[0.5][1] == tasks[0.5][0]  # one worker: the request ran on the main thread alone
-    assert tasks[2.0][1] == tasks[2.0][0] + 1  # one helper thread for the second pass, no intra-op pool
+    for quota in (1.5, 2.0):  # one helper thread for the second pass, no intra-op pool
+        assert tasks[quota][1] == tasks[quota][0] + 1
 
 
 @pytest.mark.parametrize("passes", [1, 2, 7, 8, 9])

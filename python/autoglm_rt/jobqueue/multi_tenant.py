@@ -17,8 +17,8 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
   the job's peak is under it, and jobs adapt their micro-batch to it
   (``Runtime(pool=CgroupMemory.own())``). A request gives the service every core and the top
   weight at once, and the training jobs yield (:class:`TrainingYield`) until it is answered; the
-  service splits each request's passes over ``cores_cap`` of its quota workers (static: its
-  0.5-core partition, one worker).
+  service splits each request's passes over one worker per core its quota reaches into (static:
+  its 0.5-core partition, one worker).
 
 Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
 answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),

@@ -5,9 +5,9 @@ stdin (one line: the request id) with a forward pass, writing the id back on std
 
 Each request is real work (a no-grad forward of CharGPT on ``--batch`` sequences), so its
 response time reflects the CPU the service is given. A request's passes are independent: they
-are split over as many workers as ``cores_cap`` of the cgroup's CPU quota grants (at least 1,
-at most ``--passes``; every core without a quota; ``--threads N`` fixes it), read when the request
-arrives, so a quota raised for a burst is used at once. Each worker runs one intra-op thread: this
+are split over one worker per core the cgroup's CPU quota reaches into (:func:`quota_workers`; at
+most ``--passes``; ``--threads N`` fixes it), read when the request arrives, so a quota raised for
+a burst is used at once. Each worker runs one intra-op thread: this
 model's ops are too short for intra-op threads to pay (8 passes on 2 cores, measured: 2 workers
 33 ms and 64 ms of CPU, 2 intra-op threads 40-44 ms and 80-88 ms of CPU, 1 thread 64-68 ms).
 Exits at end of input.
@@ -16,6 +16,7 @@ Exits at end of input.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,8 @@ import torch
 
 from autoglm_rt import resources
 from autoglm_rt.demo.model import CharGPT, GPTConfig
-from autoglm_rt.runtime.cpu_quota import cores_cap
 
-__all__ = ["main", "quota_threads", "split_passes"]
+__all__ = ["main", "quota_workers", "split_passes"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             rid = line.strip()
             if not rid:
                 continue
-            workers = args.threads if args.threads > 0 else quota_threads(resources.cpu_quota_cores())
+            workers = args.threads if args.threads > 0 else quota_workers(resources.cpu_quota_cores())
             first, *rest = split_passes(args.passes, workers)
             pending = [helpers.submit(run, n) for n in rest]
             run(first)
@@ -74,10 +74,16 @@ def split_passes(passes: int, workers: int) -> list[int]:
     return [passes // n + (i < passes % n) for i in range(n)]
 
 
-def quota_threads(quota: float | None) -> int:
-    """Whole cores of a CPU quota (cores; None: no quota, every core), at least 1."""
+def quota_workers(quota: float | None) -> int:
+    """Workers for a request under a CPU quota of ``quota`` cores: every core it reaches into,
+    ``ceil(quota)``, at least 1 and at most the machine's cores (every core without a quota).
+    The workers share nothing until the request's end, so a throttled one holds no other back: a
+    1.5-core quota gives two workers 1.5 cores of work, one worker only 1 (unlike intra-op
+    threads, which wait for each other at every op: :func:`~autoglm_rt.runtime.cpu_quota.cores_cap`)."""
     cores = os.cpu_count() or 1
-    return min(cores, cores_cap(quota) or cores)
+    if quota is None or not math.isfinite(quota) or quota <= 0:
+        return cores
+    return max(1, min(cores, math.ceil(quota - 1e-6)))
 
 
 if __name__ == "__main__":
