@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -445,3 +446,32 @@ def test_a_live_run_reports_the_work_its_groups_did_and_each_jobs_progress(tmp_p
     )
     assert 1.0 < r.training_cpu_seconds <= w.cores * r.makespan_seconds + 1.0  # an interpreter, torch, 30 steps
     assert integral <= r.training_cpu_seconds * 1.05 + 0.1
+
+
+def test_the_services_schedstat_counts_every_thread_of_the_process() -> None:
+    import hashlib
+    import threading
+
+    data = b"x" * (8 << 20)
+    burnt, leave = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        for _ in range(40):
+            hashlib.sha256(data).digest()  # releases the GIL on large inputs: real CPU in this thread
+        burnt.set()
+        leave.wait(30)  # alive while measured: an exited thread's schedstat goes with it
+
+    before, cpu0 = mt._schedstat(os.getpid()), time.process_time()
+    helper = threading.Thread(target=burn)
+    helper.start()
+    try:
+        assert burnt.wait(30)
+        after, cpu1 = mt._schedstat(os.getpid()), time.process_time()
+    finally:
+        leave.set()
+        helper.join()
+    assert before is not None and after is not None
+    used = after[0] - before[0]
+    assert cpu1 - cpu0 > 0.1  # the helper did measurable work
+    assert used == pytest.approx(cpu1 - cpu0, rel=0.2, abs=0.02)  # the kernel's CPU clock for the process
+    assert mt._schedstat(2**22 + 12345) is None  # no such process

@@ -274,8 +274,8 @@ class ModeResult:
     requests: int
     requests_answered: int
     preemptions: int
-    service_on_cpu_seconds: float = math.nan  # mean per request: the service's own CPU time
-    service_queue_seconds: float = math.nan  # mean per request: its time runnable but not running
+    service_on_cpu_seconds: float = math.nan  # mean per request: the service's CPU time, all threads
+    service_queue_seconds: float = math.nan  # mean per request: its threads' time runnable but not running
     training_cpu_seconds: float = 0.0  # all training groups' CPU time, failed and preempted attempts too
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -645,13 +645,18 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
 
 
 def _schedstat(pid: int) -> tuple[float, float] | None:
-    """A process's main thread's (on-CPU, run-queue wait) seconds from ``/proc/PID/schedstat``;
-    None where the kernel does not keep it or the process is gone."""
+    """A process's (on-CPU, run-queue wait) seconds, summed over its threads'
+    ``/proc/PID/task/TID/schedstat`` (a thread that exits takes its share with it); None where the
+    kernel does not keep them or the process is gone."""
+    on_cpu = waited = 0
     try:
-        on_cpu, waited = Path(f"/proc/{pid}/schedstat").read_text().split()[:2]
-        return int(on_cpu) / 1e9, int(waited) / 1e9
-    except (OSError, ValueError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+                fields = (task / "schedstat").read_text().split()
+                on_cpu, waited = on_cpu + int(fields[0]), waited + int(fields[1])
+    except (OSError, ValueError, IndexError):
         return None
+    return on_cpu / 1e9, waited / 1e9
 
 
 def _cpu_rate(mark: tuple[float, float] | None, now: float, cpu_seconds: float) -> tuple[float, tuple[float, float]]:
