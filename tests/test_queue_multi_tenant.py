@@ -475,3 +475,36 @@ def test_the_services_schedstat_counts_every_thread_of_the_process() -> None:
     assert cpu1 - cpu0 > 0.1  # the helper did measurable work
     assert used == pytest.approx(cpu1 - cpu0, rel=0.2, abs=0.02)  # the kernel's CPU clock for the process
     assert mt._schedstat(2**22 + 12345) is None  # no such process
+
+
+def test_a_request_runs_every_pass_once_across_its_workers_and_raises_a_helpers_error() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from autoglm_rt.trainers.tenant_service import answer, split_passes
+
+    class Counting(torch.nn.Module):
+        def __init__(self, fail_in_helper: bool = False) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+            self.calls: list[int] = []
+            self.fail_in_helper = fail_in_helper
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with self.lock:
+                self.calls.append(threading.get_ident())
+            if self.fail_in_helper and threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("helper failed")
+            return x
+
+    x = torch.zeros(1)
+    with ThreadPoolExecutor(max_workers=2) as helpers:
+        model = Counting()
+        answer(model, x, split_passes(7, 3), helpers)
+        assert len(model.calls) == 7
+        assert model.calls.count(threading.get_ident()) == 3  # the largest part runs in the caller
+        bad = Counting(fail_in_helper=True)
+        with pytest.raises(RuntimeError, match="helper failed"):
+            answer(bad, x, split_passes(4, 2), helpers)

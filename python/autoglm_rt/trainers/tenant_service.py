@@ -26,7 +26,7 @@ import torch
 from autoglm_rt import resources
 from autoglm_rt.demo.model import CharGPT, GPTConfig
 
-__all__ = ["main", "quota_workers", "split_passes"]
+__all__ = ["answer", "build_service", "forward_passes", "main", "quota_workers", "split_passes"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,22 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=96)
     ap.add_argument("--passes", type=int, default=2, help="forward passes per request")
-    ap.add_argument("--threads", type=int, default=0, help="workers per request; 0: cores_cap of the CPU quota")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="workers per request; 0: one per core the CPU quota reaches into"
+    )
     args = ap.parse_args(argv)
     if args.passes < 1 or args.threads < 0:
         ap.error(f"--passes must be >= 1 and --threads >= 0, got {args.passes} and {args.threads}")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = CharGPT(GPTConfig(block_size=max(64, args.seq), n_layer=2, n_head=4, n_embd=args.width)).eval()
-    x = torch.randint(0, 128, (args.batch, args.seq))
-
-    def run(passes: int) -> None:
-        torch.set_num_threads(1)  # this thread's intra-op count (OpenMP keeps one per thread)
-        with torch.no_grad():
-            for _ in range(passes):
-                model(x)
-
-    run(1)  # warm-up: the first pass allocates
+    model, x = build_service(args.width, args.batch, args.seq)
+    forward_passes(model, x, 1)  # warm-up: the first pass allocates
     print("ready", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1)) as helpers:
         for line in sys.stdin:
@@ -58,13 +50,36 @@ def main(argv: list[str] | None = None) -> int:
             if not rid:
                 continue
             workers = args.threads if args.threads > 0 else quota_workers(resources.cpu_quota_cores())
-            first, *rest = split_passes(args.passes, workers)
-            pending = [helpers.submit(run, n) for n in rest]
-            run(first)
-            for done in pending:
-                done.result()
+            answer(model, x, split_passes(args.passes, workers), helpers)
             print(rid, flush=True)
     return 0
+
+
+def build_service(width: int, batch: int, seq: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The service's model (CharGPT, 2 layers, seeded, eval mode) and its request input."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = CharGPT(GPTConfig(block_size=max(64, seq), n_layer=2, n_head=4, n_embd=width)).eval()
+    return model, torch.randint(0, 128, (batch, seq))
+
+
+def forward_passes(model: torch.nn.Module, x: torch.Tensor, passes: int, threads: int = 1) -> None:
+    """``passes`` no-grad forwards of ``x`` in the calling thread on ``threads`` intra-op threads
+    (OpenMP keeps the count per thread, so each worker sets its own)."""
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        for _ in range(passes):
+            model(x)
+
+
+def answer(model: torch.nn.Module, x: torch.Tensor, parts: list[int], helpers: ThreadPoolExecutor) -> None:
+    """One request: ``parts[0]`` passes in the calling thread, each other part on ``helpers``;
+    returns when all are done (a helper's exception is raised here)."""
+    first, *rest = parts
+    pending = [helpers.submit(forward_passes, model, x, n) for n in rest]
+    forward_passes(model, x, first)
+    for done in pending:
+        done.result()
 
 
 def split_passes(passes: int, workers: int) -> list[int]:
