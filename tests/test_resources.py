@@ -358,3 +358,48 @@ def test_the_tree_is_made_when_missing() -> None:
             with contextlib.suppress(FileNotFoundError):
                 d.rmdir()
     assert not any(d.exists() for d in parents.values())
+
+
+def test_v2_files_are_written_and_read_in_the_kernels_documented_formats(tmp_path: Path) -> None:
+    """cgroup v2 cannot be mounted beside this machine's v1, so its files are checked on a plain
+    directory against the formats of the kernel's Documentation/admin-guide/cgroup-v2.rst:
+    ``cpu.max`` "$MAX $PERIOD" ("max" for none), ``memory.max``/``memory.high`` bytes or "max",
+    ``cpu.weight`` 1..10000, ``memory.events`` and ``cpu.stat`` flat keyed, ``memory.current``."""
+    from autoglm_rt.resources.cgroup import CPU_PERIOD_US, Backend
+
+    root = tmp_path / "cg2"
+    base = root / "autoglm_rt"
+    for d in (root, base, base / "scope"):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cgroup.subtree_control").write_text("cpu\n")  # memory still to enable
+    backend = Backend("cgroup-v2", {"memory": base, "cpu": base, "cpuacct": base})
+    group = resources.JobGroup.create("scope", "job", backend)
+    d = base / "scope" / "job"
+    assert d.is_dir() and group.dirs == {"memory": d, "cpu": d, "cpuacct": d}
+    for parent in (root, base, base / "scope"):  # a plain file keeps the last write: the "+memory" request
+        assert (parent / "cgroup.subtree_control").read_text() == "+memory\n"
+
+    group.set_memory_limit(300 * 2**20)
+    assert (d / "memory.max").read_text() == f"{300 * 2**20}\n" and group.memory_limit() == 300 * 2**20
+    group.set_memory_limit(None)
+    assert (d / "memory.max").read_text() == "max\n" and group.memory_limit() is None
+    group.set_memory_target(200 * 2**20)
+    assert (d / "memory.high").read_text() == f"{200 * 2**20}\n" and group.memory_target() == 200 * 2**20
+    group.set_memory_target(None)
+    assert (d / "memory.high").read_text() == "max\n" and group.memory_target() is None
+
+    group.set_cpu_quota(1.5)
+    assert (d / "cpu.max").read_text() == f"150000 {CPU_PERIOD_US}\n" and group.cpu_quota() == 1.5
+    (d / "cpu.max").write_text("max 100000\n")  # as the kernel shows no quota
+    assert group.cpu_quota() is None
+    group.set_cpu_quota(None)
+    assert (d / "cpu.max").read_text() == f"max {CPU_PERIOD_US}\n"
+    group.set_cpu_weight(250)
+    assert (d / "cpu.weight").read_text() == "250\n" and group.cpu_weight() == 250
+
+    (d / "memory.current").write_text("123456789\n")
+    (d / "memory.events").write_text("low 0\nhigh 17\nmax 4\noom 2\noom_kill 3\noom_group_kill 0\n")
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 10\n")
+    assert group.memory_usage() == 123456789
+    assert group.oom_kills() == 3
+    assert group.cpu_seconds() == pytest.approx(2.5)
