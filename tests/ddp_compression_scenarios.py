@@ -284,11 +284,12 @@ def char_train(
     steps: int,
     rank: int,
     val: tuple[torch.Tensor, torch.Tensor],
+    seed: int = 0,
 ) -> float:
-    """Trains ``model`` on ``steps`` batches of 64 windows (this rank's own) and returns its
-    next-character accuracy on ``val``."""
+    """Trains ``model`` on ``steps`` batches of 64 windows (this rank's own; ``seed`` picks another
+    data order) and returns its next-character accuracy on ``val``."""
     for step in range(steps):
-        x, y = _char_data(corpus, 64, context, 1000 * step + rank, "train")
+        x, y = _char_data(corpus, 64, context, 1000 * step + rank + 7919 * seed, "train")
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -297,9 +298,9 @@ def char_train(
 
 
 class _CharMLP(nn.Module):
-    def __init__(self, context: int) -> None:
+    def __init__(self, context: int, seed: int = 11) -> None:
         super().__init__()
-        torch.manual_seed(11)
+        torch.manual_seed(seed)
         self.emb = nn.Embedding(128, 16)
         self.net = nn.Sequential(nn.Linear(16 * context, 256), nn.ReLU(), nn.Linear(256, 128))
 
@@ -308,29 +309,33 @@ class _CharMLP(nn.Module):
         return out
 
 
-def char_accuracy(rank: int) -> dict[str, float]:
+def char_accuracy(rank: int, seeds: int = 1) -> list[dict[str, float]]:
     """Next-character accuracy on held-out standard-library source (real text), 2 ranks, SGD
-    with momentum 0.9: dense allreduce vs regime-aware top-k with DGC momentum correction."""
+    with momentum 0.9: dense allreduce vs regime-aware top-k with DGC momentum correction, once
+    per seed (seed k: another initialisation and data order; seed 0 is the original run)."""
     from autoglm_rt.demo.corpus import load_corpus
 
     context, steps = 6, 600
     corpus = load_corpus(400_000)
     xv, yv = _char_data(corpus, 4000, context, 7, "val")
-    out: dict[str, float] = {}
-    for name in ("dense", "regime"):
-        model = DDP(_CharMLP(context))
-        if name == "dense":
-            model.register_comm_hook(None, allreduce_hook)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-            state = None
-        else:
-            config = DensityControllerConfig(floor=0.01, ceiling=0.05, interval=20)
-            controller = DensityController(config)
-            state = ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
-            model.register_comm_hook(state, ddp.topk_hook)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        out[f"{name}_accuracy"] = char_train(model, opt, corpus, context, steps, rank, (xv, yv))
-        if state is not None:
-            out["ratio"] = state.compression_ratio
-            out["critical_windows"] = float(state.controller.critical_windows_seen) if state.controller else -1.0
-    return out
+    runs: list[dict[str, float]] = []
+    for seed in range(seeds):
+        out: dict[str, float] = {}
+        for name in ("dense", "regime"):
+            model = DDP(_CharMLP(context, seed=11 + 97 * seed))
+            if name == "dense":
+                model.register_comm_hook(None, allreduce_hook)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+                state = None
+            else:
+                config = DensityControllerConfig(floor=0.01, ceiling=0.05, interval=20)
+                controller = DensityController(config)
+                state = ddp.TopKState(start_iter=2, min_numel=0, controller=controller, momentum=0.9)
+                model.register_comm_hook(state, ddp.topk_hook)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            out[f"{name}_accuracy"] = char_train(model, opt, corpus, context, steps, rank, (xv, yv), seed=seed)
+            if state is not None:
+                out["ratio"] = state.compression_ratio
+                out["critical_windows"] = float(state.controller.critical_windows_seen) if state.controller else -1.0
+        runs.append(out)
+    return runs
