@@ -7,10 +7,9 @@ Each request is real work (a no-grad forward of CharGPT on ``--batch`` sequences
 response time reflects the CPU the service is given. A request's passes are independent: they
 are split over one worker per core the cgroup's CPU quota reaches into (:func:`quota_workers`; at
 most ``--passes``; ``--threads N`` fixes it), read when the request arrives, so a quota raised for
-a burst is used at once. Each worker runs one intra-op thread: this
-model's ops are too short for intra-op threads to pay (8 passes on 2 cores, measured: 2 workers
-33 ms and 64 ms of CPU, 2 intra-op threads 40-44 ms and 80-88 ms of CPU, 1 thread 64-68 ms).
-Exits at end of input.
+a burst is used at once. Each worker runs one intra-op thread: this model's ops are too short for
+intra-op threads to pay (``benches/service_workers.py``; figures in benches/RESULTS.md). Exits at
+end of input.
 """
 
 from __future__ import annotations
