@@ -508,3 +508,50 @@ def test_a_request_runs_every_pass_once_across_its_workers_and_raises_a_helpers_
         bad = Counting(fail_in_helper=True)
         with pytest.raises(RuntimeError, match="helper failed"):
             answer(bad, x, split_passes(4, 2), helpers)
+
+
+def test_tenant_envs_tune_malloc_for_training_only_and_keep_the_users_tunables() -> None:
+    base = {"PATH": "/bin", "PYTHONPATH": "/mine", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "OMP_NUM_THREADS": "8"}
+    training, service = mt.tenant_envs(base)
+    assert training["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert training["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert service["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2" and "MALLOC_MMAP_THRESHOLD_" not in service
+    for env in (training, service):
+        assert env["PATH"] == "/bin" and env["OMP_NUM_THREADS"] == "1"
+        assert env["PYTHONPATH"].split(os.pathsep)[1:] == ["/mine"]
+        assert (Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "autoglm_rt" / "__init__.py").is_file()
+    training, service = mt.tenant_envs({})
+    assert training["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "GLIBC_TUNABLES" not in service
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else "none"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off here")
+def test_a_training_tenants_large_buffers_come_in_huge_pages() -> None:
+    """A 64 MiB torch buffer in a process started with the training environment is backed by
+    transparent huge pages; with the service's environment (glibc's default) it is not when THP
+    is on madvise only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "x = torch.ones(16 << 20)\n"  # 64 MiB: above the mmap threshold, touched
+        "rollup = open('/proc/self/smaps_rollup').read().splitlines()\n"
+        "print(next(int(l.split()[1]) for l in rollup if l.startswith('AnonHugePages:')))\n"
+    )
+    training, service = mt.tenant_envs(os.environ)
+    huge = {}
+    for name, env in (("training", training), ("service", service)):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        huge[name] = int(out.stdout.split()[-1])  # KiB
+    assert huge["training"] >= 32 * 1024, huge  # most of the 64 MiB
+    if _thp_mode() == "madvise":
+        assert huge["service"] < 8 * 1024, huge

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ __all__ = [
     "make_trace",
     "run_comparison",
     "run_mode",
+    "tenant_envs",
     "write_timeline_png",
 ]
 
@@ -284,6 +285,27 @@ class ModeResult:
 _STATUS_KEYS = ("step", "micro_batch", "threads")
 
 
+def tenant_envs(base: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The environments of the training tenants and of the service: ``base`` with this package on
+    ``PYTHONPATH`` and one OpenMP thread (each tenant sets its own count). Training tenants also get glibc's malloc
+    tuned for limits that move: ``MALLOC_MMAP_THRESHOLD_=131072`` (freed activations go back to the
+    kernel at once) and ``glibc.malloc.hugetlb=1`` appended to ``base``'s ``GLIBC_TUNABLES``
+    (each buffer mapped afresh faults in 2 MiB pages where THP is on madvise;
+    ``benches/tenant_malloc.py`` measures it). The resident service keeps glibc's default
+    and ``base``'s tunables: returning every freed activation would make each request fault its
+    buffers in again (measured: 27 -> 36-44 ms of CPU each)."""
+    common = {
+        **base,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[2]), base.get("PYTHONPATH")) if p
+        ),
+        "OMP_NUM_THREADS": "1",
+    }
+    tunables = ":".join(t for t in (base.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1") if t)
+    training = {**common, "MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": tunables}
+    return training, common
+
+
 def _progress(status: dict[str, Any]) -> float | None:
     """``step / steps`` from a job's status, or None unless both are ints with 0 <= step <= steps > 0."""
     step, steps = status.get("step"), status.get("steps")
@@ -314,17 +336,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     cleanup_stale(backend)
     cfg = PlannerConfig(memory=w.memory, cores=w.cores)
     trace = make_trace(w)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")] if p
-        ),
-        "MALLOC_MMAP_THRESHOLD_": "131072",  # freed activations go back to the kernel at once
-        "OMP_NUM_THREADS": "1",
-    }
-    # The resident service keeps glibc's default: returning every freed activation to the kernel
-    # would make each request fault its buffers in again (measured: 27 -> 36-44 ms of CPU each).
-    service_env = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env, service_env = tenant_envs(os.environ)
     tenants = {a.name: _Tenant(a, CATALOG[a.kind]) for a in trace if a.kind != "request"}
     requests = [a for a in trace if a.kind == "request"]
     service_group = JobGroup.create(scope, "service", backend)
