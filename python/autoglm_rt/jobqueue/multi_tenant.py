@@ -287,13 +287,13 @@ _STATUS_KEYS = ("step", "micro_batch", "threads")
 
 def tenant_envs(base: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """The environments of the training tenants and of the service: ``base`` with this package on
-    ``PYTHONPATH`` and one OpenMP thread (each tenant sets its own count). Training tenants also get glibc's malloc
-    tuned for limits that move: ``MALLOC_MMAP_THRESHOLD_=131072`` (freed activations go back to the
-    kernel at once) and ``glibc.malloc.hugetlb=1`` appended to ``base``'s ``GLIBC_TUNABLES``
-    (each buffer mapped afresh faults in 2 MiB pages where THP is on madvise;
-    ``benches/tenant_malloc.py`` measures it). The resident service keeps glibc's default
-    and ``base``'s tunables: returning every freed activation would make each request fault its
-    buffers in again (measured: 27 -> 36-44 ms of CPU each)."""
+    ``PYTHONPATH`` and one OpenMP thread (each tenant sets its own count). Training tenants also
+    get glibc's malloc tuned for limits that move: ``MALLOC_MMAP_THRESHOLD_=131072`` (freed
+    activations go back to the kernel at once) and ``glibc.malloc.hugetlb=1`` appended to
+    ``base``'s ``GLIBC_TUNABLES`` (each buffer mapped afresh faults in 2 MiB pages where THP is on
+    madvise; ``benches/tenant_malloc.py`` measures it). The resident service keeps glibc's
+    default and ``base``'s tunables: returning every freed activation would make each request
+    fault its buffers in again (measured: 27 -> 36-44 ms of CPU each)."""
     common = {
         **base,
         "PYTHONPATH": os.pathsep.join(
