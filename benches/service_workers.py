@@ -15,8 +15,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from autoglm_rt.benchmarking import compare, machine_description
 from autoglm_rt.trainers import tenant_service
 
@@ -36,11 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     def workers() -> None:
         tenant_service.answer(model, x, tenant_service.split_passes(args.passes, cores), helpers)
 
-    def threads(n: int) -> None:
-        try:
-            tenant_service.forward_passes(model, x, args.passes, threads=n)
-        finally:
-            torch.set_num_threads(1)
+    def threads(n: int) -> None:  # every forward_passes call sets its thread's own count
+        tenant_service.forward_passes(model, x, args.passes, threads=n)
 
     rows = []
     for label, baseline in (("2 intra-op threads", lambda: threads(2)), ("1 thread", lambda: threads(1))):

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=sorted(CATALOG), default="cnn-m")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
-    if resources.detect() is None or resources.detect().v2:  # type: ignore[union-attr]
+    backend = resources.detect()
+    if backend is None or backend.v2:
         print(f"tenant_malloc: needs cgroup v1 here ({resources.availability()[1] or 'v2'})", file=sys.stderr)
         return 1
     training, _ = tenant_envs(os.environ)
