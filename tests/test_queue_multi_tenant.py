@@ -448,6 +448,26 @@ def test_a_live_run_reports_the_work_its_groups_did_and_each_jobs_progress(tmp_p
     assert integral <= r.training_cpu_seconds * 1.05 + 0.1
 
 
+@pytest.mark.cgroup
+def test_a_live_run_acts_on_arrivals_and_exits_at_once_not_at_its_next_period(tmp_path: Path) -> None:
+    # A 30 s period: a loop that only polled would admit the second job and see the first exit
+    # no sooner than 30 s in.
+    w = mt.Workload(training_jobs=2, job_rate=1.0, request_window=1.0, seed=0, tick=30.0)
+    second = [a for a in mt.make_trace(w) if a.kind != "request"][1]
+    assert 0.5 < second.at < 5.0
+    started = time.monotonic()
+    r = mt.run_mode("dynamic", w, tmp_path)
+    took = time.monotonic() - started
+    assert r.jobs_failed == 0 and r.requests_answered == r.requests
+    assert took < w.tick and r.makespan_seconds < took
+    admitted = next(s["t"] for s in r.timeline if second.name in s["jobs"])
+    assert second.at <= admitted < second.at + 0.3
+    # The last job's end is its exit: the sample that found it has no job left, and it was taken
+    # right after the makespan.
+    last = next(s for s in r.timeline if s["t"] >= r.makespan_seconds)
+    assert not last["jobs"] and last["t"] - r.makespan_seconds < 0.3
+
+
 def test_the_services_schedstat_counts_every_thread_of_the_process() -> None:
     import hashlib
     import threading

@@ -20,6 +20,10 @@ One seeded trace (training jobs arriving at random, each a real torch process fr
   service splits each request's passes over one worker per core its quota reaches into (static:
   its 0.5-core partition, one worker).
 
+Both modes plan every ``tick`` seconds and at once on an event (an arrival, a tenant's exit, an
+answered request), so a freed partition or core is given out without waiting for the period and
+a job's end is its process's exit.
+
 Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
 answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),
 ``memory_utilization`` = mean over samples of the tenants' summed usage / ``memory``,
@@ -197,6 +201,7 @@ class _Tenant:
     attempt: int = 0
     started_at: float | None = None
     finished_at: float | None = None
+    exited_at: float | None = None  # when the current attempt's process exited (its waiter saw it)
     oom_kills: int = 0
     cpu_seconds: float = 0.0
     hard_limit: int | None = None
@@ -354,6 +359,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     if service.stdout.readline().strip() != "ready":
         raise RuntimeError("the inference service did not start")
     answers: queue.Queue[tuple[str, float]] = queue.Queue()
+    # Set when a tenant exits or a request is answered: the control loop acts on events at once
+    # (a freed partition is refilled, idle cores are lent) and on its period otherwise.
+    wake = threading.Event()
 
     sent: dict[str, float] = {}
     service_lock = threading.Lock()  # sender, reader and control loop all set CPU quotas
@@ -374,6 +382,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             answers.put((rid, at))
             with service_lock:
                 yielding.answered(rid)  # the last one in flight: training gets its plan back
+            wake.set()
 
     reading = threading.Thread(target=reader, daemon=True)
     reading.start()
@@ -411,9 +420,17 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     sending = threading.Thread(target=sender, daemon=True)
     sending.start()
 
+    def await_exit(t: _Tenant, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        exited = time.monotonic() - t0
+        if t.proc is proc:
+            t.exited_at = exited
+        wake.set()
+
     def spawn(t: _Tenant) -> None:
         t.attempt += 1
         t.group = JobGroup.create(scope, f"{t.arrival.name}.{t.attempt}", backend)
+        t.cpu_mark = (time.monotonic() - t0, 0.0)  # a new group has used no CPU: its first period counts
         jdir = work / t.arrival.name
         (jdir / "ckpt").mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -437,6 +454,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             )
         t.state = "running"
         t.started_at = t.started_at or time.monotonic() - t0
+        t.exited_at = None
+        threading.Thread(target=await_exit, args=(t, t.proc), daemon=True).start()
 
     def apply_limits(t: _Tenant, limit: int, cores: float, now: float) -> None:
         g = t.group
@@ -475,13 +494,15 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             say(f"{mode}: {t.arrival.name} preempted, requeued")
             return
         t.state = "succeeded" if rc == 0 and not kills else "failed"
-        t.finished_at = now
+        t.finished_at = t.exited_at if t.exited_at is not None else now
         why = "OOM-killed" if kills else f"exit {rc}"
         say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
 
     svc_mark: tuple[float, float] | None = None
+    svc_used = 0.0
     try:
         while True:
+            wake.clear()
             now = time.monotonic() - t0
             while pending_arrivals and pending_arrivals[0].at <= now:
                 a = pending_arrivals.pop(0)
@@ -490,9 +511,13 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             while not answers.empty():
                 rid, at = answers.get()
                 answered[rid] = at
+            oom_killed = []  # ended by the OOM killer in this period: marked once on the timeline
             for t in tenants.values():
                 if t.state in ("running", "paused", "stopping") and t.proc is not None and t.proc.poll() is not None:
+                    kills_before = t.oom_kills
                     finish(t, now)
+                    if t.oom_kills > kills_before:
+                        oom_killed.append(t.arrival.name)
             arrived = [t for t in tenants.values() if t.arrival.at <= now]
             statuses: dict[str, dict[str, Any]] = {}
             views = []
@@ -506,7 +531,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         usage = t.group.memory_usage()
                         t.peaks.append((now, t.group.memory_peak()))
                         peak = t.recent_peak(now)
-                        t.cpu_used, t.cpu_mark = _cpu_rate(t.cpu_mark, now, t.group.cpu_seconds())
+                        t.cpu_used, t.cpu_mark = _cpu_rate(
+                            t.cpu_mark, now, t.group.cpu_seconds(), t.cpu_used, w.tick / 2
+                        )
                 statuses[t.arrival.name] = st
                 views.append(
                     TenantState(
@@ -528,7 +555,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         cpu_used=t.cpu_used,
                     )
                 )
-            svc_used, svc_mark = _cpu_rate(svc_mark, now, service_group.cpu_seconds())
+            svc_used, svc_mark = _cpu_rate(svc_mark, now, service_group.cpu_seconds(), svc_used, w.tick / 2)
             busy = len(sent) > len(answered)
             svc = TenantState(
                 "service",
@@ -598,11 +625,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                             "cpu_used": round(t.cpu_used, 3),
                             **{k: v for k, v in statuses.get(t.arrival.name, {}).items() if k in _STATUS_KEYS},
                         }
-            sample["ooms"] = [
-                t.arrival.name
-                for t in tenants.values()
-                if t.oom_kills and t.finished_at and abs(t.finished_at - now) < w.tick
-            ]
+            sample["ooms"] = oom_killed
             timeline.append(sample)
             training_done = all(t.state in ("succeeded", "failed") for t in tenants.values())
             if training_done and not sending.is_alive() and len(answered) >= len(sent):
@@ -610,7 +633,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             if now > 900:
                 say(f"{mode}: giving up after 900 s")
                 break
-            time.sleep(w.tick)  # the control period, not work
+            # The control period, not work: cut short by the next arrival, an exit or an answer.
+            until_arrival = pending_arrivals[0].at - (time.monotonic() - t0) if pending_arrivals else w.tick
+            wake.wait(max(0.0, min(w.tick, until_arrival)))
     finally:
         stop_sending.set()
         sending.join(timeout=5)
@@ -671,10 +696,16 @@ def _schedstat(pid: int) -> tuple[float, float] | None:
     return on_cpu / 1e9, waited / 1e9
 
 
-def _cpu_rate(mark: tuple[float, float] | None, now: float, cpu_seconds: float) -> tuple[float, tuple[float, float]]:
-    """Cores used since ``mark`` (time, CPU-seconds) and the new mark; 0 for the first sample."""
-    if mark is None or now <= mark[0]:
+def _cpu_rate(
+    mark: tuple[float, float] | None, now: float, cpu_seconds: float, last: float = 0.0, min_span: float = 0.0
+) -> tuple[float, tuple[float, float]]:
+    """Cores used since ``mark`` (time, CPU-seconds) and the new mark; 0 for the first sample.
+    Less than ``min_span`` seconds after ``mark`` it returns ``last`` and keeps ``mark``: a span
+    shorter than a few CFS periods (100 ms each) reads one burst or one throttle, not a rate."""
+    if mark is None:
         return 0.0, (now, cpu_seconds)
+    if now - mark[0] < min_span or now <= mark[0]:
+        return last, mark
     return max(0.0, (cpu_seconds - mark[1]) / (now - mark[0])), (now, cpu_seconds)
 
 
