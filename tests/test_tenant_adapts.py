@@ -109,3 +109,17 @@ def test_tenant_job_without_a_cgroup_still_trains_and_says_why(tmp_path: Path) -
     kind, reason = resources.availability()
     expected = reason if kind == "none" else "this process is not in an autoglm_rt job group"
     assert f"running without a memory signal: {expected}" in out.stderr
+
+
+def test_tenant_job_trains_with_what_it_built_before_training_frozen_out_of_the_collector() -> None:
+    code = (
+        "import gc; from autoglm_rt.trainers import tenant_job; assert gc.get_freeze_count() == 0; "
+        "rc = tenant_job.main(['--steps=2', '--batch=4', '--side=8', '--width=4']); "
+        "print(rc, gc.get_freeze_count(), gc.isenabled())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rc, frozen, enabled = out.stdout.split()
+    # torch and the model are out of the generations; the collector still runs for what training makes.
+    assert rc == "0" and int(frozen) > 10_000 and enabled == "True"

@@ -22,6 +22,7 @@ trained with plain SGD inside :class:`autoglm_rt.Runtime`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     # 9x slower than 1 under load).
     torch.set_num_threads(1)
     loss_fn = _loss(args.model, log)
+    # What exists now (torch, the model, the optimizer) lives as long as the process: out of the
+    # collector's generations, it is walked neither by the collections during training nor by the
+    # interpreter's at exit (which took 0.4 of the 0.55 CPU-seconds a gpt-s job spent exiting).
+    gc.freeze()
     mark = (time.monotonic(), time.process_time())
     try:
         for step in range(start, args.steps):
