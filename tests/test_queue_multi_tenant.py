@@ -84,8 +84,10 @@ def test_dynamic_respects_floors_and_the_machine_and_spreads_what_is_left() -> N
     assert len(live) == 4 == CFG.max_running  # admitted by score up to max_running
     assert sum(plan.memory.values()) <= CFG.memory
     assert all(plan.memory[n] >= 250 * MiB * (1 + CFG.headroom) for n in live)
-    # Nobody has used anything yet: every quota (a cap) is the whole machine; equal requests, equal weights.
-    assert plan.cpus == {n: CFG.cores for n in live} and set(plan.cpu_weights.values()) == {100}
+    # Nobody has used anything yet: every quota (a cap) is the whole machine. Equal requests: the two
+    # admitted now start, so they weigh starting_cpu_weight times the two running (mean 100).
+    assert plan.cpus == {n: CFG.cores for n in live}
+    assert plan.cpu_weights == {"j0": 40, "j1": 40, "j2": 160, "j3": 160}
 
 
 def test_dynamic_cpu_quotas_lend_what_others_leave_idle_and_weights_follow_requests() -> None:
@@ -104,6 +106,34 @@ def test_dynamic_cpu_quotas_lend_what_others_leave_idle_and_weights_follow_reque
     assert plan.cpus["svc"] == cfg.busy_service_cores and plan.cpu_weights["svc"] == cfg.service_weight_busy
     assert plan.cpus["a"] == pytest.approx((cfg.cores - cfg.busy_service_cores) / 1.5)
     assert all(0 < q <= cfg.cores for q in plan.cpus.values())
+
+
+def test_a_starting_job_gets_a_whole_core_and_a_higher_weight_until_its_first_step() -> None:
+    cfg = PlannerConfig(memory=4000 * MiB, cores=2.0)
+    used = {"svc": 0.05, "a": 0.5, "b": 0.5, "s": 0.95}  # a saturated machine
+    svc = TenantState("svc", "service", 1.0, 100 * MiB, 0.5, 100 * MiB, running=True, cpu_used=used["svc"])
+    busy = [job(n, running=True, limit=400 * MiB, cpu_used=used[n]) for n in ("a", "b")]
+    starting = job("s", running=True, limit=400 * MiB, cpu_used=used["s"], starting=True)
+    pending = job("p", submitted_at=1.0)  # admitted by this plan: it starts now
+    plan = plan_dynamic([svc, *busy, starting, pending], cfg, now=2.0)
+    assert plan.admit == ["p"]
+    share = (cfg.cores - cfg.service_cores_idle) / 4
+    for name in ("s", "p"):  # one thread, and a whole core to run it on
+        assert plan.cpus[name] == pytest.approx(1.0)
+    for name in ("a", "b"):  # their share, or what the others leave idle
+        assert plan.cpus[name] == pytest.approx(max(share, cfg.cores - (sum(used.values()) - used[name])))
+    # Equal requests and urgency: the starting jobs weigh starting_cpu_weight times the others.
+    assert plan.cpu_weights["s"] == plan.cpu_weights["p"] == round(plan.cpu_weights["a"] * cfg.starting_cpu_weight)
+    # Past its first step it is one job among others.
+    stepped = job("s", running=True, limit=400 * MiB, cpu_used=used["s"])
+    after = plan_dynamic([svc, *busy, stepped], cfg, now=2.0)
+    assert after.cpu_weights["s"] == after.cpu_weights["a"] == 100
+    assert after.cpus["s"] == pytest.approx(max((cfg.cores - cfg.service_cores_idle) / 3, 2.0 - 1.05))
+    small = PlannerConfig(memory=4000 * MiB, cores=0.75, service_cores_idle=0.1)
+    assert plan_dynamic([starting], small, now=0.0).cpus["s"] == 0.75  # never more than the machine
+    for bad in (0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="starting_cpu_weight"):
+            PlannerConfig(memory=MiB, cores=2.0, starting_cpu_weight=bad)
 
 
 def test_a_busy_service_may_use_every_core_by_default_and_bad_caps_are_refused() -> None:

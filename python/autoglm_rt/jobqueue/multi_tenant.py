@@ -202,6 +202,7 @@ class _Tenant:
     started_at: float | None = None
     finished_at: float | None = None
     exited_at: float | None = None  # when the current attempt's process exited (its waiter saw it)
+    step_at_spawn: object = None  # its status's step when the current attempt started: none done since
     oom_kills: int = 0
     cpu_seconds: float = 0.0
     hard_limit: int | None = None
@@ -433,6 +434,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.cpu_mark = (time.monotonic() - t0, 0.0)  # a new group has used no CPU: its first period counts
         jdir = work / t.arrival.name
         (jdir / "ckpt").mkdir(parents=True, exist_ok=True)
+        t.step_at_spawn = _status(jdir / "status.json").get("step")
         cmd = [
             sys.executable,
             "-m",
@@ -549,6 +551,7 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                         paused=t.state == "paused",
                         phase=str(st.get("phase", "initial")),
                         progress=_progress(st),
+                        starting=t.state == "running" and st.get("step") == t.step_at_spawn,
                         usage=usage,
                         peak=peak,
                         limit=t.hard_limit,

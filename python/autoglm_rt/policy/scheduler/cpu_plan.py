@@ -14,6 +14,10 @@ contended, so:
 - its quota (the cap) is that share or, when larger, what every other tenant left unused over the
   last period (``cores - sum of the others' cpu_used``): idle cores are lent, never wasted. Quotas
   may therefore sum to more than ``cores``; the weights arbitrate when all want more;
+- a job still starting (interpreter, imports, model build: one thread) gets a whole core and
+  ``starting_cpu_weight`` times its weight: that part of its work can use one core only and lies
+  on its path to the end, while running jobs' steps can later spread over cores others free, so
+  stretching a start over a shared core delays the last job's end (the makespan);
 - while the service has requests in flight, every training job yields: its quota is at most
   ``serving_training_cores`` (:func:`quota_while_serving`) from the moment a request is sent to
   the moment the last one is answered (event-driven, not per period: requests last milliseconds).
@@ -47,16 +51,26 @@ def plan_cpus(live: Sequence[TenantState], cfg: PlannerConfig) -> tuple[dict[str
     left = max(0.0, cfg.cores - sum(cpus.values()))
     asked = sum(t.request_cpus for t in train)
     used = sum(max(0.0, t.cpu_used) for t in live)
-    claim = {t.name: t.request_cpus * (1.0 + cfg.urgency_cpu_weight * t.urgency) for t in train}
+    claim = {
+        t.name: t.request_cpus
+        * (1.0 + cfg.urgency_cpu_weight * t.urgency)
+        * (cfg.starting_cpu_weight if _starting(t) else 1.0)
+        for t in train
+    }
     mean_claim = sum(claim.values()) / len(train) if train else 0.0
     for t in train:
         share = left * t.request_cpus / asked if asked else left / len(train)
         share = max(cfg.min_training_cores, share)
         idle = cfg.cores - (used - max(0.0, t.cpu_used))
-        cpus[t.name] = min(cfg.cores, max(share, idle))
+        cpus[t.name] = min(cfg.cores, max(share, idle, 1.0 if _starting(t) else 0.0))
         weight = DEFAULT_WEIGHT * claim[t.name] / mean_claim if mean_claim > 0 else DEFAULT_WEIGHT
         weights[t.name] = max(1, min(10000, round(weight)))
     return cpus, weights
+
+
+def _starting(t: TenantState) -> bool:
+    """A training job starting: admitted by this plan, or running and not past its first step."""
+    return t.kind == "training" and (t.starting or not t.running)
 
 
 def quota_while_serving(planned: float, serving: bool, cfg: PlannerConfig) -> float:

@@ -28,7 +28,8 @@ class PlannerConfig:
     most ``serving_training_cores`` (:func:`~autoglm_rt.policy.scheduler.cpu_plan.quota_while_serving`);
     training jobs are guaranteed the rest by weight (in proportion to their requests times
     ``1 + urgency_cpu_weight x urgency``, at least ``min_training_cores`` each) and may use what
-    the others leave idle. ``max_running``:
+    the others leave idle; a job still starting (:attr:`TenantState.starting`) is given a whole
+    core and ``starting_cpu_weight`` times its weight. ``max_running``:
     training jobs at once. ``preempt_urgency``: a pending job at least this urgent may preempt
     lower-scored running jobs when it does not fit. ``paused_cores``: the CPU quota of a job
     paused in place (1 ms per 100 ms period: the kernel's minimum)."""
@@ -44,6 +45,7 @@ class PlannerConfig:
     service_weight_busy: int = 10000
     serving_training_cores: float = 0.01  # 1 ms per 100 ms period: the kernel's minimum quota
     urgency_cpu_weight: float = 4.0  # a training job's CPU weight scales with 1 + this x urgency
+    starting_cpu_weight: float = 4.0  # ... and with this while it starts (one thread, nothing to spread)
     min_training_cores: float = 0.2
     max_running: int = 4
     preempt_urgency: float = 0.8
@@ -55,6 +57,8 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig: memory and cores must be > 0, got {self.memory}, {self.cores}")
         if self.max_running < 1:
             raise ValueError(f"PlannerConfig: max_running must be >= 1, got {self.max_running}")
+        if not (math.isfinite(self.starting_cpu_weight) and self.starting_cpu_weight >= 1):
+            raise ValueError(f"PlannerConfig: starting_cpu_weight must be >= 1, got {self.starting_cpu_weight}")
         if not (math.isfinite(self.urgency_cpu_weight) and self.urgency_cpu_weight >= 0):
             raise ValueError(f"PlannerConfig: urgency_cpu_weight must be >= 0, got {self.urgency_cpu_weight}")
         if not (math.isfinite(self.serving_training_cores) and self.serving_training_cores > 0):
@@ -86,7 +90,9 @@ class TenantState:
     the last control period (from its group's CPU accounting; 0 when unknown). ``paused``: a
     running job held in place by a :attr:`ResourcePlan.pause` (process and memory kept, minimal
     CPU); it counts as running for memory, not for ``max_running``. ``progress``: the share of
-    its steps a running job has done (0..1, from its status; None: unknown)."""
+    its steps a running job has done (0..1, from its status; None: unknown). ``starting``: a running
+    job that has not finished its first step since it was started (interpreter, imports, model:
+    one thread)."""
 
     name: str
     kind: str = "training"
@@ -105,6 +111,7 @@ class TenantState:
     cpu_used: float = 0.0
     paused: bool = False
     progress: float | None = None
+    starting: bool = False
 
 
 @dataclass
