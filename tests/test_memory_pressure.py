@@ -140,7 +140,10 @@ def test_trace_buffer_is_bounded_and_its_prefix_replays(tmp_path: Path) -> None:
 def test_ctrl_c_stops_a_long_replay_within_a_second(tmp_path: Path) -> None:
     trace = ROOT / "benches" / "traces" / "transformer_train.csv"
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # Python's own Ctrl-C handler, as in a terminal: a shell that starts a job in the background
+        # hands it SIGINT ignored, and Python then leaves it ignored.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from autoglm_rt import memory\n"
         "print('ready', flush=True)\n"
         "try:\n"
