@@ -479,9 +479,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         except ResourceError:
             pass  # the kernel refused a hard limit below current usage: the target stands; retried next period
 
-    def finish(t: _Tenant, now: float) -> None:
-        assert t.proc is not None and t.group is not None
-        rc = t.proc.wait()
+    def finish(t: _Tenant) -> bool:
+        """Accounts for ``t``'s exited attempt and removes its group; True if the OOM killer ended it."""
+        assert t.proc is not None and t.group is not None and t.exited_at is not None
+        rc = t.proc.wait()  # it has exited: its waiter saw it
         kills = t.group.oom_kills()
         t.oom_kills += kills
         t.cpu_seconds += t.group.cpu_seconds()
@@ -494,11 +495,12 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             # (still starting: nothing done to lose). It waits again either way.
             t.state = "pending"
             say(f"{mode}: {t.arrival.name} preempted, requeued")
-            return
+            return False
         t.state = "succeeded" if rc == 0 and not kills else "failed"
-        t.finished_at = t.exited_at if t.exited_at is not None else now
+        t.finished_at = t.exited_at
         why = "OOM-killed" if kills else f"exit {rc}"
         say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
+        return kills > 0
 
     svc_mark: tuple[float, float] | None = None
     svc_used = 0.0
@@ -515,11 +517,10 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 answered[rid] = at
             oom_killed = []  # ended by the OOM killer in this period: marked once on the timeline
             for t in tenants.values():
-                if t.state in ("running", "paused", "stopping") and t.proc is not None and t.proc.poll() is not None:
-                    kills_before = t.oom_kills
-                    finish(t, now)
-                    if t.oom_kills > kills_before:
-                        oom_killed.append(t.arrival.name)
+                # The waiter's exit time is the one signal an attempt ended (poll() could see the
+                # exit a moment before the waiter has recorded when).
+                if t.state in ("running", "paused", "stopping") and t.exited_at is not None and finish(t):
+                    oom_killed.append(t.arrival.name)
             arrived = [t for t in tenants.values() if t.arrival.at <= now]
             statuses: dict[str, dict[str, Any]] = {}
             views = []
