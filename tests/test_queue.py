@@ -352,6 +352,8 @@ def test_cli_bench_multi_tenant_rejects_bad_arguments(capsys: pytest.CaptureFixt
     assert "memory must be >= 4x service_memory" in capsys.readouterr().err
     assert cli.main(["bench-multi-tenant", "--cores", "1"]) == 2  # 0.5 + 0.75 static partitions: nothing fits
     assert "cores must be >= the service's and one training job's static partitions" in capsys.readouterr().err
+    assert cli.main(["bench-multi-tenant", "--rounds", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "autoglm-rt bench-multi-tenant: --rounds must be >= 1, got 0"
 
 
 def test_a_runner_that_dies_during_a_preemption_is_replaced_and_finishes_it(tmp_path: Path) -> None:
@@ -463,6 +465,7 @@ def test_a_runner_that_died_while_starting_a_job_neither_loses_nor_repeats_it(
         ["--quick"],
         ["--quick", "--seed", "7", "--memory", "3Gi", "--cores", "1.5"],
         ["--seed", "2", "--memory", "2147483648", "--cores", "3.25", "--tenant-weight", "50", "--request-passes", "3"],
+        ["--quick", "--rounds", "3"],
     ],
 )
 def test_the_recorded_multi_tenant_command_runs_the_same_trace(argv: list[str]) -> None:
@@ -478,3 +481,4 @@ def test_the_recorded_multi_tenant_command_runs_the_same_trace(argv: list[str]) 
     again = cli.build_parser().parse_args(words[1:])
     assert cli._multi_tenant_workload(again) == cli._multi_tenant_workload(args)
     assert make_trace(cli._multi_tenant_workload(again)) == make_trace(cli._multi_tenant_workload(args))
+    assert again.rounds == args.rounds

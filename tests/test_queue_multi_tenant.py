@@ -476,6 +476,17 @@ def test_a_live_run_reports_the_work_its_groups_did_and_each_jobs_progress(tmp_p
     )
     assert 1.0 < r.training_cpu_seconds <= w.cores * r.makespan_seconds + 1.0  # an interpreter, torch, 30 steps
     assert integral <= r.training_cpu_seconds * 1.05 + 0.1
+    # The job's own record: its group's CPU time is the whole training figure, its end the makespan.
+    (run,) = r.job_runs
+    assert (run["name"], run["kind"], run["state"], run["attempts"], run["oom_kills"]) == (
+        "train0",
+        "cnn-s",
+        "succeeded",
+        1,
+        0,
+    )
+    assert run["cpu_seconds"] == r.training_cpu_seconds
+    assert run["arrived"] <= run["started"] < run["ended"] == r.makespan_seconds
 
 
 @pytest.mark.cgroup
@@ -496,6 +507,9 @@ def test_a_live_run_acts_on_arrivals_and_exits_at_once_not_at_its_next_period(tm
     # after, woken by it, or just before, when the exit came while that period was planning).
     ends = [b["t"] for a, b in itertools.pairwise(r.timeline) if a["jobs"] and not b["jobs"]]
     assert ends and abs(ends[-1] - r.makespan_seconds) < 0.3
+    assert [j["name"] for j in r.job_runs] == ["train0", second.name]  # in order of arrival
+    assert max(j["ended"] for j in r.job_runs) == r.makespan_seconds
+    assert sum(j["cpu_seconds"] for j in r.job_runs) == pytest.approx(r.training_cpu_seconds)
 
 
 def test_the_services_schedstat_counts_every_thread_of_the_process() -> None:
@@ -605,3 +619,65 @@ def test_a_training_tenants_large_buffers_come_in_huge_pages() -> None:
     assert huge["training"] >= 16 * 1024, huge  # a quarter of the 64 MiB at least (fragmentation)
     if _thp_mode() == "madvise":
         assert huge["service"] < 8 * 1024, huge
+
+
+def _fake_result(mode: str, makespan: float, ooms: int, response: float) -> mt.ModeResult:
+    return mt.ModeResult(
+        mode=mode,
+        mean_response_seconds=response,
+        p95_response_seconds=response,
+        cpu_utilization=0.5,
+        memory_utilization=0.25,
+        oom_kills=ooms,
+        jobs_failed=0,
+        jobs=2,
+        makespan_seconds=makespan,
+        samples_per_second=10.0,
+        requests=3,
+        requests_answered=3,
+        preemptions=0,
+        job_runs=[{"name": "train0"}],
+        timeline=[{"t": makespan}],
+    )
+
+
+def test_rounds_alternate_the_order_and_report_each_figures_median(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Drift on a shared machine: the mode run second in a round is slower. Alternating cancels it.
+    calls: list[str] = []
+    makespans = {"static": [10.0, 14.0, 11.0], "dynamic": [9.0, 30.0, 8.0]}
+    ooms = {"static": [2, 1, 3], "dynamic": [0, 0, 1]}
+    responses = {"static": [0.2, math.nan, 0.4], "dynamic": [math.nan, math.nan, math.nan]}
+
+    def fake_run_mode(mode: str, w: mt.Workload, work_dir: object, log: object = None) -> mt.ModeResult:
+        i = sum(1 for c in calls if c == mode)
+        calls.append(mode)
+        return _fake_result(mode, makespans[mode][i], ooms[mode][i], responses[mode][i])
+
+    monkeypatch.setattr(mt, "run_mode", fake_run_mode)
+    monkeypatch.setattr(mt, "availability", lambda: ("cgroup-v1", ""))
+    monkeypatch.setattr(mt.JobGroup, "tree", classmethod(lambda cls, backend=None: _FakeTree()))
+    doc = mt.run_comparison(mt.Workload(), tmp_path, rounds=3)
+    assert calls == ["static", "dynamic", "dynamic", "static", "static", "dynamic"]
+    assert [r["order"] for r in doc["rounds"]] == [["static", "dynamic"], ["dynamic", "static"], ["static", "dynamic"]]
+    assert doc["static"]["makespan_seconds"] == 11.0 and doc["dynamic"]["makespan_seconds"] == 9.0
+    assert doc["static"]["oom_kills"] == 2 and doc["dynamic"]["oom_kills"] == 0  # ints stay ints
+    assert type(doc["static"]["oom_kills"]) is int
+    assert doc["static"]["mean_response_seconds"] == pytest.approx(0.3)  # the NaN round left out
+    assert math.isnan(doc["dynamic"]["mean_response_seconds"])  # NaN in every round: NaN
+    assert "job_runs" not in doc["static"] and doc["rounds"][1]["dynamic"]["job_runs"] == [{"name": "train0"}]
+    assert doc["timeline"] == {"static": [{"t": 10.0}], "dynamic": [{"t": 9.0}]}  # the first round's
+    text = mt.format_comparison(doc)
+    assert "3 rounds" in text and "round 2 (dynamic then static)" in text and "makespan 2.14x" in text
+    calls.clear()
+    one = mt.run_comparison(mt.Workload(), tmp_path, rounds=1)
+    assert "rounds" not in one and one["static"]["job_runs"] == [{"name": "train0"}]
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+            mt.run_comparison(mt.Workload(), tmp_path, rounds=bad)  # type: ignore[arg-type]
+
+
+class _FakeTree:
+    def cpu_weight(self) -> int:
+        return 100

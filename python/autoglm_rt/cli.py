@@ -514,6 +514,12 @@ def _multi_tenant_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU weight of all tenants together against other processes, both modes (100: one process)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run both modes this many times, alternating which goes first, and report medians",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="also write every figure to FILE as JSON")
     p.add_argument("--png", metavar="FILE", default=None, help="write the per-job memory/CPU timeline to FILE")
 
@@ -543,6 +549,7 @@ def _multi_tenant_command(args: argparse.Namespace) -> str:
         + f" --seed {args.seed} --memory {shlex.quote(args.memory)} --cores {args.cores!r}"
         + (f" --tenant-weight {args.tenant_weight}" if args.tenant_weight is not None else "")
         + (f" --request-passes {args.request_passes}" if args.request_passes is not None else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 1 else "")
     )
 
 
@@ -557,11 +564,15 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
 
     try:
         workload = _multi_tenant_workload(args)
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     except (TypeError, ValueError) as exc:
         print(f"autoglm-rt bench-multi-tenant: {exc}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="agrt-mt-") as tmp:
-        doc = run_comparison(workload, args.work_dir or tmp, log=lambda line: print(line, flush=True))
+        doc = run_comparison(
+            workload, args.work_dir or tmp, log=lambda line: print(line, flush=True), rounds=args.rounds
+        )
     print(format_comparison(doc))
     if doc["enforcement"] == "none":
         return 1

@@ -31,7 +31,8 @@ answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x mak
 (first arrival to last training job done), ``samples_per_second`` (training samples of
 succeeded jobs / makespan), ``preemptions`` (stops and pauses) and ``training_cpu_seconds`` (the
 training groups' CPU time: the work each mode did, up to the kill for a failed job; the
-makespan is read beside it). Each timeline sample keeps a job's step, micro-batch and threads
+makespan is read beside it), and ``job_runs`` (each training job's arrival, start, end, state
+and CPU-seconds). Each timeline sample keeps a job's step, micro-batch and threads
 from its status file. Without a writable cgroup
 hierarchy the comparison cannot enforce anything and says so (``enforcement: none``).
 """
@@ -284,6 +285,7 @@ class ModeResult:
     service_on_cpu_seconds: float = math.nan  # mean per request: the service's CPU time, all threads
     service_queue_seconds: float = math.nan  # mean per request: its threads' time runnable but not running
     training_cpu_seconds: float = 0.0  # all training groups' CPU time, failed and preempted attempts too
+    job_runs: list[dict[str, Any]] = field(default_factory=list)  # per training job: see _job_run
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -499,7 +501,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         t.state = "succeeded" if rc == 0 and not kills else "failed"
         t.finished_at = t.exited_at
         why = "OOM-killed" if kills else f"exit {rc}"
-        say(f"{mode}: {t.arrival.name} ({t.job.name}) {'done' if t.state == 'succeeded' else 'FAILED: ' + why}")
+        outcome = "done" if t.state == "succeeded" else "FAILED: " + why
+        say(f"{mode}: {t.arrival.name} ({t.job.name}) {outcome} at {t.exited_at:.1f} s, {t.cpu_seconds:.1f} CPU-s")
         return kills > 0
 
     svc_mark: tuple[float, float] | None = None
@@ -681,8 +684,28 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
         service_on_cpu_seconds=statistics.fmean(u[0] for u in sched_used.values()) if sched_used else math.nan,
         service_queue_seconds=statistics.fmean(u[1] for u in sched_used.values()) if sched_used else math.nan,
         training_cpu_seconds=sum(t.cpu_seconds for t in tenants.values()),
+        job_runs=[_job_run(t) for t in sorted(tenants.values(), key=lambda t: (t.arrival.at, t.arrival.name))],
         timeline=timeline,
     )
+
+
+def _job_run(t: _Tenant) -> dict[str, Any]:
+    """One training job's outcome: its kind and urgency; when it arrived, was first started and
+    ended (seconds from the first arrival; None if never); its final state; attempts (a stopped
+    victim restarts: one more); its CPU-seconds over all attempts; OOM kills; preemptions."""
+    return {
+        "name": t.arrival.name,
+        "kind": t.job.name,
+        "urgency": t.arrival.urgency,
+        "arrived": t.arrival.at,
+        "started": t.started_at,
+        "ended": t.finished_at,
+        "state": t.state,
+        "attempts": t.attempt,
+        "cpu_seconds": t.cpu_seconds,
+        "oom_kills": t.oom_kills,
+        "preemptions": t.preemptions,
+    }
 
 
 def _schedstat(pid: int) -> tuple[float, float] | None:
@@ -737,10 +760,18 @@ _FIGURES = (
 )
 
 
-def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Static then dynamic on the same trace. Returns the ``--json`` document (timelines under
-    ``timeline``; ``tenant_weight``: the CPU weight all tenants had together against the rest of
-    the machine). ``w.tenant_weight`` sets that weight for both runs and restores it after."""
+def run_comparison(
+    w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None, rounds: int = 1
+) -> dict[str, Any]:
+    """Static and dynamic on the same trace, ``rounds`` times, the order alternating (static first
+    in even rounds, dynamic first in odd ones: a machine whose speed drifts favours neither mode).
+    Returns the ``--json`` document: per mode its figures (one round: that round's, ``job_runs``
+    included; more: each figure's median over the rounds, and ``rounds`` lists every round's
+    figures); the first round's timelines under ``timeline``; ``tenant_weight``: the CPU weight all
+    tenants had together against the rest of the machine. ``w.tenant_weight`` sets that weight for
+    every run and restores it after."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     kind, reason = availability()
     doc: dict[str, Any] = {"enforcement": kind, "workload": asdict(w)}
     if kind == "none":
@@ -748,25 +779,53 @@ def run_comparison(w: Workload, work_dir: str | Path, log: Callable[[str], None]
         return doc
     tree = JobGroup.tree() if w.tenant_weight is not None else None
     before = tree.cpu_weight() if tree is not None else None
+    runs: list[dict[str, Any]] = []
     try:
         if tree is not None and w.tenant_weight is not None:
-            tree.set_cpu_weight(w.tenant_weight)  # both modes alike; restored below
+            tree.set_cpu_weight(w.tenant_weight)  # every run alike; restored below
         doc["tenant_weight"] = tree.cpu_weight() if tree is not None else JobGroup.tree().cpu_weight()
-        for mode in ("static", "dynamic"):
-            r = run_mode(mode, w, work_dir, log)
-            doc[mode] = {k: getattr(r, k) for k in _FIGURES} | {
-                "requests": r.requests,
-                "requests_answered": r.requests_answered,
-                "preemptions": r.preemptions,
-                "service_on_cpu_seconds": r.service_on_cpu_seconds,
-                "service_queue_seconds": r.service_queue_seconds,
-                "training_cpu_seconds": r.training_cpu_seconds,
-            }
-            doc.setdefault("timeline", {})[mode] = r.timeline
+        for i in range(rounds):
+            order = ("static", "dynamic") if i % 2 == 0 else ("dynamic", "static")
+            figures: dict[str, Any] = {"order": list(order)}
+            for mode in order:
+                r = run_mode(mode, w, work_dir, log)
+                figures[mode] = {k: getattr(r, k) for k in _FIGURES + _DETAILS}
+                if i == 0:
+                    doc.setdefault("timeline", {})[mode] = r.timeline
+            runs.append(figures)
     finally:
         if tree is not None and before is not None:
             tree.set_cpu_weight(before)
+    if rounds == 1:
+        doc |= {mode: runs[0][mode] for mode in ("static", "dynamic")}
+    else:
+        doc |= {mode: _medians([run[mode] for run in runs]) for mode in ("static", "dynamic")}
+        doc["rounds"] = runs
     return doc
+
+
+#: What each mode reports beside the headline figures (``_FIGURES``).
+_DETAILS = (
+    "requests",
+    "requests_answered",
+    "preemptions",
+    "service_on_cpu_seconds",
+    "service_queue_seconds",
+    "training_cpu_seconds",
+    "job_runs",
+)
+
+
+def _medians(modes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number's median over rounds (an int's: the lower middle one, still an int; NaNs, a
+    round without an answered request, are left out unless every round has one)."""
+    out: dict[str, Any] = {}
+    for key, value in modes[0].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        values = [m[key] for m in modes if not math.isnan(m[key])] or [math.nan]
+        out[key] = statistics.median_low(values) if isinstance(value, int) else statistics.median(values)
+    return out
 
 
 def format_comparison(doc: dict[str, Any]) -> str:
@@ -809,6 +868,16 @@ def format_comparison(doc: dict[str, Any]) -> str:
     head = f"{'figure':<26} {'static':>10} {'dynamic':>10}   published reference (static / dynamic); our target"
     lines = [f"enforcement: {doc['enforcement']}", head, "-" * len(head)]
     lines += [f"{a:<26} {b:>10} {c:>10}   {m}" for a, b, c, m in rows]
+    if "rounds" in doc:
+        lines.append(f"{len(doc['rounds'])} rounds, the order alternating; each figure above is its median")
+        for i, run in enumerate(doc["rounds"]):
+            s, d = run["static"], run["dynamic"]
+            lines.append(
+                f"  round {i + 1} ({' then '.join(run['order'])}): response "
+                f"{d['mean_response_seconds'] / s['mean_response_seconds']:.2f}x, CPU "
+                f"{(d['cpu_utilization'] - s['cpu_utilization']) * 100:+.0f} pt, OOM kills "
+                f"{s['oom_kills']} / {d['oom_kills']}, makespan {d['makespan_seconds'] / s['makespan_seconds']:.2f}x"
+            )
     return "\n".join(lines)
 
 
