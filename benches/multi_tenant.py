@@ -2,7 +2,7 @@
 (static partitions vs. the dynamic policy), written to benches/results/multi_tenant_cpu[_quick].json
 with a PNG timeline beside it; and the same policies at cluster scale by simulation.
 
-    PYTHONPATH=python python benches/multi_tenant.py [--quick]
+    PYTHONPATH=python python benches/multi_tenant.py [--quick] [--rounds N]
     PYTHONPATH=python python benches/multi_tenant.py --simulate TRACE.csv [--nodes N]
     PYTHONPATH=python python benches/multi_tenant.py --simulate generate [--nodes N]
     PYTHONPATH=python python benches/multi_tenant.py --simulate benches/cluster_traces/openb_trace_sim.csv \
@@ -56,6 +56,7 @@ def simulate(trace: str, nodes: int, node: dict[str, float], out_name: str) -> i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="live run: both modes N times, medians (see the CLI)")
     ap.add_argument("--simulate", metavar="TRACE", default=None, help="a trace CSV, or 'generate'")
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--node-cpus", type=float, default=32.0, help="simulated cores per node")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         node = {"cpus": args.node_cpus, "memory_gib": args.node_memory_gib, "gpus": args.node_gpus, "dt": args.dt}
         return simulate(args.simulate, args.nodes, node, args.out)
     stem = HERE / "results" / f"multi_tenant_cpu{'_quick' if args.quick else ''}"
-    cmd = ["bench-multi-tenant", "--json", f"{stem}.json", "--png", f"{stem}.png"]
+    cmd = ["bench-multi-tenant", "--json", f"{stem}.json", "--png", f"{stem}.png", "--rounds", str(args.rounds)]
     return cli.main([*cmd, "--quick"] if args.quick else cmd)
 
 

@@ -11,8 +11,11 @@ Each period between two samples counts ``cpu_used x dt`` for every job and the s
 ``work bound``: the earliest the mode's own training work could have ended, for any schedule on
 ``cores`` cores: ``max over arrivals a of (a + CPU-seconds of the jobs arriving at or after a /
 cores)`` (a job cannot start before it arrives; the service's work is left out, so the bound only
-gets higher with it). Each job's work is what it used in this run. A dynamic bound above static's
-measured makespan means no dynamic schedule of that work could have matched static in that run.
+gets higher with it). Each job's work is what its groups used in this run (``job_runs``; files
+written before it existed: the timeline's rates). A dynamic bound above static's measured
+makespan means no dynamic schedule of that work could have matched static in that run.
+
+A ``--rounds`` file is read for its first round: the one whose timelines it keeps.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ def periods(doc: dict[str, Any], mode: str) -> Iterator[tuple[float, float, dict
         prev = t
 
 
+def timed_figures(doc: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``mode``'s figures of the run whose timeline ``doc`` keeps (with ``--rounds``: the first
+    round's; ``doc[mode]`` then holds medians)."""
+    return doc["rounds"][0][mode] if "rounds" in doc else doc[mode]
+
+
 def account(doc: dict[str, Any], mode: str) -> dict[str, float]:
     """CPU-seconds of training and of the service, and idle core-seconds, over the makespan."""
     cores = float(doc["workload"]["cores"])
-    end = float(doc[mode]["makespan_seconds"])
+    end = float(timed_figures(doc, mode)["makespan_seconds"])
     train = service = idle = 0.0
     for t, dt, sample in periods(doc, mode):
         if t <= end + 0.5:
@@ -64,6 +73,15 @@ def job_cpu_seconds(doc: dict[str, Any], mode: str) -> dict[str, float]:
         for name, j in sample["jobs"].items():
             out[name] = out.get(name, 0.0) + float(j["cpu_used"]) * dt
     return out
+
+
+def job_work(doc: dict[str, Any], mode: str) -> dict[str, float]:
+    """Each training job's CPU-seconds in ``mode``: its groups' accounting where the file has
+    ``job_runs``, else :func:`job_cpu_seconds` (which misses each job's last period)."""
+    runs = timed_figures(doc, mode).get("job_runs")
+    if runs is None:
+        return job_cpu_seconds(doc, mode)
+    return {r["name"]: float(r["cpu_seconds"]) for r in runs}
 
 
 def work_bound(arrivals: dict[str, float], work: dict[str, float], cores: float) -> float:
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head + f" {'work bound s':>13s}")
     for mode in ("static", "dynamic"):
         a = account(doc, mode)
-        bound = work_bound(arrivals, job_cpu_seconds(doc, mode), cores)
+        bound = work_bound(arrivals, job_work(doc, mode), cores)
         print(
             f"{mode:8s} {a['makespan_seconds']:10.1f} {a['training_cpu_seconds']:15.1f}"
             f" {a['service_cpu_seconds']:14.1f} {a['idle_core_seconds']:12.1f} {bound:13.1f}"

@@ -62,3 +62,19 @@ def test_job_cpu_seconds_integrates_each_jobs_sampled_rate() -> None:
         }
     }
     assert _bench().job_cpu_seconds(doc, "dynamic") == pytest.approx({"a": 0.5, "b": 1.0 + 0.5})
+
+
+def test_the_work_is_the_groups_accounting_where_the_file_has_it_and_rounds_read_the_first() -> None:
+    bench = _bench()
+    timeline = {"dynamic": [{"t": 0.0, "jobs": {"a": {"cpu_used": 0.0}}}, {"t": 1.0, "jobs": {"a": {"cpu_used": 1.0}}}]}
+    old = {"timeline": timeline, "dynamic": {"makespan_seconds": 1.0}}
+    assert bench.job_work(old, "dynamic") == pytest.approx({"a": 1.0})  # no job_runs: the sampled rates
+    first = {"makespan_seconds": 1.2, "job_runs": [{"name": "a", "cpu_seconds": 1.3}]}
+    rounds = {
+        "timeline": timeline,
+        "workload": {"cores": 2.0},
+        "dynamic": {"makespan_seconds": 5.0},  # a median: not the timeline's run
+        "rounds": [{"dynamic": first}, {"dynamic": {"makespan_seconds": 9.0, "job_runs": []}}],
+    }
+    assert bench.job_work(rounds, "dynamic") == {"a": 1.3}
+    assert bench.account(rounds, "dynamic")["makespan_seconds"] == 1.2
