@@ -352,6 +352,11 @@ def test_cli_bench_multi_tenant_rejects_bad_arguments(capsys: pytest.CaptureFixt
     assert "memory must be >= 4x service_memory" in capsys.readouterr().err
     assert cli.main(["bench-multi-tenant", "--cores", "1"]) == 2  # 0.5 + 0.75 static partitions: nothing fits
     assert "cores must be >= the service's and one training job's static partitions" in capsys.readouterr().err
+    from autoglm_rt.policy.memory import available_cores
+
+    more = str(available_cores() + 0.5)
+    assert cli.main(["bench-multi-tenant", "--cores", more]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"is more than the {available_cores()} CPUs this process may use")
     assert cli.main(["bench-multi-tenant", "--rounds", "0"]) == 2
     assert capsys.readouterr().err.strip() == "autoglm-rt bench-multi-tenant: --rounds must be >= 1, got 0"
 

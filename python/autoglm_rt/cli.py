@@ -561,9 +561,16 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
 
     from autoglm_rt.benchmarking import machine_description
     from autoglm_rt.jobqueue.multi_tenant import format_comparison, run_comparison, write_timeline_png
+    from autoglm_rt.policy.memory import available_cores
 
     try:
         workload = _multi_tenant_workload(args)
+        if workload.cores > available_cores():
+            # Quotas could never bind and utilisation (CPU-seconds / (cores x makespan)) would
+            # count cores that do not exist.
+            raise ValueError(
+                f"--cores {workload.cores:g} is more than the {available_cores()} CPUs this process may use"
+            )
         if args.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     except (TypeError, ValueError) as exc:

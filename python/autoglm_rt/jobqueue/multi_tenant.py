@@ -457,7 +457,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
                 preexec_fn=lambda: group.add(os.getpid()),
             )
         t.state = "running"
-        t.started_at = t.started_at or time.monotonic() - t0
+        if t.started_at is None:  # its first attempt's start (0.0 is a start too)
+            t.started_at = time.monotonic() - t0
         t.exited_at = None
         threading.Thread(target=await_exit, args=(t, t.proc), daemon=True).start()
 
