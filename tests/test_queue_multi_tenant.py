@@ -670,6 +670,8 @@ def test_rounds_alternate_the_order_and_report_each_figures_median(
     assert doc["timeline"] == {"static": [{"t": 10.0}], "dynamic": [{"t": 9.0}]}  # the first round's
     text = mt.format_comparison(doc)
     assert "3 rounds" in text and "round 2 (dynamic then static)" in text and "makespan 2.14x" in text
+    # Rounds' own makespan ratios 0.90, 2.14, 0.73: their median pairs each round's runs.
+    assert "own ratios (each pairs runs minutes apart): response nanx, CPU +0 pt, makespan 0.90x" in text
     calls.clear()
     one = mt.run_comparison(mt.Workload(), tmp_path, rounds=1)
     assert "rounds" not in one and one["static"]["job_runs"] == [{"name": "train0"}]

@@ -824,9 +824,14 @@ def _medians(modes: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in modes[0].items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        values = [m[key] for m in modes if not math.isnan(m[key])] or [math.nan]
-        out[key] = statistics.median_low(values) if isinstance(value, int) else statistics.median(values)
+        out[key] = _median([m[key] for m in modes], low=isinstance(value, int))
     return out
+
+
+def _median(values: list[float], low: bool = False) -> float:
+    """The median of ``values`` without their NaNs (NaN if all are); ``low``: the lower middle one."""
+    kept = [v for v in values if not math.isnan(v)] or [math.nan]
+    return statistics.median_low(kept) if low else statistics.median(kept)
 
 
 def format_comparison(doc: dict[str, Any]) -> str:
@@ -871,15 +876,27 @@ def format_comparison(doc: dict[str, Any]) -> str:
     lines += [f"{a:<26} {b:>10} {c:>10}   {m}" for a, b, c, m in rows]
     if "rounds" in doc:
         lines.append(f"{len(doc['rounds'])} rounds, the order alternating; each figure above is its median")
-        for i, run in enumerate(doc["rounds"]):
-            s, d = run["static"], run["dynamic"]
+        paired = [_paired(run["static"], run["dynamic"]) for run in doc["rounds"]]
+        for i, (run, (response, cpu, makespan)) in enumerate(zip(doc["rounds"], paired, strict=True)):
             lines.append(
-                f"  round {i + 1} ({' then '.join(run['order'])}): response "
-                f"{d['mean_response_seconds'] / s['mean_response_seconds']:.2f}x, CPU "
-                f"{(d['cpu_utilization'] - s['cpu_utilization']) * 100:+.0f} pt, OOM kills "
-                f"{s['oom_kills']} / {d['oom_kills']}, makespan {d['makespan_seconds'] / s['makespan_seconds']:.2f}x"
+                f"  round {i + 1} ({' then '.join(run['order'])}): response {response:.2f}x, CPU {cpu:+.0f} pt, "
+                f"OOM kills {run['static']['oom_kills']} / {run['dynamic']['oom_kills']}, makespan {makespan:.2f}x"
             )
+        response, cpu, makespan = (_median(list(column)) for column in zip(*paired, strict=True))
+        lines.append(
+            f"  median of the rounds' own ratios (each pairs runs minutes apart): response {response:.2f}x, "
+            f"CPU {cpu:+.0f} pt, makespan {makespan:.2f}x"
+        )
     return "\n".join(lines)
+
+
+def _paired(s: dict[str, Any], d: dict[str, Any]) -> tuple[float, float, float]:
+    """One round's dynamic against static: response ratio, CPU points, makespan ratio."""
+    return (
+        d["mean_response_seconds"] / s["mean_response_seconds"],
+        (d["cpu_utilization"] - s["cpu_utilization"]) * 100,
+        d["makespan_seconds"] / s["makespan_seconds"],
+    )
 
 
 def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
