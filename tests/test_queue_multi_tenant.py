@@ -683,3 +683,19 @@ def test_rounds_alternate_the_order_and_report_each_figures_median(
 class _FakeTree:
     def cpu_weight(self) -> int:
         return 100
+
+
+@pytest.mark.cgroup
+def test_utilisation_counts_the_services_cpu_up_to_the_makespan_only(tmp_path: Path) -> None:
+    # One short job, requests for 12 s: most are answered after the training has ended.
+    w = mt.Workload(training_jobs=1, request_window=12.0, seed=1)
+    trace = mt.make_trace(w)
+    r = mt.run_mode("dynamic", w, tmp_path)
+    assert r.jobs_failed == 0 and r.requests_answered == r.requests
+    before = sum(1 for a in trace if a.kind == "request" and a.at < r.makespan_seconds)
+    assert r.requests - before >= 3  # the case under test: requests go on after the makespan
+    service_in_makespan = r.cpu_utilization * w.cores * r.makespan_seconds - r.training_cpu_seconds
+    # At most the requests sent before the end (one more may be in flight) and a little idle time;
+    # the whole run's service CPU would hold every request.
+    assert 0.0 <= service_in_makespan <= r.service_on_cpu_seconds * (before + 1) + 0.1
+    assert service_in_makespan < r.service_on_cpu_seconds * r.requests

@@ -25,7 +25,8 @@ answered request), so a freed partition or core is given out without waiting for
 a job's end is its process's exit.
 
 Figures per mode (what :func:`run_mode` returns): mean/p95 response of the requests (arrival to
-answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups / (cores x makespan),
+answer), ``cpu_utilization`` = CPU-seconds of all tenants' groups up to the end of the makespan
+(requests answered after it do not count) / (cores x makespan),
 ``memory_utilization`` = mean over samples of the tenants' summed usage / ``memory``,
 ``oom_kills`` (the groups' kernel counters), ``jobs_failed``, ``jobs``, ``makespan_seconds``
 (first arrival to last training job done), ``samples_per_second`` (training samples of
@@ -393,6 +394,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     timeline: list[dict[str, Any]] = []
     t0 = time.monotonic()
     svc_cpu0 = service_group.cpu_seconds()
+    # The service's CPU-seconds when the last training job ended: utilisation is over the makespan,
+    # and requests may go on after it (the request window is its own).
+    svc_cpu_in_makespan: float | None = None
     pending_arrivals = [a for a in trace if a.kind != "request"]
     service_quota = w.service_cpus
     stop_sending = threading.Event()
@@ -636,6 +640,8 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
             sample["ooms"] = oom_killed
             timeline.append(sample)
             training_done = all(t.state in ("succeeded", "failed") for t in tenants.values())
+            if training_done and svc_cpu_in_makespan is None:
+                svc_cpu_in_makespan = service_group.cpu_seconds() - svc_cpu0  # woken by the last exit
             if training_done and not sending.is_alive() and len(answered) >= len(sent):
                 break
             if now > 900:
@@ -666,7 +672,9 @@ def run_mode(mode: str, w: Workload, work_dir: str | Path, log: Callable[[str], 
     makespan = max(end_times) if end_times else time.monotonic() - t0
     responses = sorted(answered[r] - sent[r] for r in sent if r in answered)
     ok = [t for t in tenants.values() if t.state == "succeeded"]
-    busy_cpu = svc_cpu + sum(t.cpu_seconds for t in tenants.values())
+    if svc_cpu_in_makespan is None:  # it gave up before the training ended: the whole run is the makespan
+        svc_cpu_in_makespan = svc_cpu
+    busy_cpu = svc_cpu_in_makespan + sum(t.cpu_seconds for t in tenants.values())
     usage_samples = [s["service_usage"] + sum(j["usage"] for j in s["jobs"].values()) for s in timeline]
     return ModeResult(
         mode=mode,
