@@ -699,3 +699,24 @@ def test_utilisation_counts_the_services_cpu_up_to_the_makespan_only(tmp_path: P
     # the whole run's service CPU would hold every request.
     assert 0.0 <= service_in_makespan <= r.service_on_cpu_seconds * (before + 1) + 0.1
     assert service_in_makespan < r.service_on_cpu_seconds * r.requests
+
+
+def test_a_job_before_its_first_step_keeps_its_request_when_memory_is_cut() -> None:
+    # Memory for the floors at micro-batch 1 of four jobs (4 x 287.5 MiB), not for four requests.
+    cfg = PlannerConfig(memory=1300 * MiB, cores=2.0, max_running=4)
+    ran = {"running": True, "limit": 300 * MiB, "peak": 200 * MiB, "progress": 0.5}
+    tenants = [job("a", 0.0, **ran), job("b", 1.0, **ran), job("c", 2.0, **ran), job("new", 3.0)]
+    plan = plan_dynamic(tenants, cfg, now=5.0)
+    # Its request leaves room only for three floors beside it: it is admitted at its request, the
+    # others keep at least theirs (floor 250 MiB + 15% headroom).
+    assert "new" in plan.admit and plan.memory["new"] >= 400 * MiB
+    assert all(plan.memory[n] >= int(250 * MiB * (1 + cfg.headroom)) for n in "abc")
+    assert sum(plan.memory.values()) <= cfg.memory
+    # Started but not past its first step: the same; after it, the floor at micro-batch 1 again.
+    starting = job("new", 3.0, running=True, starting=True, limit=400 * MiB, peak=100 * MiB)
+    assert plan_dynamic([*tenants[:3], starting], cfg, now=6.0).memory["new"] >= 400 * MiB
+    stepped = job("new", 3.0, running=True, limit=400 * MiB, peak=100 * MiB)
+    assert plan_dynamic([*tenants[:3], stepped], cfg, now=7.0).memory["new"] < 400 * MiB
+    # Not enough memory for its request beside the others' floors: it waits (not urgent).
+    tight = PlannerConfig(memory=1150 * MiB, cores=2.0, max_running=4)
+    assert "new" not in plan_dynamic(tenants, tight, now=5.0).admit

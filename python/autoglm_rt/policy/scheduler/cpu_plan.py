@@ -54,7 +54,7 @@ def plan_cpus(live: Sequence[TenantState], cfg: PlannerConfig) -> tuple[dict[str
     claim = {
         t.name: t.request_cpus
         * (1.0 + cfg.urgency_cpu_weight * t.urgency)
-        * (cfg.starting_cpu_weight if _starting(t) else 1.0)
+        * (cfg.starting_cpu_weight if t.before_first_step else 1.0)
         for t in train
     }
     mean_claim = sum(claim.values()) / len(train) if train else 0.0
@@ -62,15 +62,10 @@ def plan_cpus(live: Sequence[TenantState], cfg: PlannerConfig) -> tuple[dict[str
         share = left * t.request_cpus / asked if asked else left / len(train)
         share = max(cfg.min_training_cores, share)
         idle = cfg.cores - (used - max(0.0, t.cpu_used))
-        cpus[t.name] = min(cfg.cores, max(share, idle, 1.0 if _starting(t) else 0.0))
+        cpus[t.name] = min(cfg.cores, max(share, idle, 1.0 if t.before_first_step else 0.0))
         weight = DEFAULT_WEIGHT * claim[t.name] / mean_claim if mean_claim > 0 else DEFAULT_WEIGHT
         weights[t.name] = max(1, min(10000, round(weight)))
     return cpus, weights
-
-
-def _starting(t: TenantState) -> bool:
-    """A training job starting: admitted by this plan, or running and not past its first step."""
-    return t.kind == "training" and (t.starting or not t.running)
 
 
 def quota_while_serving(planned: float, serving: bool, cfg: PlannerConfig) -> float:

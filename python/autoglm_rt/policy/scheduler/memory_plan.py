@@ -11,8 +11,12 @@ __all__ = ["fit_memory", "memory_floor", "memory_want"]
 
 
 def memory_floor(t: TenantState, cfg: PlannerConfig) -> int:
-    """Never pushed below: the working set at the smallest micro-batch plus ``cfg.headroom``."""
-    return int(t.floor_memory * (1.0 + cfg.headroom))
+    """Never pushed below: the working set at the smallest micro-batch plus ``cfg.headroom``; for
+    a training job not past its first step, at least its request. Until that step it runs at its
+    full micro-batch and cannot adapt: a job admitted into its floor at micro-batch 1 was
+    OOM-killed in its first step (full trace, an urgent gpt-m given 279 MiB)."""
+    floor = int(t.floor_memory * (1.0 + cfg.headroom))
+    return max(floor, t.request_memory) if t.before_first_step else floor
 
 
 def memory_want(t: TenantState, cfg: PlannerConfig) -> int:

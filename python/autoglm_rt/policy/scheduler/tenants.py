@@ -113,6 +113,12 @@ class TenantState:
     progress: float | None = None
     starting: bool = False
 
+    @property
+    def before_first_step(self) -> bool:
+        """A training job not past its first step: still waiting (admitted by this plan) or
+        ``starting``. It runs at its full micro-batch and has measured nothing to adapt by."""
+        return self.kind == "training" and (self.starting or not self.running)
+
 
 @dataclass
 class ResourcePlan:
