@@ -662,7 +662,8 @@ def test_rounds_alternate_the_order_and_report_each_figures_median(
     assert calls == ["static", "dynamic", "dynamic", "static", "static", "dynamic"]
     assert [r["order"] for r in doc["rounds"]] == [["static", "dynamic"], ["dynamic", "static"], ["static", "dynamic"]]
     assert doc["static"]["makespan_seconds"] == 11.0 and doc["dynamic"]["makespan_seconds"] == 9.0
-    assert doc["static"]["oom_kills"] == 2 and doc["dynamic"]["oom_kills"] == 0  # ints stay ints
+    assert doc["static"]["oom_kills"] == 3 and doc["dynamic"]["oom_kills"] == 1  # failures: the worst round
+    assert doc["static"]["preemptions"] == 0 and type(doc["static"]["requests"]) is int  # ints stay ints
     assert type(doc["static"]["oom_kills"]) is int
     assert doc["static"]["mean_response_seconds"] == pytest.approx(0.3)  # the NaN round left out
     assert math.isnan(doc["dynamic"]["mean_response_seconds"])  # NaN in every round: NaN

@@ -773,12 +773,13 @@ def run_comparison(
     w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None, rounds: int = 1
 ) -> dict[str, Any]:
     """Static and dynamic on the same trace, ``rounds`` times, the order alternating (static first
-    in even rounds, dynamic first in odd ones: a machine whose speed drifts favours neither mode).
-    Returns the ``--json`` document: per mode its figures (one round: that round's, ``job_runs``
-    included; more: each figure's median over the rounds, and ``rounds`` lists every round's
-    figures); the first round's timelines under ``timeline``; ``tenant_weight``: the CPU weight all
-    tenants had together against the rest of the machine. ``w.tenant_weight`` sets that weight for
-    every run and restores it after."""
+        in even rounds, dynamic first in odd ones: a machine whose speed drifts favours neither mode).
+        Returns the ``--json`` document: per mode its figures (one round: that round's, ``job_runs``
+        included; more: each figure's median over the rounds (OOM kills and failed jobs: the largest),
+    and ``rounds`` lists every round's
+        figures); the first round's timelines under ``timeline``; ``tenant_weight``: the CPU weight all
+        tenants had together against the rest of the machine. ``w.tenant_weight`` sets that weight for
+        every run and restores it after."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     kind, reason = availability()
@@ -827,13 +828,19 @@ _DETAILS = (
 
 def _medians(modes: list[dict[str, Any]]) -> dict[str, Any]:
     """Each number's median over rounds (an int's: the lower middle one, still an int; NaNs, a
-    round without an answered request, are left out unless every round has one)."""
+    round without an answered request, are left out unless every round has one), except the
+    failure counts (``_WORST``): their largest, so a kill in any round is reported."""
     out: dict[str, Any] = {}
     for key, value in modes[0].items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        out[key] = _median([m[key] for m in modes], low=isinstance(value, int))
+        values = [m[key] for m in modes]
+        out[key] = max(values) if key in _WORST else _median(values, low=isinstance(value, int))
     return out
+
+
+#: Counts a round summary reports at their worst, not their median.
+_WORST = ("oom_kills", "jobs_failed")
 
 
 def _median(values: list[float], low: bool = False) -> float:
