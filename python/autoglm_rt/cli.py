@@ -565,12 +565,11 @@ def _bench_multi_tenant(args: argparse.Namespace) -> int:
 
     try:
         workload = _multi_tenant_workload(args)
-        if workload.cores > available_cores():
+        cpus = available_cores()
+        if workload.cores > cpus:
             # Quotas could never bind and utilisation (CPU-seconds / (cores x makespan)) would
             # count cores that do not exist.
-            raise ValueError(
-                f"--cores {workload.cores:g} is more than the {available_cores()} CPUs this process may use"
-            )
+            raise ValueError(f"--cores {workload.cores:g} is more than the {cpus} CPUs this process may use")
         if args.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     except (TypeError, ValueError) as exc:

@@ -769,17 +769,32 @@ _FIGURES = (
 )
 
 
+#: What each mode reports beside the headline figures (``_FIGURES``).
+_DETAILS = (
+    "requests",
+    "requests_answered",
+    "preemptions",
+    "service_on_cpu_seconds",
+    "service_queue_seconds",
+    "training_cpu_seconds",
+    "job_runs",
+)
+
+
+#: Counts a round summary reports at their worst, not their median.
+_WORST = ("oom_kills", "jobs_failed")
+
+
 def run_comparison(
     w: Workload, work_dir: str | Path, log: Callable[[str], None] | None = None, rounds: int = 1
 ) -> dict[str, Any]:
     """Static and dynamic on the same trace, ``rounds`` times, the order alternating (static first
-        in even rounds, dynamic first in odd ones: a machine whose speed drifts favours neither mode).
-        Returns the ``--json`` document: per mode its figures (one round: that round's, ``job_runs``
-        included; more: each figure's median over the rounds (OOM kills and failed jobs: the largest),
-    and ``rounds`` lists every round's
-        figures); the first round's timelines under ``timeline``; ``tenant_weight``: the CPU weight all
-        tenants had together against the rest of the machine. ``w.tenant_weight`` sets that weight for
-        every run and restores it after."""
+    in even rounds, dynamic first in odd ones: a machine whose speed drifts favours neither mode).
+    Returns the ``--json`` document: per mode its figures (one round: that round's, ``job_runs``
+    included; more: each figure's median over the rounds, OOM kills and failed jobs their largest,
+    and ``rounds`` lists every round's figures); the first round's timelines under ``timeline``;
+    ``tenant_weight``: the CPU weight all tenants had together against the rest of the machine.
+    ``w.tenant_weight`` sets that weight for every run and restores it after."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     kind, reason = availability()
@@ -814,18 +829,6 @@ def run_comparison(
     return doc
 
 
-#: What each mode reports beside the headline figures (``_FIGURES``).
-_DETAILS = (
-    "requests",
-    "requests_answered",
-    "preemptions",
-    "service_on_cpu_seconds",
-    "service_queue_seconds",
-    "training_cpu_seconds",
-    "job_runs",
-)
-
-
 def _medians(modes: list[dict[str, Any]]) -> dict[str, Any]:
     """Each number's median over rounds (an int's: the lower middle one, still an int; NaNs, a
     round without an answered request, are left out unless every round has one), except the
@@ -837,10 +840,6 @@ def _medians(modes: list[dict[str, Any]]) -> dict[str, Any]:
         values = [m[key] for m in modes]
         out[key] = max(values) if key in _WORST else _median(values, low=isinstance(value, int))
     return out
-
-
-#: Counts a round summary reports at their worst, not their median.
-_WORST = ("oom_kills", "jobs_failed")
 
 
 def _median(values: list[float], low: bool = False) -> float:
