@@ -6,8 +6,11 @@ trace reports OOM failures only where static partitions are outgrown."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -398,9 +401,6 @@ def test_the_service_takes_one_worker_per_core_its_quota_reaches_into() -> None:
 @pytest.mark.cgroup
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a second thread")
 def test_the_live_service_starts_a_second_worker_only_when_its_quota_reaches_a_second_core() -> None:
-    import subprocess
-    import sys
-
     from autoglm_rt import resources
 
     tasks: dict[float, tuple[int, int]] = {}
@@ -445,9 +445,6 @@ def test_a_requests_passes_are_split_evenly_over_its_workers(passes: int, worker
 
 
 def test_the_service_refuses_passes_below_one() -> None:
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, "-m", "autoglm_rt.trainers.tenant_service", "--passes=0"],
@@ -601,8 +598,6 @@ def test_a_training_tenants_large_buffers_come_in_huge_pages() -> None:
     """A 64 MiB torch buffer in a process started with the training environment is backed by
     transparent huge pages; with the service's environment (glibc's default) it is not when THP
     is on madvise only."""
-    import subprocess
-    import sys
 
     code = (
         "import torch\n"
@@ -721,3 +716,29 @@ def test_a_job_before_its_first_step_keeps_its_request_when_memory_is_cut() -> N
     # Not enough memory for its request beside the others' floors: it waits (not urgent).
     tight = PlannerConfig(memory=1150 * MiB, cores=2.0, max_running=4)
     assert "new" not in plan_dynamic(tenants, tight, now=5.0).admit
+
+
+@pytest.mark.cgroup
+@pytest.mark.parametrize("kind", sorted(mt.CATALOG))
+def test_each_kinds_first_step_fits_in_its_request(kind: str, tmp_path: Path) -> None:
+    # The dynamic plan holds a job at its request until its first step (memory_floor), because
+    # that step runs at the full micro-batch: the request must hold it, under the live limit.
+    from autoglm_rt import resources
+
+    spec = mt.CATALOG[kind]
+    env, _ = mt.tenant_envs(os.environ)
+    args = [a for a in spec.args if not a.startswith("--steps=")]
+    status = tmp_path / "status.json"
+    cmd = [sys.executable, "-m", "autoglm_rt.trainers.tenant_job", *args, "--steps=1", f"--status={status}"]
+    group = resources.JobGroup.create(f"pid-{os.getpid()}-first", kind)
+    try:
+        group.set_memory_limit(spec.request)
+        run = subprocess.run(
+            cmd, env=env, preexec_fn=lambda: group.add(os.getpid()), capture_output=True, text=True, timeout=120
+        )
+        assert (run.returncode, group.oom_kills()) == (0, 0), run.stderr[-400:]
+        done = json.loads(status.read_text())
+        assert done["step"] == 1 and done["limit_bytes"] == spec.request
+        assert spec.floor < done["peak_bytes"] <= spec.request
+    finally:
+        group.remove()

@@ -97,7 +97,10 @@ class JobKind:
 # Peaks measured here with /tmp-free ``benches/multi_tenant.py --calibrate`` style runs (MiB,
 # dev-cpu, in a cgroup, --fixed): cnn-s 230 at the start / 219 at micro-batch 1; cnn-m 282 /
 # 382 grown 1.6x / 219; gpt-s 230 / 220; gpt-m (batch 32) ~265 / 338 grown 2.2x. A torch
-# process alone holds ~215 MiB; the request is 1.25x the start's peak.
+# process alone holds ~215 MiB; the request is 1.25x the start's peak. The first step runs at the
+# full micro-batch: cnn-s 232, cnn-m 284, gpt-s 235-246, gpt-m 283-304 (2026-12-06; a group's peak
+# read after the job ends is only its last step's: the Runtime resets it every step). So a job
+# keeps its request until that step (memory_plan.memory_floor), not floor plus headroom.
 CATALOG: dict[str, JobKind] = {
     "cnn-s": JobKind(
         "cnn-s", ("--model=cnn", "--width=16", "--batch=32", "--side=32", "--steps=30"), 960, 288 * MiB, 220 * MiB
