@@ -742,3 +742,23 @@ def test_each_kinds_first_step_fits_in_its_request(kind: str, tmp_path: Path) ->
         assert spec.floor < done["peak_bytes"] <= spec.request
     finally:
         group.remove()
+
+
+def test_the_timeline_png_draws_each_mode_and_marks_every_oom_kill(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    def sample(t: float, ooms: list[str]) -> dict[str, object]:
+        job = {"usage": 200 * MiB, "limit": 300 * MiB, "cpu_used": 0.7}
+        return {"t": t, "jobs": {"train0": job}, "service_usage": 50 * MiB, "service_cpu_used": 0.1, "ooms": ooms}
+
+    def red_pixels(ooms: list[str]) -> int:
+        workload = {"memory": 1024 * MiB, "service_memory": 100 * MiB, "cores": 2.0}
+        tl = [sample(0.0, []), sample(1.0, ooms), sample(2.0, [])]
+        path = tmp_path / "sub" / f"{len(ooms)}.png"
+        mt.write_timeline_png({"workload": workload, "timeline": {"static": tl, "dynamic": tl}}, path)
+        image = imread(path)
+        assert image.shape[1] > image.shape[0] > 100  # two modes side by side, two rows each
+        return int(((image[..., 0] > 0.8) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)).sum())
+
+    none, one, two = red_pixels([]), red_pixels(["train0"]), red_pixels(["train0", "train1"])
+    assert none < one < two  # each kill adds its mark and its label, in both modes

@@ -944,9 +944,17 @@ def write_timeline_png(doc: dict[str, Any], path: str | Path) -> None:
         for s in tl:
             for n in s.get("ooms", []):
                 ax.plot(s["t"], doc["workload"]["memory"] / MiB * 0.95, "rx", ms=10)
-                ax.annotate(f"OOM {n}", (s["t"], doc["workload"]["memory"] / MiB * 0.9), fontsize=7, color="r")
+                ax.annotate(  # upright below its x: kills seconds apart no longer overprint
+                    f"OOM {n}",
+                    (s["t"], doc["workload"]["memory"] / MiB * 0.9),
+                    fontsize=7,
+                    color="r",
+                    rotation=90,
+                    ha="center",
+                    va="top",
+                )
         ax.set_title(f"{mode}: memory (MiB)")
-        ax.legend(fontsize=6, loc="upper left", ncol=3)
+        ax.legend(fontsize=6, loc="center right", ncol=3)  # the upper left holds the OOM marks
         ax2 = axes[1][col]
         used = [[s["jobs"].get(n, {}).get("cpu_used", 0.0) for s in tl] for n in names]
         svc_used = [s.get("service_cpu_used", 0.0) for s in tl]
